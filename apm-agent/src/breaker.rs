@@ -1,0 +1,1 @@
+//! Circuit breaker (closed / open / half-open) in front of the central listener.

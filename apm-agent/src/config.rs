@@ -1,0 +1,687 @@
+//! The agent's configuration: one serde struct per TOML section, every key with a default, so
+//! `apm-agent run` works with no file at all. Unknown keys and bad values are errors that name the
+//! key; the CLI maps every [`ConfigError`] to exit code 78 (EX_CONFIG) so supervisors do not
+//! restart-loop on a broken file.
+//!
+//! Environment overrides: any key can be set as `APM_<SECTION>_<KEY>` (for example
+//! `APM_CENTRAL_ENDPOINT=https://apm.example:4317`); the value is read as a TOML value when it
+//! parses as one (`true`, `42`, `["a","b"]`) and as a string otherwise. An override wins over the
+//! file. The config path itself comes from `--config` or `APM_AGENT_CONFIG`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Exit code for configuration errors (sysexits.h EX_CONFIG): systemd's
+/// `RestartPreventExitStatus=78` and supervisord's `exitcodes` keep a broken config from looping.
+pub const EX_CONFIG: i32 = 78;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub ingest: IngestConfig,
+    pub batch: BatchConfig,
+    pub central: CentralConfig,
+    pub breaker: BreakerConfig,
+    pub spool: SpoolConfig,
+    pub limits: LimitsConfig,
+    pub ebpf: EbpfConfig,
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Datagram socket PHP sends one profile per datagram to.
+    pub socket: PathBuf,
+    /// Stream socket for profiles too large for a datagram (4-byte big-endian length frames).
+    pub stream_socket: PathBuf,
+    /// Octal file mode of both sockets, as a string ("0660").
+    pub socket_mode: String,
+    /// Group owning both sockets (the PHP-FPM workers' group); unset keeps the agent's group.
+    pub socket_group: Option<String>,
+    /// Kernel queue length of the datagram socket (net.unix.max_dgram_qlen at creation).
+    pub queue_len: u32,
+    /// Largest accepted profile, datagram or stream frame, in bytes.
+    pub max_payload_bytes: usize,
+    /// Datagrams read per recvmmsg call.
+    pub recv_batch: usize,
+    /// Concurrent stream connections accepted; more wait in the listen backlog.
+    pub max_stream_connections: usize,
+    /// A stream connection idle this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/bitville-apm/listener.sock"),
+            stream_socket: PathBuf::from("/run/bitville-apm/listener-stream.sock"),
+            socket_mode: "0666".into(), // any local PHP user may send; tighten with socket_group
+            socket_group: None,
+            queue_len: 2048, // ~2 s of a busy pool's profiles survive an agent hiccup
+            max_payload_bytes: 1024 * 1024, // xhprof call graphs of big requests fit
+            recv_batch: 64,  // datagrams per recvmmsg: amortises the syscall, bounds latency
+            max_stream_connections: 256, // one per busy worker of a large pool
+            stream_idle_timeout: Duration::from_secs(60), // PHP closes after each profile
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch is sent when it holds this many profiles...
+    pub max_items: usize,
+    /// ...or this many payload bytes...
+    pub max_bytes: usize,
+    /// ...or when its first profile is this old.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_items: 1000,          // a batch per ~1000 requests keeps per-batch cost small
+            max_bytes: 1024 * 1024,   // well under gRPC's 4 MiB default message limit
+            max_age: Duration::from_millis(500), // a quiet host still delivers within a second
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CentralConfig {
+    /// gRPC endpoint of the central listener (`http://` or `https://`).
+    pub endpoint: String,
+    /// Stable id of this agent; empty means generated once and kept in `control.state_dir`.
+    pub agent_id: String,
+    /// Batch compression on the wire.
+    pub compression: Compression,
+    /// Bearer token sent as `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// File holding the bearer token (read at start and on reload); wins over `token`.
+    pub token_file: Option<PathBuf>,
+    /// PEM CA bundle to verify the listener with (https endpoints); unset uses webpki roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// TLS server name to verify, when it differs from the endpoint's host.
+    pub tls_domain: Option<String>,
+    /// Batches sent but not yet acknowledged, at most.
+    pub max_in_flight: usize,
+    /// Connecting gives up after this long.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A batch not acknowledged within this long counts as a failed send.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Reconnect backoff: first wait...
+    #[serde(with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// ...growing (with jitter) up to this.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+impl Default for CentralConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://127.0.0.1:7421".into(), // apm-listener's default --listen
+            agent_id: String::new(),
+            compression: Compression::Zstd, // JSON profiles shrink 5-10x for little CPU
+            token: None,
+            token_file: None,
+            tls_ca_file: None,
+            tls_domain: None,
+            max_in_flight: 8, // enough to hide one round trip at full rate
+            connect_timeout: Duration::from_secs(5),
+            ack_timeout: Duration::from_secs(15), // a listener that stalls longer is "down"
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failed sends that open the breaker.
+    pub failure_threshold: u32,
+    /// First open period; doubles (with jitter) while probes keep failing.
+    #[serde(with = "humantime_serde")]
+    pub retry_timeout: Duration,
+    /// Longest open period.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_timeout: Duration,
+    /// A half-open probe that takes longer than this has failed.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5, // a few transient errors do not divert traffic to disk
+            retry_timeout: Duration::from_secs(1),
+            max_retry_timeout: Duration::from_secs(60), // a dead listener is probed once a minute
+            probe_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpoolMode {
+    /// Memory first; disk when the breaker is open, the memory budget is full, and at shutdown.
+    Overflow,
+    /// Write-ahead: every batch is on disk before it is sent.
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpoolFull {
+    DropOldest,
+    DropNewest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// fsync after every appended batch.
+    Always,
+    /// fsync at most once per `spool.fsync_interval`.
+    Interval,
+    /// Leave it to the kernel.
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub mode: SpoolMode,
+    /// The spool never holds more than this many bytes on disk.
+    pub max_bytes: u64,
+    /// Size at which a segment file is closed and a new one started.
+    pub segment_bytes: u64,
+    /// What goes when the spool is full.
+    pub on_full: SpoolFull,
+    pub fsync: FsyncPolicy,
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// Spool fill (percent of max_bytes) above which PHP's kill switch is raised while the
+    /// breaker is open.
+    pub high_water_pct: u8,
+    /// Spooled batches replayed per second at most once the breaker closes.
+    pub replay_batches_per_s: u32,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/bitville-apm/spool"),
+            mode: SpoolMode::Overflow,
+            max_bytes: 1024 * 1024 * 1024, // an hour of a busy host's profiles, compressed 1:1
+            segment_bytes: 16 * 1024 * 1024, // small enough to delete promptly once acked
+            on_full: SpoolFull::DropOldest, // fresh data is worth more than old
+            fsync: FsyncPolicy::Interval,
+            fsync_interval: Duration::from_millis(200),
+            high_water_pct: 90,
+            replay_batches_per_s: 20, // ~20k profiles/s on top of live traffic
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// RSS at which the agent spills to disk and sheds load, and past which it restarts itself.
+    pub max_memory_mb: u64,
+    /// Payload bytes held in memory between ingest and the listener's ack (the in-memory window).
+    pub memory_budget_mb: u64,
+    /// A final stop drains and flushes within this long, spooling what is left.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_memory_mb: 256,
+            memory_budget_mb: 64,
+            shutdown_timeout: Duration::from_secs(10), // below systemd's 90 s stop timeout
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EbpfEnabled {
+    /// Load when possible, otherwise run without and say why.
+    Auto,
+    /// Failing to load is a startup error.
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EbpfConfig {
+    pub enabled: EbpfEnabled,
+    /// Process names (comm prefixes) whose sends and memory are watched.
+    pub php_comms: Vec<String>,
+    /// A worker crossing this RSS produces an event.
+    pub rss_threshold_mb: u64,
+    /// How often the maps are read.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Adapt the sample rate PHP reads to kernel-seen drops and send latency.
+    pub adaptive_sampling: bool,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self {
+            enabled: EbpfEnabled::Auto,
+            php_comms: vec!["php-fpm".into(), "php".into()],
+            rss_threshold_mb: 256,
+            poll_interval: Duration::from_secs(1),
+            adaptive_sampling: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Text; timestamps dropped when stderr is the journal.
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Sockets' parent, control socket, and the PHP kill switch / sample-rate files.
+    pub runtime_dir: PathBuf,
+    /// Persistent state: agent id, next seq, breaker state.
+    pub state_dir: PathBuf,
+    pub pid_file: PathBuf,
+    /// Prometheus `/metrics` address; empty disables it.
+    pub metrics_listen: String,
+    pub log_format: LogFormat,
+    /// tracing filter (`info`, `apm_agent=debug`, ...); `RUST_LOG` wins when set.
+    pub log_level: String,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            runtime_dir: PathBuf::from("/run/bitville-apm"),
+            state_dir: PathBuf::from("/var/lib/bitville-apm"),
+            pid_file: PathBuf::from("/run/bitville-apm/agent.pid"),
+            metrics_listen: "127.0.0.1:9464".into(), // loopback: scraped by a local exporter
+            log_format: LogFormat::Auto,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl ControlConfig {
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join("control.sock")
+    }
+}
+
+impl Config {
+    /// Loads `path` (or only defaults when `None`), applies `APM_*` environment overrides, and
+    /// validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let name = path.map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string());
+        Self::from_toml_with_env(&text, &name, |k| std::env::var(k).ok())
+    }
+
+    /// Parses a TOML document (no environment); used by tests and `check-config`.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_env(text, "<string>", |_| None)
+    }
+
+    fn from_toml_with_env(
+        text: &str,
+        name: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        apply_env_overrides(&mut doc, env)?;
+        let cfg: Config = doc.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        let i = &self.ingest;
+        if i.socket.as_os_str().is_empty() || i.socket.as_os_str().len() > 107 {
+            return Err(bad("ingest.socket", "must be a path of 1 to 107 bytes (sun_path)"));
+        }
+        if i.stream_socket.as_os_str().is_empty() || i.stream_socket.as_os_str().len() > 107 {
+            return Err(bad(
+                "ingest.stream_socket",
+                "must be a path of 1 to 107 bytes (sun_path)",
+            ));
+        }
+        if i.socket == i.stream_socket {
+            return Err(bad("ingest.stream_socket", "must differ from ingest.socket"));
+        }
+        if u32::from_str_radix(i.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .is_none_or(|m| m > 0o777)
+        {
+            return Err(bad("ingest.socket_mode", "must be an octal mode like \"0660\""));
+        }
+        if !(1..=1_048_576).contains(&i.queue_len) {
+            return Err(bad("ingest.queue_len", "must be between 1 and 1048576"));
+        }
+        if !(64..=64 * 1024 * 1024).contains(&i.max_payload_bytes) {
+            return Err(bad(
+                "ingest.max_payload_bytes",
+                "must be between 64 bytes and 64 MiB",
+            ));
+        }
+        if !(1..=1024).contains(&i.recv_batch) {
+            return Err(bad("ingest.recv_batch", "must be between 1 and 1024"));
+        }
+        if i.max_stream_connections == 0 {
+            return Err(bad("ingest.max_stream_connections", "must be at least 1"));
+        }
+        let b = &self.batch;
+        if b.max_items == 0 {
+            return Err(bad("batch.max_items", "must be at least 1"));
+        }
+        if b.max_bytes < i.max_payload_bytes.min(64 * 1024) {
+            return Err(bad("batch.max_bytes", "must hold at least one 64 KiB profile"));
+        }
+        if b.max_bytes > 32 * 1024 * 1024 {
+            return Err(bad("batch.max_bytes", "must be at most 32 MiB (gRPC message size)"));
+        }
+        if b.max_age.is_zero() {
+            return Err(bad("batch.max_age", "must be greater than zero"));
+        }
+        let c = &self.central;
+        if !(c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://")) {
+            return Err(bad(
+                "central.endpoint",
+                format!("`{}` must start with http:// or https://", c.endpoint),
+            ));
+        }
+        if c.endpoint.parse::<tonic::transport::Uri>().is_err() {
+            return Err(bad(
+                "central.endpoint",
+                format!("`{}` is not a valid URI", c.endpoint),
+            ));
+        }
+        if c.max_in_flight == 0 {
+            return Err(bad("central.max_in_flight", "must be at least 1"));
+        }
+        if c.backoff_min.is_zero() || c.backoff_min > c.backoff_max {
+            return Err(bad("central.backoff_min", "must be > 0 and <= central.backoff_max"));
+        }
+        let br = &self.breaker;
+        if br.failure_threshold == 0 {
+            return Err(bad("breaker.failure_threshold", "must be at least 1"));
+        }
+        if br.retry_timeout.is_zero() || br.retry_timeout > br.max_retry_timeout {
+            return Err(bad(
+                "breaker.retry_timeout",
+                "must be > 0 and <= breaker.max_retry_timeout",
+            ));
+        }
+        let s = &self.spool;
+        if s.dir.as_os_str().is_empty() {
+            return Err(bad("spool.dir", "must not be empty"));
+        }
+        if s.segment_bytes < 64 * 1024 || s.segment_bytes > s.max_bytes {
+            return Err(bad(
+                "spool.segment_bytes",
+                "must be at least 64 KiB and at most spool.max_bytes",
+            ));
+        }
+        if !(1..=100).contains(&s.high_water_pct) {
+            return Err(bad("spool.high_water_pct", "must be between 1 and 100"));
+        }
+        if s.replay_batches_per_s == 0 {
+            return Err(bad("spool.replay_batches_per_s", "must be at least 1"));
+        }
+        let l = &self.limits;
+        if l.max_memory_mb < 32 {
+            return Err(bad("limits.max_memory_mb", "must be at least 32"));
+        }
+        if l.memory_budget_mb == 0 || l.memory_budget_mb >= l.max_memory_mb {
+            return Err(bad(
+                "limits.memory_budget_mb",
+                "must be > 0 and below limits.max_memory_mb",
+            ));
+        }
+        let e = &self.ebpf;
+        if e.php_comms.is_empty() || e.php_comms.iter().any(|c| c.is_empty() || c.len() > 15) {
+            return Err(bad(
+                "ebpf.php_comms",
+                "must list 1 or more process names of 1 to 15 bytes",
+            ));
+        }
+        if e.poll_interval < Duration::from_millis(50) {
+            return Err(bad("ebpf.poll_interval", "must be at least 50ms"));
+        }
+        let ctl = &self.control;
+        if !ctl.metrics_listen.is_empty()
+            && ctl.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(bad(
+                "control.metrics_listen",
+                format!("`{}` is not an ADDR:PORT", ctl.metrics_listen),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&ctl.log_level).is_err() {
+            return Err(bad("control.log_level", "is not a valid tracing filter"));
+        }
+        Ok(())
+    }
+
+    pub fn socket_mode(&self) -> u32 {
+        u32::from_str_radix(self.ingest.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o666)
+    }
+
+    /// The effective configuration as TOML (for `check-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Applies `APM_<SECTION>_<KEY>` overrides for every key the defaults know about.
+fn apply_env_overrides(
+    doc: &mut toml::Table,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+    // Optional keys are absent from the serialized defaults; list them so they can be set too.
+    let optional: &[(&str, &str)] = &[
+        ("ingest", "socket_group"),
+        ("central", "token"),
+        ("central", "token_file"),
+        ("central", "tls_ca_file"),
+        ("central", "tls_domain"),
+    ];
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for (section, table) in &defaults {
+        if let Some(t) = table.as_table() {
+            keys.extend(t.keys().map(|k| (section.clone(), k.clone())));
+        }
+    }
+    keys.extend(optional.iter().map(|(s, k)| (s.to_string(), k.to_string())));
+    for (section, key) in keys {
+        let var = format!("APM_{}_{}", section.to_uppercase(), key.to_uppercase());
+        let Some(raw) = env(&var) else { continue };
+        // A TOML scalar or array if it parses as one, else the raw string.
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        let entry = doc
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(t) = entry.as_table_mut() else {
+            return Err(ConfigError::Env {
+                var,
+                reason: format!("[{section}] in the file is not a table"),
+            });
+        };
+        t.insert(key, value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_roundtrip_through_toml() {
+        let text = Config::default().to_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn valid_file_parses() {
+        let cfg = Config::from_toml(
+            r#"
+            [ingest]
+            socket = "/tmp/a.sock"
+            queue_len = 4096
+            [batch]
+            max_age = "250ms"
+            [spool]
+            mode = "always"
+            on_full = "drop_newest"
+            [central]
+            endpoint = "https://apm.example:443"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.ingest.socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(cfg.ingest.queue_len, 4096);
+        assert_eq!(cfg.batch.max_age, Duration::from_millis(250));
+        assert_eq!(cfg.spool.mode, SpoolMode::Always);
+        assert_eq!(cfg.spool.on_full, SpoolFull::DropNewest);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let err = Config::from_toml("[ingest]\nsokcet = \"/x\"\n").unwrap_err().to_string();
+        assert!(err.contains("sokcet"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_names_the_section() {
+        let err = Config::from_toml("[ingset]\n").unwrap_err().to_string();
+        assert!(err.contains("ingset"), "{err}");
+    }
+
+    #[test]
+    fn bad_enum_value_names_the_value() {
+        let err = Config::from_toml("[spool]\nmode = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(err.contains("sometimes") && err.contains("mode"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let err = Config::from_toml("[central]\nendpoint = \"ftp://x\"\n").unwrap_err().to_string();
+        assert!(err.starts_with("config key `central.endpoint`"), "{err}");
+        let err = Config::from_toml("[batch]\nmax_items = 0\n").unwrap_err().to_string();
+        assert!(err.contains("batch.max_items"), "{err}");
+        let err = Config::from_toml("[ingest]\nsocket_mode = \"rw\"\n").unwrap_err().to_string();
+        assert!(err.contains("ingest.socket_mode"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_an_error() {
+        let err = Config::from_toml("[batch]\nmax_age = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.contains("max_age"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_win_and_parse_types() {
+        let env = |k: &str| match k {
+            "APM_CENTRAL_ENDPOINT" => Some("http://10.0.0.1:9".to_string()),
+            "APM_INGEST_QUEUE_LEN" => Some("512".to_string()),
+            "APM_CENTRAL_TOKEN" => Some("s3cr3t".to_string()),
+            "APM_EBPF_PHP_COMMS" => Some(r#"["php-fpm8.2"]"#.to_string()),
+            _ => None,
+        };
+        let cfg = Config::from_toml_with_env(
+            "[central]\nendpoint = \"http://file:1\"\n",
+            "t",
+            env,
+        )
+        .unwrap();
+        assert_eq!(cfg.central.endpoint, "http://10.0.0.1:9");
+        assert_eq!(cfg.ingest.queue_len, 512);
+        assert_eq!(cfg.central.token.as_deref(), Some("s3cr3t"));
+        assert_eq!(cfg.ebpf.php_comms, vec!["php-fpm8.2".to_string()]);
+    }
+
+    #[test]
+    fn bad_env_value_is_an_error() {
+        let env = |k: &str| (k == "APM_INGEST_QUEUE_LEN").then(|| "lots".to_string());
+        assert!(Config::from_toml_with_env("", "t", env).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! The Bitville APM agent: a pipeline of stages, each owning its task and talking to the next
+//! through bounded channels:
+//!
+//! ```text
+//! ingest (dgram + stream sockets) -> batch -> breaker/spool -> transport (gRPC) -> listener
+//!                      monitor (eBPF)    control (status, metrics, signals)
+//! ```
+
+pub mod breaker;
+pub mod config;
+pub mod model;
+pub mod monitor;
+pub mod phpctl;
+pub mod spool;
+pub mod telemetry;

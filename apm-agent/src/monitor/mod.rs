@@ -1,0 +1,1 @@
+//! The eBPF monitor: loads apm-ebpf, polls its maps, consumes its ring buffer.

@@ -1,0 +1,1 @@
+//! The disk spool: segment files of checksummed records.

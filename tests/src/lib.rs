@@ -1,0 +1,1 @@
+//! Helpers for the integration tests: locating binaries, temp dirs, child-process guards.
