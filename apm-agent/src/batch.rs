@@ -1,0 +1,194 @@
+//! The batcher: profiles in, sealed batches out. A batch is sealed when it holds
+//! `batch.max_items` profiles, or `batch.max_bytes` payload bytes, or when its first profile is
+//! `batch.max_age` old (the timer starts with the first item, so an idle agent does not tick).
+//! Sealing assigns the batch its persistent sequence number.
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+use crate::config::BatchConfig;
+use crate::model::{Batch, Profile};
+use crate::state::{SeqAllocator, StateError};
+
+/// Accumulates profiles under the three limits. Pure logic; the task below drives it.
+#[derive(Debug)]
+pub struct Batcher {
+    cfg: BatchConfig,
+    items: Vec<Profile>,
+    bytes: usize,
+    deadline: Option<Instant>,
+}
+
+impl Batcher {
+    pub fn new(cfg: BatchConfig) -> Self {
+        Self {
+            items: Vec::with_capacity(cfg.max_items.min(4096)),
+            cfg,
+            bytes: 0,
+            deadline: None,
+        }
+    }
+
+    /// Adds one profile; returns the profiles of a batch that became full, if any.
+    pub fn push(&mut self, p: Profile, now: Instant) -> Option<Vec<Profile>> {
+        // A profile that would overflow the byte limit seals the current batch first.
+        let sealed = if !self.items.is_empty() && self.bytes + p.payload.len() > self.cfg.max_bytes {
+            self.take()
+        } else {
+            None
+        };
+        if self.items.is_empty() {
+            self.deadline = Some(now + self.cfg.max_age);
+        }
+        self.bytes += p.payload.len();
+        self.items.push(p);
+        if sealed.is_some() {
+            return sealed;
+        }
+        if self.items.len() >= self.cfg.max_items || self.bytes >= self.cfg.max_bytes {
+            return self.take();
+        }
+        None
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Takes whatever is pending (age limit reached, or shutdown).
+    pub fn take(&mut self) -> Option<Vec<Profile>> {
+        self.deadline = None;
+        self.bytes = 0;
+        if self.items.is_empty() {
+            None
+        } else {
+            Some(std::mem::replace(
+                &mut self.items,
+                Vec::with_capacity(self.cfg.max_items.min(4096)),
+            ))
+        }
+    }
+}
+
+/// The batch stage: runs until its input closes (ingest finished draining), then seals what is
+/// left and returns.
+pub async fn run(
+    cfg: BatchConfig,
+    mut seqs: SeqAllocator,
+    mut input: mpsc::Receiver<Vec<Profile>>,
+    out: mpsc::Sender<Batch>,
+) -> Result<(), StateError> {
+    let mut b = Batcher::new(cfg);
+    loop {
+        let deadline = b.deadline();
+        let chunk = tokio::select! {
+            c = input.recv() => c,
+            () = async { sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
+                if let Some(items) = b.take() {
+                    seal(&mut seqs, items, &out).await?;
+                }
+                continue;
+            }
+        };
+        let Some(chunk) = chunk else { break };
+        let now = Instant::now();
+        for p in chunk {
+            if let Some(items) = b.push(p, now) {
+                seal(&mut seqs, items, &out).await?;
+            }
+        }
+    }
+    if let Some(items) = b.take() {
+        seal(&mut seqs, items, &out).await?;
+    }
+    Ok(())
+}
+
+async fn seal(
+    seqs: &mut SeqAllocator,
+    profiles: Vec<Profile>,
+    out: &mpsc::Sender<Batch>,
+) -> Result<(), StateError> {
+    let batch = Batch {
+        seq: seqs.next()?,
+        profiles,
+    };
+    if out.send(batch).await.is_err() {
+        tracing::error!("router gone: batch not forwarded");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::time::Duration;
+
+    fn prof(n: usize) -> Profile {
+        Profile {
+            payload: Bytes::from(vec![b' '; n]),
+            received_ns: 0,
+            pid: 1,
+            uid: 0,
+            rss_bytes: 0,
+        }
+    }
+
+    fn cfg(items: usize, bytes: usize, age_ms: u64) -> BatchConfig {
+        BatchConfig {
+            max_items: items,
+            max_bytes: bytes,
+            max_age: Duration::from_millis(age_ms),
+        }
+    }
+
+    #[test]
+    fn seals_on_items() {
+        let mut b = Batcher::new(cfg(3, 1 << 20, 1000));
+        let now = Instant::now();
+        assert!(b.push(prof(1), now).is_none());
+        assert!(b.push(prof(1), now).is_none());
+        assert_eq!(b.push(prof(1), now).unwrap().len(), 3);
+        assert!(b.deadline().is_none());
+    }
+
+    #[test]
+    fn seals_on_bytes_before_overflowing() {
+        let mut b = Batcher::new(cfg(100, 100, 1000));
+        let now = Instant::now();
+        assert!(b.push(prof(60), now).is_none());
+        // 60 + 60 > 100: the first is sealed alone, the second starts a new batch.
+        assert_eq!(b.push(prof(60), now).unwrap().len(), 1);
+        assert_eq!(b.take().unwrap().len(), 1);
+        // One profile at the limit is a batch by itself.
+        assert_eq!(b.push(prof(100), now).unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn seals_on_age_with_timer_from_first_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = SeqAllocator::open(dir.path()).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let (otx, mut orx) = mpsc::channel(4);
+        let task = tokio::spawn(run(cfg(100, 1 << 20, 500), seqs, rx, otx));
+        // Idle: nothing ticks.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(orx.try_recv().is_err());
+        tx.send(vec![prof(10)]).await.unwrap();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        tx.send(vec![prof(10)]).await.unwrap();
+        tokio::time::advance(Duration::from_millis(199)).await;
+        tokio::task::yield_now().await;
+        assert!(orx.try_recv().is_err(), "not yet 500 ms since the first item");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        let b = orx.recv().await.unwrap();
+        assert_eq!(b.len(), 2);
+        // Closing the input flushes the remainder with the next seq.
+        tx.send(vec![prof(1)]).await.unwrap();
+        drop(tx);
+        let last = orx.recv().await.unwrap();
+        assert_eq!(last.seq, b.seq + 1);
+        task.await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,374 @@
+//! `apm-agent [--config PATH] COMMAND`. Exit codes: 0 success, 1 failure, 3 not running
+//! (`status`, `stop`, `reload`, `kill` when no agent runs), 78 configuration error.
+//! Error messages start with a stable code (ALREADY_RUNNING, NOT_RUNNING, PERMISSION_DENIED,
+//! LOCK_FAILED, START_FAILED, STOP_FAILED, PID_FILE_CORRUPTED) and say how to fix the cause.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+use crate::pidfile::{Probe, probe};
+
+pub const EXIT_NOT_RUNNING: i32 = 3;
+
+#[derive(Debug, Parser)]
+#[command(name = "apm-agent", version, about = "Bitville APM agent: PHP-FPM profiles to the central listener, watched by eBPF")]
+pub struct Cli {
+    /// Configuration file (TOML); every key has a default.
+    #[arg(long, short, global = true, env = "APM_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run in the foreground (systemd, supervisord, a terminal).
+    Run,
+    /// Start in the background; returns once the agent is ready.
+    Start {
+        /// Give up waiting for readiness after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Where the background agent's log goes (default: <runtime_dir>/agent.log).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+    },
+    /// Stop gracefully (SIGTERM, wait for the drain, SIGKILL after the timeout).
+    Stop {
+        /// Seconds to wait before SIGKILL (default: limits.shutdown_timeout + 5).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Stop, then start.
+    Restart {
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Re-read the configuration (SIGHUP); a bad file is refused and the old one kept.
+    Reload,
+    /// Show whether the agent runs and what it has done (exit 3 when not running).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// SIGKILL the agent (no drain; the spool and the kernel queue keep what they hold).
+    Kill,
+    /// Validate the configuration and print the effective configuration.
+    CheckConfig,
+    /// Raise PHP's kill switch: listener.php sends nothing until `resume`.
+    Pause,
+    /// Lower the kill switch raised by `pause`.
+    Resume,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return crate::config::EX_CONFIG;
+        }
+    };
+    let config_path = cli.config.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+    match cli.command {
+        Command::Run => run_foreground(cfg, config_path),
+        Command::CheckConfig => {
+            print!("{}", cfg.to_toml());
+            eprintln!("configuration OK");
+            0
+        }
+        Command::Status { json } => status(&cfg, json),
+        Command::Reload => control_cmd(&cfg, "reload"),
+        Command::Pause => control_cmd(&cfg, "pause"),
+        Command::Resume => control_cmd(&cfg, "resume"),
+        Command::Start { timeout, log_file } => start(&cfg, config_path.as_deref(), timeout, log_file),
+        Command::Stop { timeout } => stop(&cfg, timeout),
+        Command::Restart { timeout } => match stop(&cfg, timeout) {
+            0 | EXIT_NOT_RUNNING => start(&cfg, config_path.as_deref(), 30, None),
+            code => code,
+        },
+        Command::Kill => kill(&cfg),
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.control.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Under systemd the journal stamps each line itself.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    match cfg.control.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Auto if journald => builder.without_time().with_ansi(false).init(),
+        LogFormat::Auto | LogFormat::Text => builder.init(),
+    }
+}
+
+fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
+    init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(crate::daemon::run(cfg, config_path)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "agent failed");
+            eprintln!("error: {e:#}");
+            if e.chain().any(|c| c.downcast_ref::<crate::config::ConfigError>().is_some()) {
+                crate::config::EX_CONFIG
+            } else {
+                1
+            }
+        }
+    }
+}
+
+fn running_pid(cfg: &Config) -> Result<Option<u32>, String> {
+    match probe(&cfg.control.pid_file) {
+        Ok(Probe::Running(i)) => Ok(Some(i.pid)),
+        Ok(Probe::RunningUnknown) => Err(format!(
+            "PID_FILE_CORRUPTED: {} is locked by a running agent but unreadable",
+            cfg.control.pid_file.display()
+        )),
+        Ok(Probe::Stale(info)) => {
+            eprintln!(
+                "note: stale PID file {} (PID {} is not running an agent)",
+                cfg.control.pid_file.display(),
+                info.map_or("?".into(), |i| i.pid.to_string())
+            );
+            Ok(None)
+        }
+        Ok(Probe::NotRunning) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn status(cfg: &Config, json: bool) -> i32 {
+    match crate::control::request(&cfg.control.control_socket(), "status") {
+        Ok(v) => {
+            if json {
+                println!("{v}");
+            } else {
+                let g = |k: &str| v.get(k).cloned().unwrap_or_default();
+                println!(
+                    "running: pid {} up {}s; received {} rejected {} delivered {} dropped {}; breaker {}; spool {} batches / {} bytes; ebpf {}",
+                    g("pid"), g("uptime_s"), g("received"), g("rejected"), g("delivered"),
+                    v.pointer("/dropped/total").cloned().unwrap_or_default(), g("breaker"),
+                    g("spooled_batches"), g("spool_bytes"),
+                    v.pointer("/ebpf/enabled").cloned().unwrap_or_default()
+                );
+            }
+            0
+        }
+        Err(e) => match running_pid(cfg) {
+            Ok(Some(pid)) => {
+                eprintln!("agent PID {pid} is running but its control socket {} does not answer: {e}", cfg.control.control_socket().display());
+                1
+            }
+            Ok(None) => {
+                if json {
+                    println!("{}", serde_json::json!({"running": false}));
+                }
+                eprintln!("NOT_RUNNING: no agent is running (PID file {})", cfg.control.pid_file.display());
+                EXIT_NOT_RUNNING
+            }
+            Err(m) => {
+                eprintln!("error: {m}");
+                1
+            }
+        },
+    }
+}
+
+fn control_cmd(cfg: &Config, cmd: &str) -> i32 {
+    match crate::control::request(&cfg.control.control_socket(), cmd) {
+        Ok(v) if v.get("ok").and_then(|b| b.as_bool()) == Some(true) => {
+            println!("{}", v.get("message").and_then(|m| m.as_str()).unwrap_or("ok"));
+            0
+        }
+        Ok(v) => {
+            eprintln!("error: {}", v.get("error").and_then(|m| m.as_str()).unwrap_or("failed"));
+            1
+        }
+        Err(e) if matches!(running_pid(cfg), Ok(None)) => {
+            eprintln!("NOT_RUNNING: no agent is running ({e})");
+            EXIT_NOT_RUNNING
+        }
+        Err(e) => {
+            eprintln!("error: control socket {}: {e}", cfg.control.control_socket().display());
+            1
+        }
+    }
+}
+
+fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Option<PathBuf>) -> i32 {
+    match running_pid(cfg) {
+        Ok(Some(pid)) => {
+            eprintln!("ALREADY_RUNNING: an agent is already running with PID {pid}; use `apm-agent restart`");
+            return 1;
+        }
+        Err(m) => {
+            eprintln!("error: {m}");
+            return 1;
+        }
+        Ok(None) => {}
+    }
+    let log_path = log_file.unwrap_or_else(|| cfg.control.runtime_dir.join("agent.log"));
+    if let Some(d) = log_path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("START_FAILED: cannot open log file {}: {e}", log_path.display());
+            return 1;
+        }
+    };
+    let (rd, wr) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("START_FAILED: pipe: {e}");
+            return 1;
+        }
+    };
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("apm-agent"));
+    let mut cmd = std::process::Command::new(exe);
+    if let Some(p) = config_path {
+        cmd.arg("--config").arg(p);
+    }
+    let wr_fd = std::os::fd::AsRawFd::as_raw_fd(&wr);
+    cmd.arg("run")
+        .env("APM_READY_FD", wr_fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map(std::process::Stdio::from).unwrap_or(std::process::Stdio::null()))
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            // A session of its own: the agent outlives the shell that started it.
+            libc::setsid();
+            // Keep the readiness pipe across exec.
+            let flags = libc::fcntl(wr_fd, libc::F_GETFD);
+            libc::fcntl(wr_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("START_FAILED: cannot spawn the agent: {e}");
+            return 1;
+        }
+    };
+    drop(wr);
+    // Wait for "ready" on the pipe; EOF without it means the child died or failed.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::fs::File::from(rd).read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    loop {
+        if let Ok(s) = rx.recv_timeout(Duration::from_millis(100)) {
+            if s.starts_with("ready") {
+                println!("agent started (PID {})", child.id());
+                return 0;
+            }
+            let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
+            eprintln!("START_FAILED: the agent exited with code {code} before it was ready; its log {} says:", log_path.display());
+            eprint!("{}", tail(&log_path, 15));
+            return if code == crate::config::EX_CONFIG { code } else { 1 };
+        }
+        if Instant::now() > deadline {
+            eprintln!("START_FAILED: the agent (PID {}) was not ready within {timeout}s; see {}", child.id(), log_path.display());
+            return 1;
+        }
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let v: Vec<&str> = s.lines().collect();
+    let from = v.len().saturating_sub(lines);
+    v[from..].iter().map(|l| format!("  {l}\n")).collect()
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+fn stop(cfg: &Config, timeout: Option<u64>) -> i32 {
+    let pid = match running_pid(cfg) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            eprintln!("NOT_RUNNING: no agent is running (PID file {})", cfg.control.pid_file.display());
+            return EXIT_NOT_RUNNING;
+        }
+        Err(m) => {
+            eprintln!("error: {m}");
+            return 1;
+        }
+    };
+    let timeout = timeout.map_or(cfg.limits.shutdown_timeout + Duration::from_secs(5), Duration::from_secs);
+    let target = nix::unistd::Pid::from_raw(pid as i32);
+    if let Err(e) = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM) {
+        eprintln!("STOP_FAILED: cannot signal PID {pid}: {e}{}", if e == nix::errno::Errno::EPERM { " (PERMISSION_DENIED: run as root)" } else { "" });
+        return 1;
+    }
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !alive(pid) || matches!(running_pid(cfg), Ok(None)) {
+            println!("agent (PID {pid}) stopped");
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("agent (PID {pid}) did not stop within {}s: sending SIGKILL", timeout.as_secs());
+    let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+    for _ in 0..100 {
+        if !alive(pid) {
+            println!("agent (PID {pid}) killed");
+            return 0;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("STOP_FAILED: PID {pid} survives SIGKILL");
+    1
+}
+
+fn kill(cfg: &Config) -> i32 {
+    match running_pid(cfg) {
+        Ok(Some(pid)) => match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL) {
+            Ok(()) => {
+                println!("agent (PID {pid}) killed");
+                0
+            }
+            Err(e) => {
+                eprintln!("STOP_FAILED: cannot kill PID {pid}: {e}");
+                1
+            }
+        },
+        Ok(None) => {
+            eprintln!("NOT_RUNNING: no agent is running");
+            EXIT_NOT_RUNNING
+        }
+        Err(m) => {
+            eprintln!("error: {m}");
+            1
+        }
+    }
+}

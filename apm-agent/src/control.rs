@@ -1,0 +1,204 @@
+//! Control: the status document (`status --json`), the control socket in
+//! `control.runtime_dir` (status, reload, pause, resume), and Prometheus `/metrics`.
+//!
+//! Control socket protocol: the client writes one command line (`status`, `reload`, `pause`,
+//! `resume`) and reads one JSON line back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::phpctl::{KillReason, PhpControl};
+use crate::telemetry::{DropReason, RejectReason, Socket, SocketLabels, Telemetry};
+
+/// Extra status sections supplied by other stages (eBPF monitor, breaker, spool).
+pub type Section = Arc<dyn Fn() -> Value + Send + Sync>;
+
+#[derive(Clone)]
+pub struct StatusSource {
+    pub telemetry: Arc<Telemetry>,
+    pub php: Arc<PhpControl>,
+    pub agent_id: String,
+    pub endpoint: String,
+    pub config_path: Option<PathBuf>,
+    pub ebpf: Section,
+    pub breaker: Section,
+}
+
+impl StatusSource {
+    pub fn status(&self) -> Value {
+        let t = &self.telemetry;
+        let mut rejected = serde_json::Map::new();
+        for r in RejectReason::ALL {
+            rejected.insert(r.as_str().into(), json!(t.rejected_of(r)));
+        }
+        let mut dropped = serde_json::Map::new();
+        for r in DropReason::ALL {
+            dropped.insert(r.as_str().into(), json!(t.dropped_of(r)));
+        }
+        dropped.insert("total".into(), json!(t.dropped_total()));
+        let by_socket = |socket| t.received.get_or_create(&SocketLabels { socket }).get();
+        json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": t.uptime_s(),
+            "agent_id": self.agent_id,
+            "endpoint": self.endpoint,
+            "config_path": self.config_path.as_ref().map(|p| p.display().to_string()),
+            "received": t.received_total(),
+            "received_dgram": by_socket(Socket::Dgram),
+            "received_stream": by_socket(Socket::Stream),
+            "received_bytes": t.received_bytes.get(),
+            "rejected": t.rejected_total(),
+            "rejected_by_reason": rejected,
+            "delivered": t.delivered.get(),
+            "delivered_batches": t.delivered_batches.get(),
+            "last_acked_seq": t.last_acked_seq.get(),
+            "in_flight_batches": t.in_flight_batches.get(),
+            "memory_payload_bytes": t.memory_payload_bytes.get(),
+            "send_failures": t.send_failures.get(),
+            "reconnects": t.reconnects.get(),
+            "spooled_batches": t.spooled_batches.get(),
+            "spool_bytes": t.spool_bytes.get(),
+            "dropped": dropped,
+            "breaker": (self.breaker)(),
+            "stream_connections": t.stream_connections.get(),
+            "queue_len": t.dgram_queue_len.get(),
+            "rss_bytes": crate::telemetry::self_rss_bytes(),
+            "sample_rate": self.php.sample_rate(),
+            "kill_switch": self.php.kill_reasons(),
+            "ebpf": (self.ebpf)(),
+        })
+    }
+}
+
+/// Requests the control socket forwards to the daemon's main loop.
+#[derive(Debug)]
+pub enum ControlRequest {
+    Reload(tokio::sync::oneshot::Sender<Result<String, String>>),
+}
+
+/// Serves the control socket until `shutdown`.
+pub async fn serve_control(
+    path: PathBuf,
+    source: StatusSource,
+    requests: mpsc::Sender<ControlRequest>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let _ = crate::ingest::socket::remove_stale(&path, false);
+    let listener = UnixListener::bind(&path)?;
+    // Only root (and the agent's user) may steer the agent.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r?,
+            () = shutdown.cancelled() => break,
+        };
+        let (source, requests) = (source.clone(), requests.clone());
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::new(rd);
+            if tokio::time::timeout(std::time::Duration::from_secs(5), rd.read_line(&mut line))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let reply = handle(line.trim(), &source, &requests).await;
+            let mut out = reply.to_string();
+            out.push('\n');
+            let _ = wr.write_all(out.as_bytes()).await;
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn handle(cmd: &str, source: &StatusSource, requests: &mpsc::Sender<ControlRequest>) -> Value {
+    let ok = |msg: &str| json!({"ok": true, "message": msg});
+    let err = |msg: String| json!({"ok": false, "error": msg});
+    match cmd {
+        "status" => source.status(),
+        "pause" => match source.php.raise(KillReason::Paused) {
+            Ok(()) => ok("PHP kill switch raised: listener.php sends nothing until `resume`"),
+            Err(e) => err(format!("cannot write {}: {e}", source.php.disabled_path().display())),
+        },
+        "resume" => match source.php.lower(KillReason::Paused) {
+            Ok(()) => ok("pause lifted"),
+            Err(e) => err(format!("cannot update {}: {e}", source.php.disabled_path().display())),
+        },
+        "reload" => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if requests.send(ControlRequest::Reload(tx)).await.is_err() {
+                return err("agent is shutting down".into());
+            }
+            match rx.await {
+                Ok(Ok(m)) => ok(&m),
+                Ok(Err(e)) => err(e),
+                Err(_) => err("agent is shutting down".into()),
+            }
+        }
+        other => err(format!("unknown command `{other}` (status, reload, pause, resume)")),
+    }
+}
+
+/// Serves `/metrics` (Prometheus text) and `/status` (JSON) on `addr` until `shutdown`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    source: StatusSource,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+            () = shutdown.cancelled() => break,
+        };
+        let (registry, source) = (registry.clone(), source.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (registry, source) = (registry.clone(), source.clone());
+                async move {
+                    let (code, ctype, body) = match req.uri().path() {
+                        "/metrics" => {
+                            let mut text = String::new();
+                            match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                                Ok(()) => (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+                                Err(e) => (500, "text/plain", e.to_string()),
+                            }
+                        }
+                        "/status" => (200, "application/json", source.status().to_string()),
+                        _ => (404, "text/plain", "try /metrics or /status\n".to_string()),
+                    };
+                    hyper::Response::builder()
+                        .status(code)
+                        .header("content-type", ctype)
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+    }
+}
+
+/// Client side: sends `cmd` to the control socket and returns the JSON reply.
+pub fn request(path: &std::path::Path, cmd: &str) -> std::io::Result<Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}

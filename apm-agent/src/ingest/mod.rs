@@ -1,0 +1,244 @@
+//! Ingest: the datagram and stream sockets PHP sends to. Valid profiles go to the batcher in
+//! chunks (one chunk per receive call); a full channel makes ingest wait, so pressure shows up
+//! as the kernel queue filling (which the eBPF side counts), never as silent loss in the agent.
+
+pub mod dgram;
+pub mod socket;
+pub mod stream;
+pub mod validate;
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::IngestConfig;
+use crate::model::Profile;
+use crate::telemetry::{Socket, SocketLabels, Telemetry, now_ns};
+
+/// Where ingest delivers profiles: the batcher's input.
+pub type ProfileSink = mpsc::Sender<Vec<Profile>>;
+
+/// Sender RSS lookup (from the eBPF monitor), called per profile: must be cheap.
+pub type RssLookup = Arc<dyn Fn(u32) -> u64 + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} exists and is not a socket: refusing to remove it (move it away or change ingest.socket)")]
+    NotASocket(PathBuf),
+    #[error("{0} is in use by a running process (another agent?): stop it first or use another path")]
+    InUse(PathBuf),
+    #[error("group `{0}` (ingest.socket_group) does not exist")]
+    UnknownGroup(String),
+}
+
+impl IngestError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The bound sockets, created before the pipeline starts so that a bind error is a startup
+/// error and so that a restart can hand them over.
+pub struct Sockets {
+    pub dgram: std::os::unix::net::UnixDatagram,
+    pub stream: std::os::unix::net::UnixListener,
+    pub queue_len: u32,
+}
+
+impl Sockets {
+    pub fn bind(cfg: &IngestConfig, mode: u32) -> Result<Self, IngestError> {
+        let group = cfg.socket_group.as_deref();
+        let d = socket::bind_dgram(&cfg.socket, mode, group, cfg.queue_len)?;
+        let stream = socket::bind_stream(&cfg.stream_socket, mode, group)?;
+        tracing::info!(
+            socket = %cfg.socket.display(), stream_socket = %cfg.stream_socket.display(),
+            queue_len = d.queue_len, "ingest sockets bound"
+        );
+        Ok(Self {
+            dgram: d.socket,
+            stream,
+            queue_len: d.queue_len,
+        })
+    }
+}
+
+pub struct Ingest {
+    pub cfg: IngestConfig,
+    pub sockets: Sockets,
+    pub telemetry: Arc<Telemetry>,
+    pub rss: Option<RssLookup>,
+}
+
+impl Ingest {
+    /// Runs both receivers until `shutdown`, then drains: the datagram socket is shut for reading
+    /// (senders get EPIPE from then on) and every datagram the kernel had accepted is read.
+    pub async fn run(self, out: ProfileSink, shutdown: CancellationToken) -> Result<(), IngestError> {
+        self.telemetry.dgram_queue_len.set(self.sockets.queue_len as i64);
+        let dgram = tokio::net::UnixDatagram::from_std(self.sockets.dgram)
+            .map_err(|e| IngestError::io("register", &self.cfg.socket, e))?;
+        let listener = tokio::net::UnixListener::from_std(self.sockets.stream)
+            .map_err(|e| IngestError::io("register", &self.cfg.stream_socket, e))?;
+        let d = tokio::spawn(run_dgram(
+            dgram,
+            DgramParams {
+                batch: self.cfg.recv_batch,
+                max_payload: self.cfg.max_payload_bytes,
+                telemetry: self.telemetry.clone(),
+                rss: self.rss.clone(),
+            },
+            out.clone(),
+            shutdown.clone(),
+        ));
+        let s = tokio::spawn(run_stream(listener, self.cfg.clone(), self.telemetry.clone(), self.rss.clone(), out, shutdown));
+        let (a, b) = tokio::join!(d, s);
+        if let Err(e) = a {
+            tracing::error!(error = %e, "datagram receiver task failed");
+        }
+        if let Err(e) = b {
+            tracing::error!(error = %e, "stream receiver task failed");
+        }
+        Ok(())
+    }
+}
+
+struct DgramParams {
+    batch: usize,
+    max_payload: usize,
+    telemetry: Arc<Telemetry>,
+    rss: Option<RssLookup>,
+}
+
+async fn run_dgram(
+    sock: tokio::net::UnixDatagram,
+    p: DgramParams,
+    out: ProfileSink,
+    shutdown: CancellationToken,
+) {
+    let mut rx = dgram::DgramReceiver::new(p.batch, p.max_payload);
+    let fd = sock.as_raw_fd();
+    let mut draining = false;
+    loop {
+        if !draining {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+                    draining = true;
+                    tracing::info!("datagram socket shut for reading; draining the kernel queue");
+                    continue;
+                }
+                r = sock.readable() => if r.is_err() { return },
+            }
+        }
+        let res = if draining {
+            rx.recv(fd, now_ns())
+        } else {
+            sock.try_io(Interest::READABLE, || rx.recv(fd, now_ns()))
+        };
+        match res {
+            Ok(o) => {
+                for r in &o.rejected {
+                    p.telemetry.reject(*r);
+                }
+                let eof = o.eof;
+                if !o.profiles.is_empty() {
+                    let mut profiles = o.profiles;
+                    if let Some(f) = &p.rss {
+                        for pr in &mut profiles {
+                            pr.rss_bytes = f(pr.pid);
+                        }
+                    }
+                    let n = profiles.len() as u64;
+                    let bytes: u64 = profiles.iter().map(|x| x.payload.len() as u64).sum();
+                    if out.send(profiles).await.is_err() {
+                        tracing::error!("batcher gone: stopping datagram receive");
+                        return;
+                    }
+                    p.telemetry
+                        .received
+                        .get_or_create(&SocketLabels { socket: Socket::Dgram })
+                        .inc_by(n);
+                    p.telemetry.received_bytes.inc_by(bytes);
+                }
+                if eof {
+                    tracing::info!("datagram queue drained");
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if draining {
+                    tracing::info!("datagram queue drained");
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!(error = %e, "datagram receive failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn run_stream(
+    listener: tokio::net::UnixListener,
+    cfg: IngestConfig,
+    telemetry: Arc<Telemetry>,
+    rss: Option<RssLookup>,
+    out: ProfileSink,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(cfg.max_stream_connections));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        // Wait for a connection slot first: extra clients wait in the listen backlog.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = shutdown.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                telemetry.stream_connections.inc();
+                let conn = stream::Conn {
+                    stream,
+                    max_payload: cfg.max_payload_bytes,
+                    idle: cfg.stream_idle_timeout,
+                    telemetry: telemetry.clone(),
+                    rss: rss.clone(),
+                };
+                let (out, sd, t) = (out.clone(), shutdown.clone(), telemetry.clone());
+                conns.spawn(async move {
+                    conn.serve(out, sd).await;
+                    t.stream_connections.dec();
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stream accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        while conns.try_join_next().is_some() {}
+    }
+    // Connections already accepted drain what they hold (Conn::serve sees the cancellation).
+    while conns.join_next().await.is_some() {}
+}
