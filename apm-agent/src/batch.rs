@@ -32,7 +32,8 @@ impl Batcher {
     /// Adds one profile; returns the profiles of a batch that became full, if any.
     pub fn push(&mut self, p: Profile, now: Instant) -> Option<Vec<Profile>> {
         // A profile that would overflow the byte limit seals the current batch first.
-        let sealed = if !self.items.is_empty() && self.bytes + p.payload.len() > self.cfg.max_bytes {
+        let sealed = if !self.items.is_empty() && self.bytes + p.payload.len() > self.cfg.max_bytes
+        {
             self.take()
         } else {
             None
@@ -180,7 +181,10 @@ mod tests {
         tx.send(vec![prof(10)]).await.unwrap();
         tokio::time::advance(Duration::from_millis(199)).await;
         tokio::task::yield_now().await;
-        assert!(orx.try_recv().is_err(), "not yet 500 ms since the first item");
+        assert!(
+            orx.try_recv().is_err(),
+            "not yet 500 ms since the first item"
+        );
         tokio::time::advance(Duration::from_millis(2)).await;
         let b = orx.recv().await.unwrap();
         assert_eq!(b.len(), 2);

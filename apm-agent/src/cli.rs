@@ -16,7 +16,11 @@ use crate::pidfile::{Probe, probe};
 pub const EXIT_NOT_RUNNING: i32 = 3;
 
 #[derive(Debug, Parser)]
-#[command(name = "apm-agent", version, about = "Bitville APM agent: PHP-FPM profiles to the central listener, watched by eBPF")]
+#[command(
+    name = "apm-agent",
+    version,
+    about = "Bitville APM agent: PHP-FPM profiles to the central listener, watched by eBPF"
+)]
 pub struct Cli {
     /// Configuration file (TOML); every key has a default.
     #[arg(long, short, global = true, env = "APM_AGENT_CONFIG")]
@@ -44,7 +48,9 @@ pub enum Command {
         #[arg(long)]
         timeout: Option<u64>,
     },
-    /// Stop, then start.
+    /// Restart in place without dropping a profile: the running agent flushes what it holds and
+    /// re-executes itself, handing its sockets over (datagrams sent meanwhile wait in the kernel
+    /// queue). Starts the agent when none runs.
     Restart {
         #[arg(long)]
         timeout: Option<u64>,
@@ -76,7 +82,10 @@ pub fn main() -> i32 {
             return crate::config::EX_CONFIG;
         }
     };
-    let config_path = cli.config.as_ref().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+    let config_path = cli
+        .config
+        .as_ref()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
     match cli.command {
         Command::Run => run_foreground(cfg, config_path),
         Command::CheckConfig => {
@@ -88,19 +97,21 @@ pub fn main() -> i32 {
         Command::Reload => control_cmd(&cfg, "reload"),
         Command::Pause => control_cmd(&cfg, "pause"),
         Command::Resume => control_cmd(&cfg, "resume"),
-        Command::Start { timeout, log_file } => start(&cfg, config_path.as_deref(), timeout, log_file),
+        Command::Start { timeout, log_file } => {
+            start(&cfg, config_path.as_deref(), timeout, log_file)
+        }
         Command::Stop { timeout } => stop(&cfg, timeout),
-        Command::Restart { timeout } => match stop(&cfg, timeout) {
-            0 | EXIT_NOT_RUNNING => start(&cfg, config_path.as_deref(), 30, None),
-            code => code,
-        },
+        Command::Restart { timeout } => restart(&cfg, config_path.as_deref(), timeout),
         Command::Kill => kill(&cfg),
     }
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.control.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&cfg.control.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // Under systemd the journal stamps each line itself.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     match cfg.control.log_format {
@@ -112,7 +123,10 @@ fn init_logging(cfg: &Config) {
 
 fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
     init_logging(&cfg);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -124,7 +138,9 @@ fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "agent failed");
             eprintln!("error: {e:#}");
-            if e.chain().any(|c| c.downcast_ref::<crate::config::ConfigError>().is_some()) {
+            if e.chain()
+                .any(|c| c.downcast_ref::<crate::config::ConfigError>().is_some())
+            {
                 crate::config::EX_CONFIG
             } else {
                 1
@@ -162,9 +178,15 @@ fn status(cfg: &Config, json: bool) -> i32 {
                 let g = |k: &str| v.get(k).cloned().unwrap_or_default();
                 println!(
                     "running: pid {} up {}s; received {} rejected {} delivered {} dropped {}; breaker {}; spool {} batches / {} bytes; ebpf {}",
-                    g("pid"), g("uptime_s"), g("received"), g("rejected"), g("delivered"),
-                    v.pointer("/dropped/total").cloned().unwrap_or_default(), g("breaker"),
-                    g("spooled_batches"), g("spool_bytes"),
+                    g("pid"),
+                    g("uptime_s"),
+                    g("received"),
+                    g("rejected"),
+                    g("delivered"),
+                    v.pointer("/dropped/total").cloned().unwrap_or_default(),
+                    g("breaker"),
+                    g("spooled_batches"),
+                    g("spool_bytes"),
                     v.pointer("/ebpf/enabled").cloned().unwrap_or_default()
                 );
             }
@@ -172,14 +194,20 @@ fn status(cfg: &Config, json: bool) -> i32 {
         }
         Err(e) => match running_pid(cfg) {
             Ok(Some(pid)) => {
-                eprintln!("agent PID {pid} is running but its control socket {} does not answer: {e}", cfg.control.control_socket().display());
+                eprintln!(
+                    "agent PID {pid} is running but its control socket {} does not answer: {e}",
+                    cfg.control.control_socket().display()
+                );
                 1
             }
             Ok(None) => {
                 if json {
                     println!("{}", serde_json::json!({"running": false}));
                 }
-                eprintln!("NOT_RUNNING: no agent is running (PID file {})", cfg.control.pid_file.display());
+                eprintln!(
+                    "NOT_RUNNING: no agent is running (PID file {})",
+                    cfg.control.pid_file.display()
+                );
                 EXIT_NOT_RUNNING
             }
             Err(m) => {
@@ -193,11 +221,17 @@ fn status(cfg: &Config, json: bool) -> i32 {
 fn control_cmd(cfg: &Config, cmd: &str) -> i32 {
     match crate::control::request(&cfg.control.control_socket(), cmd) {
         Ok(v) if v.get("ok").and_then(|b| b.as_bool()) == Some(true) => {
-            println!("{}", v.get("message").and_then(|m| m.as_str()).unwrap_or("ok"));
+            println!(
+                "{}",
+                v.get("message").and_then(|m| m.as_str()).unwrap_or("ok")
+            );
             0
         }
         Ok(v) => {
-            eprintln!("error: {}", v.get("error").and_then(|m| m.as_str()).unwrap_or("failed"));
+            eprintln!(
+                "error: {}",
+                v.get("error").and_then(|m| m.as_str()).unwrap_or("failed")
+            );
             1
         }
         Err(e) if matches!(running_pid(cfg), Ok(None)) => {
@@ -205,7 +239,10 @@ fn control_cmd(cfg: &Config, cmd: &str) -> i32 {
             EXIT_NOT_RUNNING
         }
         Err(e) => {
-            eprintln!("error: control socket {}: {e}", cfg.control.control_socket().display());
+            eprintln!(
+                "error: control socket {}: {e}",
+                cfg.control.control_socket().display()
+            );
             1
         }
     }
@@ -214,7 +251,9 @@ fn control_cmd(cfg: &Config, cmd: &str) -> i32 {
 fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Option<PathBuf>) -> i32 {
     match running_pid(cfg) {
         Ok(Some(pid)) => {
-            eprintln!("ALREADY_RUNNING: an agent is already running with PID {pid}; use `apm-agent restart`");
+            eprintln!(
+                "ALREADY_RUNNING: an agent is already running with PID {pid}; use `apm-agent restart`"
+            );
             return 1;
         }
         Err(m) => {
@@ -227,10 +266,17 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
     if let Some(d) = log_path.parent() {
         let _ = std::fs::create_dir_all(d);
     }
-    let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+    let log = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+    {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("START_FAILED: cannot open log file {}: {e}", log_path.display());
+            eprintln!(
+                "START_FAILED: cannot open log file {}: {e}",
+                log_path.display()
+            );
             return 1;
         }
     };
@@ -250,7 +296,11 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
     cmd.arg("run")
         .env("APM_READY_FD", wr_fd.to_string())
         .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map(std::process::Stdio::from).unwrap_or(std::process::Stdio::null()))
+        .stdout(
+            log.try_clone()
+                .map(std::process::Stdio::from)
+                .unwrap_or(std::process::Stdio::null()),
+        )
         .stderr(log);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -286,15 +336,91 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
                 return 0;
             }
             let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
-            eprintln!("START_FAILED: the agent exited with code {code} before it was ready; its log {} says:", log_path.display());
+            eprintln!(
+                "START_FAILED: the agent exited with code {code} before it was ready; its log {} says:",
+                log_path.display()
+            );
             eprint!("{}", tail(&log_path, 15));
-            return if code == crate::config::EX_CONFIG { code } else { 1 };
+            return if code == crate::config::EX_CONFIG {
+                code
+            } else {
+                1
+            };
         }
         if Instant::now() > deadline {
-            eprintln!("START_FAILED: the agent (PID {}) was not ready within {timeout}s; see {}", child.id(), log_path.display());
+            eprintln!(
+                "START_FAILED: the agent (PID {}) was not ready within {timeout}s; see {}",
+                child.id(),
+                log_path.display()
+            );
             return 1;
         }
     }
+}
+
+fn restart(cfg: &Config, config_path: Option<&Path>, timeout: Option<u64>) -> i32 {
+    let sock = cfg.control.control_socket();
+    let before = match crate::control::request(&sock, "status") {
+        Ok(v) => v,
+        Err(_) => {
+            return match running_pid(cfg) {
+                Ok(None) => start(cfg, config_path, 30, None),
+                Ok(Some(pid)) => {
+                    eprintln!(
+                        "agent PID {pid} does not answer on {}: stopping and starting it",
+                        sock.display()
+                    );
+                    match stop(cfg, timeout) {
+                        0 | EXIT_NOT_RUNNING => start(cfg, config_path, 30, None),
+                        code => code,
+                    }
+                }
+                Err(m) => {
+                    eprintln!("error: {m}");
+                    1
+                }
+            };
+        }
+    };
+    let restarts = before.get("restarts").and_then(|v| v.as_u64()).unwrap_or(0);
+    match crate::control::request(&sock, "restart") {
+        Ok(v) if v.get("ok").and_then(|b| b.as_bool()) == Some(true) => {}
+        Ok(v) => {
+            eprintln!(
+                "error: {}",
+                v.get("error")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("restart refused")
+            );
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("error: control socket {}: {e}", sock.display());
+            return 1;
+        }
+    }
+    let wait = timeout.map_or(
+        cfg.limits.shutdown_timeout + Duration::from_secs(30),
+        Duration::from_secs,
+    );
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if let Ok(v) = crate::control::request(&sock, "status") {
+            if v.get("restarts").and_then(|r| r.as_u64()).unwrap_or(0) > restarts {
+                println!(
+                    "agent restarted in place (PID {})",
+                    v.get("pid").cloned().unwrap_or_default()
+                );
+                return 0;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "START_FAILED: the agent did not come back within {}s; see its log",
+        wait.as_secs()
+    );
+    1
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -315,7 +441,10 @@ fn stop(cfg: &Config, timeout: Option<u64>) -> i32 {
     let pid = match running_pid(cfg) {
         Ok(Some(p)) => p,
         Ok(None) => {
-            eprintln!("NOT_RUNNING: no agent is running (PID file {})", cfg.control.pid_file.display());
+            eprintln!(
+                "NOT_RUNNING: no agent is running (PID file {})",
+                cfg.control.pid_file.display()
+            );
             return EXIT_NOT_RUNNING;
         }
         Err(m) => {
@@ -323,10 +452,20 @@ fn stop(cfg: &Config, timeout: Option<u64>) -> i32 {
             return 1;
         }
     };
-    let timeout = timeout.map_or(cfg.limits.shutdown_timeout + Duration::from_secs(5), Duration::from_secs);
+    let timeout = timeout.map_or(
+        cfg.limits.shutdown_timeout + Duration::from_secs(5),
+        Duration::from_secs,
+    );
     let target = nix::unistd::Pid::from_raw(pid as i32);
     if let Err(e) = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGTERM) {
-        eprintln!("STOP_FAILED: cannot signal PID {pid}: {e}{}", if e == nix::errno::Errno::EPERM { " (PERMISSION_DENIED: run as root)" } else { "" });
+        eprintln!(
+            "STOP_FAILED: cannot signal PID {pid}: {e}{}",
+            if e == nix::errno::Errno::EPERM {
+                " (PERMISSION_DENIED: run as root)"
+            } else {
+                ""
+            }
+        );
         return 1;
     }
     let deadline = Instant::now() + timeout;
@@ -337,7 +476,10 @@ fn stop(cfg: &Config, timeout: Option<u64>) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("agent (PID {pid}) did not stop within {}s: sending SIGKILL", timeout.as_secs());
+    eprintln!(
+        "agent (PID {pid}) did not stop within {}s: sending SIGKILL",
+        timeout.as_secs()
+    );
     let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
     for _ in 0..100 {
         if !alive(pid) {
@@ -352,7 +494,10 @@ fn stop(cfg: &Config, timeout: Option<u64>) -> i32 {
 
 fn kill(cfg: &Config) -> i32 {
     match running_pid(cfg) {
-        Ok(Some(pid)) => match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL) {
+        Ok(Some(pid)) => match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        ) {
             Ok(()) => {
                 println!("agent (PID {pid}) killed");
                 0

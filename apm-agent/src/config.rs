@@ -100,8 +100,8 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_items: 1000,          // a batch per ~1000 requests keeps per-batch cost small
-            max_bytes: 1024 * 1024,   // well under gRPC's 4 MiB default message limit
+            max_items: 1000,        // a batch per ~1000 requests keeps per-batch cost small
+            max_bytes: 1024 * 1024, // well under gRPC's 4 MiB default message limit
             max_age: Duration::from_millis(500), // a quiet host still delivers within a second
         }
     }
@@ -303,6 +303,17 @@ pub struct EbpfConfig {
     pub poll_interval: Duration,
     /// Adapt the sample rate PHP reads to kernel-seen drops and send latency.
     pub adaptive_sampling: bool,
+    /// Adaptive sampling never lowers the rate below this (0.0-1.0).
+    pub min_sample_rate: f64,
+    /// Share of datagram sends dropped (EAGAIN/ENOBUFS) in one poll interval that lowers the rate.
+    pub drop_ratio_high: f64,
+    /// p99 send latency (or mean stream wait per send) in one interval that lowers the rate.
+    #[serde(with = "humantime_serde")]
+    pub latency_high: Duration,
+    /// Processes tracked at once (sizes the eBPF maps); beyond it the least recently used go.
+    pub max_processes: u32,
+    /// Workers listed in status and given per-worker metrics (highest RSS first).
+    pub max_listed_workers: usize,
 }
 
 impl Default for EbpfConfig {
@@ -313,6 +324,11 @@ impl Default for EbpfConfig {
             rss_threshold_mb: 256,
             poll_interval: Duration::from_secs(1),
             adaptive_sampling: true,
+            min_sample_rate: 0.05, // keep some profiles flowing even under heavy drops
+            drop_ratio_high: 0.01, // 1% of profiles lost is worth shedding load for
+            latency_high: Duration::from_millis(1), // a non-blocking local send takes ~3 us
+            max_processes: 4096,   // a few large pools; ~1.3 MiB of maps
+            max_listed_workers: 64, // bounds status size and per-worker metric series
         }
     }
 }
@@ -390,10 +406,12 @@ impl Config {
             message: e.to_string(),
         })?;
         apply_env_overrides(&mut doc, env)?;
-        let cfg: Config = doc.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: name.to_string(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: name.to_string(),
+                message: e.to_string(),
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -407,7 +425,10 @@ impl Config {
         }
         let i = &self.ingest;
         if i.socket.as_os_str().is_empty() || i.socket.as_os_str().len() > 107 {
-            return Err(bad("ingest.socket", "must be a path of 1 to 107 bytes (sun_path)"));
+            return Err(bad(
+                "ingest.socket",
+                "must be a path of 1 to 107 bytes (sun_path)",
+            ));
         }
         if i.stream_socket.as_os_str().is_empty() || i.stream_socket.as_os_str().len() > 107 {
             return Err(bad(
@@ -416,13 +437,19 @@ impl Config {
             ));
         }
         if i.socket == i.stream_socket {
-            return Err(bad("ingest.stream_socket", "must differ from ingest.socket"));
+            return Err(bad(
+                "ingest.stream_socket",
+                "must differ from ingest.socket",
+            ));
         }
         if u32::from_str_radix(i.socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .is_none_or(|m| m > 0o777)
         {
-            return Err(bad("ingest.socket_mode", "must be an octal mode like \"0660\""));
+            return Err(bad(
+                "ingest.socket_mode",
+                "must be an octal mode like \"0660\"",
+            ));
         }
         if !(1..=1_048_576).contains(&i.queue_len) {
             return Err(bad("ingest.queue_len", "must be between 1 and 1048576"));
@@ -444,10 +471,16 @@ impl Config {
             return Err(bad("batch.max_items", "must be at least 1"));
         }
         if b.max_bytes < i.max_payload_bytes.min(64 * 1024) {
-            return Err(bad("batch.max_bytes", "must hold at least one 64 KiB profile"));
+            return Err(bad(
+                "batch.max_bytes",
+                "must hold at least one 64 KiB profile",
+            ));
         }
         if b.max_bytes > 32 * 1024 * 1024 {
-            return Err(bad("batch.max_bytes", "must be at most 32 MiB (gRPC message size)"));
+            return Err(bad(
+                "batch.max_bytes",
+                "must be at most 32 MiB (gRPC message size)",
+            ));
         }
         if b.max_age.is_zero() {
             return Err(bad("batch.max_age", "must be greater than zero"));
@@ -469,7 +502,10 @@ impl Config {
             return Err(bad("central.max_in_flight", "must be at least 1"));
         }
         if c.backoff_min.is_zero() || c.backoff_min > c.backoff_max {
-            return Err(bad("central.backoff_min", "must be > 0 and <= central.backoff_max"));
+            return Err(bad(
+                "central.backoff_min",
+                "must be > 0 and <= central.backoff_max",
+            ));
         }
         let br = &self.breaker;
         if br.failure_threshold == 0 {
@@ -626,7 +662,9 @@ mod tests {
 
     #[test]
     fn unknown_key_names_the_key() {
-        let err = Config::from_toml("[ingest]\nsokcet = \"/x\"\n").unwrap_err().to_string();
+        let err = Config::from_toml("[ingest]\nsokcet = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sokcet"), "{err}");
     }
 
@@ -638,23 +676,33 @@ mod tests {
 
     #[test]
     fn bad_enum_value_names_the_value() {
-        let err = Config::from_toml("[spool]\nmode = \"sometimes\"\n").unwrap_err().to_string();
+        let err = Config::from_toml("[spool]\nmode = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sometimes") && err.contains("mode"), "{err}");
     }
 
     #[test]
     fn semantic_errors_name_the_key() {
-        let err = Config::from_toml("[central]\nendpoint = \"ftp://x\"\n").unwrap_err().to_string();
+        let err = Config::from_toml("[central]\nendpoint = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("config key `central.endpoint`"), "{err}");
-        let err = Config::from_toml("[batch]\nmax_items = 0\n").unwrap_err().to_string();
+        let err = Config::from_toml("[batch]\nmax_items = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("batch.max_items"), "{err}");
-        let err = Config::from_toml("[ingest]\nsocket_mode = \"rw\"\n").unwrap_err().to_string();
+        let err = Config::from_toml("[ingest]\nsocket_mode = \"rw\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ingest.socket_mode"), "{err}");
     }
 
     #[test]
     fn bad_duration_is_an_error() {
-        let err = Config::from_toml("[batch]\nmax_age = \"soon\"\n").unwrap_err().to_string();
+        let err = Config::from_toml("[batch]\nmax_age = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_age"), "{err}");
     }
 
@@ -667,12 +715,8 @@ mod tests {
             "APM_EBPF_PHP_COMMS" => Some(r#"["php-fpm8.2"]"#.to_string()),
             _ => None,
         };
-        let cfg = Config::from_toml_with_env(
-            "[central]\nendpoint = \"http://file:1\"\n",
-            "t",
-            env,
-        )
-        .unwrap();
+        let cfg = Config::from_toml_with_env("[central]\nendpoint = \"http://file:1\"\n", "t", env)
+            .unwrap();
         assert_eq!(cfg.central.endpoint, "http://10.0.0.1:9");
         assert_eq!(cfg.ingest.queue_len, 512);
         assert_eq!(cfg.central.token.as_deref(), Some("s3cr3t"));
@@ -683,5 +727,32 @@ mod tests {
     fn bad_env_value_is_an_error() {
         let env = |k: &str| (k == "APM_INGEST_QUEUE_LEN").then(|| "lots".to_string());
         assert!(Config::from_toml_with_env("", "t", env).is_err());
+    }
+}
+
+#[cfg(test)]
+mod deploy_file {
+    use super::*;
+
+    /// deploy/agent.toml documents every key at its default: it must parse to exactly the
+    /// defaults, and name every key the defaults have.
+    #[test]
+    fn deploy_agent_toml_matches_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (section, table) in &defaults {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "section [{section}] documented"
+            );
+            for key in table.as_table().unwrap().keys() {
+                assert!(
+                    text.contains(&format!("\n{key} = ")),
+                    "key {section}.{key} documented"
+                );
+            }
+        }
     }
 }

@@ -31,6 +31,8 @@ pub struct StatusSource {
     pub config_path: Option<PathBuf>,
     pub ebpf: Section,
     pub breaker: Section,
+    /// Restarts by re-exec since the process started (`apm-agent restart`).
+    pub restarts: u64,
 }
 
 impl StatusSource {
@@ -50,6 +52,7 @@ impl StatusSource {
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": t.uptime_s(),
+            "restarts": self.restarts,
             "agent_id": self.agent_id,
             "endpoint": self.endpoint,
             "config_path": self.config_path.as_ref().map(|p| p.display().to_string()),
@@ -84,6 +87,8 @@ impl StatusSource {
 #[derive(Debug)]
 pub enum ControlRequest {
     Reload(tokio::sync::oneshot::Sender<Result<String, String>>),
+    /// Restart in place: flush, hand the sockets to a fresh image of the binary.
+    Restart(tokio::sync::oneshot::Sender<Result<String, String>>),
 }
 
 /// Serves the control socket until `shutdown`.
@@ -124,22 +129,37 @@ pub async fn serve_control(
     Ok(())
 }
 
-async fn handle(cmd: &str, source: &StatusSource, requests: &mpsc::Sender<ControlRequest>) -> Value {
+async fn handle(
+    cmd: &str,
+    source: &StatusSource,
+    requests: &mpsc::Sender<ControlRequest>,
+) -> Value {
     let ok = |msg: &str| json!({"ok": true, "message": msg});
     let err = |msg: String| json!({"ok": false, "error": msg});
     match cmd {
         "status" => source.status(),
         "pause" => match source.php.raise(KillReason::Paused) {
             Ok(()) => ok("PHP kill switch raised: listener.php sends nothing until `resume`"),
-            Err(e) => err(format!("cannot write {}: {e}", source.php.disabled_path().display())),
+            Err(e) => err(format!(
+                "cannot write {}: {e}",
+                source.php.disabled_path().display()
+            )),
         },
         "resume" => match source.php.lower(KillReason::Paused) {
             Ok(()) => ok("pause lifted"),
-            Err(e) => err(format!("cannot update {}: {e}", source.php.disabled_path().display())),
+            Err(e) => err(format!(
+                "cannot update {}: {e}",
+                source.php.disabled_path().display()
+            )),
         },
-        "reload" => {
+        "reload" | "restart" => {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if requests.send(ControlRequest::Reload(tx)).await.is_err() {
+            let req = if cmd == "reload" {
+                ControlRequest::Reload(tx)
+            } else {
+                ControlRequest::Restart(tx)
+            };
+            if requests.send(req).await.is_err() {
                 return err("agent is shutting down".into());
             }
             match rx.await {
@@ -148,7 +168,9 @@ async fn handle(cmd: &str, source: &StatusSource, requests: &mpsc::Sender<Contro
                 Err(_) => err("agent is shutting down".into()),
             }
         }
-        other => err(format!("unknown command `{other}` (status, reload, pause, resume)")),
+        other => err(format!(
+            "unknown command `{other}` (status, reload, restart, pause, resume)"
+        )),
     }
 }
 
@@ -166,28 +188,38 @@ pub async fn serve_metrics(
         };
         let (registry, source) = (registry.clone(), source.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (registry, source) = (registry.clone(), source.clone());
-                async move {
-                    let (code, ctype, body) = match req.uri().path() {
-                        "/metrics" => {
-                            let mut text = String::new();
-                            match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                                Ok(()) => (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
-                                Err(e) => (500, "text/plain", e.to_string()),
+            let svc = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (registry, source) = (registry.clone(), source.clone());
+                    async move {
+                        let (code, ctype, body) = match req.uri().path() {
+                            "/metrics" => {
+                                let mut text = String::new();
+                                match prometheus_client::encoding::text::encode(
+                                    &mut text, &registry,
+                                ) {
+                                    Ok(()) => (
+                                        200,
+                                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                        text,
+                                    ),
+                                    Err(e) => (500, "text/plain", e.to_string()),
+                                }
                             }
-                        }
-                        "/status" => (200, "application/json", source.status().to_string()),
-                        _ => (404, "text/plain", "try /metrics or /status\n".to_string()),
-                    };
-                    hyper::Response::builder()
-                        .status(code)
-                        .header("content-type", ctype)
-                        .body(Full::new(Bytes::from(body)))
-                }
-            });
+                            "/status" => (200, "application/json", source.status().to_string()),
+                            _ => (404, "text/plain", "try /metrics or /status\n".to_string()),
+                        };
+                        hyper::Response::builder()
+                            .status(code)
+                            .header("content-type", ctype)
+                            .body(Full::new(Bytes::from(body)))
+                    }
+                },
+            );
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
         });
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::{ControlRequest, StatusSource};
-use crate::ingest::{Ingest, Sockets};
+use crate::ingest::{Ingest, Sockets, StopKind};
 use crate::phpctl::PhpControl;
 use crate::pidfile::PidFile;
 use crate::router::{Router, RouterIo};
@@ -31,25 +31,157 @@ pub mod exit {
 
 /// Tells whoever started us that we are ready (systemd `READY=1`, or `apm-agent start`'s pipe).
 fn notify_ready(status: &str) {
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
-    if let Some(fd) = std::env::var("APM_READY_FD").ok().and_then(|v| v.parse::<i32>().ok()) {
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
+    if let Some(fd) = std::env::var("APM_READY_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
         // SAFETY: `apm-agent start` passed us the write end of a pipe under this number.
         let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let _ = std::io::Write::write_all(&mut &f, b"ready\n");
     }
 }
 
+/// Descriptors handed down by a previous image of this process (`apm-agent restart`).
+#[derive(Debug, Default)]
+struct Inherited {
+    dgram: Option<i32>,
+    stream: Option<i32>,
+    pidfile: Option<i32>,
+    queue_len: u32,
+    restarts: u64,
+}
+
+const INHERIT_ENV: &str = "APM_INHERIT_FDS";
+
+fn take_inherited() -> Inherited {
+    let mut i = Inherited::default();
+    let Ok(v) = std::env::var(INHERIT_ENV) else {
+        return i;
+    };
+    // SAFETY: called at start, before the runtime spawns threads that read the environment.
+    unsafe { std::env::remove_var(INHERIT_ENV) };
+    for kv in v.split(',') {
+        let Some((k, v)) = kv.split_once('=') else {
+            continue;
+        };
+        let n = v.parse::<u64>().ok();
+        match k {
+            "dgram" => i.dgram = n.map(|n| n as i32),
+            "stream" => i.stream = n.map(|n| n as i32),
+            "pidfile" => i.pidfile = n.map(|n| n as i32),
+            "qlen" => i.queue_len = n.unwrap_or(0) as u32,
+            "restarts" => i.restarts = n.unwrap_or(0),
+            _ => {}
+        }
+    }
+    i
+}
+
+/// Sockets systemd kept for us in its fd store across a restart (`FDSTORE=1`).
+fn systemd_stored(cfg: &Config) -> Option<Sockets> {
+    let fds: Vec<(i32, String)> = sd_notify::listen_fds_with_names().ok()?.collect();
+    let d = fds.iter().find(|(_, n)| n == "dgram")?.0;
+    let s = fds.iter().find(|(_, n)| n == "stream")?.0;
+    let qlen = std::fs::read_to_string(cfg.control.state_dir.join("queue_len"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Sockets::adopt(d, s, qlen, &cfg.ingest).ok()
+}
+
+/// Replaces this process image with a fresh one of the same binary, handing down the sockets
+/// and the PID-file lock: the PID stays, the kernel queue keeps every datagram sent meanwhile.
+fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> anyhow::Error {
+    use std::os::fd::IntoRawFd;
+    let pidfd = pid.raw_fd();
+    let qlen = sockets.queue_len;
+    let d = sockets.dgram.into_raw_fd();
+    let s = sockets.stream.into_raw_fd();
+    for fd in [Some(d), Some(s), pidfd].into_iter().flatten() {
+        // SAFETY: plain fcntl on descriptors we own.
+        unsafe {
+            let f = libc::fcntl(fd, libc::F_GETFD);
+            libc::fcntl(fd, libc::F_SETFD, f & !libc::FD_CLOEXEC);
+        }
+    }
+    pid.keep_for_exec();
+    let v = format!(
+        "dgram={d},stream={s},qlen={qlen},restarts={},{}",
+        restarts + 1,
+        pidfd.map(|p| format!("pidfile={p}")).unwrap_or_default()
+    );
+    // SAFETY: the runtime is about to be replaced; no other thread reads the environment now.
+    unsafe { std::env::set_var(INHERIT_ENV, v) };
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map(|p| {
+            PathBuf::from(
+                p.to_string_lossy()
+                    .trim_end_matches(" (deleted)")
+                    .to_string(),
+            )
+        })
+        .unwrap_or_else(|_| PathBuf::from("apm-agent"));
+    let args: Vec<std::ffi::CString> = std::env::args_os()
+        .map(|a| std::ffi::CString::new(a.into_encoded_bytes()).unwrap_or_default())
+        .collect();
+    let exe_c = std::ffi::CString::new(exe.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    tracing::info!(exe = %exe.display(), "re-executing with the sockets handed over");
+    match nix::unistd::execv(&exe_c, &args) {
+        Err(e) => anyhow::anyhow!("re-exec of {} failed: {e}", exe.display()),
+    }
+}
+
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i32> {
-    let _pid = PidFile::acquire(&cfg.control.pid_file, config_path.as_deref())?;
+    let inherited = take_inherited();
+    let pid = match inherited.pidfile {
+        Some(fd) => PidFile::adopt(fd, &cfg.control.pid_file)?,
+        None => PidFile::acquire(&cfg.control.pid_file, config_path.as_deref())?,
+    };
     for dir in [&cfg.control.runtime_dir, &cfg.control.state_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let telemetry = Telemetry::new();
-    let php = Arc::new(
-        PhpControl::new(&cfg.control.runtime_dir)
-            .with_context(|| format!("cannot write PHP control files in {}", cfg.control.runtime_dir.display()))?,
+    let php = Arc::new(PhpControl::new(&cfg.control.runtime_dir).with_context(|| {
+        format!(
+            "cannot write PHP control files in {}",
+            cfg.control.runtime_dir.display()
+        )
+    })?);
+    let under_systemd = std::env::var_os("NOTIFY_SOCKET").is_some();
+    let sockets = match (inherited.dgram, inherited.stream) {
+        (Some(d), Some(s)) => Sockets::adopt(d, s, inherited.queue_len, &cfg.ingest)?,
+        _ => match systemd_stored(&cfg) {
+            Some(s) => s,
+            None => Sockets::bind(&cfg.ingest, cfg.socket_mode())?,
+        },
+    };
+    let _ = crate::phpctl::write_atomic(
+        &cfg.control.state_dir.join("queue_len"),
+        format!("{}\n", sockets.queue_len).as_bytes(),
     );
-    let sockets = Sockets::bind(&cfg.ingest, cfg.socket_mode())?;
+    // Under systemd the sockets go to its fd store, so they outlive `systemctl restart`.
+    let fd_store = under_systemd && {
+        use std::os::fd::AsFd;
+        let a = sd_notify::notify_with_fds(
+            &[
+                sd_notify::NotifyState::FdStore,
+                sd_notify::NotifyState::FdName("dgram"),
+            ],
+            &[sockets.dgram.as_fd()],
+        );
+        let b = sd_notify::notify_with_fds(
+            &[
+                sd_notify::NotifyState::FdStore,
+                sd_notify::NotifyState::FdName("stream"),
+            ],
+            &[sockets.stream.as_fd()],
+        );
+        a.is_ok() && b.is_ok()
+    };
     let agent_id = load_or_create_agent_id(&cfg.control.state_dir, &cfg.central.agent_id)?;
     let seqs = SeqAllocator::open(&cfg.control.state_dir)?;
     let hostname = hostname::get()
@@ -57,7 +189,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
 
-    let shutdown = CancellationToken::new(); // ingest: stop reading, drain
+    let stop = crate::ingest::StopSignal::default(); // ingest: stop reading (drain or hand over)
     let deadline = CancellationToken::new(); // router/transport: stop waiting for acks
 
     let mut registry = Registry::default();
@@ -80,7 +212,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
             ..Default::default()
         })
     };
-    let transport = Transport::new(cfg.central.clone(), agent_id.clone(), hostname, telemetry.clone(), host_stats)?;
+    let transport = Transport::new(
+        cfg.central.clone(),
+        agent_id.clone(),
+        hostname,
+        telemetry.clone(),
+        host_stats,
+    )?;
 
     let (profile_tx, profile_rx) = mpsc::channel(256);
     let (batch_tx, batch_rx) = mpsc::channel(4);
@@ -93,8 +231,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         telemetry: telemetry.clone(),
         rss: None,
     };
-    let ingest_task = tokio::spawn(ingest.run(profile_tx, shutdown.clone()));
-    let batch_task = tokio::spawn(crate::batch::run(cfg.batch.clone(), seqs, profile_rx, batch_tx));
+    let ingest_task = tokio::spawn(ingest.run(profile_tx, stop.clone()));
+    let batch_task = tokio::spawn(crate::batch::run(
+        cfg.batch.clone(),
+        seqs,
+        profile_rx,
+        batch_tx,
+    ));
     let router = Router {
         telemetry: telemetry.clone(),
         memory_budget: (cfg.limits.memory_budget_mb * 1024 * 1024) as usize,
@@ -115,6 +258,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         config_path: config_path.clone(),
         ebpf: ebpf_section,
         breaker: breaker_section,
+        restarts: inherited.restarts,
     };
     let control_stop = CancellationToken::new();
     let (req_tx, mut req_rx) = mpsc::channel(4);
@@ -127,8 +271,18 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     if !cfg.control.metrics_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&cfg.control.metrics_listen)
             .await
-            .with_context(|| format!("control.metrics_listen: cannot listen on {}", cfg.control.metrics_listen))?;
-        tokio::spawn(crate::control::serve_metrics(l, Arc::new(registry), source.clone(), control_stop.clone()));
+            .with_context(|| {
+                format!(
+                    "control.metrics_listen: cannot listen on {}",
+                    cfg.control.metrics_listen
+                )
+            })?;
+        tokio::spawn(crate::control::serve_metrics(
+            l,
+            Arc::new(registry),
+            source.clone(),
+            control_stop.clone(),
+        ));
     }
     {
         let t = telemetry.clone();
@@ -149,29 +303,55 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let current = cfg.clone();
-    loop {
+    let final_kind = if fd_store {
+        StopKind::KeepSocket
+    } else {
+        StopKind::Final
+    };
+    let kind = loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!(signal = "TERM", "stopping"); break }
-            _ = int.recv() => { tracing::info!(signal = "INT", "stopping"); break }
+            _ = term.recv() => { tracing::info!(signal = "TERM", "stopping"); break final_kind }
+            _ = int.recv() => { tracing::info!(signal = "INT", "stopping"); break final_kind }
             _ = hup.recv() => { let _ = reload(&current, config_path.as_deref()); }
             _ = usr1.recv() => tracing::info!(status = %source.status(), "status dump"),
             Some(req) = req_rx.recv() => match req {
                 ControlRequest::Reload(reply) => { let _ = reply.send(reload(&current, config_path.as_deref())); }
+                ControlRequest::Restart(reply) => {
+                    tracing::info!("restart requested: handing the sockets to a new process image");
+                    let _ = reply.send(Ok("restarting: the sockets are handed over, nothing is dropped".into()));
+                    break StopKind::Handover;
+                }
             },
         }
-    }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining")]);
+    };
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
 
-    // Stop: drain the kernel queue, then give delivery until the deadline.
-    shutdown.cancel();
+    // Stop: drain the kernel queue (or hand it over), then give delivery until the deadline.
+    stop.stop(kind);
     let timeout = cfg.limits.shutdown_timeout;
     let dl = deadline.clone();
     tokio::spawn(async move {
         tokio::time::sleep(timeout).await;
-        tracing::warn!(?timeout, "shutdown timeout reached: no longer waiting for acknowledgements");
+        tracing::warn!(
+            ?timeout,
+            "shutdown timeout reached: no longer waiting for acknowledgements"
+        );
         dl.cancel();
     });
-    let _ = ingest_task.await;
+    let handed = match ingest_task.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "ingest failed");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "ingest task failed");
+            None
+        }
+    };
     match batch_task.await {
         Ok(Err(e)) => tracing::error!(error = %e, "batcher failed"),
         Err(e) => tracing::error!(error = %e, "batcher task failed"),
@@ -182,12 +362,30 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let _ = transport_task.await;
     if !left.is_empty() {
         let n: usize = left.iter().map(|b| b.len()).sum();
-        tracing::error!(batches = left.len(), profiles = n, "undelivered at shutdown and no spool: counted as dropped");
+        tracing::error!(
+            batches = left.len(),
+            profiles = n,
+            "undelivered at shutdown and no spool: counted as dropped"
+        );
         telemetry.drop_profiles(DropReason::Shutdown, n as u64);
     }
     control_stop.cancel();
     let _ = control_task.await;
-    crate::ingest::socket::unlink(&[cfg.ingest.socket.clone(), cfg.ingest.stream_socket.clone()]);
+    if let (StopKind::Handover, Some(sockets)) = (kind, handed) {
+        tracing::info!(
+            received = telemetry.received_total(),
+            delivered = telemetry.delivered.get(),
+            "memory flushed; re-executing"
+        );
+        return Err(reexec(sockets, pid, inherited.restarts));
+    }
+    if kind == StopKind::Final {
+        crate::ingest::socket::unlink(&[
+            cfg.ingest.socket.clone(),
+            cfg.ingest.stream_socket.clone(),
+        ]);
+    }
+    drop(pid);
     tracing::info!(
         received = telemetry.received_total(),
         delivered = telemetry.delivered.get(),
@@ -209,7 +407,9 @@ fn reload(current: &Config, path: Option<&std::path::Path>) -> Result<String, St
                     if new.$sec != current.$sec { restart_needed.push(stringify!($sec)); }
                 )*};
             }
-            check!(ingest, batch, central, breaker, spool, limits, ebpf, control);
+            check!(
+                ingest, batch, central, breaker, spool, limits, ebpf, control
+            );
             let msg = if restart_needed.is_empty() {
                 "configuration unchanged".to_string()
             } else {

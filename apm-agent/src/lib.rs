@@ -6,19 +6,19 @@
 //!                      monitor (eBPF)    control (status, metrics, signals)
 //! ```
 
+pub mod batch;
 pub mod breaker;
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod ingest;
 pub mod model;
 pub mod monitor;
 pub mod phpctl;
-pub mod spool;
-pub mod telemetry;
-pub mod batch;
-pub mod ingest;
-pub mod state;
-pub mod cli;
-pub mod control;
-pub mod daemon;
 pub mod pidfile;
 pub mod router;
+pub mod spool;
+pub mod state;
+pub mod telemetry;
 pub mod transport;

@@ -69,7 +69,11 @@ impl PhpControl {
     pub fn lower(&self, reason: KillReason) -> std::io::Result<()> {
         let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
         if r.remove(&reason) {
-            tracing::info!(reason = reason.as_str(), remaining = r.len(), "PHP kill switch reason cleared");
+            tracing::info!(
+                reason = reason.as_str(),
+                remaining = r.len(),
+                "PHP kill switch reason cleared"
+            );
             self.write_kill_switch(&r)?;
         }
         Ok(())
@@ -86,7 +90,11 @@ impl PhpControl {
 
     /// Sets the sample rate PHP reads (clamped to 0.0..=1.0).
     pub fn set_sample_rate(&self, rate: f64) -> std::io::Result<()> {
-        let rate = if rate.is_finite() { rate.clamp(0.0, 1.0) } else { 1.0 };
+        let rate = if rate.is_finite() {
+            rate.clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
         let mut cur = self.sample_rate.lock().unwrap_or_else(|e| e.into_inner());
         *cur = rate;
         write_atomic(&self.sample_rate_path(), format!("{rate:.4}\n").as_bytes())
@@ -134,12 +142,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("disabled"), "stale").unwrap();
         let c = PhpControl::new(dir.path()).unwrap();
-        assert!(!c.disabled_path().exists(), "a stale kill switch is cleared at start");
+        assert!(
+            !c.disabled_path().exists(),
+            "a stale kill switch is cleared at start"
+        );
         c.raise(KillReason::Paused).unwrap();
         c.raise(KillReason::SpoolHighWater).unwrap();
         c.lower(KillReason::Paused).unwrap();
         assert!(c.disabled_path().exists());
-        assert_eq!(std::fs::read_to_string(c.disabled_path()).unwrap(), "spool_high_water\n");
+        assert_eq!(
+            std::fs::read_to_string(c.disabled_path()).unwrap(),
+            "spool_high_water\n"
+        );
         c.lower(KillReason::SpoolHighWater).unwrap();
         assert!(!c.disabled_path().exists());
     }
@@ -148,9 +162,15 @@ mod tests {
     fn sample_rate_is_clamped_and_written() {
         let dir = tempfile::tempdir().unwrap();
         let c = PhpControl::new(dir.path()).unwrap();
-        assert_eq!(std::fs::read_to_string(c.sample_rate_path()).unwrap(), "1.0000\n");
+        assert_eq!(
+            std::fs::read_to_string(c.sample_rate_path()).unwrap(),
+            "1.0000\n"
+        );
         c.set_sample_rate(0.25).unwrap();
-        assert_eq!(std::fs::read_to_string(c.sample_rate_path()).unwrap(), "0.2500\n");
+        assert_eq!(
+            std::fs::read_to_string(c.sample_rate_path()).unwrap(),
+            "0.2500\n"
+        );
         c.set_sample_rate(7.0).unwrap();
         assert_eq!(c.sample_rate(), 1.0);
         c.set_sample_rate(f64::NAN).unwrap();

@@ -23,11 +23,17 @@ pub struct PidInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PidFileError {
-    #[error("ALREADY_RUNNING: an agent is already running with PID {pid} (PID file {path}); use `apm-agent stop` or `apm-agent restart`")]
+    #[error(
+        "ALREADY_RUNNING: an agent is already running with PID {pid} (PID file {path}); use `apm-agent stop` or `apm-agent restart`"
+    )]
     AlreadyRunning { pid: u32, path: PathBuf },
-    #[error("ALREADY_RUNNING: another agent holds the lock on {path} (its PID file is unreadable); use `apm-agent stop`")]
+    #[error(
+        "ALREADY_RUNNING: another agent holds the lock on {path} (its PID file is unreadable); use `apm-agent stop`"
+    )]
     LockedUnknown { path: PathBuf },
-    #[error("PERMISSION_DENIED: {path}: {source} (run as root or set control.pid_file to a writable path)")]
+    #[error(
+        "PERMISSION_DENIED: {path}: {source} (run as root or set control.pid_file to a writable path)"
+    )]
     PermissionDenied {
         path: PathBuf,
         source: std::io::Error,
@@ -101,8 +107,12 @@ impl PidFile {
             let _ = lock.read_to_string(&mut old);
             if !old.trim().is_empty() {
                 match serde_json::from_str::<PidInfo>(&old) {
-                    Ok(info) => tracing::warn!(path = %path.display(), stale_pid = info.pid, "stale PID file (that agent is not running): replaced"),
-                    Err(_) => tracing::warn!(path = %path.display(), "PID_FILE_CORRUPTED: unreadable PID file replaced"),
+                    Ok(info) => {
+                        tracing::warn!(path = %path.display(), stale_pid = info.pid, "stale PID file (that agent is not running): replaced")
+                    }
+                    Err(_) => {
+                        tracing::warn!(path = %path.display(), "PID_FILE_CORRUPTED: unreadable PID file replaced")
+                    }
                 }
             }
             let info = PidInfo {
@@ -116,7 +126,8 @@ impl PidFile {
             lock.rewind().map_err(|e| classify(path, e))?;
             let mut text = serde_json::to_string(&info).expect("serializable");
             text.push('\n');
-            lock.write_all(text.as_bytes()).map_err(|e| classify(path, e))?;
+            lock.write_all(text.as_bytes())
+                .map_err(|e| classify(path, e))?;
             lock.sync_all().map_err(|e| classify(path, e))?;
             return Ok(Self {
                 path: path.to_path_buf(),
@@ -127,6 +138,40 @@ impl PidFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The locked descriptor, to hand over across a re-exec (clear its CLOEXEC first).
+    pub fn raw_fd(&self) -> Option<i32> {
+        self.lock
+            .as_ref()
+            .map(|l| std::os::fd::AsRawFd::as_raw_fd(&**l))
+    }
+
+    /// Takes over the PID file a previous image of this same process held (re-exec): the lock
+    /// belongs to the inherited open file description, so re-locking it succeeds at once.
+    pub fn adopt(fd: i32, path: &Path) -> Result<Self, PidFileError> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the previous image passed this descriptor to us and nobody else uses it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| classify(path, e.into()))?;
+        nix::fcntl::fcntl(
+            &*lock,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(|e| classify(path, e.into()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            lock: Some(lock),
+        })
+    }
+
+    /// Forgets the file without removing it (the next image keeps it).
+    pub fn keep_for_exec(mut self) {
+        if let Some(l) = self.lock.take() {
+            // The descriptor must stay open across exec: leak it on purpose.
+            std::mem::forget(l);
+        }
     }
 }
 
@@ -194,7 +239,11 @@ mod tests {
     fn stale_and_corrupt_files_are_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("agent.pid");
-        std::fs::write(&p, r#"{"pid":999999,"startedAt":"x","version":"0","configPath":null}"#).unwrap();
+        std::fs::write(
+            &p,
+            r#"{"pid":999999,"startedAt":"x","version":"0","configPath":null}"#,
+        )
+        .unwrap();
         assert!(matches!(probe(&p).unwrap(), Probe::Stale(Some(i)) if i.pid == 999999));
         let held = PidFile::acquire(&p, Some(Path::new("/etc/a.toml"))).unwrap();
         let info: PidInfo = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();

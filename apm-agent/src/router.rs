@@ -94,9 +94,15 @@ impl Router {
                     None => input_open = false,
                 },
             }
-            if last_report.elapsed() > Duration::from_secs(30) && (retry.len() + pending.len()) > 0 {
+            if last_report.elapsed() > Duration::from_secs(30) && (retry.len() + pending.len()) > 0
+            {
                 last_report = Instant::now();
-                tracing::info!(waiting = retry.len() + pending.len(), in_flight = unsettled, held_bytes, "batches waiting for the central listener");
+                tracing::info!(
+                    waiting = retry.len() + pending.len(),
+                    in_flight = unsettled,
+                    held_bytes,
+                    "batches waiting for the central listener"
+                );
             }
         }
         // Deadline: collect everything we still own. Batches inside the transport come back as
@@ -115,7 +121,8 @@ impl Router {
                 }
                 Some(Outcome::Rejected { batch, .. }) => {
                     unsettled -= 1;
-                    self.telemetry.drop_profiles(DropReason::RejectedByCentral, batch.len() as u64);
+                    self.telemetry
+                        .drop_profiles(DropReason::RejectedByCentral, batch.len() as u64);
                 }
                 Some(_) => {}
                 None => break,

@@ -19,7 +19,9 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("state file {path} is corrupt ({content:?}); remove it only if you also reset the agent id")]
+    #[error(
+        "state file {path} is corrupt ({content:?}); remove it only if you also reset the agent id"
+    )]
     Corrupt { path: PathBuf, content: String },
 }
 
@@ -129,6 +131,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = load_or_create_agent_id(dir.path(), "").unwrap();
         assert_eq!(load_or_create_agent_id(dir.path(), "").unwrap(), a);
-        assert_eq!(load_or_create_agent_id(dir.path(), "fixed").unwrap(), "fixed");
+        assert_eq!(
+            load_or_create_agent_id(dir.path(), "fixed").unwrap(),
+            "fixed"
+        );
     }
 }

@@ -163,7 +163,10 @@ impl Telemetry {
     }
 
     pub fn rejected_total(&self) -> u64 {
-        RejectReason::ALL.into_iter().map(|r| self.rejected_of(r)).sum()
+        RejectReason::ALL
+            .into_iter()
+            .map(|r| self.rejected_of(r))
+            .sum()
     }
 
     pub fn dropped_of(&self, reason: DropReason) -> u64 {
@@ -171,7 +174,10 @@ impl Telemetry {
     }
 
     pub fn dropped_total(&self) -> u64 {
-        DropReason::ALL.into_iter().map(|r| self.dropped_of(r)).sum()
+        DropReason::ALL
+            .into_iter()
+            .map(|r| self.dropped_of(r))
+            .sum()
     }
 
     pub fn uptime_s(&self) -> u64 {
@@ -181,13 +187,21 @@ impl Telemetry {
     /// Registers every metric under the `apm_` prefix. Counters get `_total` from the client.
     pub fn register(&self, reg: &mut Registry) {
         let r = reg.sub_registry_with_prefix("apm");
-        r.register("received", "Valid profiles accepted at ingest", self.received.clone());
+        r.register(
+            "received",
+            "Valid profiles accepted at ingest",
+            self.received.clone(),
+        );
         r.register(
             "received_bytes",
             "Payload bytes of accepted profiles",
             self.received_bytes.clone(),
         );
-        r.register("rejected", "Inputs refused at ingest, by reason", self.rejected.clone());
+        r.register(
+            "rejected",
+            "Inputs refused at ingest, by reason",
+            self.rejected.clone(),
+        );
         r.register(
             "delivered",
             "Profiles acknowledged by the central listener",
@@ -198,13 +212,21 @@ impl Telemetry {
             "Batches acknowledged by the central listener",
             self.delivered_batches.clone(),
         );
-        r.register("dropped", "Profiles lost after receipt, by reason", self.dropped.clone());
+        r.register(
+            "dropped",
+            "Profiles lost after receipt, by reason",
+            self.dropped.clone(),
+        );
         r.register(
             "send_failures",
             "Batch sends that failed and were retried",
             self.send_failures.clone(),
         );
-        r.register("reconnects", "Connections made to the central listener", self.reconnects.clone());
+        r.register(
+            "reconnects",
+            "Connections made to the central listener",
+            self.reconnects.clone(),
+        );
         r.register(
             "in_flight_batches",
             "Batches sent and not yet acknowledged",
@@ -220,14 +242,26 @@ impl Telemetry {
             "Open connections on the stream socket",
             self.stream_connections.clone(),
         );
-        r.register("spooled_batches", "Batches in the disk spool", self.spooled_batches.clone());
-        r.register("spool_bytes", "Bytes in the disk spool", self.spool_bytes.clone());
+        r.register(
+            "spooled_batches",
+            "Batches in the disk spool",
+            self.spooled_batches.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Bytes in the disk spool",
+            self.spool_bytes.clone(),
+        );
         r.register(
             "breaker_state",
             "Circuit breaker: 0 closed, 1 open, 2 half-open",
             self.breaker_state.clone(),
         );
-        r.register("agent_rss_bytes", "The agent's resident memory", self.agent_rss_bytes.clone());
+        r.register(
+            "agent_rss_bytes",
+            "The agent's resident memory",
+            self.agent_rss_bytes.clone(),
+        );
         r.register(
             "dgram_queue_len",
             "Effective kernel queue length of the datagram socket",
@@ -252,6 +286,10 @@ pub fn self_rss_bytes() -> u64 {
     let page = 4096u64;
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .map_or(0, |pages| pages * page)
 }

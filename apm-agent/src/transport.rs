@@ -38,7 +38,11 @@ pub enum TransportError {
 #[derive(Debug)]
 pub enum Outcome {
     /// Stored by the listener.
-    Acked { seq: u64, profiles: usize, bytes: usize },
+    Acked {
+        seq: u64,
+        profiles: usize,
+        bytes: usize,
+    },
     /// Not acknowledged (connection lost, ack timeout, RETRY): back to the router.
     Returned { batch: Batch, reason: String },
     /// The listener will never store it.
@@ -55,7 +59,13 @@ pub fn is_retriable(code: tonic::Code) -> bool {
     use tonic::Code::*;
     matches!(
         code,
-        Unavailable | DeadlineExceeded | ResourceExhausted | Aborted | Internal | Unknown | Cancelled
+        Unavailable
+            | DeadlineExceeded
+            | ResourceExhausted
+            | Aborted
+            | Internal
+            | Unknown
+            | Cancelled
     )
 }
 
@@ -126,7 +136,9 @@ impl Transport {
             .map(|t| {
                 format!("Bearer {t}")
                     .parse::<MetadataValue<_>>()
-                    .map_err(|_| bad("the bearer token has characters not allowed in a header".into()))
+                    .map_err(|_| {
+                        bad("the bearer token has characters not allowed in a header".into())
+                    })
             })
             .transpose()?;
         Ok(Self {
@@ -169,8 +181,9 @@ impl Transport {
                 }
             };
             self.telemetry.reconnects.inc();
-            let (ended_cleanly, input_still_open) =
-                self.session(channel, &mut input, &outcomes, &stop, &mut backoff).await;
+            let (ended_cleanly, input_still_open) = self
+                .session(channel, &mut input, &outcomes, &stop, &mut backoff)
+                .await;
             input_open = input_still_open;
             if !ended_cleanly && input_open {
                 tokio::select! {
@@ -199,14 +212,15 @@ impl Transport {
         backoff: &mut Backoff,
     ) -> (bool, bool) {
         let token = self.token.clone();
-        let mut client = CollectorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-            if let Some(t) = &token {
-                req.metadata_mut().insert("authorization", t.clone());
-            }
-            Ok(req)
-        })
-        .max_decoding_message_size(16 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024);
+        let mut client =
+            CollectorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    req.metadata_mut().insert("authorization", t.clone());
+                }
+                Ok(req)
+            })
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
         match self.cfg.compression {
             Compression::Zstd => client = client.send_compressed(CompressionEncoding::Zstd),
             Compression::Gzip => client = client.send_compressed(CompressionEncoding::Gzip),

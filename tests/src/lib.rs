@@ -1,1 +1,6 @@
-//! Helpers for the integration tests: locating binaries, temp dirs, child-process guards.
+//! Helpers for the integration tests: locating the release binaries, child-process guards,
+//! a reference listener and an agent on a temporary directory, and the status document.
+
+pub mod common;
+pub mod ebpf;
+pub mod php;

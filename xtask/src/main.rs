@@ -1,1 +1,179 @@
-fn main() {}
+//! Project tasks. `cargo xtask run` and `cargo xtask test` are the two commands a newcomer needs:
+//! both install what is missing first (idempotently, saying what they install).
+
+mod bench;
+mod demo;
+mod ebpf;
+mod live;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Bitville APM project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (idempotent).
+    Setup {
+        /// Only the eBPF toolchain (rust-src, bpf-linker) and tracefs.
+        #[arg(long)]
+        ebpf_only: bool,
+    },
+    /// Build the eBPF object that the agent embeds.
+    BuildEbpf,
+    /// Build everything (eBPF object + release binaries).
+    Build,
+    /// The demo: listener + agent (+ PHP-FPM when available) with live figures until Ctrl-C.
+    Run(live::RunArgs),
+    /// Every test: formatting, lints, unit, integration and privileged tests.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+    /// Benchmarks (not tests): prints tables and writes docs/BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    match cli.cmd {
+        Cmd::Setup { ebpf_only } => {
+            setup::ebpf()?;
+            if !ebpf_only {
+                setup::packages(setup::ALL_PACKAGES)?;
+            }
+            Ok(())
+        }
+        Cmd::BuildEbpf => {
+            setup::ebpf()?;
+            build_ebpf(&root).map(|_| ())
+        }
+        Cmd::Build => {
+            setup::ebpf()?;
+            build_all(&root)
+        }
+        Cmd::Run(args) => {
+            setup::ebpf()?;
+            setup::packages(setup::DEMO_PACKAGES)?;
+            build_all(&root)?;
+            live::run(&root, args)
+        }
+        Cmd::Test { no_lint, rest } => test(&root, no_lint, &rest),
+        Cmd::Bench(args) => {
+            setup::ebpf()?;
+            setup::packages(setup::ALL_PACKAGES)?;
+            build_all(&root)?;
+            bench::run(&root, args)
+        }
+    }
+}
+
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// Runs a command, echoing it, failing with its exit status.
+pub fn run_cmd(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", show(cmd));
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", show(cmd)))?;
+    if !st.success() {
+        bail!("`{}` failed ({st})", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn build_ebpf(root: &Path) -> Result<PathBuf> {
+    let obj = ebpf::build(root)?;
+    eprintln!("eBPF object: {}", obj.display());
+    Ok(obj)
+}
+
+fn build_all(root: &Path) -> Result<()> {
+    let obj = build_ebpf(root)?;
+    run_cmd(
+        cargo()
+            .current_dir(root)
+            .env("APM_EBPF_OBJECT", &obj)
+            .args(["build", "--release", "--workspace", "--bins"]),
+    )
+}
+
+fn test(root: &Path, no_lint: bool, rest: &[String]) -> Result<()> {
+    setup::ebpf()?;
+    setup::packages(setup::ALL_PACKAGES)?;
+    let obj = build_ebpf(root)?;
+    if !no_lint {
+        run_cmd(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
+        run_cmd(
+            cargo()
+                .current_dir(root)
+                .env("APM_EBPF_OBJECT", &obj)
+                .args([
+                    "clippy",
+                    "--release",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
+        )?;
+        setup::ebpf_clippy(root)?;
+    }
+    // Integration tests start the release binaries; build them first.
+    run_cmd(
+        cargo()
+            .current_dir(root)
+            .env("APM_EBPF_OBJECT", &obj)
+            .args(["build", "--release", "--workspace", "--bins"]),
+    )?;
+    let mut t = cargo();
+    t.current_dir(root).env("APM_EBPF_OBJECT", &obj).args([
+        "test",
+        "--release",
+        "--workspace",
+        "--no-fail-fast",
+    ]);
+    if !rest.is_empty() {
+        t.arg("--").args(rest);
+    }
+    run_cmd(&mut t)
+}

@@ -172,7 +172,12 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixDatagram;
 
-    fn pair() -> (tempfile::TempDir, UnixDatagram, UnixDatagram, std::path::PathBuf) {
+    fn pair() -> (
+        tempfile::TempDir,
+        UnixDatagram,
+        UnixDatagram,
+        std::path::PathBuf,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.sock");
         let r = UnixDatagram::bind(&p).unwrap();
@@ -199,7 +204,11 @@ mod tests {
         assert_eq!(out.profiles[0].uid, nix::unistd::getuid().as_raw());
         assert_eq!(
             out.rejected,
-            vec![RejectReason::NotObject, RejectReason::Empty, RejectReason::Oversize]
+            vec![
+                RejectReason::NotObject,
+                RejectReason::Empty,
+                RejectReason::Oversize
+            ]
         );
         let e = rx.recv(r.as_raw_fd(), 5).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);

@@ -34,9 +34,13 @@ pub enum IngestError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} exists and is not a socket: refusing to remove it (move it away or change ingest.socket)")]
+    #[error(
+        "{0} exists and is not a socket: refusing to remove it (move it away or change ingest.socket)"
+    )]
     NotASocket(PathBuf),
-    #[error("{0} is in use by a running process (another agent?): stop it first or use another path")]
+    #[error(
+        "{0} is in use by a running process (another agent?): stop it first or use another path"
+    )]
     InUse(PathBuf),
     #[error("group `{0}` (ingest.socket_group) does not exist")]
     UnknownGroup(String),
@@ -49,6 +53,47 @@ impl IngestError {
             path: path.to_path_buf(),
             source,
         }
+    }
+}
+
+/// How ingest stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopKind {
+    /// A final stop: `shutdown(SHUT_RD)` the datagram socket (senders get EPIPE from then on,
+    /// which the kernel side counts) and drain every datagram the kernel had accepted.
+    Final,
+    /// A restart by re-exec: stop reading and hand the sockets back; what is queued stays in
+    /// the kernel for the next process.
+    Handover,
+    /// The socket outlives us elsewhere (systemd's fd store): drain what is queued without
+    /// shutting the socket, which the next instance keeps using.
+    KeepSocket,
+}
+
+/// The stop request every ingest task observes.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal {
+    token: CancellationToken,
+    kind: Arc<std::sync::OnceLock<StopKind>>,
+}
+
+impl StopSignal {
+    pub fn stop(&self, kind: StopKind) {
+        let _ = self.kind.set(kind);
+        self.token.cancel();
+    }
+
+    pub fn kind(&self) -> StopKind {
+        *self.kind.get().unwrap_or(&StopKind::Final)
+    }
+
+    pub async fn stopped(&self) -> StopKind {
+        self.token.cancelled().await;
+        self.kind()
+    }
+
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
     }
 }
 
@@ -75,6 +120,35 @@ impl Sockets {
             queue_len: d.queue_len,
         })
     }
+
+    /// Takes over sockets a previous process handed down (re-exec or systemd's fd store).
+    pub fn adopt(
+        dgram: i32,
+        stream: i32,
+        queue_len: u32,
+        cfg: &IngestConfig,
+    ) -> Result<Self, IngestError> {
+        let d = socket::adopt_fd(dgram, &cfg.socket)?;
+        let s = socket::adopt_fd(stream, &cfg.stream_socket)?;
+        let dgram = std::os::unix::net::UnixDatagram::from(d);
+        let stream = std::os::unix::net::UnixListener::from(s);
+        for (fd, p) in [
+            (dgram.as_raw_fd(), &cfg.socket),
+            (stream.as_raw_fd(), &cfg.stream_socket),
+        ] {
+            nix::fcntl::fcntl(
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .map_err(|e| IngestError::io("set nonblocking", p, e.into()))?;
+        }
+        tracing::info!(socket = %cfg.socket.display(), queue_len, "ingest sockets inherited: no datagram was dropped across the restart");
+        Ok(Self {
+            dgram,
+            stream,
+            queue_len,
+        })
+    }
 }
 
 pub struct Ingest {
@@ -85,10 +159,17 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Runs both receivers until `shutdown`, then drains: the datagram socket is shut for reading
-    /// (senders get EPIPE from then on) and every datagram the kernel had accepted is read.
-    pub async fn run(self, out: ProfileSink, shutdown: CancellationToken) -> Result<(), IngestError> {
-        self.telemetry.dgram_queue_len.set(self.sockets.queue_len as i64);
+    /// Runs both receivers until `stop`, then stops as it says (see [`StopKind`]). On a handover
+    /// the sockets are given back for the next process.
+    pub async fn run(
+        self,
+        out: ProfileSink,
+        stop: StopSignal,
+    ) -> Result<Option<Sockets>, IngestError> {
+        let queue_len = self.sockets.queue_len;
+        self.telemetry
+            .dgram_queue_len
+            .set(self.sockets.queue_len as i64);
         let dgram = tokio::net::UnixDatagram::from_std(self.sockets.dgram)
             .map_err(|e| IngestError::io("register", &self.cfg.socket, e))?;
         let listener = tokio::net::UnixListener::from_std(self.sockets.stream)
@@ -102,17 +183,38 @@ impl Ingest {
                 rss: self.rss.clone(),
             },
             out.clone(),
-            shutdown.clone(),
+            stop.clone(),
         ));
-        let s = tokio::spawn(run_stream(listener, self.cfg.clone(), self.telemetry.clone(), self.rss.clone(), out, shutdown));
+        let s = tokio::spawn(run_stream(
+            listener,
+            self.cfg.clone(),
+            self.telemetry.clone(),
+            self.rss.clone(),
+            out,
+            stop.clone(),
+        ));
         let (a, b) = tokio::join!(d, s);
-        if let Err(e) = a {
-            tracing::error!(error = %e, "datagram receiver task failed");
+        let (a, b) = match (a, b) {
+            (Ok(a), Ok(b)) => (a, b),
+            (a, b) => {
+                tracing::error!(dgram = ?a.err(), stream = ?b.err(), "ingest task failed");
+                return Ok(None);
+            }
+        };
+        if stop.kind() != StopKind::Handover {
+            return Ok(None);
         }
-        if let Err(e) = b {
-            tracing::error!(error = %e, "stream receiver task failed");
+        match (a.map(|s| s.into_std()), b.map(|l| l.into_std())) {
+            (Some(Ok(dgram)), Some(Ok(stream))) => Ok(Some(Sockets {
+                dgram,
+                stream,
+                queue_len,
+            })),
+            _ => {
+                tracing::error!("cannot hand the ingest sockets over");
+                Ok(None)
+            }
         }
-        Ok(())
     }
 }
 
@@ -123,12 +225,13 @@ struct DgramParams {
     rss: Option<RssLookup>,
 }
 
+/// Receives until stopped; returns the socket on a handover.
 async fn run_dgram(
     sock: tokio::net::UnixDatagram,
     p: DgramParams,
     out: ProfileSink,
-    shutdown: CancellationToken,
-) {
+    stop: StopSignal,
+) -> Option<tokio::net::UnixDatagram> {
     let mut rx = dgram::DgramReceiver::new(p.batch, p.max_payload);
     let fd = sock.as_raw_fd();
     let mut draining = false;
@@ -136,13 +239,22 @@ async fn run_dgram(
         if !draining {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => {
-                    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+                kind = stop.stopped() => {
+                    match kind {
+                        StopKind::Handover => {
+                            tracing::info!("datagram socket handed over; queued datagrams wait in the kernel");
+                            return Some(sock);
+                        }
+                        StopKind::Final => {
+                            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+                            tracing::info!("datagram socket shut for reading; draining the kernel queue");
+                        }
+                        StopKind::KeepSocket => tracing::info!("draining the kernel queue; the socket stays open in the fd store"),
+                    }
                     draining = true;
-                    tracing::info!("datagram socket shut for reading; draining the kernel queue");
                     continue;
                 }
-                r = sock.readable() => if r.is_err() { return },
+                r = sock.readable() => if r.is_err() { return None },
             }
         }
         let res = if draining {
@@ -167,23 +279,25 @@ async fn run_dgram(
                     let bytes: u64 = profiles.iter().map(|x| x.payload.len() as u64).sum();
                     if out.send(profiles).await.is_err() {
                         tracing::error!("batcher gone: stopping datagram receive");
-                        return;
+                        return None;
                     }
                     p.telemetry
                         .received
-                        .get_or_create(&SocketLabels { socket: Socket::Dgram })
+                        .get_or_create(&SocketLabels {
+                            socket: Socket::Dgram,
+                        })
                         .inc_by(n);
                     p.telemetry.received_bytes.inc_by(bytes);
                 }
                 if eof {
                     tracing::info!("datagram queue drained");
-                    return;
+                    return None;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if draining {
                     tracing::info!("datagram queue drained");
-                    return;
+                    return None;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -201,8 +315,9 @@ async fn run_stream(
     telemetry: Arc<Telemetry>,
     rss: Option<RssLookup>,
     out: ProfileSink,
-    shutdown: CancellationToken,
-) {
+    stop: StopSignal,
+) -> Option<tokio::net::UnixListener> {
+    let shutdown = stop.token();
     let permits = Arc::new(Semaphore::new(cfg.max_stream_connections));
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -241,4 +356,5 @@ async fn run_stream(
     }
     // Connections already accepted drain what they hold (Conn::serve sees the cancellation).
     while conns.join_next().await.is_some() {}
+    (stop.kind() == StopKind::Handover).then_some(listener)
 }

@@ -27,7 +27,9 @@ pub fn remove_stale(path: &Path, dgram: bool) -> Result<(), IngestError> {
         return Err(IngestError::NotASocket(path.to_path_buf()));
     }
     let alive = if dgram {
-        UnixDatagram::unbound().and_then(|s| s.connect(path)).is_ok()
+        UnixDatagram::unbound()
+            .and_then(|s| s.connect(path))
+            .is_ok()
     } else {
         UnixStream::connect(path).is_ok()
     };
@@ -134,7 +136,11 @@ pub fn bind_dgram(
 }
 
 /// Binds the stream socket (listen backlog 1024, nonblocking).
-pub fn bind_stream(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, IngestError> {
+pub fn bind_stream(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<UnixListener, IngestError> {
     prepare_parent(path)?;
     remove_stale(path, false)?;
     let l = UnixListener::bind(path).map_err(|e| IngestError::io("bind", path, e))?;
@@ -148,8 +154,11 @@ pub fn bind_stream(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixLi
 pub fn adopt_fd(fd: i32, path: &Path) -> Result<OwnedFd, IngestError> {
     // SAFETY: the caller passes a descriptor it inherited and owns from now on.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-        .map_err(|e| IngestError::io("adopt inherited socket", path, e.into()))?;
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| IngestError::io("adopt inherited socket", path, e.into()))?;
     Ok(owned)
 }
 
@@ -211,6 +220,9 @@ mod tests {
             assert!(sent < 100_000);
         }
         // The kernel admits one datagram beyond the limit (queue len > max is "full").
-        assert!(sent >= want as usize && sent <= want as usize + 1, "sent {sent}, want {want}");
+        assert!(
+            sent >= want as usize && sent <= want as usize + 1,
+            "sent {sent}, want {want}"
+        );
     }
 }

@@ -87,7 +87,12 @@ impl Conn {
                     Frame::Empty => self.telemetry.reject(RejectReason::Empty),
                     Frame::Oversize(len) => {
                         self.telemetry.reject(RejectReason::Oversize);
-                        tracing::warn!(pid, len, max = self.max_payload, "stream frame over max_payload_bytes: closing connection");
+                        tracing::warn!(
+                            pid,
+                            len,
+                            max = self.max_payload,
+                            "stream frame over max_payload_bytes: closing connection"
+                        );
                         let _ = send(&out, batch, &self.telemetry).await;
                         return;
                     }
@@ -170,9 +175,15 @@ mod tests {
     #[test]
     fn parses_frames_and_waits_for_more() {
         let mut b = framed(&[b"{\"a\":1}", b"", b"{}"]);
-        assert_eq!(next_frame(&mut b, 100), Frame::Payload(bytes::Bytes::from_static(b"{\"a\":1}")));
+        assert_eq!(
+            next_frame(&mut b, 100),
+            Frame::Payload(bytes::Bytes::from_static(b"{\"a\":1}"))
+        );
         assert_eq!(next_frame(&mut b, 100), Frame::Empty);
-        assert_eq!(next_frame(&mut b, 100), Frame::Payload(bytes::Bytes::from_static(b"{}")));
+        assert_eq!(
+            next_frame(&mut b, 100),
+            Frame::Payload(bytes::Bytes::from_static(b"{}"))
+        );
         assert_eq!(next_frame(&mut b, 100), Frame::Incomplete);
         let mut half = framed(&[b"{\"abc\":1}"]);
         half.truncate(7);

@@ -70,9 +70,15 @@ mod tests {
 
     #[test]
     fn accepts_objects() {
-        assert_eq!(validate_profile(br#"{"a":1,"b":[1,{"c":null}]}"#, 1024), Ok(()));
+        assert_eq!(
+            validate_profile(br#"{"a":1,"b":[1,{"c":null}]}"#, 1024),
+            Ok(())
+        );
         assert_eq!(validate_profile(b"  {}\n", 1024), Ok(()));
-        assert_eq!(validate_profile("{\"uri\":\"/caf\u{e9}\"}".as_bytes(), 1024), Ok(()));
+        assert_eq!(
+            validate_profile("{\"uri\":\"/caf\u{e9}\"}".as_bytes(), 1024),
+            Ok(())
+        );
     }
 
     #[test]
@@ -87,7 +93,10 @@ mod tests {
         assert_eq!(validate_profile(b"{} {}", 1024), Err(InvalidJson));
         assert_eq!(validate_profile(b"{\"a\":1} x", 1024), Err(InvalidJson));
         assert_eq!(validate_profile(b"not json", 1024), Err(InvalidJson));
-        assert_eq!(validate_profile(b"{\"a\":\"\xff\"}", 1024), Err(InvalidUtf8));
+        assert_eq!(
+            validate_profile(b"{\"a\":\"\xff\"}", 1024),
+            Err(InvalidUtf8)
+        );
         assert_eq!(validate_profile(&[b' '; 2000], 1024), Err(Oversize));
     }
 }

@@ -1,1 +1,1076 @@
-//! The disk spool: segment files of checksummed records.
+//! The disk spool: segment files of checksummed records, one record per batch.
+//!
+//! Synchronous `std::fs` code: the owner calls it from one blocking thread (or
+//! `spawn_blocking`). The on-disk format, the recovery rules and the guarantees are in
+//! `docs/spool.md`; in short:
+//!
+//! * [`Spool::append`] writes a batch as one record at the end of the active segment (one
+//!   `pwrite`), fsynced per `spool.fsync`. A full spool drops whole oldest segments
+//!   (`drop_oldest`) or refuses the batch (`drop_newest`); either way [`Appended::dropped`] says
+//!   how many batches and profiles went.
+//! * [`Spool::take_next`] hands out unacked records oldest first, each at most once until it is
+//!   [`Spool::ack`]ed (gone for good, also after a restart) or [`Spool::requeue`]d (handed out
+//!   again, oldest first).
+//! * [`Spool::open`] recovers: torn tails are truncated, corrupt records skipped and counted,
+//!   foreign files moved to `quarantine/`, acked records not replayed.
+
+mod acklog;
+pub mod bench;
+mod format;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use nix::fcntl::{Flock, FlockArg};
+use tracing::{error, info, warn};
+
+use crate::config::{FsyncPolicy, SpoolConfig, SpoolFull};
+use crate::model::Batch;
+use acklog::AckLog;
+use format::{RECORD_HEADER_LEN, ReadAt, SEGMENT_HEADER_LEN};
+
+/// Where foreign files found in the spool dir are moved.
+pub const QUARANTINE_DIR: &str = "quarantine";
+const LOCK_FILE: &str = "spool.lock";
+/// The ack log is rewritten once it holds this many more entries than live acks (and twice).
+const ACK_LOG_COMPACT_SLACK: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool: cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("spool: disk full while trying to {op} {path}; free space or lower spool.max_bytes")]
+    DiskFull { op: &'static str, path: PathBuf },
+    #[error(
+        "spool dir {dir} is locked by another process (is another apm-agent running with the same spool.dir?)"
+    )]
+    Locked { dir: PathBuf },
+    #[error(
+        "spool.max_bytes is {configured} bytes but the volume of spool.dir {dir} has only {free} bytes free (plus {used} already spooled); lower spool.max_bytes or free space"
+    )]
+    InsufficientSpace {
+        dir: PathBuf,
+        configured: u64,
+        free: u64,
+        used: u64,
+    },
+    #[error("spool: a record of {size} bytes cannot fit in spool.max_bytes = {max}")]
+    RecordTooLarge { size: u64, max: u64 },
+}
+
+impl SpoolError {
+    fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
+        move |source| {
+            if source.raw_os_error() == Some(libc::ENOSPC)
+                || source.raw_os_error() == Some(libc::EDQUOT)
+            {
+                SpoolError::DiskFull {
+                    op,
+                    path: path.to_path_buf(),
+                }
+            } else {
+                SpoolError::Io {
+                    op,
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        }
+    }
+
+    /// True for errors a later retry may not hit (disk full): the caller should drop per policy.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, SpoolError::DiskFull { .. })
+    }
+}
+
+/// A record's address: its segment and byte offset. Ordered like the appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordId {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", segment_name(self.segment), self.offset)
+    }
+}
+
+/// Batches and profiles that left the spool undelivered (count them as `DropReason::SpoolFull`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub batches: u64,
+    pub profiles: u64,
+}
+
+impl std::ops::AddAssign for Dropped {
+    fn add_assign(&mut self, o: Self) {
+        self.batches += o.batches;
+        self.profiles += o.profiles;
+    }
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The new record; `None` when `drop_newest` refused the batch (it is in `dropped`).
+    pub id: Option<RecordId>,
+    /// Bytes the record takes on disk (header included); 0 when refused.
+    pub bytes: u64,
+    /// What was dropped to make room (drop_oldest) or refused (drop_newest).
+    pub dropped: Dropped,
+}
+
+/// A record handed out for sending.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpooledBatch {
+    pub id: RecordId,
+    pub batch: Batch,
+    /// Bytes on disk, header included.
+    pub bytes: u64,
+}
+
+/// The spool's figures. Gauges describe the spool now; counters count since [`Spool::open`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Unacked batches on disk (pending and in flight).
+    pub batches: u64,
+    /// Profiles in those batches.
+    pub profiles: u64,
+    /// Bytes of all segment files (acked records in live segments included).
+    pub bytes: u64,
+    pub segments: u64,
+    /// Handed out by `take_next`/`append_taken`, not yet acked or requeued.
+    pub in_flight: u64,
+    /// Batches `take_next` still has to hand out.
+    pub pending: u64,
+    pub dropped_batches: u64,
+    pub dropped_profiles: u64,
+    /// Records skipped because their checksum (or body) was bad.
+    pub corrupt_records: u64,
+    /// Bytes cut off torn tails (segments and ack log).
+    pub torn_bytes: u64,
+    /// Files moved to `quarantine/`.
+    pub quarantined: u64,
+    /// Ack log entries with a bad checksum (those records may be replayed once).
+    pub bad_ack_entries: u64,
+    pub fsync_errors: u64,
+}
+
+#[derive(Debug)]
+struct Segment {
+    size: u64,
+    sealed: bool,
+    unacked_records: u64,
+    unacked_profiles: u64,
+    /// Offsets of acked records (cleared when the segment goes).
+    acked: BTreeSet<u64>,
+    /// Corrupt ranges to step over: start -> end.
+    holes: BTreeMap<u64, u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    profiles: u32,
+    /// Its segment was dropped while it was out: an ack still counts it delivered, a requeue
+    /// counts it dropped.
+    orphan: bool,
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    cfg: SpoolConfig,
+    _lock: Flock<File>,
+    segments: BTreeMap<u64, Segment>,
+    next_segment_id: u64,
+    /// The active (unsealed) segment and its file.
+    writer: Option<(u64, File)>,
+    reader: Option<(u64, File)>,
+    acklog: AckLog,
+    /// Next position `take_next` reads from disk; everything before it was handed out.
+    cursor: RecordId,
+    in_flight: BTreeMap<RecordId, InFlight>,
+    /// Requeued records behind the cursor, handed out again first.
+    requeued: BTreeSet<RecordId>,
+    bytes: u64,
+    stats: SpoolStats,
+    dirty: bool,
+    last_sync: Instant,
+    body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.dir)
+            .field("segments", &self.segments.len())
+            .field("cursor", &self.cursor)
+            .field("in_flight", &self.in_flight.len())
+            .finish()
+    }
+}
+
+pub fn segment_name(id: u64) -> String {
+    format!("seg-{id:020}.spool")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("seg-")?.strip_suffix(".spool")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `data` to `path` atomically and durably: temp file in the same directory, fsync,
+/// rename, fsync of the directory.
+pub fn write_atomic_durable(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+impl Spool {
+    /// Opens (creating if needed) and recovers the spool in `cfg.dir`. Errors: the dir cannot be
+    /// created or read, another process holds it, or `max_bytes` exceeds the free space of its
+    /// volume ([`SpoolError::InsufficientSpace`]: a config error, exit 78).
+    pub fn open(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
+        let dir = cfg.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(SpoolError::io("create", &dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(SpoolError::io("create", &lock_path))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            if e == nix::errno::Errno::EWOULDBLOCK {
+                SpoolError::Locked { dir: dir.clone() }
+            } else {
+                SpoolError::io("lock", &lock_path)(e.into())
+            }
+        })?;
+        let (acklog, loaded) = AckLog::open(&dir).map_err(SpoolError::io("open", &dir))?;
+
+        let mut spool = Spool {
+            dir: dir.clone(),
+            cfg: cfg.clone(),
+            _lock: lock,
+            segments: BTreeMap::new(),
+            next_segment_id: 1,
+            writer: None,
+            reader: None,
+            acklog,
+            cursor: RecordId {
+                segment: 0,
+                offset: SEGMENT_HEADER_LEN,
+            },
+            in_flight: BTreeMap::new(),
+            requeued: BTreeSet::new(),
+            bytes: 0,
+            stats: SpoolStats {
+                bad_ack_entries: loaded.bad_entries,
+                torn_bytes: loaded.torn_bytes,
+                ..SpoolStats::default()
+            },
+            dirty: false,
+            last_sync: Instant::now(),
+            body: Vec::new(),
+        };
+        if loaded.bad_entries > 0 {
+            warn!(dir = %dir.display(), entries = loaded.bad_entries,
+                "corrupt spool ack log entries skipped; their records may be replayed once");
+        }
+        let mut acked_by_segment: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+        let mut max_id = 0;
+        for id in loaded.acked {
+            max_id = max_id.max(id.segment);
+            acked_by_segment
+                .entry(id.segment)
+                .or_default()
+                .insert(id.offset);
+        }
+
+        let mut found = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(SpoolError::io("read", &dir))?;
+        for entry in entries {
+            let entry = entry.map_err(SpoolError::io("read", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str().map(str::to_owned) else {
+                spool.quarantine(&entry.path(), "name is not UTF-8");
+                continue;
+            };
+            if name == LOCK_FILE || name == acklog::ACK_LOG || name == QUARANTINE_DIR {
+                continue;
+            }
+            if name.starts_with('.') && name.contains(".tmp.") {
+                // A temp file of an atomic write that crashed before its rename.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            match parse_segment_name(&name) {
+                Some(id) if entry.file_type().is_ok_and(|t| t.is_file()) => {
+                    max_id = max_id.max(id);
+                    found.push(id);
+                }
+                _ => spool.quarantine(&entry.path(), "not a spool file"),
+            }
+        }
+        found.sort_unstable();
+        for id in found {
+            let acked = acked_by_segment.remove(&id).unwrap_or_default();
+            spool.recover_segment(id, acked)?;
+        }
+        spool.next_segment_id = max_id + 1;
+        spool.cursor.segment = spool.segments.keys().next().copied().unwrap_or(max_id + 1);
+        spool.bytes = spool.segments.values().map(|s| s.size).sum();
+
+        let vfs = nix::sys::statvfs::statvfs(&dir).map_err(|e| SpoolError::Io {
+            op: "statvfs",
+            path: dir.clone(),
+            source: e.into(),
+        })?;
+        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
+        if cfg.max_bytes > free.saturating_add(spool.bytes) {
+            return Err(SpoolError::InsufficientSpace {
+                dir,
+                configured: cfg.max_bytes,
+                free,
+                used: spool.bytes,
+            });
+        }
+        spool.maybe_compact_ack_log();
+        if let Err(e) = sync_dir(&dir) {
+            warn!(dir = %dir.display(), error = %e, "cannot fsync spool dir");
+        }
+        let s = spool.stats();
+        info!(dir = %dir.display(), batches = s.batches, profiles = s.profiles, bytes = s.bytes,
+            segments = s.segments, corrupt = s.corrupt_records, quarantined = s.quarantined,
+            "spool opened");
+        Ok(spool)
+    }
+
+    fn seg_path(&self, id: u64) -> PathBuf {
+        self.dir.join(segment_name(id))
+    }
+
+    fn quarantine(&mut self, path: &Path, reason: &str) {
+        let qdir = self.dir.join(QUARANTINE_DIR);
+        let name = path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        let mut target = qdir.join(&name);
+        let mut n = 1;
+        while target.exists() {
+            let mut alt = name.clone();
+            alt.push(format!(".{n}"));
+            target = qdir.join(alt);
+            n += 1;
+        }
+        match std::fs::create_dir_all(&qdir).and_then(|()| std::fs::rename(path, &target)) {
+            Ok(()) => {
+                self.stats.quarantined += 1;
+                warn!(path = %path.display(), to = %target.display(), reason,
+                    "foreign file in the spool dir moved to quarantine");
+            }
+            Err(e) => warn!(path = %path.display(), error = %e, reason,
+                "foreign file in the spool dir could not be quarantined; ignored"),
+        }
+    }
+
+    /// Validates one segment at open: header, every record's checksum; truncates a torn tail,
+    /// records corrupt ranges as holes, deletes it when nothing in it is left to deliver.
+    fn recover_segment(&mut self, id: u64, acked: BTreeSet<u64>) -> Result<(), SpoolError> {
+        let path = self.seg_path(id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(SpoolError::io("open", &path))?;
+        let len = file
+            .metadata()
+            .map_err(SpoolError::io("stat", &path))?
+            .len();
+        let expect = format::segment_header(id);
+        let head_len = len.min(SEGMENT_HEADER_LEN) as usize;
+        let mut head = vec![0u8; head_len];
+        file.read_exact_at(&mut head, 0)
+            .map_err(SpoolError::io("read", &path))?;
+        if head[..] != expect[..head_len] {
+            drop(file);
+            self.quarantine(&path, "bad segment header");
+            return Ok(());
+        }
+        if len < SEGMENT_HEADER_LEN {
+            // Created, then crashed before its header was complete: nothing in it.
+            self.stats.torn_bytes += len;
+            info!(path = %path.display(), bytes = len, "empty spool segment removed");
+            return self.remove_file(&path);
+        }
+        let mut seg = Segment {
+            size: len,
+            sealed: true,
+            unacked_records: 0,
+            unacked_profiles: 0,
+            acked: BTreeSet::new(),
+            holes: BTreeMap::new(),
+        };
+        let mut records = 0u64;
+        let mut off = SEGMENT_HEADER_LEN;
+        while off < len {
+            let read = format::read_record_at(&file, off, len, &mut self.body)
+                .map_err(SpoolError::io("read", &path))?;
+            match read {
+                ReadAt::Record(h) => {
+                    records += 1;
+                    if acked.contains(&off) {
+                        seg.acked.insert(off);
+                    } else {
+                        seg.unacked_records += 1;
+                        seg.unacked_profiles += u64::from(h.profiles);
+                    }
+                    off += h.total_len();
+                }
+                bad => {
+                    let next = format::find_next_valid(&file, off, len, &mut self.body)
+                        .map_err(SpoolError::io("read", &path))?;
+                    if let Some(next) = next {
+                        self.stats.corrupt_records += 1;
+                        warn!(path = %path.display(), offset = off, skipped_bytes = next - off,
+                            "corrupt spool record skipped");
+                        seg.holes.insert(off, next);
+                        off = next;
+                        continue;
+                    }
+                    if bad == ReadAt::Bad {
+                        self.stats.corrupt_records += 1;
+                        warn!(path = %path.display(), offset = off, bytes = len - off,
+                            "corrupt record at the end of a spool segment truncated");
+                    } else {
+                        self.stats.torn_bytes += len - off;
+                        warn!(path = %path.display(), offset = off, bytes = len - off,
+                            "torn spool segment tail truncated");
+                    }
+                    file.set_len(off)
+                        .and_then(|()| file.sync_all())
+                        .map_err(SpoolError::io("truncate", &path))?;
+                    seg.size = off;
+                    break;
+                }
+            }
+        }
+        drop(file);
+        if seg.unacked_records == 0 {
+            if records > 0 || !seg.holes.is_empty() {
+                info!(path = %path.display(), records, "spool segment fully acked or empty: removed");
+            }
+            return self.remove_file(&path);
+        }
+        self.segments.insert(id, seg);
+        Ok(())
+    }
+
+    fn remove_file(&mut self, path: &Path) -> Result<(), SpoolError> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SpoolError::io("remove", path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn sync_dir_per_policy(&mut self) {
+        if self.cfg.fsync != FsyncPolicy::Never
+            && let Err(e) = sync_dir(&self.dir)
+        {
+            self.stats.fsync_errors += 1;
+            warn!(dir = %self.dir.display(), error = %e, "cannot fsync spool dir");
+        }
+    }
+
+    /// Appends a batch for later replay by [`Self::take_next`].
+    pub fn append(&mut self, batch: &Batch) -> Result<Appended, SpoolError> {
+        self.append_inner(batch, false)
+    }
+
+    /// Appends a batch that the caller sends right away itself (write-ahead, `mode = always`):
+    /// the record starts in flight, so `take_next` does not hand it out; the caller must
+    /// [`Self::ack`] or [`Self::requeue`] it.
+    pub fn append_taken(&mut self, batch: &Batch) -> Result<Appended, SpoolError> {
+        self.append_inner(batch, true)
+    }
+
+    fn append_inner(&mut self, batch: &Batch, taken: bool) -> Result<Appended, SpoolError> {
+        let profiles = batch.len() as u32;
+        let body = batch.encode_record();
+        let size = RECORD_HEADER_LEN + body.len() as u64;
+        if body.len() as u64 > u64::from(format::MAX_RECORD_BODY)
+            || size + 2 * SEGMENT_HEADER_LEN > self.cfg.max_bytes
+        {
+            return Err(SpoolError::RecordTooLarge {
+                size,
+                max: self.cfg.max_bytes,
+            });
+        }
+        let mut dropped = Dropped::default();
+        if self.bytes + size + SEGMENT_HEADER_LEN > self.cfg.max_bytes {
+            match self.cfg.on_full {
+                SpoolFull::DropNewest => {
+                    let d = Dropped {
+                        batches: 1,
+                        profiles: u64::from(profiles),
+                    };
+                    self.count_dropped(d);
+                    return Ok(Appended {
+                        id: None,
+                        bytes: 0,
+                        dropped: d,
+                    });
+                }
+                SpoolFull::DropOldest => {
+                    while self.bytes + size + SEGMENT_HEADER_LEN > self.cfg.max_bytes {
+                        dropped += self.drop_oldest_segment()?;
+                    }
+                }
+            }
+        }
+        let rotate = match &self.writer {
+            None => true,
+            Some((id, _)) => {
+                let seg = &self.segments[id];
+                seg.size + size > self.cfg.segment_bytes && seg.size > SEGMENT_HEADER_LEN
+            }
+        };
+        if rotate {
+            self.seal_active();
+            self.create_segment()?;
+        }
+        let (id, file) = self.writer.as_ref().expect("active segment");
+        let id = *id;
+        let seg = self
+            .segments
+            .get_mut(&id)
+            .expect("active segment is listed");
+        let offset = seg.size;
+        let rec = format::encode_record(batch.seq, profiles, &body);
+        if let Err(e) = file.write_all_at(&rec, offset) {
+            let path = self.seg_path(id);
+            // Never leave a partial record behind; if even that fails, start a new segment.
+            if let Err(te) = file.set_len(offset) {
+                warn!(path = %path.display(), error = %te, "cannot cut a failed spool append");
+                self.seal_active();
+            }
+            return Err(SpoolError::io("append to", &path)(e));
+        }
+        seg.size += size;
+        seg.unacked_records += 1;
+        seg.unacked_profiles += u64::from(profiles);
+        self.bytes += size;
+        let rid = RecordId {
+            segment: id,
+            offset,
+        };
+        if taken {
+            self.in_flight.insert(
+                rid,
+                InFlight {
+                    profiles,
+                    orphan: false,
+                },
+            );
+        }
+        match self.cfg.fsync {
+            FsyncPolicy::Always => self.sync_writer(),
+            FsyncPolicy::Interval => {
+                self.dirty = true;
+                self.tick();
+            }
+            FsyncPolicy::Never => {}
+        }
+        Ok(Appended {
+            id: Some(rid),
+            bytes: size,
+            dropped,
+        })
+    }
+
+    fn count_dropped(&mut self, d: Dropped) {
+        self.stats.dropped_batches += d.batches;
+        self.stats.dropped_profiles += d.profiles;
+    }
+
+    fn sync_writer(&mut self) {
+        if let Some((id, f)) = &self.writer
+            && let Err(e) = f.sync_data()
+        {
+            self.stats.fsync_errors += 1;
+            error!(path = %self.dir.join(segment_name(*id)).display(), error = %e,
+                "spool fsync failed; recent batches may not survive a power loss");
+        }
+    }
+
+    fn create_segment(&mut self) -> Result<(), SpoolError> {
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
+        let path = self.seg_path(id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(SpoolError::io("create", &path))?;
+        let written = file
+            .write_all_at(&format::segment_header(id), 0)
+            .and_then(|()| {
+                if self.cfg.fsync == FsyncPolicy::Never {
+                    Ok(())
+                } else {
+                    file.sync_all()
+                }
+            });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(SpoolError::io("create", &path)(e));
+        }
+        self.sync_dir_per_policy();
+        self.segments.insert(
+            id,
+            Segment {
+                size: SEGMENT_HEADER_LEN,
+                sealed: false,
+                unacked_records: 0,
+                unacked_profiles: 0,
+                acked: BTreeSet::new(),
+                holes: BTreeMap::new(),
+            },
+        );
+        self.bytes += SEGMENT_HEADER_LEN;
+        self.writer = Some((id, file));
+        Ok(())
+    }
+
+    /// Closes the active segment for appends (fsynced unless `fsync = never`); deletes it if
+    /// nothing in it is left to deliver.
+    fn seal_active(&mut self) {
+        let Some((id, _)) = &self.writer else { return };
+        let id = *id;
+        if self.cfg.fsync != FsyncPolicy::Never {
+            self.sync_writer();
+        }
+        self.writer = None;
+        let seg = self
+            .segments
+            .get_mut(&id)
+            .expect("active segment is listed");
+        seg.sealed = true;
+        if seg.unacked_records == 0 {
+            self.delete_segment(id);
+        }
+    }
+
+    /// Deletes a segment none of whose records is left to deliver.
+    fn delete_segment(&mut self, id: u64) {
+        let Some(seg) = self.segments.remove(&id) else {
+            return;
+        };
+        if self.reader.as_ref().is_some_and(|(r, _)| *r == id) {
+            self.reader = None;
+        }
+        let path = self.seg_path(id);
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(path = %path.display(), error = %e, "cannot delete a delivered spool segment");
+        }
+        self.bytes -= seg.size;
+        self.sync_dir_per_policy();
+        self.maybe_compact_ack_log();
+    }
+
+    /// Drops the oldest segment whatever is in it (sealing the active one first if it is the
+    /// only one). Its unacked batches that are not in flight are returned as dropped; those in
+    /// flight are dropped if they are requeued, delivered if they are acked. Use it when an
+    /// append fails with [`SpoolError::DiskFull`] under `drop_oldest`. Returns zero when the spool
+    /// holds nothing.
+    pub fn drop_oldest_segment(&mut self) -> Result<Dropped, SpoolError> {
+        let Some(&id) = self.segments.keys().next() else {
+            return Ok(Dropped::default());
+        };
+        if !self.segments[&id].sealed {
+            self.seal_active();
+            if !self.segments.contains_key(&id) {
+                return Ok(Dropped::default()); // it was fully acked: deleted, nothing dropped
+            }
+        }
+        let range = RecordId {
+            segment: id,
+            offset: 0,
+        }..RecordId {
+            segment: id + 1,
+            offset: 0,
+        };
+        let mut out = Dropped::default();
+        for f in self.in_flight.range_mut(range.clone()).map(|(_, f)| f) {
+            if !f.orphan {
+                f.orphan = true;
+                out.batches += 1;
+                out.profiles += u64::from(f.profiles);
+            }
+        }
+        self.requeued.retain(|r| r.segment != id);
+        let seg = &self.segments[&id];
+        let d = Dropped {
+            batches: seg.unacked_records - out.batches,
+            profiles: seg.unacked_profiles - out.profiles,
+        };
+        warn!(path = %self.seg_path(id).display(), batches = d.batches, profiles = d.profiles,
+            in_flight = out.batches, "spool full: oldest segment dropped");
+        self.delete_segment(id);
+        self.count_dropped(d);
+        Ok(d)
+    }
+
+    fn reader(&mut self, id: u64) -> Result<&File, SpoolError> {
+        if self.reader.as_ref().is_none_or(|(r, _)| *r != id) {
+            let path = self.seg_path(id);
+            let f = File::open(&path).map_err(SpoolError::io("open", &path))?;
+            self.reader = Some((id, f));
+        }
+        Ok(&self.reader.as_ref().expect("just set").1)
+    }
+
+    /// The next unacked record not in flight, oldest first (requeued ones before the cursor),
+    /// or `None` when there is none right now. The record is in flight until
+    /// [`Self::ack`]ed or [`Self::requeue`]d.
+    pub fn take_next(&mut self) -> Result<Option<SpooledBatch>, SpoolError> {
+        loop {
+            let id = match self.requeued.pop_first() {
+                Some(id) => id,
+                None => match self.advance_cursor()? {
+                    Some(id) => id,
+                    None => return Ok(None),
+                },
+            };
+            let size = self.segments[&id.segment].size;
+            let path = self.seg_path(id.segment);
+            let mut body = std::mem::take(&mut self.body);
+            let read = format::read_record_at(self.reader(id.segment)?, id.offset, size, &mut body)
+                .map_err(SpoolError::io("read", &path))?;
+            let header = match read {
+                ReadAt::Record(h) => h,
+                _ => {
+                    self.body = body;
+                    self.damaged_at_read(id)?;
+                    continue;
+                }
+            };
+            let bytes = header.total_len();
+            match Batch::decode_record(Bytes::from(body)) {
+                Ok(batch)
+                    if batch.seq == header.seq && batch.len() as u64 == header.profiles as u64 =>
+                {
+                    self.in_flight.insert(
+                        id,
+                        InFlight {
+                            profiles: header.profiles,
+                            orphan: false,
+                        },
+                    );
+                    return Ok(Some(SpooledBatch { id, batch, bytes }));
+                }
+                _ => {
+                    // The checksum matched what was written, but it is no batch: a bug, not rot.
+                    error!(record = %id, "spool record does not decode as a batch; skipped");
+                    self.stats.corrupt_records += 1;
+                    let seg = self.segments.get_mut(&id.segment).expect("listed");
+                    seg.unacked_records -= 1;
+                    seg.unacked_profiles =
+                        seg.unacked_profiles.saturating_sub(header.profiles.into());
+                    seg.acked.insert(id.offset);
+                    self.retire_if_done(id.segment);
+                }
+            }
+        }
+    }
+
+    /// A record that was valid at open no longer reads back: the file changed under us.
+    fn damaged_at_read(&mut self, id: RecordId) -> Result<(), SpoolError> {
+        let path = self.seg_path(id.segment);
+        let size = self.segments[&id.segment].size;
+        let mut body = std::mem::take(&mut self.body);
+        let file = self.reader(id.segment)?;
+        let header =
+            format::read_header_at(file, id.offset, size).map_err(SpoolError::io("read", &path))?;
+        let next = format::find_next_valid(file, id.offset, size, &mut body)
+            .map_err(SpoolError::io("read", &path))?
+            .unwrap_or(size);
+        self.body = body;
+        self.stats.corrupt_records += 1;
+        warn!(path = %path.display(), offset = id.offset, "spool record damaged since open; skipped");
+        let seg = self.segments.get_mut(&id.segment).expect("listed");
+        seg.holes.insert(id.offset, next);
+        seg.unacked_records = seg.unacked_records.saturating_sub(1);
+        seg.unacked_profiles = seg
+            .unacked_profiles
+            .saturating_sub(header.map_or(0, |h| h.profiles.into()));
+        if id >= self.cursor && id.segment == self.cursor.segment {
+            self.cursor.offset = next;
+        }
+        self.retire_if_done(id.segment);
+        Ok(())
+    }
+
+    /// Moves the cursor to the next record that is neither acked nor in flight.
+    fn advance_cursor(&mut self) -> Result<Option<RecordId>, SpoolError> {
+        loop {
+            let Some((&sid, seg)) = self.segments.range(self.cursor.segment..).next() else {
+                return Ok(None);
+            };
+            if sid != self.cursor.segment {
+                let left = self.cursor.segment;
+                self.cursor = RecordId {
+                    segment: sid,
+                    offset: SEGMENT_HEADER_LEN,
+                };
+                self.retire_if_done(left);
+                continue;
+            }
+            let off = self.cursor.offset;
+            if off >= seg.size {
+                if !seg.sealed {
+                    return Ok(None); // the active segment: more may come
+                }
+                self.cursor = RecordId {
+                    segment: sid + 1,
+                    offset: SEGMENT_HEADER_LEN,
+                };
+                self.retire_if_done(sid);
+                continue;
+            }
+            if let Some(&end) = seg.holes.get(&off) {
+                self.cursor.offset = end;
+                continue;
+            }
+            let id = self.cursor;
+            let size = seg.size;
+            let handled = seg.acked.contains(&off) || self.in_flight.contains_key(&id);
+            let path = self.seg_path(sid);
+            let header = format::read_header_at(self.reader(sid)?, off, size)
+                .map_err(SpoolError::io("read", &path))?;
+            match header {
+                Some(h) if handled => self.cursor.offset = off + h.total_len(),
+                Some(h) => {
+                    self.cursor.offset = off + h.total_len();
+                    return Ok(Some(id));
+                }
+                None if handled => {
+                    let next =
+                        format::find_next_valid(self.reader(sid)?, off, size, &mut Vec::new())
+                            .map_err(SpoolError::io("read", &path))?
+                            .unwrap_or(size);
+                    self.cursor.offset = next;
+                }
+                None => self.damaged_at_read(id)?,
+            }
+        }
+    }
+
+    /// Deletes a sealed segment the cursor has passed once nothing in it is in flight or
+    /// requeued (normally already done by the last ack; this catches damaged records).
+    fn retire_if_done(&mut self, id: u64) {
+        let Some(seg) = self.segments.get(&id) else {
+            return;
+        };
+        if !seg.sealed || self.cursor.segment <= id && seg.unacked_records > 0 {
+            return;
+        }
+        let range = RecordId {
+            segment: id,
+            offset: 0,
+        }..RecordId {
+            segment: id + 1,
+            offset: 0,
+        };
+        if self.in_flight.range(range.clone()).next().is_some()
+            || self.requeued.range(range).next().is_some()
+        {
+            return;
+        }
+        if seg.unacked_records > 0 {
+            warn!(path = %self.seg_path(id).display(), batches = seg.unacked_records,
+                "spool segment retired with records lost to damage");
+        }
+        self.delete_segment(id);
+    }
+
+    /// The listener stored this record: it is never handed out again, also after a restart
+    /// (up to the fsync policy of the ack log). Returns false for an id not in flight.
+    pub fn ack(&mut self, id: RecordId) -> Result<bool, SpoolError> {
+        let Some(f) = self.in_flight.remove(&id) else {
+            return Ok(false);
+        };
+        if f.orphan {
+            return Ok(true);
+        }
+        let seg = self
+            .segments
+            .get_mut(&id.segment)
+            .expect("in-flight record's segment");
+        seg.acked.insert(id.offset);
+        seg.unacked_records -= 1;
+        seg.unacked_profiles -= u64::from(f.profiles);
+        if seg.sealed && seg.unacked_records == 0 {
+            // Deleting the segment is the durable ack.
+            self.delete_segment(id.segment);
+            return Ok(true);
+        }
+        let path = self.dir.join(acklog::ACK_LOG);
+        self.acklog
+            .append(id)
+            .map_err(SpoolError::io("append to", &path))?;
+        match self.cfg.fsync {
+            FsyncPolicy::Always => {
+                if let Err(e) = self.acklog.sync() {
+                    self.stats.fsync_errors += 1;
+                    warn!(path = %path.display(), error = %e, "cannot fsync the spool ack log");
+                }
+            }
+            FsyncPolicy::Interval => {
+                self.dirty = true;
+                self.tick();
+            }
+            FsyncPolicy::Never => {}
+        }
+        Ok(true)
+    }
+
+    /// The send failed or its connection went: the record is handed out again (oldest first).
+    /// Returns what was dropped instead: non-zero only when its segment was dropped meanwhile.
+    pub fn requeue(&mut self, id: RecordId) -> Dropped {
+        let Some(f) = self.in_flight.remove(&id) else {
+            return Dropped::default();
+        };
+        if f.orphan {
+            let d = Dropped {
+                batches: 1,
+                profiles: u64::from(f.profiles),
+            };
+            self.count_dropped(d);
+            return d;
+        }
+        if id < self.cursor {
+            self.requeued.insert(id);
+        }
+        Dropped::default()
+    }
+
+    /// [`Self::requeue`] for everything in flight (a reconnect).
+    pub fn requeue_all(&mut self) -> Dropped {
+        let ids: Vec<RecordId> = self.in_flight.keys().copied().collect();
+        let mut d = Dropped::default();
+        for id in ids {
+            d += self.requeue(id);
+        }
+        d
+    }
+
+    /// Under `fsync = interval`: fsyncs if something was written and the interval has passed.
+    /// Call it every `spool.fsync_interval` so the last appends do not wait for the next one.
+    pub fn tick(&mut self) {
+        if self.dirty && self.last_sync.elapsed() >= self.cfg.fsync_interval {
+            self.sync();
+        }
+    }
+
+    /// fsyncs the active segment and the ack log now (shutdown, or before reporting durability).
+    pub fn sync(&mut self) {
+        self.sync_writer();
+        if let Err(e) = self.acklog.sync() {
+            self.stats.fsync_errors += 1;
+            warn!(dir = %self.dir.display(), error = %e, "cannot fsync the spool ack log");
+        }
+        self.dirty = false;
+        self.last_sync = Instant::now();
+    }
+
+    /// Clean close: fsync and release the lock.
+    pub fn close(mut self) {
+        self.sync();
+    }
+
+    fn maybe_compact_ack_log(&mut self) {
+        let live: u64 = self.segments.values().map(|s| s.acked.len() as u64).sum();
+        if self.acklog.entries() <= 2 * live + ACK_LOG_COMPACT_SLACK {
+            return;
+        }
+        let ids: Vec<RecordId> = self
+            .segments
+            .iter()
+            .flat_map(|(&segment, s)| {
+                s.acked
+                    .iter()
+                    .map(move |&offset| RecordId { segment, offset })
+            })
+            .collect();
+        if let Err(e) = self.acklog.compact(ids.into_iter()) {
+            warn!(dir = %self.dir.display(), error = %e, "cannot compact the spool ack log");
+        }
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        let batches: u64 = self.segments.values().map(|s| s.unacked_records).sum();
+        let live_in_flight = self.in_flight.values().filter(|f| !f.orphan).count() as u64;
+        SpoolStats {
+            batches,
+            profiles: self.segments.values().map(|s| s.unacked_profiles).sum(),
+            bytes: self.bytes,
+            segments: self.segments.len() as u64,
+            in_flight: self.in_flight.len() as u64,
+            pending: batches - live_in_flight,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Batches `take_next` would still hand out.
+    pub fn pending(&self) -> u64 {
+        self.stats().pending
+    }
+
+    /// Spool fill in percent of `max_bytes` (for `spool.high_water_pct`).
+    pub fn fill_pct(&self) -> f64 {
+        self.bytes as f64 * 100.0 / self.cfg.max_bytes as f64
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Ids of the segments on disk, oldest first.
+    pub fn segment_ids(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
+    }
+}

@@ -1,0 +1,307 @@
+//! `/metrics` for the monitor: a collector that encodes the latest snapshot at each scrape, so
+//! series of exited workers disappear instead of lingering. Cardinality: socket x errno, at
+//! most 32 pools (+ `other`), at most `ebpf.max_listed_workers` per-worker series.
+
+use std::sync::Arc;
+
+use apm_common::{ErrKind, HostSends, LAT_BUCKETS, SockKind};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::{Shared, State};
+
+/// Per-pool aggregate of live processes (plus exited ones for the send counters).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub pool: String,
+    pub processes: u64,
+    pub rss_bytes: u64,
+    pub sends_ok: u64,
+    pub sends_failed: u64,
+    pub drops: u64,
+}
+
+impl PoolStats {
+    pub fn new(pool: String) -> Self {
+        Self {
+            pool,
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Collector {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl Collector {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn sock_label(k: SockKind) -> &'static str {
+    match k {
+        SockKind::Dgram => "dgram",
+        SockKind::Stream => "stream",
+    }
+}
+
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: V,
+) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(m)
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(m)
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let sh = &self.shared;
+        let up = i64::from(sh.state == State::Running);
+        gauge(&mut enc, "up", "1 while the eBPF programs are attached", up)?;
+        if up == 0 {
+            return Ok(());
+        }
+        let s = sh.snap.load();
+        let kinds = [SockKind::Dgram, SockKind::Stream];
+
+        {
+            let mut m = enc.encode_descriptor(
+                "sends",
+                "Kernel-seen sends by PHP to the agent's sockets, by socket and result",
+                None,
+                MetricType::Counter,
+            )?;
+            for k in kinds {
+                let h = &s.host[k as usize];
+                let labels = [("socket", sock_label(k)), ("result", "ok")];
+                ConstCounter::new(h.c.ok).encode(m.encode_family(&labels)?)?;
+                for e in ErrKind::ALL {
+                    let labels = [("socket", sock_label(k)), ("result", e.as_str())];
+                    ConstCounter::new(h.c.err[e as usize]).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "send_bytes",
+                "Bytes of successful kernel-seen sends, by socket",
+                None,
+                MetricType::Counter,
+            )?;
+            for k in kinds {
+                let labels = [("socket", sock_label(k))];
+                ConstCounter::new(s.host[k as usize].c.bytes).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "send_latency_seconds",
+                "Time spent in the send syscalls (log2 buckets)",
+                None,
+                MetricType::Histogram,
+            )?;
+            for k in kinds {
+                let labels = [("socket", sock_label(k))];
+                let (sum, count, buckets) = histogram(&s.host[k as usize]);
+                m.encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+        let st = &s.host[SockKind::Stream as usize].c;
+        counter(
+            &mut enc,
+            "stream_wait_ns",
+            "Time PHP waited between an EAGAIN on the stream socket and the retry that succeeded",
+            st.blocked_ns,
+        )?;
+        counter(
+            &mut enc,
+            "drops",
+            "Profiles lost before the agent: failed datagram sends, failed stream sends but EAGAIN",
+            super::drops_of(&s.host[0].c, st),
+        )?;
+        gauge(
+            &mut enc,
+            "unaccounted_datagrams",
+            "Datagrams the kernel accepted that the agent has not received or rejected yet",
+            s.unaccounted,
+        )?;
+        gauge(
+            &mut enc,
+            "unaccounted_alarm",
+            "1 while kernel and agent datagram counts disagree beyond what the queue can hold",
+            i64::from(s.alarm),
+        )?;
+        gauge(
+            &mut enc,
+            "sample_rate",
+            "Sample rate handed to PHP",
+            s.sample_rate,
+        )?;
+        gauge(
+            &mut enc,
+            "agent_rss_bytes",
+            "The agent's RSS as the kernel reports it",
+            s.agent_rss,
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "events",
+                "Ring-buffer events by kind",
+                None,
+                MetricType::Counter,
+            )?;
+            for (kind, v) in [
+                ("worker_exit", s.events.worker_exits),
+                ("rss_over_threshold", s.events.rss_over_threshold),
+                ("drop_burst", s.events.drop_bursts),
+                ("swept_exit", s.events.swept_exits),
+            ] {
+                ConstCounter::new(v).encode(m.encode_family(&[("kind", kind)])?)?;
+            }
+        }
+        for (name, help, get) in [
+            (
+                "pool_processes",
+                "PHP processes watched, by pool",
+                (|p: &PoolStats| p.processes) as fn(&PoolStats) -> u64,
+            ),
+            ("pool_rss_bytes", "RSS of a pool's processes", |p| {
+                p.rss_bytes
+            }),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for p in &s.pools {
+                ConstGauge::new(get(p)).encode(m.encode_family(&[("pool", p.pool.as_str())])?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "pool_sends",
+                "Kernel-seen sends by pool and result (ok, failed), exited processes included",
+                None,
+                MetricType::Counter,
+            )?;
+            for p in &s.pools {
+                for (result, v) in [("ok", p.sends_ok), ("failed", p.sends_failed)] {
+                    let labels = [("pool", p.pool.as_str()), ("result", result)];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "worker_rss_bytes",
+                "RSS of the largest PHP workers (at most ebpf.max_listed_workers series)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for w in s.workers.iter().take(sh.cfg.max_listed_workers) {
+                let pid = w.pid.to_string();
+                let labels = [("pool", w.pool.as_str()), ("pid", pid.as_str())];
+                ConstGauge::new(w.rss_bytes).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (sum in seconds, count, per-bucket (upper bound in seconds, count)); the encoder makes the
+/// buckets cumulative. The open-ended last bucket becomes +Inf.
+fn histogram(h: &HostSends) -> (f64, u64, Vec<(f64, u64)>) {
+    let count: u64 = h.hist.iter().sum();
+    let buckets = (0..LAT_BUCKETS)
+        .map(|b| {
+            let ub = if b == LAT_BUCKETS - 1 {
+                f64::INFINITY
+            } else {
+                apm_common::lat_bucket_upper_ns(b) as f64 / 1e9
+            };
+            (ub, h.hist[b])
+        })
+        .collect();
+    (h.c.lat_ns_sum as f64 / 1e9, count, buckets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrape_renders_bounded_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let php = Arc::new(crate::phpctl::PhpControl::new(dir.path()).unwrap());
+        let mut snap = super::super::Snapshot::default();
+        snap.host[0].c.ok = 7;
+        snap.host[0].c.err[ErrKind::Eagain as usize] = 3;
+        snap.host[0].hist[12] = 10;
+        snap.pools.push(PoolStats {
+            pool: "www".into(),
+            processes: 2,
+            rss_bytes: 100,
+            sends_ok: 7,
+            sends_failed: 3,
+            drops: 3,
+        });
+        for pid in 0..100 {
+            snap.workers.push(super::super::WorkerStatus {
+                pid,
+                pool: "www".into(),
+                rss_bytes: 1000 - u64::from(pid),
+                ..Default::default()
+            });
+        }
+        let cfg = crate::config::EbpfConfig {
+            max_listed_workers: 5,
+            ..Default::default()
+        };
+        let shared = Arc::new(Shared {
+            state: State::Running,
+            cfg,
+            dgram: "/d".into(),
+            stream: "/s".into(),
+            snap: arc_swap::ArcSwap::from_pointee(snap),
+            php,
+        });
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.sub_registry_with_prefix("apm_ebpf")
+            .register_collector(Box::new(Collector::new(shared)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(out.contains("apm_ebpf_up 1"), "{out}");
+        assert!(
+            out.contains(r#"apm_ebpf_sends_total{socket="dgram",result="ok"} 7"#),
+            "{out}"
+        );
+        assert!(out.contains(r#"apm_ebpf_sends_total{socket="dgram",result="eagain"} 3"#));
+        assert!(out.contains(r#"apm_ebpf_pool_sends_total{pool="www",result="failed"} 3"#));
+        assert!(out.contains("apm_ebpf_send_latency_seconds_count{socket=\"dgram\"} 10"));
+        assert_eq!(
+            out.matches("apm_ebpf_worker_rss_bytes{").count(),
+            5,
+            "{out}"
+        );
+    }
+}

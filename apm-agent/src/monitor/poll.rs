@@ -1,0 +1,682 @@
+//! The monitor task: polls the maps, consumes the ring buffer, publishes snapshots, runs the
+//! sample-rate controller.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apm_common::{
+    ConnInfo, ConnKey, EXIT_HAD_RSS, ErrKind, EventHeader, EventKind, ExitEvent, HostSends,
+    ProcSends, RSS_ANON, RSS_FILE, RSS_MEMBERS, RSS_SHMEM, RssEntry, RssEvent, SockKind,
+};
+use aya::Ebpf;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+use super::control::{self, ControlParams, ControlState, Decision};
+use super::metrics::PoolStats;
+use super::{
+    ErrnoCounts, EventCounts, ExitStatus, IntervalStatus, RssTable, Shared, Snapshot, WorkerStatus,
+    percentile_ns, procfs,
+};
+use crate::phpctl::PhpControl;
+use crate::telemetry::{Socket, SocketLabels, Telemetry};
+
+const RECENT_EXITS: usize = 64;
+/// Distinct pool labels kept; more share the label `other` (bounded metric cardinality).
+const MAX_POOLS: usize = 32;
+/// Polls in a row with nothing moving and datagrams still unaccounted before alarming.
+const SETTLE_POLLS: u32 = 3;
+/// Stale `CONNS` entries of dead processes are swept every this many polls.
+const CONN_SWEEP_EVERY: u64 = 10;
+
+/// What /proc said about a process, once per (tgid, mm).
+struct Baseline {
+    mm_id: u32,
+    members: Option<[u64; RSS_MEMBERS]>,
+    pool: String,
+    comm: String,
+}
+
+pub(super) struct Poller {
+    bpf: Ebpf,
+    shared: Arc<Shared>,
+    rss_table: RssTable,
+    telemetry: Arc<Telemetry>,
+    php: Arc<PhpControl>,
+    agent_tgid: u32,
+    baselines: HashMap<u32, Baseline>,
+    prev_host: [HostSends; 2],
+    last_poll: Instant,
+    polls: u64,
+    // Kernel vs agent accounting.
+    agent_base: u64,
+    prev_kernel_ok: u64,
+    prev_agent: u64,
+    settled: u32,
+    alarm: bool,
+    alarms_total: u64,
+    // Sample-rate control.
+    ctl: ControlState,
+    ctl_params: ControlParams,
+    events: EventCounts,
+    recent_exits: VecDeque<ExitStatus>,
+    /// Sends of exited processes by pool, so per-pool counters never go down.
+    retired: BTreeMap<String, [u64; 2]>,
+    last: IntervalStatus,
+    last_inputs: control::Interval,
+}
+
+pub(super) async fn run(
+    mut p: Poller,
+    mut events: AsyncFd<RingBuf<MapData>>,
+    shutdown: CancellationToken,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => p.poll(),
+            r = events.readable_mut() => match r {
+                Ok(mut g) => {
+                    let rb = g.get_inner_mut();
+                    let mut n = 0;
+                    while let Some(item) = rb.next() {
+                        p.on_event(&item);
+                        n += 1;
+                    }
+                    g.clear_ready();
+                    if n > 0 {
+                        p.publish_events();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "eBPF event ring buffer failed; events stop");
+                    // Keep polling the maps: counts and RSS do not depend on events.
+                    loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            _ = tick.tick() => p.poll(),
+                        }
+                    }
+                    break;
+                }
+            },
+        }
+    }
+    // Final figures for status after shutdown; dropping the Ebpf detaches every program.
+    while let Some(item) = events.get_mut().next() {
+        p.on_event(&item);
+    }
+    p.poll();
+    tracing::info!("eBPF monitor detached");
+}
+
+impl Poller {
+    pub(super) fn new(
+        bpf: Ebpf,
+        shared: Arc<Shared>,
+        rss_table: RssTable,
+        telemetry: Arc<Telemetry>,
+        php: Arc<PhpControl>,
+        agent_tgid: u32,
+    ) -> Self {
+        let cfg = &shared.cfg;
+        let ctl_params = ControlParams {
+            min_rate: cfg.min_sample_rate,
+            drop_ratio_high: cfg.drop_ratio_high,
+            latency_high_ns: u64::try_from(cfg.latency_high.as_nanos()).unwrap_or(u64::MAX),
+        };
+        let agent_base = agent_count(&telemetry);
+        let rate = php.sample_rate();
+        Self {
+            bpf,
+            shared,
+            rss_table,
+            telemetry,
+            php,
+            agent_tgid,
+            baselines: HashMap::new(),
+            prev_host: [HostSends::ZERO; 2],
+            last_poll: Instant::now(),
+            polls: 0,
+            agent_base,
+            prev_kernel_ok: 0,
+            prev_agent: 0,
+            settled: 0,
+            alarm: false,
+            alarms_total: 0,
+            ctl: ControlState { rate, calm: 0 },
+            ctl_params,
+            events: EventCounts::default(),
+            recent_exits: VecDeque::new(),
+            retired: BTreeMap::new(),
+            last: IntervalStatus::default(),
+            last_inputs: control::Interval::default(),
+        }
+    }
+
+    fn read_host(&self) -> [HostSends; 2] {
+        let mut out = [HostSends::ZERO; 2];
+        let Some(map) = self.bpf.map("HOST_SENDS") else {
+            return out;
+        };
+        let Ok(arr) = PerCpuArray::<&MapData, HostSends>::try_from(map) else {
+            return out;
+        };
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(vals) = arr.get(&(i as u32), 0) {
+                for v in vals.iter() {
+                    slot.add(v);
+                }
+            }
+        }
+        out
+    }
+
+    fn read_rss(&self) -> Vec<(u32, RssEntry)> {
+        let Some(map) = self.bpf.map("RSS") else {
+            return Vec::new();
+        };
+        let Ok(m) = BpfHashMap::<&MapData, u32, RssEntry>::try_from(map) else {
+            return Vec::new();
+        };
+        // Entries can vanish mid-iteration (exit, LRU): skip those errors.
+        m.iter().filter_map(Result::ok).collect()
+    }
+
+    fn read_sends(&self) -> HashMap<u32, ProcSends> {
+        let Some(map) = self.bpf.map("PROC_SENDS") else {
+            return HashMap::new();
+        };
+        let Ok(m) = BpfHashMap::<&MapData, u32, ProcSends>::try_from(map) else {
+            return HashMap::new();
+        };
+        m.iter().filter_map(Result::ok).collect()
+    }
+
+    /// RSS as /proc counts it: kernel-reported members, and /proc's value for members without
+    /// an event since tracking started (unchanged since, so /proc is exact for them).
+    fn completed_rss(&mut self, tgid: u32, e: &RssEntry) -> u64 {
+        let resident = [RSS_FILE, RSS_ANON, RSS_SHMEM];
+        let b = self.baseline(tgid, e.mm_id, Some(&e.comm));
+        if resident.iter().all(|&m| e.seen & (1 << m) != 0) {
+            return e.rss();
+        }
+        if b.members.is_none() {
+            b.members = procfs::rss_members(tgid);
+        }
+        let base = b.members.unwrap_or([0; RSS_MEMBERS]);
+        resident
+            .iter()
+            .map(|&m| {
+                if e.seen & (1 << m) != 0 {
+                    e.member[m]
+                } else {
+                    base[m]
+                }
+            })
+            .sum()
+    }
+
+    fn baseline(&mut self, tgid: u32, mm_id: u32, comm: Option<&[u8; 16]>) -> &mut Baseline {
+        let stale = self.baselines.get(&tgid).is_none_or(|b| b.mm_id != mm_id);
+        if stale {
+            let comm = match comm {
+                Some(c) if c[0] != 0 => procfs::comm_str(c),
+                _ => std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default(),
+            };
+            let pool = procfs::pool_of(tgid, &comm);
+            self.baselines.insert(
+                tgid,
+                Baseline {
+                    mm_id,
+                    members: None,
+                    pool,
+                    comm,
+                },
+            );
+        }
+        self.baselines.get_mut(&tgid).expect("inserted above")
+    }
+
+    pub(super) fn poll(&mut self) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last_poll);
+        self.last_poll = now;
+        self.polls += 1;
+
+        // The agent's count first, then the kernel's: a datagram is counted by the kernel
+        // before the agent can receive it, so read in this order the difference is never
+        // negative because of the reading itself.
+        let agent = agent_count(&self.telemetry).saturating_sub(self.agent_base);
+        let host = self.read_host();
+        let rss = self.read_rss();
+        let sends = self.read_sends();
+
+        let mut table = HashMap::with_capacity(rss.len());
+        let mut workers: Vec<WorkerStatus> = Vec::with_capacity(rss.len().max(sends.len()));
+        let mut agent_rss = 0;
+        let mut seen_tgids: HashSet<u32> = HashSet::with_capacity(rss.len());
+        let mut dead: Vec<u32> = Vec::new();
+        for (tgid, e) in &rss {
+            seen_tgids.insert(*tgid);
+            let r = self.completed_rss(*tgid, e);
+            table.insert(*tgid, r);
+            if *tgid == self.agent_tgid {
+                agent_rss = r;
+                continue;
+            }
+            if !procfs::alive(*tgid) {
+                dead.push(*tgid);
+                continue;
+            }
+            let b = self.baseline(*tgid, e.mm_id, Some(&e.comm));
+            let mut w = WorkerStatus {
+                pid: *tgid,
+                comm: b.comm.clone(),
+                pool: b.pool.clone(),
+                rss_bytes: r,
+                peak_rss_bytes: e.peak.max(r),
+                over_threshold: e.over != 0,
+                ..WorkerStatus::default()
+            };
+            if let Some(s) = sends.get(tgid) {
+                fill_sends(&mut w, s);
+            }
+            workers.push(w);
+        }
+        for (tgid, s) in &sends {
+            if seen_tgids.contains(tgid) || *tgid == self.agent_tgid {
+                continue;
+            }
+            if !procfs::alive(*tgid) {
+                dead.push(*tgid);
+                continue;
+            }
+            let b = self.baseline(*tgid, 0, None);
+            let mut w = WorkerStatus {
+                pid: *tgid,
+                comm: b.comm.clone(),
+                pool: b.pool.clone(),
+                ..WorkerStatus::default()
+            };
+            fill_sends(&mut w, s);
+            workers.push(w);
+        }
+        workers.sort_by(|a, b| b.rss_bytes.cmp(&a.rss_bytes).then(a.pid.cmp(&b.pid)));
+        self.rss_table.store(table);
+        self.sweep(&dead, &rss, &sends);
+        if self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
+            self.sweep_conns();
+        }
+        self.baselines
+            .retain(|t, _| seen_tgids.contains(t) || sends.contains_key(t));
+
+        let (php_workers, php_rss) = workers
+            .iter()
+            .filter(|w| w.pool != "master")
+            .fold((0u32, 0u64), |(n, r), w| (n + 1, r + w.rss_bytes));
+        let pools = self.pools(&workers);
+
+        self.account(host[SockKind::Dgram as usize].c.ok, agent);
+        (self.last, self.last_inputs) = self.interval(&host, dt);
+        self.control();
+        self.prev_host = host;
+
+        let snap = Snapshot {
+            host,
+            workers,
+            php_workers,
+            php_rss,
+            agent_rss,
+            pools,
+            unaccounted: self.prev_kernel_ok as i64 - self.prev_agent as i64,
+            alarm: self.alarm,
+            alarms_total: self.alarms_total,
+            last: self.last,
+            sample_rate: self.ctl.rate,
+            events: self.events,
+            recent_exits: self.recent_exits.iter().cloned().collect(),
+            polls: self.polls,
+        };
+        self.shared.snap.store(Arc::new(snap));
+    }
+
+    /// Kernel-accepted datagrams vs what the agent took from the queue.
+    fn account(&mut self, kernel_ok: u64, agent: u64) {
+        let unaccounted = kernel_ok as i64 - agent as i64;
+        let moved = kernel_ok != self.prev_kernel_ok || agent != self.prev_agent;
+        self.settled = if unaccounted > 0 && !moved {
+            self.settled + 1
+        } else {
+            0
+        };
+        self.prev_kernel_ok = kernel_ok;
+        self.prev_agent = agent;
+        // The queue holds at most max_dgram_qlen + 1 datagrams: more cannot all be waiting.
+        let qcap = self.telemetry.dgram_queue_len.get();
+        let over_queue = qcap > 0 && unaccounted > qcap + 1;
+        let alarm = unaccounted > 0 && (over_queue || self.settled >= SETTLE_POLLS);
+        if alarm && !self.alarm {
+            self.alarms_total += 1;
+            tracing::error!(
+                unaccounted,
+                kernel_ok,
+                agent_received = agent,
+                queue_len = qcap,
+                "the kernel accepted datagrams the agent never received: lost inside the agent, \
+                 or ingest has stopped reading"
+            );
+        } else if !alarm && self.alarm {
+            tracing::info!(unaccounted, "kernel and agent datagram counts agree again");
+        }
+        self.alarm = alarm;
+    }
+
+    fn interval(&self, host: &[HostSends; 2], dt: Duration) -> (IntervalStatus, control::Interval) {
+        let d = |k: SockKind| {
+            let (n, p) = (&host[k as usize], &self.prev_host[k as usize]);
+            let mut c = n.c;
+            c.ok = c.ok.wrapping_sub(p.c.ok);
+            c.bytes = c.bytes.wrapping_sub(p.c.bytes);
+            for (x, y) in c.err.iter_mut().zip(p.c.err.iter()) {
+                *x = x.wrapping_sub(*y);
+            }
+            c.lat_ns_sum = c.lat_ns_sum.wrapping_sub(p.c.lat_ns_sum);
+            c.blocked_ns = c.blocked_ns.wrapping_sub(p.c.blocked_ns);
+            c
+        };
+        let (dg, st) = (d(SockKind::Dgram), d(SockKind::Stream));
+        let mut hist = [0u64; apm_common::LAT_BUCKETS];
+        for k in 0..2 {
+            for (b, h) in hist.iter_mut().enumerate() {
+                *h += host[k].hist[b].wrapping_sub(self.prev_host[k].hist[b]);
+            }
+        }
+        let status = IntervalStatus {
+            interval_ms: dt.as_millis() as u64,
+            sends: dg.attempts() + st.attempts(),
+            drops: super::drops_of(&dg, &st),
+            stream_eagain: st.err[ErrKind::Eagain as usize],
+            stream_wait_ns: st.blocked_ns + st.lat_ns_sum,
+            p99_ns: percentile_ns(&hist, 0.99),
+        };
+        let inputs = control::Interval {
+            dgram_sends: dg.attempts(),
+            // Queue full: the drops sampling less can cure (not EMSGSIZE, not a missing agent).
+            dgram_drops: dg.err[ErrKind::Eagain as usize] + dg.err[ErrKind::Enobufs as usize],
+            sends: status.sends,
+            p99_ns: status.p99_ns,
+            stream_ok: st.ok,
+            stream_wait_ns: status.stream_wait_ns,
+        };
+        (status, inputs)
+    }
+
+    fn control(&mut self) {
+        if !self.shared.cfg.adaptive_sampling {
+            return;
+        }
+        let iv = self.last_inputs;
+        let (next, decision) = control::next(&self.ctl_params, self.ctl, &iv);
+        if next.rate != self.ctl.rate {
+            match self.php.set_sample_rate(next.rate) {
+                Ok(()) => match decision {
+                    Decision::Lower(why) => tracing::warn!(
+                        from = self.ctl.rate,
+                        to = next.rate,
+                        why = why.as_str(),
+                        drops = iv.dgram_drops,
+                        sends = iv.dgram_sends,
+                        p99_ns = iv.p99_ns,
+                        "lowering the PHP sample rate"
+                    ),
+                    _ => tracing::info!(
+                        from = self.ctl.rate,
+                        to = next.rate,
+                        "raising the PHP sample rate"
+                    ),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %self.php.sample_rate_path().display(),
+                        "cannot write the sample rate");
+                    return;
+                }
+            }
+        }
+        self.ctl = next;
+    }
+
+    fn pools(&self, workers: &[WorkerStatus]) -> Vec<PoolStats> {
+        let mut m: BTreeMap<String, PoolStats> = BTreeMap::new();
+        for w in workers {
+            let key = bounded_pool(&m, &w.pool);
+            let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
+            p.processes += 1;
+            p.rss_bytes += w.rss_bytes;
+            p.sends_ok += w.sends_ok;
+            p.sends_failed += w.sends_failed.total();
+            p.drops += w.drops;
+        }
+        for (pool, [ok, failed]) in &self.retired {
+            let key = bounded_pool(&m, pool);
+            let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
+            p.sends_ok += ok;
+            p.sends_failed += failed;
+        }
+        m.into_values().collect()
+    }
+
+    /// Retires processes that are gone but still in the maps (their exit event was lost: ring
+    /// buffer full, or LRU churn) so their counts move to the retired totals once.
+    fn sweep(&mut self, dead: &[u32], rss: &[(u32, RssEntry)], sends: &HashMap<u32, ProcSends>) {
+        for &tgid in dead {
+            let mut removed = false;
+            if let Some(map) = self.bpf.map_mut("RSS")
+                && let Ok(mut m) = BpfHashMap::<&mut MapData, u32, RssEntry>::try_from(map)
+            {
+                removed |= m.remove(&tgid).is_ok();
+            }
+            if let Some(map) = self.bpf.map_mut("PROC_SENDS")
+                && let Ok(mut m) = BpfHashMap::<&mut MapData, u32, ProcSends>::try_from(map)
+            {
+                removed |= m.remove(&tgid).is_ok();
+            }
+            // Not removed by us: the kernel's exit handler got there first and its event is
+            // on its way.
+            if !removed {
+                continue;
+            }
+            let e = rss.iter().find(|(t, _)| *t == tgid).map(|(_, e)| *e);
+            let s = sends.get(&tgid).copied();
+            let b = self.baselines.remove(&tgid);
+            let comm = e
+                .map(|e| procfs::comm_str(&e.comm))
+                .or_else(|| b.as_ref().map(|b| b.comm.clone()))
+                .unwrap_or_default();
+            let pool = b.map(|b| b.pool).unwrap_or_else(|| comm.clone());
+            let st = exit_status(tgid, comm, pool, e.as_ref(), s.as_ref(), true);
+            self.events.swept_exits += 1;
+            tracing::debug!(
+                pid = tgid,
+                "retired an exited process whose exit event was lost"
+            );
+            self.retire(st);
+        }
+    }
+
+    fn sweep_conns(&mut self) {
+        let Some(map) = self.bpf.map_mut("CONNS") else {
+            return;
+        };
+        let Ok(mut m) = BpfHashMap::<&mut MapData, ConnKey, ConnInfo>::try_from(map) else {
+            return;
+        };
+        let stale: Vec<ConnKey> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !procfs::alive(k.tgid))
+            .collect();
+        for k in stale {
+            let _ = m.remove(&k);
+        }
+    }
+
+    fn retire(&mut self, st: ExitStatus) {
+        let key = bounded_retired(&self.retired, &st.pool);
+        let r = self.retired.entry(key).or_default();
+        r[0] += st.sends_ok;
+        r[1] += st.sends_failed.total();
+        if self.recent_exits.len() == RECENT_EXITS {
+            self.recent_exits.pop_front();
+        }
+        self.recent_exits.push_back(st);
+    }
+
+    pub(super) fn on_event(&mut self, data: &[u8]) {
+        if data.len() < size_of::<EventHeader>() {
+            return;
+        }
+        // SAFETY: length checked; EventHeader is plain integers (any bytes are valid).
+        let hdr: EventHeader = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+        match EventKind::from_u32(hdr.kind) {
+            Some(EventKind::WorkerExit) if data.len() >= size_of::<ExitEvent>() => {
+                // SAFETY: as above.
+                let ev: ExitEvent = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+                self.on_exit(&ev);
+            }
+            Some(EventKind::RssOverThreshold) if data.len() >= size_of::<RssEvent>() => {
+                // SAFETY: as above.
+                let ev: RssEvent = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+                self.events.rss_over_threshold += 1;
+                tracing::warn!(
+                    pid = ev.hdr.tgid,
+                    comm = %procfs::comm_str(&ev.comm),
+                    rss_mb = ev.rss_bytes / (1024 * 1024),
+                    threshold_mb = ev.threshold_bytes / (1024 * 1024),
+                    "PHP process over the RSS threshold"
+                );
+            }
+            Some(EventKind::DropBurst) if data.len() >= size_of::<apm_common::DropEvent>() => {
+                // SAFETY: as above.
+                let ev: apm_common::DropEvent =
+                    unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+                self.events.drop_bursts += 1;
+                tracing::warn!(
+                    pid = ev.hdr.tgid,
+                    comm = %procfs::comm_str(&ev.comm),
+                    drops_total = ev.drops_total,
+                    "PHP process started dropping profiles (the agent's datagram queue is full)"
+                );
+            }
+            _ => tracing::debug!(kind = hdr.kind, len = data.len(), "unknown eBPF event"),
+        }
+    }
+
+    fn on_exit(&mut self, ev: &ExitEvent) {
+        let tgid = ev.hdr.tgid;
+        self.events.worker_exits += 1;
+        let comm = procfs::comm_str(&ev.comm);
+        let pool = self
+            .baselines
+            .remove(&tgid)
+            .map(|b| b.pool)
+            .unwrap_or_else(|| comm.clone());
+        let mut sends = ProcSends::ZERO;
+        sends.sock = ev.sends;
+        let rss = (ev.had & EXIT_HAD_RSS != 0).then_some(RssEntry {
+            member: [0; RSS_MEMBERS],
+            peak: ev.peak_rss,
+            mm_id: 0,
+            seen: ev.rss_seen,
+            over: 0,
+            _pad: 0,
+            comm: ev.comm,
+        });
+        let mut st = exit_status(tgid, comm, pool, rss.as_ref(), Some(&sends), false);
+        st.last_rss_bytes = ev.last_rss;
+        tracing::info!(
+            pid = tgid,
+            comm = %st.comm,
+            pool = %st.pool,
+            peak_rss_bytes = st.peak_rss_bytes,
+            sends_ok = st.sends_ok,
+            sends_failed = st.sends_failed.total(),
+            "PHP process exited"
+        );
+        self.retire(st);
+    }
+
+    /// After a burst of events: republish so status shows them without waiting for a poll.
+    pub(super) fn publish_events(&self) {
+        let cur = self.shared.snap.load();
+        let mut s = Snapshot::clone(&cur);
+        s.events = self.events;
+        s.recent_exits = self.recent_exits.iter().cloned().collect();
+        self.shared.snap.store(Arc::new(s));
+    }
+}
+
+fn agent_count(t: &Telemetry) -> u64 {
+    // Every datagram the agent took from the queue is either received or rejected (stream
+    // rejections are included: a small overcount on the agent side, never a false alarm).
+    t.received
+        .get_or_create(&SocketLabels {
+            socket: Socket::Dgram,
+        })
+        .get()
+        + t.rejected_total()
+}
+
+fn fill_sends(w: &mut WorkerStatus, s: &ProcSends) {
+    let mut all = s.sock[0];
+    all.add(&s.sock[1]);
+    w.sends_ok = all.ok;
+    w.sends_failed = ErrnoCounts::from_err(&all.err);
+    w.bytes = all.bytes;
+    w.drops = s.sock[SockKind::Dgram as usize].failed();
+    w.stream_wait_ns = s.sock[SockKind::Stream as usize].blocked_ns;
+}
+
+fn exit_status(
+    pid: u32,
+    comm: String,
+    pool: String,
+    rss: Option<&RssEntry>,
+    sends: Option<&ProcSends>,
+    swept: bool,
+) -> ExitStatus {
+    let mut w = WorkerStatus::default();
+    if let Some(s) = sends {
+        fill_sends(&mut w, s);
+    }
+    ExitStatus {
+        pid,
+        comm,
+        pool,
+        peak_rss_bytes: rss.map_or(0, |e| e.peak),
+        last_rss_bytes: rss.map_or(0, RssEntry::rss),
+        sends_ok: w.sends_ok,
+        sends_failed: w.sends_failed,
+        bytes: w.bytes,
+        swept,
+    }
+}
+
+fn bounded_pool<V>(m: &BTreeMap<String, V>, pool: &str) -> String {
+    if m.contains_key(pool) || m.len() < MAX_POOLS {
+        pool.to_string()
+    } else {
+        "other".into()
+    }
+}
+
+fn bounded_retired(m: &BTreeMap<String, [u64; 2]>, pool: &str) -> String {
+    bounded_pool(m, pool)
+}

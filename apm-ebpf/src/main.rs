@@ -1,0 +1,735 @@
+//! The agent's eBPF programs (tracepoints only: kprobes and fentry are not available on the
+//! target kernels).
+//!
+//! - `syscalls/sys_{enter,exit}_{sendto,sendmsg,write}` + `sys_{enter,exit}_connect` +
+//!   `sys_enter_close`: sends by PHP processes to the agent's two sockets, counted per process
+//!   (`PROC_SENDS`, atomic adds) and per host (`HOST_SENDS`, per-CPU, with the latency
+//!   histogram).
+//! - `kmem/rss_stat` + `sched/sched_process_exit`: RSS of PHP processes and of the agent
+//!   (`RSS`), events when one crosses the threshold or exits (`EVENTS`).
+//!
+//! Every handler first checks the process name against the configured PHP prefixes (a helper
+//! call and a few word compares), so a process that is not PHP costs almost nothing and never
+//! has its memory read.
+#![no_std]
+#![no_main]
+// `atomic_xadd`: the BPF target has no `fetch_add` (no CAS), but BPF does have atomic add.
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add on bpfel"
+)]
+
+use core::ffi::c_void;
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::mem::MaybeUninit;
+
+use apm_common::{
+    ConnInfo, ConnKey, DropEvent, EAGAIN_RET, EXIT_HAD_RSS, EXIT_HAD_SENDS, EventHeader, EventKind,
+    ExitEvent, HostSends, Inflight, MonitorConfig, OP_CONNECT, OP_SEND, ProcSends, RSS_MEMBERS,
+    RssEntry, RssEvent, SA_UN_LEN, SA_WORDS, SendCounters, SockKind, err_index, lat_bucket,
+};
+use aya_ebpf::EbpfContext;
+use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::generated::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+};
+use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::TracePointContext;
+
+// Map sizes here are defaults; the agent sets them at load (`EbpfLoader::set_max_entries`).
+
+/// The one `MonitorConfig`, written by the agent before attaching.
+#[map]
+static CONFIG: Array<MonitorConfig> = Array::with_max_entries(1, 0);
+
+/// Sends/connects between enter and exit, by thread (pid_tgid). LRU: a thread killed inside
+/// the syscall never reaches the exit tracepoint, its entry is evicted eventually.
+#[map]
+static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(8192, 0);
+
+/// fds connected to the agent's sockets, by (tgid, fd); removed on close, swept by the agent
+/// when the process is gone.
+#[map]
+static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-process send counters, removed (and reported) at process exit.
+#[map]
+static PROC_SENDS: LruHashMap<u32, ProcSends> = LruHashMap::with_max_entries(4096, 0);
+
+/// Host-wide counters per socket kind; per-CPU, summed by the agent.
+#[map]
+static HOST_SENDS: PerCpuArray<HostSends> = PerCpuArray::with_max_entries(2, 0);
+
+/// Memory of watched processes by tgid, removed at exit.
+#[map]
+static RSS: LruHashMap<u32, RssEntry> = LruHashMap::with_max_entries(4096, 0);
+
+/// mm_id -> tgid of watched processes, for `rss_stat` events raised from another context
+/// (curr = 0: reclaim, fork copying, exit teardown).
+#[map]
+static MM_OWNER: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Inserted for a new process, so no zeroed stack buffer (a memset per event) is needed.
+static ZERO_PROC: ProcSends = ProcSends::ZERO;
+static ZERO_RSS: RssEntry = RssEntry {
+    member: [0; RSS_MEMBERS],
+    peak: 0,
+    mm_id: 0,
+    seen: 0,
+    over: 0,
+    _pad: 0,
+    comm: [0; 16],
+};
+const SENDS_WORDS: usize = size_of::<[SendCounters; apm_common::SOCK_KINDS]>() / 8;
+
+// Tracepoint field offsets (from /sys/kernel/tracing/events/*/format; stable ABI of the
+// syscall tracepoints: 8 bytes of common fields + syscall nr, then one u64 per argument).
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const SENDTO_ADDR: usize = 48;
+const SENDTO_ADDRLEN: usize = 56;
+const EXIT_RET: usize = 16;
+const RSS_MM_ID: usize = 8;
+const RSS_CURR: usize = 12;
+const RSS_MEMBER: usize = 16;
+const RSS_SIZE: usize = 24;
+const EXIT_COMM: usize = 8;
+const EXIT_GROUP_DEAD: usize = 32;
+
+/// Re-arm the RSS threshold event only after falling 1/8 below it, so a worker hovering at the
+/// threshold does not emit one event per page fault.
+const RSS_REARM_SHIFT: u32 = 3;
+
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, off: usize) -> T {
+    // SAFETY: tracepoint context is readable for the event's size; the offsets above are
+    // within every event they are used on, and direct loads are what the verifier expects.
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(off).cast::<T>()) }
+}
+
+#[inline(always)]
+fn config() -> Option<&'static MonitorConfig> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+fn comm_words() -> [u64; 2] {
+    let mut c = MaybeUninit::<[u64; 2]>::uninit();
+    // SAFETY: the helper writes 16 bytes (NUL padded) into the buffer, or zeroes it on error.
+    unsafe {
+        bpf_get_current_comm(c.as_mut_ptr().cast::<c_void>(), 16);
+        c.assume_init()
+    }
+}
+
+/// The cheap filter every handler starts with.
+#[inline(always)]
+fn is_php(cfg: &MonitorConfig) -> bool {
+    cfg.comm_matches(&comm_words())
+}
+
+#[inline(always)]
+fn pid_tgid() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_current_pid_tgid() }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn xadd(p: *mut u64, v: u64) {
+    // SAFETY: p points into a map value the caller just looked up; BPF atomic add.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v);
+    }
+}
+
+/// Word-by-word copy. Volatile so LLVM cannot turn it back into a `memcpy`/`memmove` call,
+/// which BPF only has as a slow out-of-line byte loop.
+#[inline(always)]
+unsafe fn copy_words(dst: *mut u64, src: *const u64, n: usize) {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: the caller passes n words valid at both pointers.
+        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+        i += 1;
+    }
+}
+
+/// Word-by-word zeroing; volatile for the same reason as `copy_words`.
+#[inline(always)]
+unsafe fn zero_words(dst: *mut u64, n: usize) {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: the caller passes n writable words.
+        unsafe { dst.add(i).write_volatile(0) };
+        i += 1;
+    }
+}
+
+/// Stores the current comm into a 16-byte field (8-aligned in every shared type).
+#[inline(always)]
+unsafe fn put_comm(dst: *mut [u8; 16]) {
+    let c = comm_words();
+    // SAFETY: dst is a writable, 8-aligned 16-byte field.
+    unsafe { copy_words(dst.cast::<u64>(), c.as_ptr(), 2) };
+}
+
+/// Which of the agent's sockets a user `sockaddr` names, reading it from user memory only
+/// when its length can be one of them.
+#[inline(always)]
+fn match_addr(cfg: &MonitorConfig, addr: u64, addr_len: u64) -> Option<u32> {
+    if addr == 0 || cfg.min_addr_len == 0 || addr_len < cfg.min_addr_len as u64 {
+        return None;
+    }
+    if addr_len > SA_UN_LEN {
+        return None;
+    }
+    let n = (addr_len as u32) & 0x7f; // <= 110; the mask spells the bound out for the verifier
+    let mut sa = MaybeUninit::<[u64; SA_WORDS]>::uninit();
+    // SAFETY: reads n <= 110 bytes of user memory into a 112-byte buffer; bytes past n stay
+    // uninitialised and `matches` masks them out.
+    let r =
+        unsafe { bpf_probe_read_user(sa.as_mut_ptr().cast::<c_void>(), n, addr as *const c_void) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: see above; every byte `matches` looks at unmasked was written.
+    let sa = unsafe { sa.assume_init_ref() };
+    if cfg.sock[SockKind::Dgram as usize].matches(sa, addr_len) {
+        Some(SockKind::Dgram as u32)
+    } else if cfg.sock[SockKind::Stream as usize].matches(sa, addr_len) {
+        Some(SockKind::Stream as u32)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn conn_kind(tgid: u32, fd: u32) -> Option<u32> {
+    // SAFETY: value copied out immediately.
+    unsafe { CONNS.get(ConnKey { tgid, fd }) }.map(|c| c.kind)
+}
+
+#[inline(always)]
+fn begin(pid_tgid: u64, fd: u32, kind: u32, op: u32, connected: u32) {
+    let v = Inflight {
+        ts_ns: now_ns(),
+        fd,
+        kind,
+        op,
+        connected,
+    };
+    let _ = INFLIGHT.insert(pid_tgid, v, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enter handlers
+
+#[tracepoint]
+pub fn enter_sendto(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_sendto(&ctx);
+    0
+}
+
+fn try_enter_sendto(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let fd = field::<u64>(ctx, ARG0) as u32;
+    let addr = field::<u64>(ctx, SENDTO_ADDR);
+    let addr_len = field::<u64>(ctx, SENDTO_ADDRLEN);
+    let id = pid_tgid();
+    if addr == 0 || addr_len == 0 {
+        // send(2) on a connected socket (PHP's udg:// and unix:// streams).
+        let kind = conn_kind((id >> 32) as u32, fd)?;
+        begin(id, fd, kind, OP_SEND, 1);
+    } else {
+        let kind = match_addr(cfg, addr, addr_len)?;
+        begin(id, fd, kind, OP_SEND, 0);
+    }
+    Some(())
+}
+
+#[tracepoint]
+pub fn enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_sendmsg(&ctx);
+    0
+}
+
+fn try_enter_sendmsg(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let fd = field::<u64>(ctx, ARG0) as u32;
+    let msg = field::<u64>(ctx, ARG1);
+    let id = pid_tgid();
+    // user_msghdr: msg_name (ptr) at 0, msg_namelen (int) at 8.
+    let mut hdr = MaybeUninit::<[u64; 2]>::uninit();
+    // SAFETY: 16 bytes into a 16-byte buffer.
+    let r =
+        unsafe { bpf_probe_read_user(hdr.as_mut_ptr().cast::<c_void>(), 16, msg as *const c_void) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: written by the successful read above.
+    let [name, namelen] = unsafe { hdr.assume_init() };
+    let namelen = namelen & 0xffff_ffff;
+    if name == 0 || namelen == 0 {
+        let kind = conn_kind((id >> 32) as u32, fd)?;
+        begin(id, fd, kind, OP_SEND, 1);
+    } else {
+        let kind = match_addr(cfg, name, namelen)?;
+        begin(id, fd, kind, OP_SEND, 0);
+    }
+    Some(())
+}
+
+#[tracepoint]
+pub fn enter_write(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_write(&ctx);
+    0
+}
+
+fn try_enter_write(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let fd = field::<u64>(ctx, ARG0) as u32;
+    let id = pid_tgid();
+    let kind = conn_kind((id >> 32) as u32, fd)?;
+    begin(id, fd, kind, OP_SEND, 1);
+    Some(())
+}
+
+#[tracepoint]
+pub fn enter_connect(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_connect(&ctx);
+    0
+}
+
+fn try_enter_connect(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let fd = field::<u64>(ctx, ARG0) as u32;
+    let addr = field::<u64>(ctx, ARG1);
+    let addr_len = field::<u64>(ctx, ARG2);
+    let kind = match_addr(cfg, addr, addr_len)?;
+    begin(pid_tgid(), fd, kind, OP_CONNECT, 0);
+    Some(())
+}
+
+/// close(2) releases the fd whatever it returns, so only the enter side is needed.
+#[tracepoint]
+pub fn enter_close(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_close(&ctx);
+    0
+}
+
+fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let fd = field::<u64>(ctx, ARG0) as u32;
+    let tgid = (pid_tgid() >> 32) as u32;
+    let _ = CONNS.remove(ConnKey { tgid, fd });
+    Some(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exit handlers
+
+#[tracepoint]
+pub fn exit_sendto(ctx: TracePointContext) -> u32 {
+    let _ = try_exit(&ctx, OP_SEND);
+    0
+}
+
+#[tracepoint]
+pub fn exit_sendmsg(ctx: TracePointContext) -> u32 {
+    let _ = try_exit(&ctx, OP_SEND);
+    0
+}
+
+#[tracepoint]
+pub fn exit_write(ctx: TracePointContext) -> u32 {
+    let _ = try_exit(&ctx, OP_SEND);
+    0
+}
+
+#[tracepoint]
+pub fn exit_connect(ctx: TracePointContext) -> u32 {
+    let _ = try_exit(&ctx, OP_CONNECT);
+    0
+}
+
+#[inline(always)]
+fn proc_sends(tgid: u32) -> Option<*mut ProcSends> {
+    if let Some(p) = PROC_SENDS.get_ptr_mut(tgid) {
+        return Some(p);
+    }
+    let _ = PROC_SENDS.insert(tgid, &ZERO_PROC, BPF_NOEXIST as u64);
+    PROC_SENDS.get_ptr_mut(tgid)
+}
+
+#[inline(always)]
+fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let id = pid_tgid();
+    // SAFETY: copied out before the entry is removed.
+    let inf = unsafe { *INFLIGHT.get(id)? };
+    let _ = INFLIGHT.remove(id);
+    if inf.op != op {
+        return None;
+    }
+    let now = now_ns();
+    let ret = field::<i64>(ctx, EXIT_RET);
+    let tgid = (id >> 32) as u32;
+    let kind = (inf.kind & 1) as usize;
+
+    if op == OP_CONNECT {
+        if ret == 0 {
+            let key = ConnKey { tgid, fd: inf.fd };
+            let v = ConnInfo {
+                kind: inf.kind,
+                _pad: 0,
+                eagain_since_ns: 0,
+            };
+            let _ = CONNS.insert(key, v, 0);
+            aya_log_ebpf::debug!(
+                ctx,
+                "tgid {} connected fd {} to agent socket kind {}",
+                tgid,
+                inf.fd,
+                inf.kind
+            );
+            return Some(());
+        }
+        // A failed connect to the agent's socket is a profile PHP could not send.
+        count_failure(tgid, kind, ret, now)?;
+        return Some(());
+    }
+
+    let lat = now.wrapping_sub(inf.ts_ns);
+    // Stream backpressure: time from a connection's first EAGAIN to its next success.
+    let mut blocked = 0u64;
+    if inf.connected != 0
+        && kind == SockKind::Stream as usize
+        && let Some(c) = CONNS.get_ptr_mut(ConnKey { tgid, fd: inf.fd })
+    {
+        // SAFETY: map value pointer; one thread of one process uses an fd at a time, and a
+        // lost race here only misplaces a waiting interval, never a count.
+        unsafe {
+            if ret == EAGAIN_RET {
+                if (*c).eagain_since_ns == 0 {
+                    (*c).eagain_since_ns = inf.ts_ns;
+                }
+            } else if ret >= 0 && (*c).eagain_since_ns != 0 {
+                blocked = now.wrapping_sub((*c).eagain_since_ns);
+                (*c).eagain_since_ns = 0;
+            }
+        }
+    }
+
+    if let Some(h) = HOST_SENDS.get_ptr_mut(kind as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe {
+            let c: &mut SendCounters = &mut (*h).c;
+            if ret >= 0 {
+                c.ok += 1;
+                c.bytes += ret as u64;
+            } else {
+                let e = err_index(ret);
+                if let Some(x) = c.err.get_mut(e) {
+                    *x += 1;
+                }
+            }
+            c.lat_ns_sum += lat;
+            c.blocked_ns += blocked;
+            if let Some(b) = (*h).hist.get_mut(lat_bucket(lat)) {
+                *b += 1;
+            }
+        }
+    }
+
+    let p = proc_sends(tgid)?;
+    // SAFETY: map value pointer; every update is an atomic add.
+    unsafe {
+        let c: *mut SendCounters = &raw mut (*p).sock[kind];
+        if ret >= 0 {
+            xadd(&raw mut (*c).ok, 1);
+            xadd(&raw mut (*c).bytes, ret as u64);
+        } else {
+            let e = err_index(ret);
+            if e < apm_common::ERR_KINDS {
+                xadd(&raw mut (*c).err[e], 1);
+            }
+        }
+        xadd(&raw mut (*c).lat_ns_sum, lat);
+        if blocked != 0 {
+            xadd(&raw mut (*c).blocked_ns, blocked);
+        }
+        if ret < 0 && kind == SockKind::Dgram as usize {
+            maybe_drop_event(cfg, p, tgid, now);
+        }
+    }
+    Some(())
+}
+
+/// Counts a failed connect (no latency: it is not a send).
+#[inline(always)]
+fn count_failure(tgid: u32, kind: usize, ret: i64, _now: u64) -> Option<()> {
+    let e = err_index(ret);
+    if let Some(h) = HOST_SENDS.get_ptr_mut(kind as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe {
+            if let Some(x) = (*h).c.err.get_mut(e) {
+                *x += 1;
+            }
+        }
+    }
+    let p = proc_sends(tgid)?;
+    if e < apm_common::ERR_KINDS {
+        // SAFETY: map value pointer; atomic add.
+        unsafe { xadd(&raw mut (*p).sock[kind].err[e], 1) };
+    }
+    Some(())
+}
+
+/// One event when a process starts dropping datagrams after a quiet gap: the agent logs it
+/// at once instead of at its next poll.
+#[inline(always)]
+unsafe fn maybe_drop_event(cfg: &MonitorConfig, p: *mut ProcSends, tgid: u32, now: u64) {
+    // SAFETY (whole body): p is a live map value pointer.
+    unsafe {
+        let last = (*p).last_drop_ns;
+        (*p).last_drop_ns = now;
+        if last != 0 && now.wrapping_sub(last) < cfg.drop_event_gap_ns {
+            return;
+        }
+        let drops = (*p).sock[SockKind::Dgram as usize].err;
+        let mut total = 0u64;
+        let mut i = 0;
+        while i < apm_common::ERR_KINDS {
+            total += drops[i];
+            i += 1;
+        }
+        if let Some(mut e) = EVENTS.reserve::<DropEvent>(0) {
+            let ev = e.as_mut_ptr();
+            (*ev).hdr = EventHeader {
+                kind: EventKind::DropBurst as u32,
+                tgid,
+                ts_ns: now,
+            };
+            (*ev).drops_total = total;
+            put_comm(&raw mut (*ev).comm);
+            e.submit(0);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+#[tracepoint]
+pub fn rss_stat(ctx: TracePointContext) -> u32 {
+    let _ = try_rss_stat(&ctx);
+    0
+}
+
+fn try_rss_stat(ctx: &TracePointContext) -> Option<()> {
+    let member = field::<i32>(ctx, RSS_MEMBER);
+    if member < 0 || member as usize >= RSS_MEMBERS {
+        return None;
+    }
+    let member = member as usize;
+    let cfg = config()?;
+    let mm_id = field::<u32>(ctx, RSS_MM_ID);
+    let curr = field::<u32>(ctx, RSS_CURR);
+    let size = field::<i64>(ctx, RSS_SIZE);
+    let size = if size < 0 { 0 } else { size as u64 };
+
+    let tgid = if curr != 0 {
+        let tgid = (pid_tgid() >> 32) as u32;
+        if tgid != cfg.agent_tgid && !is_php(cfg) {
+            return None;
+        }
+        tgid
+    } else {
+        // SAFETY: value copied out.
+        unsafe { *MM_OWNER.get(mm_id)? }
+    };
+
+    let e = match RSS.get_ptr_mut(tgid) {
+        Some(e) => e,
+        None => {
+            if curr == 0 {
+                return None;
+            }
+            let _ = RSS.insert(tgid, &ZERO_RSS, BPF_NOEXIST as u64);
+            let _ = MM_OWNER.insert(mm_id, tgid, 0);
+            let e = RSS.get_ptr_mut(tgid)?;
+            // SAFETY: map value pointer of the entry just created.
+            unsafe {
+                (*e).mm_id = mm_id;
+                put_comm(&raw mut (*e).comm);
+            }
+            e
+        }
+    };
+    // SAFETY: map value pointer; rss_stat for one mm is serialised by the mm's owner in the
+    // common case, and a lost race only leaves a member one event stale.
+    unsafe {
+        if curr != 0 && (*e).mm_id != mm_id {
+            // exec gave the process a new mm: the old members mean nothing for it, and the
+            // agent re-reads /proc for the members the new mm has no event for yet.
+            let _ = MM_OWNER.remove((*e).mm_id);
+            let _ = MM_OWNER.insert(mm_id, tgid, 0);
+            (*e).mm_id = mm_id;
+            zero_words((&raw mut (*e).member).cast::<u64>(), RSS_MEMBERS);
+            (&raw mut (*e).seen).write_volatile(0);
+        }
+        if let Some(m) = (*e).member.get_mut(member) {
+            *m = size;
+        }
+        (*e).seen |= 1 << member;
+        let rss = (*e).rss();
+        if rss > (*e).peak {
+            (*e).peak = rss;
+        }
+        let th = cfg.rss_threshold_bytes;
+        if th != 0 {
+            if rss >= th && (*e).over == 0 {
+                (*e).over = 1;
+                if let Some(mut ev) = EVENTS.reserve::<RssEvent>(0) {
+                    let p = ev.as_mut_ptr();
+                    (*p).hdr = EventHeader {
+                        kind: EventKind::RssOverThreshold as u32,
+                        tgid,
+                        ts_ns: now_ns(),
+                    };
+                    (*p).rss_bytes = rss;
+                    (*p).threshold_bytes = th;
+                    copy_words(
+                        (&raw mut (*p).comm).cast::<u64>(),
+                        (&raw const (*e).comm).cast::<u64>(),
+                        2,
+                    );
+                    ev.submit(0);
+                }
+            } else if rss < th - (th >> RSS_REARM_SHIFT) && (*e).over != 0 {
+                (*e).over = 0;
+            }
+        }
+    }
+    Some(())
+}
+
+#[tracepoint]
+pub fn process_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_process_exit(&ctx);
+    0
+}
+
+fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
+    // Only the last thread of a process retires it.
+    if field::<u8>(ctx, EXIT_GROUP_DEAD) == 0 {
+        return None;
+    }
+    let tgid = (pid_tgid() >> 32) as u32;
+    let rss = RSS.get_ptr(tgid);
+    let sends = PROC_SENDS.get_ptr(tgid);
+    if rss.is_none() && sends.is_none() {
+        return None;
+    }
+    // Without room in the ring buffer the entries stay: the agent's sweep retires processes
+    // that are gone, so their totals are not lost.
+    let mut ev = EVENTS.reserve::<ExitEvent>(0)?;
+    let p = ev.as_mut_ptr();
+    // SAFETY: p is the reserved ring-buffer record; rss/sends are live map value pointers.
+    unsafe {
+        (*p).hdr = EventHeader {
+            kind: EventKind::WorkerExit as u32,
+            tgid,
+            ts_ns: now_ns(),
+        };
+        copy_words(
+            (&raw mut (*p).comm).cast::<u64>(),
+            ctx.as_ptr().cast::<u8>().add(EXIT_COMM).cast::<u64>(),
+            2,
+        );
+        let mut had = 0;
+        match rss {
+            Some(r) => {
+                had |= EXIT_HAD_RSS;
+                (*p).peak_rss = (*r).peak;
+                (*p).last_rss = (*r).rss();
+                (*p).rss_seen = (*r).seen;
+                let _ = MM_OWNER.remove((*r).mm_id);
+            }
+            None => {
+                // Volatile: plain stores here get merged into a memset call.
+                (&raw mut (*p).peak_rss).write_volatile(0);
+                (&raw mut (*p).last_rss).write_volatile(0);
+                (&raw mut (*p).rss_seen).write_volatile(0);
+            }
+        }
+        match sends {
+            Some(s) => {
+                had |= EXIT_HAD_SENDS;
+                copy_words(
+                    (&raw mut (*p).sends).cast::<u64>(),
+                    (&raw const (*s).sock).cast::<u64>(),
+                    SENDS_WORDS,
+                );
+            }
+            None => zero_words((&raw mut (*p).sends).cast::<u64>(), SENDS_WORDS),
+        }
+        (*p).had = had;
+    }
+    // Removed before the event is visible: the agent never sees the entry after the event.
+    let _ = RSS.remove(tgid);
+    let _ = PROC_SENDS.remove(tgid);
+    ev.submit(0);
+    Some(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Empty programs on the send tracepoints, for overhead baselines (`xtask bench`).
+
+#[tracepoint]
+pub fn noop_enter_sendto(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[tracepoint]
+pub fn noop_exit_sendto(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable by construction (no indexing or arithmetic that can panic is left); the
+    // verifier rejects the loop if it ever becomes reachable.
+    loop {}
+}

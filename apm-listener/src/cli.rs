@@ -1,0 +1,142 @@
+//! Command line of `apm-listener`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::server::{Faults, ListenerConfig, TlsFiles};
+
+const FAULTS: &str = "Fault injection (tests only)";
+
+/// Reference central listener: stores each profile once, acks after the write.
+#[derive(Debug, Parser)]
+#[command(name = "apm-listener", version)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free port (printed on the ready line).
+    #[arg(long, default_value = "127.0.0.1:7421")]
+    pub listen: SocketAddr,
+    /// Output file: one JSON line per stored profile; appended, never truncated except for a
+    /// torn tail at start.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Require `authorization: Bearer TOKEN` on every stream.
+    #[arg(long, env = "APM_LISTENER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// fdatasync the output file before acking (survives power loss); default: ack once
+    /// write(2) returned (survives a listener crash, not a host crash).
+    #[arg(long)]
+    pub fsync: bool,
+    /// Seconds between stats log lines; 0 turns them off.
+    #[arg(long, default_value_t = 10)]
+    pub stats_interval: u64,
+    /// After storing the N-th batch (1-based, across connections), drop its stream with an
+    /// error without acking it; once.
+    #[arg(long, value_name = "N", help_heading = FAULTS)]
+    pub drop_before_ack: Option<u64>,
+    /// Delay every ack by MS milliseconds after its write.
+    #[arg(long, value_name = "MS", default_value_t = 0, help_heading = FAULTS)]
+    pub ack_delay: u64,
+    /// Answer the first N batches RETRY without storing them.
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = FAULTS)]
+    pub fail_first: u64,
+}
+
+impl Args {
+    pub fn into_config(self) -> ListenerConfig {
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
+        ListenerConfig {
+            listen: self.listen,
+            out: self.out,
+            token: self.token.filter(|t| !t.is_empty()),
+            tls,
+            fsync: self.fsync,
+            faults: Faults {
+                drop_before_ack: self.drop_before_ack.filter(|&n| n > 0),
+                ack_delay: Duration::from_millis(self.ack_delay),
+                fail_first: self.fail_first,
+            },
+            stats_interval: Duration::from_secs(self.stats_interval),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("apm-listener").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = parse(&["--out", "x.jsonl"]).expect("parses").into_config();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:7421");
+        assert_eq!(cfg.out, PathBuf::from("x.jsonl"));
+        assert!(cfg.token.is_none() && cfg.tls.is_none() && !cfg.fsync);
+        assert_eq!(cfg.faults.drop_before_ack, None);
+        assert_eq!(cfg.faults.fail_first, 0);
+        assert!(cfg.faults.ack_delay.is_zero());
+    }
+
+    #[test]
+    fn all_flags() {
+        let cfg = parse(&[
+            "--listen",
+            "0.0.0.0:0",
+            "--out",
+            "o",
+            "--token",
+            "s3",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--fsync",
+            "--drop-before-ack",
+            "3",
+            "--ack-delay",
+            "250",
+            "--fail-first",
+            "2",
+        ])
+        .expect("parses")
+        .into_config();
+        assert_eq!(cfg.listen.port(), 0);
+        assert_eq!(cfg.token.as_deref(), Some("s3"));
+        let tls = cfg.tls.expect("tls");
+        assert_eq!(
+            (tls.cert, tls.key),
+            (PathBuf::from("c.pem"), PathBuf::from("k.pem"))
+        );
+        assert!(cfg.fsync);
+        assert_eq!(cfg.faults.drop_before_ack, Some(3));
+        assert_eq!(cfg.faults.ack_delay, Duration::from_millis(250));
+        assert_eq!(cfg.faults.fail_first, 2);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let e = parse(&[]).expect_err("--out is required").to_string();
+        assert!(e.contains("--out"), "{e}");
+        let e = parse(&["--out", "o", "--tls-cert", "c.pem"])
+            .expect_err("needs key")
+            .to_string();
+        assert!(e.contains("--tls-key"), "{e}");
+        let e = parse(&["--out", "o", "--listen", "nowhere"])
+            .expect_err("bad addr")
+            .to_string();
+        assert!(e.contains("--listen"), "{e}");
+    }
+}

@@ -1,0 +1,287 @@
+//! Starting and stopping the listener: recovery, the writer thread, the gRPC server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apm_proto::collector_server::CollectorServer;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::service::{CollectorService, Shared};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::store::{self, StoreError, Writer, WriterMsg, WriterOptions};
+
+/// Largest accepted (decompressed) batch.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Batches queued for the writer, over all streams.
+const WRITER_QUEUE: usize = 256;
+/// How long shutdown waits for streams to ack what was stored and for connections to close.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read TLS {what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid TLS configuration (check --tls-cert and --tls-key): {0}")]
+    Tls(tonic::transport::Error),
+    #[error("gRPC server failed: {0}")]
+    Serve(tonic::transport::Error),
+    #[error("gRPC server stopped unexpectedly")]
+    Stopped,
+    #[error("recovering the output file panicked or was cancelled: {0}")]
+    Join(tokio::task::JoinError),
+}
+
+/// PEM files of the server certificate (chain) and its private key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Fault injection for tests: never set these in production.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// After storing the N-th batch (1-based, across connections), drop its stream without the
+    /// ack, once.
+    pub drop_before_ack: Option<u64>,
+    /// Every ack waits this long after its write completed.
+    pub ack_delay: Duration,
+    /// Answer the first N batches RETRY without storing them.
+    pub fail_first: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    pub out: PathBuf,
+    /// Require `authorization: Bearer <token>`.
+    pub token: Option<String>,
+    pub tls: Option<TlsFiles>,
+    /// fdatasync each group before acking (else: acked once write(2) returned).
+    pub fsync: bool,
+    pub faults: Faults,
+    /// Period of the stats log line; zero disables it (the exit line stays).
+    pub stats_interval: Duration,
+}
+
+impl ListenerConfig {
+    pub fn new(listen: SocketAddr, out: PathBuf) -> Self {
+        Self {
+            listen,
+            out,
+            token: None,
+            tls: None,
+            fsync: false,
+            faults: Faults::default(),
+            stats_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running listener.
+pub struct Listener {
+    local_addr: SocketAddr,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    writer_tx: mpsc::Sender<WriterMsg>,
+    writer: std::thread::JoinHandle<()>,
+    ticker: JoinHandle<()>,
+    started: Instant,
+}
+
+impl Listener {
+    /// Recovers the output file, starts the writer, binds and serves.
+    pub async fn start(cfg: ListenerConfig) -> Result<Self, ServerError> {
+        let out = cfg.out.clone();
+        let (file, seen, rec) = tokio::task::spawn_blocking(move || store::open(&out))
+            .await
+            .map_err(ServerError::Join)??;
+        info!(
+            path = %cfg.out.display(),
+            batches = rec.batches,
+            lines = rec.lines,
+            agents = seen.len(),
+            ranges = seen.values().map(|s| s.range_count()).sum::<usize>(),
+            foreign_lines = rec.foreign_lines,
+            broken_batches = rec.broken_batches,
+            truncated_bytes = rec.truncated_bytes,
+            "output file recovered"
+        );
+
+        let tls = match &cfg.tls {
+            Some(files) => {
+                let read = |what, path: &PathBuf| {
+                    std::fs::read(path).map_err(|source| ServerError::TlsFile {
+                        what,
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                let identity =
+                    Identity::from_pem(read("certificate", &files.cert)?, read("key", &files.key)?);
+                Some(ServerTlsConfig::new().identity(identity))
+            }
+            None => None,
+        };
+
+        let stats = Arc::new(Stats::default());
+        let opts = WriterOptions {
+            fsync: cfg.fsync,
+            fail_first: cfg.faults.fail_first,
+            drop_before_ack: cfg.faults.drop_before_ack,
+        };
+        let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
+        let writer = Writer::new(file, cfg.out.clone(), rec.len, seen, opts, stats.clone())
+            .spawn(writer_rx)?;
+
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            writer: writer_tx.clone(),
+            stats: stats.clone(),
+            expected_auth: cfg.token.as_ref().map(|t| format!("Bearer {t}")),
+            ack_delay: cfg.faults.ack_delay,
+            shutdown: shutdown.clone(),
+        });
+        let svc = CollectorServer::new(CollectorService::new(shared))
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut builder = Server::builder()
+            // Large windows: a batch of 1 KiB profiles is ~1 MiB, and 64 KiB windows would
+            // cost a round trip every 64 KiB.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).map_err(ServerError::Tls)?;
+        }
+        let signal = shutdown.clone();
+        let serve = tokio::spawn(
+            builder
+                .add_service(svc)
+                .serve_with_incoming_shutdown(incoming, async move { signal.cancelled().await }),
+        );
+
+        let ticker = tokio::spawn(stats_ticker(stats.clone(), cfg.stats_interval));
+        info!(
+            addr = %local_addr,
+            out = %cfg.out.display(),
+            tls = cfg.tls.is_some(),
+            token = cfg.token.is_some(),
+            fsync = cfg.fsync,
+            "apm-listener serving"
+        );
+        if cfg.faults.drop_before_ack.is_some()
+            || cfg.faults.fail_first > 0
+            || !cfg.faults.ack_delay.is_zero()
+        {
+            warn!(faults = ?cfg.faults, "fault injection is on: for tests only");
+        }
+        Ok(Self {
+            local_addr,
+            stats,
+            shutdown,
+            serve,
+            writer_tx,
+            writer,
+            ticker,
+            started: Instant::now(),
+        })
+    }
+
+    /// The bound address (the real port with `--listen 127.0.0.1:0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Resolves if the gRPC server stops by itself (it should not before `shutdown`).
+    pub async fn failed(&mut self) -> ServerError {
+        match (&mut self.serve).await {
+            Ok(Err(e)) => ServerError::Serve(e),
+            Ok(Ok(())) => ServerError::Stopped,
+            Err(e) => ServerError::Join(e),
+        }
+    }
+
+    /// Stops accepting, lets every stream ack what was stored, finishes the writes, and logs the
+    /// final stats.
+    pub async fn shutdown(self) -> Result<StatsSnapshot, ServerError> {
+        self.shutdown.cancel();
+        let mut serve = self.serve;
+        let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut serve).await {
+            Ok(Ok(r)) => r.map_err(ServerError::Serve),
+            Ok(Err(e)) => Err(ServerError::Join(e)),
+            Err(_) => {
+                warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+                serve.abort();
+                Ok(())
+            }
+        };
+        self.ticker.abort();
+        // Everything queued before Stop is written and answered; later batches are not acked.
+        let _ = self.writer_tx.send(WriterMsg::Stop).await;
+        drop(self.writer_tx);
+        let writer = self.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        let snap = self.stats.snapshot();
+        snap.log(
+            "apm-listener stopped",
+            &StatsSnapshot::default(),
+            self.started.elapsed().as_secs_f64(),
+        );
+        served.map(|()| snap)
+    }
+}
+
+async fn stats_ticker(stats: Arc<Stats>, every: Duration) {
+    if every.is_zero() {
+        return;
+    }
+    let mut prev = stats.snapshot();
+    let mut last = Instant::now();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        let now = stats.snapshot();
+        now.log("apm-listener stats", &prev, last.elapsed().as_secs_f64());
+        prev = now;
+        last = Instant::now();
+    }
+}

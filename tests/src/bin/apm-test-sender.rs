@@ -1,0 +1,108 @@
+//! A PHP-like test sender: sends JSON profiles with unique ids to a Unix datagram socket with
+//! `sendto(2)` (what PHP's socket_sendto does; std's `send` would be write(2)), and prints what
+//! it observed itself as JSON: `{"sent": n, "eagain": n, "errors": {"<errno>": n}}`.
+//!
+//! apm-test-sender --socket PATH --count N --prefix ID [--size BYTES] [--nonblocking]
+//!                 [--comm NAME] [--stream] [--invalid-every K]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let socket = arg(&args, "--socket").expect("--socket PATH");
+    let count: u64 = arg(&args, "--count").map_or(1000, |v| v.parse().expect("--count"));
+    let prefix = arg(&args, "--prefix").unwrap_or_else(|| format!("p{}", std::process::id()));
+    let size: usize = arg(&args, "--size").map_or(200, |v| v.parse().expect("--size"));
+    let invalid_every: u64 =
+        arg(&args, "--invalid-every").map_or(0, |v| v.parse().expect("--invalid-every"));
+    let nonblocking = args.iter().any(|a| a == "--nonblocking");
+    let stream = args.iter().any(|a| a == "--stream");
+    if let Some(comm) = arg(&args, "--comm") {
+        let c = std::ffi::CString::new(comm).expect("comm");
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes).
+        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) };
+    }
+    let mut sent = 0u64;
+    let mut eagain = 0u64;
+    let mut invalid_sent = 0u64;
+    let mut errors: BTreeMap<i32, u64> = BTreeMap::new();
+    if stream {
+        let mut s =
+            std::os::unix::net::UnixStream::connect(&socket).expect("connect stream socket");
+        for i in 0..count {
+            let body = profile(&prefix, i, size);
+            s.write_all(&(body.len() as u32).to_be_bytes())
+                .expect("write");
+            s.write_all(&body).expect("write");
+            sent += 1;
+        }
+    } else {
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket");
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as u16;
+        for (d, s) in addr.sun_path.iter_mut().zip(socket.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        // PHP passes addrlen = 2 + strlen(path), no NUL.
+        let alen = (2 + socket.len()) as libc::socklen_t;
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        for i in 0..count {
+            let invalid = invalid_every > 0 && i % invalid_every == invalid_every - 1;
+            let body = if invalid {
+                b"{\"torn\":".to_vec()
+            } else {
+                profile(&prefix, i, size)
+            };
+            let r = unsafe {
+                libc::sendto(
+                    fd,
+                    body.as_ptr().cast(),
+                    body.len(),
+                    flags,
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    alen,
+                )
+            };
+            if r >= 0 {
+                if invalid {
+                    invalid_sent += 1;
+                } else {
+                    sent += 1;
+                }
+            } else {
+                let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                if e == libc::EAGAIN {
+                    eagain += 1;
+                } else {
+                    *errors.entry(e).or_default() += 1;
+                }
+            }
+        }
+        unsafe { libc::close(fd) };
+    }
+    let errors: serde_json::Map<String, serde_json::Value> = errors
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"sent": sent, "eagain": eagain, "invalid_sent": invalid_sent, "errors": errors, "pid": std::process::id()})
+    );
+}
+
+fn profile(prefix: &str, i: u64, size: usize) -> Vec<u8> {
+    let mut v =
+        format!(r#"{{"id":"{prefix}-{i}","uri":"/t/{i}","status":200,"pad":""#).into_bytes();
+    let pad = size.saturating_sub(v.len() + 2);
+    v.extend(std::iter::repeat_n(b'x', pad));
+    v.extend_from_slice(b"\"}");
+    v
+}

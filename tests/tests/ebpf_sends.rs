@@ -1,0 +1,264 @@
+//! Privileged: kernel-seen send counts against what the senders observed themselves.
+//! Runs as root (CI); fails in CI when eBPF cannot load, skips with a reason elsewhere.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use apm_agent::monitor::{EbpfStatus, ErrnoCounts, WorkerStatus};
+use apm_tests::ebpf::{AddrStyle, Outcome, Sender, TestMonitor, drain};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn errnos(o: &Outcome) -> ErrnoCounts {
+    ErrnoCounts::from_err(&o.err)
+}
+
+fn worker(s: &EbpfStatus, pid: u32) -> Option<&WorkerStatus> {
+    s.workers.iter().find(|w| w.pid == pid)
+}
+
+#[test]
+fn ebpf_kernel_counts_equal_sender_counts_per_errno() {
+    let Some(m) = TestMonitor::start("ebpf_kernel_counts_equal_sender_counts_per_errno", |_| {})
+    else {
+        return;
+    };
+    // Forked before any socket exists, so the child holds no copy of the receiver.
+    let child = Sender::spawn("php-fpm8.2");
+    let other_path = m.dir.path().join("not-the-agent.sock");
+    let other = UnixDatagram::bind(&other_path).unwrap();
+    let rx = UnixDatagram::bind(&m.dgram).unwrap();
+    let mut expected = Outcome::default();
+    let mut received = 0;
+
+    // Nobody reads: the queue fills and the rest fail with EAGAIN.
+    let o = child.send(&m.dgram, 40, 100, AddrStyle::Php, 1);
+    assert!(o.ok > 0 && o.err[0] > 0, "queue never filled: {o:?}");
+    expected.add(&o);
+    let (n, _) = drain(&rx);
+    assert_eq!(n, o.ok, "receiver saw what the sender sent");
+    received += n;
+
+    // C-style address (whole sockaddr_un, NUL after the path), after draining: all succeed.
+    let o = child.send(&m.dgram, 5, 200, AddrStyle::Full, 1);
+    assert_eq!(o.ok, 5, "{o:?}");
+    expected.add(&o);
+    received += drain(&rx).0;
+
+    // Larger than the socket buffer: EMSGSIZE.
+    let o = child.send(&m.dgram, 1, 250_000, AddrStyle::Php, 1);
+    assert_eq!(o.err[2], 1, "{o:?}");
+    expected.add(&o);
+
+    // Sends to another socket are not the agent's business.
+    let o = child.send(&other_path, 7, 100, AddrStyle::Php, 1);
+    assert_eq!(o.ok, 7);
+    drain(&other);
+
+    // The socket file stays but nobody is bound: ECONNREFUSED.
+    drop(rx);
+    let o = child.send(&m.dgram, 3, 100, AddrStyle::Php, 1);
+    assert_eq!(o.err[4], 3, "{o:?}");
+    expected.add(&o);
+
+    // No socket file: ENOENT.
+    std::fs::remove_file(&m.dgram).unwrap();
+    let o = child.send(&m.dgram, 2, 100, AddrStyle::Php, 1);
+    assert_eq!(o.err[5], 2, "{o:?}");
+    expected.add(&o);
+    m.agent_received(received);
+
+    let pid = child.pid();
+    let s = m.wait_for(WAIT, "the child's counts", |s| {
+        worker(s, pid).is_some_and(|w| {
+            w.sends_ok == expected.ok && w.sends_failed.total() == expected.failed()
+        })
+    });
+    let w = worker(&s, pid).unwrap();
+    assert_eq!(w.sends_ok, expected.ok);
+    assert_eq!(w.bytes, expected.bytes);
+    assert_eq!(w.sends_failed, errnos(&expected), "per errno");
+    assert_eq!(
+        w.drops,
+        expected.failed(),
+        "every failed datagram send is a drop"
+    );
+    assert_eq!(w.comm, "php-fpm8.2");
+    // Host totals: only this child sent to this monitor's sockets.
+    assert_eq!(s.sends_ok, expected.ok);
+    assert_eq!(s.sends_failed, errnos(&expected));
+    assert_eq!(s.bytes, expected.bytes);
+    assert_eq!(s.dgram.ok, expected.ok);
+    assert_eq!(s.stream.ok + s.stream.failed.total(), 0);
+    assert_eq!(s.dgram.latency.count, expected.ok + expected.failed());
+    assert!(s.dgram.latency.p99_ns > 0);
+    assert_eq!(s.drops, expected.failed());
+    // Everything the kernel accepted was drained and counted by "the agent".
+    assert_eq!(s.unaccounted, 0);
+    assert!(!s.unaccounted_alarm);
+    let hs = m.monitor.host_stats();
+    assert!(hs.ebpf_enabled);
+    assert_eq!(
+        (hs.kernel_sends_ok, hs.kernel_sends_failed),
+        (expected.ok, expected.failed())
+    );
+
+    // Exit: exactly one event for this pid, with the final totals.
+    child.quit();
+    let s = m.wait_for(WAIT, "the child's exit event", |s| {
+        s.recent_exits.iter().any(|e| e.pid == pid)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = m.status();
+    let exits: Vec<_> = s2.recent_exits.iter().filter(|e| e.pid == pid).collect();
+    assert_eq!(exits.len(), 1, "one exit event: {:?}", s.recent_exits);
+    let e = exits[0];
+    assert!(!e.swept, "delivered by the kernel's exit event");
+    assert_eq!(e.sends_ok, expected.ok);
+    assert_eq!(e.sends_failed, errnos(&expected));
+    assert_eq!(e.bytes, expected.bytes);
+    assert!(worker(&s2, pid).is_none(), "retired from the live list");
+    // Retiring a process does not change host totals.
+    assert_eq!(s2.sends_ok, expected.ok);
+}
+
+#[test]
+fn ebpf_processes_that_are_not_php_are_not_counted() {
+    let Some(m) = TestMonitor::start("ebpf_processes_that_are_not_php_are_not_counted", |_| {})
+    else {
+        return;
+    };
+    let outsider = Sender::spawn("python3");
+    let php = Sender::spawn("php-fpm8.2");
+    let rx = UnixDatagram::bind(&m.dgram).unwrap();
+    let o = outsider.send(&m.dgram, 5, 64, AddrStyle::Php, 1);
+    assert_eq!(o.ok, 5);
+    drain(&rx);
+    let p = php.send(&m.dgram, 3, 64, AddrStyle::Php, 1);
+    assert_eq!(p.ok, 3);
+    drain(&rx);
+    let pid = php.pid();
+    let s = m.wait_for(WAIT, "the PHP sender's counts", |s| {
+        worker(s, pid).is_some_and(|w| w.sends_ok == 3)
+    });
+    assert!(worker(&s, outsider.pid()).is_none(), "not PHP: not watched");
+    assert_eq!(s.sends_ok, 3, "only the PHP sender is counted");
+}
+
+#[test]
+fn ebpf_concurrent_senders_lose_no_increment() {
+    let Some(m) = TestMonitor::start("ebpf_concurrent_senders_lose_no_increment", |_| {}) else {
+        return;
+    };
+    let senders: Vec<Sender> = (0..3).map(|_| Sender::spawn("php-fpm8.2")).collect();
+    let rx = UnixDatagram::bind(&m.dgram).unwrap();
+    // A reader that keeps the queue moving, so sends both succeed and fail.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let rx = rx.try_clone().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            rx.set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            let mut buf = [0u8; 512];
+            let mut n = 0u64;
+            loop {
+                match rx.recv(&mut buf) {
+                    Ok(_) => n += 1,
+                    Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => return n,
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let dgram = m.dgram.clone();
+    let outcomes: Vec<Outcome> = std::thread::scope(|sc| {
+        let hs: Vec<_> = senders
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let d = dgram.clone();
+                // The last sender uses 4 threads of one process.
+                let threads = if i == 2 { 4 } else { 1 };
+                sc.spawn(move || s.send(&d, 5000, 128, AddrStyle::Php, threads))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let got = reader.join().unwrap() + drain(&rx).0;
+    let mut total = Outcome::default();
+    for o in &outcomes {
+        total.add(o);
+    }
+    assert_eq!(got, total.ok, "receiver ground truth");
+    assert_eq!(total.ok + total.failed(), 5000 * 6);
+    m.agent_received(got);
+    let s = m.wait_for(WAIT, "all sends counted", |s| {
+        s.sends_ok + s.sends_failed.total() == 5000 * 6
+    });
+    assert_eq!(s.sends_ok, total.ok);
+    assert_eq!(s.sends_failed, errnos(&total));
+    for (snd, o) in senders.iter().zip(&outcomes) {
+        let w = worker(&s, snd.pid()).expect("every sender listed");
+        assert_eq!(
+            (w.sends_ok, w.sends_failed),
+            (o.ok, errnos(o)),
+            "pid {}",
+            snd.pid()
+        );
+    }
+    assert_eq!(s.unaccounted, 0);
+}
+
+#[test]
+fn ebpf_unaccounted_datagrams_raise_the_alarm() {
+    let Some(m) = TestMonitor::start("ebpf_unaccounted_datagrams_raise_the_alarm", |_| {}) else {
+        return;
+    };
+    let child = Sender::spawn("php-fpm8.2");
+    let rx = UnixDatagram::bind(&m.dgram).unwrap();
+    let o = child.send(&m.dgram, 5, 64, AddrStyle::Php, 1);
+    assert_eq!(o.ok, 5);
+    // The "agent" reads all five but counts only four: one lost inside the agent.
+    assert_eq!(drain(&rx).0, 5);
+    m.agent_received(4);
+    let s = m.wait_for(WAIT, "the alarm", |s| s.unaccounted_alarm);
+    assert_eq!(s.unaccounted, 1);
+    assert_eq!(s.unaccounted_alarms, 1);
+    m.agent_received(1);
+    let s = m.wait_for(WAIT, "the alarm to clear", |s| !s.unaccounted_alarm);
+    assert_eq!(s.unaccounted, 0);
+}
+
+#[test]
+fn ebpf_drops_lower_the_sample_rate() {
+    let Some(m) = TestMonitor::start("ebpf_drops_lower_the_sample_rate", |_| {}) else {
+        return;
+    };
+    assert_eq!(m.php.sample_rate(), 1.0);
+    let child = Sender::spawn("php-fpm8.2");
+    let _rx = UnixDatagram::bind(&m.dgram).unwrap();
+    let o = child.send(&m.dgram, 100, 64, AddrStyle::Php, 1);
+    assert!(o.err[0] > 50, "{o:?}");
+    let s = m.wait_for(WAIT, "a lower sample rate", |s| s.sample_rate < 1.0);
+    let low = s.sample_rate;
+    assert!(
+        low <= 0.5 && low >= 0.05,
+        "halved at least once, not below the floor: {low}"
+    );
+    let text = std::fs::read_to_string(m.php.sample_rate_path()).unwrap();
+    assert!(
+        text.trim().parse::<f64>().unwrap() <= 0.5,
+        "written where listener.php reads it"
+    );
+    assert!(s.events.drop_bursts >= 1, "a drop burst event");
+    // Calm again: it climbs back one step at a time.
+    let s = m.wait_for(WAIT, "the rate to rise again", |s| s.sample_rate > low);
+    assert!(
+        (s.sample_rate - low - 0.1).abs() < 1e-9,
+        "one step: {low} -> {}",
+        s.sample_rate
+    );
+}

@@ -1,0 +1,242 @@
+//! `cargo xtask bench`: measurements, not tests. Every figure in docs/BENCHMARKS.md comes from
+//! here; the command rewrites the marked sections of that file with the tables of this run.
+//!
+//! - `raw`: the receive limit of a Unix datagram socket on this machine: one blocking sender,
+//!   one minimal `recv` drain loop, no parsing.
+//! - `e2e`: the agent's sustained end-to-end rate to `apm-listener` (stored and acknowledged),
+//!   same sender, 1 KiB and 16 KiB profiles; agent CPU seconds per 100k profiles and peak RSS.
+//!   The sender blocks when the queue is full, so no datagram is dropped: the rate is what the
+//!   agent absorbs, and the ratio to `raw` is measured in the same run.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::live::{
+    control_status, count_lines, spawn, start_listener, wait_ready, write_agent_config,
+};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Profiles per end-to-end run.
+    #[arg(long, default_value_t = 300_000)]
+    profiles: u64,
+    /// Print only; do not rewrite docs/BENCHMARKS.md.
+    #[arg(long)]
+    no_write: bool,
+}
+
+fn payload(id: u64, size: usize) -> Vec<u8> {
+    let head = format!(r#"{{"id":"b-{id}","uri":"/bench","status":200,"pad":""#);
+    let mut v = head.into_bytes();
+    let pad = size.saturating_sub(v.len() + 2);
+    v.extend(std::iter::repeat_n(b'x', pad));
+    v.extend_from_slice(b"\"}");
+    v
+}
+
+/// Creates a datagram socket with the agent's default queue length (2048), as the agent does.
+fn bind_with_qlen(path: &Path, qlen: u32) -> Result<UnixDatagram> {
+    let sysctl = "/proc/sys/net/unix/max_dgram_qlen";
+    let old = std::fs::read_to_string(sysctl)?.trim().to_string();
+    let _ = std::fs::write(sysctl, qlen.to_string());
+    let s = UnixDatagram::bind(path);
+    let _ = std::fs::write(sysctl, &old);
+    Ok(s?)
+}
+
+fn sender(path: PathBuf, n: u64, size: usize) -> std::thread::JoinHandle<Duration> {
+    std::thread::spawn(move || {
+        let s = UnixDatagram::unbound().expect("socket");
+        let msgs: Vec<Vec<u8>> = (0..64).map(|i| payload(i, size)).collect();
+        let t = Instant::now();
+        for i in 0..n {
+            // Blocking send: waits when the queue is full, never drops.
+            while s.send_to(&msgs[(i % 64) as usize], &path).is_err() {}
+        }
+        t.elapsed()
+    })
+}
+
+/// Raw receive limit: datagrams per second a bare recv loop drains from one sender.
+fn raw(n: u64, size: usize) -> Result<f64> {
+    let dir = tempfile_dir("raw")?;
+    let path = dir.join("raw.sock");
+    let r = bind_with_qlen(&path, 2048)?;
+    let tx = sender(path.clone(), n, size);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    let mut start = None;
+    while got < n {
+        r.recv(&mut buf)?;
+        start.get_or_insert_with(Instant::now);
+        got += 1;
+    }
+    let el = start.map_or(Duration::ZERO, |s| s.elapsed());
+    tx.join().ok();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(n as f64 / el.as_secs_f64())
+}
+
+fn tempfile_dir(name: &str) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("apm-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// (utime + stime) seconds of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields after the comm: state is [0], utime [11], stime [12].
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct E2e {
+    rate: f64,
+    cpu_per_100k: f64,
+    peak_rss: f64,
+    stored: u64,
+    received: u64,
+}
+
+fn e2e(root: &Path, n: u64, size: usize) -> Result<E2e> {
+    let bin = crate::target_dir(root).join("release");
+    let dir = root.join(".run/bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("run"))?;
+    let out = dir.join("profiles.jsonl");
+    let (mut listener, addr) =
+        start_listener(&bin.join("apm-listener"), &out, &dir.join("listener.log"))?;
+    let cfg = write_agent_config(
+        &dir,
+        &format!("http://{addr}"),
+        crate::live::free_port(),
+        "off",
+    )?;
+    let log = dir.join("agent.log");
+    let mut agent = spawn(
+        Command::new(bin.join("apm-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .stderr(std::fs::File::create(&log)?),
+        "apm-agent",
+    )?;
+    wait_ready(&dir.join("run"), &mut agent, &log)?;
+    let pid = agent.child.id();
+    let cpu0 = cpu_seconds(pid);
+    let t = Instant::now();
+    let tx = sender(dir.join("run/listener.sock"), n, size);
+    let mut delivered = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while delivered < n {
+        std::thread::sleep(Duration::from_millis(20));
+        delivered = control_status(&dir.join("run"))
+            .and_then(|s| s.get("delivered").and_then(|v| v.as_u64()))
+            .unwrap_or(0);
+        if Instant::now() > deadline {
+            bail!(
+                "only {delivered} of {n} delivered after 300 s; see {}",
+                log.display()
+            );
+        }
+    }
+    let el = t.elapsed();
+    tx.join().ok();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let peak = peak_rss_mib(pid);
+    let received = control_status(&dir.join("run"))
+        .and_then(|s| s.get("received").and_then(|v| v.as_u64()))
+        .unwrap_or(0);
+    agent.terminate(Duration::from_secs(30));
+    listener.terminate(Duration::from_secs(10));
+    Ok(E2e {
+        rate: n as f64 / el.as_secs_f64(),
+        cpu_per_100k: cpu / (n as f64 / 100_000.0),
+        peak_rss: peak,
+        stored: count_lines(&out),
+        received,
+    })
+}
+
+fn replace_section(doc: &str, name: &str, body: &str) -> String {
+    let start = format!("<!-- bench:{name}:start -->");
+    let end = format!("<!-- bench:{name}:end -->");
+    match (doc.find(&start), doc.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{start}\n{body}{}", &doc[..a], &doc[b..]),
+        _ => format!("{doc}\n{start}\n{body}{end}\n"),
+    }
+}
+
+pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
+    let host = format!(
+        "{} cores, kernel {}, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        chrono_like_now()
+    );
+    let mut table = String::from(
+        "| profile size | raw drain (dgram/s) | agent end-to-end (profiles/s) | agent / raw | agent CPU s per 100k | agent peak RSS (MiB) | stored / received / sent |\n|---|---|---|---|---|---|---|\n",
+    );
+    for size in [1024usize, 16 * 1024] {
+        eprintln!("bench: raw drain, {size} B ...");
+        let r = raw(args.profiles, size)?;
+        eprintln!("bench: agent end to end, {size} B ...");
+        let e = e2e(root, args.profiles, size).context("end-to-end run")?;
+        let row = format!(
+            "| {} KiB | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {} / {} / {} |\n",
+            size / 1024,
+            r,
+            e.rate,
+            e.rate / r,
+            e.cpu_per_100k,
+            e.peak_rss,
+            e.stored,
+            e.received,
+            args.profiles
+        );
+        eprint!("{row}");
+        table.push_str(&row);
+    }
+    let body = format!(
+        "Measured by `cargo xtask bench` ({} profiles per run; {host}).\n\n{table}\n",
+        args.profiles
+    );
+    println!("{body}");
+    if !args.no_write {
+        let path = root.join("docs/BENCHMARKS.md");
+        let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+        std::fs::write(&path, replace_section(&doc, "e2e", &body))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn chrono_like_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,115 @@
+//! Installing what is missing, idempotently and out loud: the eBPF toolchain (rust-src,
+//! bpf-linker, through `ebpf.rs`), tracefs, and the Debian packages the PHP end-to-end tests,
+//! the demo and the benchmarks use. Each step says what it found or what it installs.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+/// Debian packages and why the project needs them.
+pub const ALL_PACKAGES: &[(&str, &str)] = &[
+    ("php8.2-cli", "PHP tests and the listener.php checks"),
+    (
+        "php8.2-fpm",
+        "the real PHP-FPM end-to-end test and the demo",
+    ),
+    ("nginx", "the demo's web server"),
+    ("libfcgi-bin", "cgi-fcgi, drives PHP-FPM in tests"),
+    ("supervisor", "the supervisord integration test"),
+    ("bpftrace", "the eBPF overhead benchmark's baseline"),
+];
+
+/// What `cargo xtask run` needs for the real PHP demo.
+pub const DEMO_PACKAGES: &[(&str, &str)] = &[
+    ("php8.2-cli", "the demo's PHP"),
+    ("php8.2-fpm", "the demo's PHP-FPM pool"),
+    ("nginx", "the demo's web server"),
+    ("libfcgi-bin", "cgi-fcgi"),
+];
+
+pub fn ebpf() -> Result<()> {
+    crate::ebpf::ensure_toolchain()?;
+    if let Err(e) = crate::ebpf::ensure_tracefs() {
+        eprintln!("setup: tracefs is not available ({e:#}); the agent will run without eBPF");
+    }
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+pub fn packages(list: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&(&str, &str)> = list.iter().filter(|(p, _)| !installed(p)).collect();
+    if missing.is_empty() {
+        eprintln!(
+            "setup: Debian packages present: {}",
+            list.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ")
+        );
+        return Ok(());
+    }
+    let can_apt = nix::unistd::geteuid().is_root()
+        && Command::new("apt-get").arg("--version").output().is_ok();
+    for (p, why) in &missing {
+        if can_apt {
+            eprintln!("setup: installing Debian package {p} ({why})");
+        } else {
+            eprintln!("setup: missing Debian package {p} ({why}); install it as root with apt-get");
+        }
+    }
+    if !can_apt {
+        return Ok(());
+    }
+    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    crate::run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&names),
+    )
+    .context("apt-get install failed")?;
+    Ok(())
+}
+
+/// A `cargo +nightly` for the eBPF crate, without the variables the outer cargo set.
+pub fn nightly_cargo(dir: &Path) -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo"]).current_dir(dir);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k == "RUSTC"
+            || k == "RUSTDOC"
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTFLAGS"
+            || k == "RUSTC_WRAPPER"
+            || k == "RUSTC_WORKSPACE_WRAPPER"
+            || (k.starts_with("CARGO") && k != "CARGO_HOME")
+        {
+            c.env_remove(&k);
+        }
+    }
+    c
+}
+
+/// Lints the eBPF crate on its own target.
+pub fn ebpf_clippy(root: &Path) -> Result<()> {
+    crate::run_cmd(nightly_cargo(&root.join("apm-ebpf")).args([
+        "clippy",
+        "--release",
+        "-Z",
+        "build-std=core",
+        "--target",
+        "bpfel-unknown-none",
+        "--target-dir",
+        &crate::target_dir(root).join("ebpf").to_string_lossy(),
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
