@@ -111,7 +111,7 @@ async fn seal(
     out: &mpsc::Sender<Batch>,
 ) -> Result<(), StateError> {
     let batch = Batch {
-        seq: seqs.next()?,
+        seq: seqs.allocate()?,
         profiles,
     };
     if out.send(batch).await.is_err() {

@@ -407,9 +407,8 @@ mod tests {
         let mut b = CircuitBreaker::new(cfg(), t0).with_seed(3);
         opened(&mut b, t0);
         let mut prev = open_wait(&b, t0);
-        let mut now = t0;
         for nominal in [2.0, 4.0, 8.0, 8.0, 8.0] {
-            now = b.next_attempt_at().unwrap();
+            let now = b.next_attempt_at().unwrap();
             assert_eq!(b.allow(now), Permit::Probe);
             b.on_failure(now);
             assert_eq!(b.state(), BreakerState::Open);
@@ -425,7 +424,7 @@ mod tests {
             prev = wait;
         }
         // After the first success the period starts again from retry_timeout.
-        now = b.next_attempt_at().unwrap();
+        let now = b.next_attempt_at().unwrap();
         assert_eq!(b.allow(now), Permit::Probe);
         b.on_success(now);
         assert_eq!(b.retry_timeout(), secs(1.0));

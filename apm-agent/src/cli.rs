@@ -75,13 +75,18 @@ pub enum Command {
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let cfg = match Config::load(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
+    let needs_valid = matches!(cli.command, Command::Run | Command::Start { .. } | Command::CheckConfig);
+    let (cfg, err) = Config::load_for_client(cli.config.as_deref());
+    if let Some(e) = err {
+        if needs_valid {
             eprintln!("error: {e}");
             return crate::config::EX_CONFIG;
         }
-    };
+        // The agent reports the problem itself on `reload`; other commands only need paths.
+        if !matches!(cli.command, Command::Reload) {
+            eprintln!("warning: {e} (using the [control] paths only)");
+        }
+    }
     let config_path = cli
         .config
         .as_ref()
@@ -109,9 +114,12 @@ pub fn main() -> i32 {
 fn init_logging(cfg: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&cfg.control.log_level));
+    // Colours only on a terminal: log files and the journal get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     // Under systemd the journal stamps each line itself.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     match cfg.control.log_format {
@@ -405,14 +413,14 @@ fn restart(cfg: &Config, config_path: Option<&Path>, timeout: Option<u64>) -> i3
     );
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
-        if let Ok(v) = crate::control::request(&sock, "status") {
-            if v.get("restarts").and_then(|r| r.as_u64()).unwrap_or(0) > restarts {
-                println!(
-                    "agent restarted in place (PID {})",
-                    v.get("pid").cloned().unwrap_or_default()
-                );
-                return 0;
-            }
+        if let Ok(v) = crate::control::request(&sock, "status")
+            && v.get("restarts").and_then(|r| r.as_u64()).unwrap_or(0) > restarts
+        {
+            println!(
+                "agent restarted in place (PID {})",
+                v.get("pid").cloned().unwrap_or_default()
+            );
+            return 0;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -391,6 +391,33 @@ impl Config {
         Self::from_toml_with_env(&text, &name, |k| std::env::var(k).ok())
     }
 
+    /// For commands that talk to a running agent (`reload`, `status`, `stop`, ...): they only
+    /// need the `[control]` paths, so a file broken elsewhere must not stop them (`reload` is how
+    /// the agent itself reports what is wrong with it). Falls back to defaults key by key.
+    pub fn load_for_client(path: Option<&Path>) -> (Self, Option<ConfigError>) {
+        match Self::load(path) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                let mut cfg = Config::default();
+                let text = path.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+                let control = toml::from_str::<toml::Table>(&text)
+                    .ok()
+                    .and_then(|mut t| t.remove("control"))
+                    .and_then(|c| c.try_into::<ControlConfig>().ok());
+                if let Some(c) = control {
+                    cfg.control = c;
+                }
+                if let Ok(rt) = std::env::var("APM_CONTROL_RUNTIME_DIR") {
+                    cfg.control.runtime_dir = PathBuf::from(rt);
+                }
+                if let Ok(p) = std::env::var("APM_CONTROL_PID_FILE") {
+                    cfg.control.pid_file = PathBuf::from(p);
+                }
+                (cfg, Some(e))
+            }
+        }
+    }
+
     /// Parses a TOML document (no environment); used by tests and `check-config`.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         Self::from_toml_with_env(text, "<string>", |_| None)

@@ -90,7 +90,7 @@ impl SeqAllocator {
         Ok(())
     }
 
-    pub fn next(&mut self) -> Result<u64, StateError> {
+    pub fn allocate(&mut self) -> Result<u64, StateError> {
         if self.next >= self.reserved_until {
             self.reserve()?;
         }
@@ -108,10 +108,10 @@ mod tests {
     fn seq_never_repeats_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = SeqAllocator::open(dir.path()).unwrap();
-        let first: Vec<u64> = (0..5000).map(|_| a.next().unwrap()).collect();
+        let first: Vec<u64> = (0..5000).map(|_| a.allocate().unwrap()).collect();
         drop(a); // as after a crash: no clean close
         let mut b = SeqAllocator::open(dir.path()).unwrap();
-        let n = b.next().unwrap();
+        let n = b.allocate().unwrap();
         assert!(n > *first.last().unwrap());
         assert!(first.windows(2).all(|w| w[1] == w[0] + 1));
     }

@@ -174,7 +174,7 @@ impl Transport {
                     tracing::warn!(endpoint = %self.cfg.endpoint, error = %error, "cannot connect to the central listener");
                     let _ = outcomes.send(Outcome::ConnectFailed { error });
                     tokio::select! {
-                        () = tokio::time::sleep(backoff.next()) => {}
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
                         () = stop.cancelled() => break,
                     }
                     continue;
@@ -187,7 +187,7 @@ impl Transport {
             input_open = input_still_open;
             if !ended_cleanly && input_open {
                 tokio::select! {
-                    () = tokio::time::sleep(backoff.next()) => {}
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => break,
                 }
             }
@@ -349,7 +349,7 @@ impl Backoff {
         Self { min, max, cur: min }
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let base = self.cur;
         self.cur = (self.cur * 2).min(self.max);
         let half = base / 2;
@@ -368,12 +368,12 @@ mod tests {
     #[test]
     fn backoff_grows_with_jitter_and_caps() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let d: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        let d: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
         assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
         assert!(d[3] >= Duration::from_millis(400) && d[3] <= Duration::from_millis(800));
         assert!(d[7] >= Duration::from_millis(500) && d[7] <= Duration::from_secs(1));
         b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 
     #[test]

@@ -608,8 +608,14 @@ fn try_rss_stat(ctx: &TracePointContext) -> Option<()> {
             zero_words((&raw mut (*e).member).cast::<u64>(), RSS_MEMBERS);
             (&raw mut (*e).seen).write_volatile(0);
         }
-        if let Some(m) = (*e).member.get_mut(member) {
-            *m = size;
+        // Constant offsets: an index the verifier has to re-derive bounds for is rejected
+        // ("unbounded memory access") once LLVM drops the earlier range check.
+        let m = &raw mut (*e).member;
+        match member {
+            0 => (*m)[0] = size,
+            1 => (*m)[1] = size,
+            2 => (*m)[2] = size,
+            _ => (*m)[3] = size,
         }
         (*e).seen |= 1 << member;
         let rss = (*e).rss();
@@ -656,16 +662,13 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let tgid = (pid_tgid() >> 32) as u32;
-    let rss = RSS.get_ptr(tgid);
-    let sends = PROC_SENDS.get_ptr(tgid);
-    if rss.is_none() && sends.is_none() {
-        return None;
-    }
-    // Without room in the ring buffer the entries stay: the agent's sweep retires processes
-    // that are gone, so their totals are not lost.
+    // Reserve first and check each lookup right where it is used: LLVM otherwise merges the
+    // two null checks into an OR of pointers, which the verifier rejects. Without room in the
+    // ring buffer the entries stay, and the agent's sweep retires processes that are gone.
     let mut ev = EVENTS.reserve::<ExitEvent>(0)?;
     let p = ev.as_mut_ptr();
-    // SAFETY: p is the reserved ring-buffer record; rss/sends are live map value pointers.
+    let mut had = 0;
+    // SAFETY: p is the reserved ring-buffer record; r and s are live map value pointers.
     unsafe {
         (*p).hdr = EventHeader {
             kind: EventKind::WorkerExit as u32,
@@ -677,34 +680,33 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
             ctx.as_ptr().cast::<u8>().add(EXIT_COMM).cast::<u64>(),
             2,
         );
-        let mut had = 0;
-        match rss {
-            Some(r) => {
-                had |= EXIT_HAD_RSS;
-                (*p).peak_rss = (*r).peak;
-                (*p).last_rss = (*r).rss();
-                (*p).rss_seen = (*r).seen;
-                let _ = MM_OWNER.remove((*r).mm_id);
-            }
-            None => {
-                // Volatile: plain stores here get merged into a memset call.
-                (&raw mut (*p).peak_rss).write_volatile(0);
-                (&raw mut (*p).last_rss).write_volatile(0);
-                (&raw mut (*p).rss_seen).write_volatile(0);
-            }
+        if let Some(r) = RSS.get_ptr(tgid) {
+            had |= EXIT_HAD_RSS;
+            (*p).peak_rss = (*r).peak;
+            (*p).last_rss = (*r).rss();
+            (*p).rss_seen = (*r).seen;
+            let _ = MM_OWNER.remove((*r).mm_id);
+        } else {
+            // Volatile: plain stores here get merged into a memset call.
+            (&raw mut (*p).peak_rss).write_volatile(0);
+            (&raw mut (*p).last_rss).write_volatile(0);
+            (&raw mut (*p).rss_seen).write_volatile(0);
         }
-        match sends {
-            Some(s) => {
-                had |= EXIT_HAD_SENDS;
-                copy_words(
-                    (&raw mut (*p).sends).cast::<u64>(),
-                    (&raw const (*s).sock).cast::<u64>(),
-                    SENDS_WORDS,
-                );
-            }
-            None => zero_words((&raw mut (*p).sends).cast::<u64>(), SENDS_WORDS),
+        if let Some(s) = PROC_SENDS.get_ptr(tgid) {
+            had |= EXIT_HAD_SENDS;
+            copy_words(
+                (&raw mut (*p).sends).cast::<u64>(),
+                (&raw const (*s).sock).cast::<u64>(),
+                SENDS_WORDS,
+            );
+        } else {
+            zero_words((&raw mut (*p).sends).cast::<u64>(), SENDS_WORDS);
         }
         (*p).had = had;
+    }
+    if had == 0 {
+        ev.discard(0);
+        return None;
     }
     // Removed before the event is visible: the agent never sees the entry after the event.
     let _ = RSS.remove(tgid);

@@ -80,7 +80,7 @@ pub fn payload_is_json(payload: &[u8]) -> bool {
     std::str::from_utf8(payload).is_ok_and(|s| serde_json::from_str::<IgnoredAny>(s).is_ok())
 }
 
-/// Encodes every profile of `batch` into `out.lines` (cleared first, capacity reused).
+/// Encodes every profile of `batch` into `lines` (cleared first, its capacity reused).
 pub fn encode_batch(batch: &Batch, mut lines: Vec<u8>) -> EncodedBatch {
     lines.clear();
     let n = batch.profiles.len();

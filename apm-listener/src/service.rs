@@ -155,7 +155,7 @@ async fn run_stream(
                     return StreamEnd::ClientGone;
                 }
             }
-            () = shared.shutdown.cancelled(), if reading && false => {
+            () = shared.shutdown.cancelled(), if reading => {
                 reading = false;
                 end = StreamEnd::Shutdown;
             }

@@ -1,6 +1,6 @@
 //! The agent <-> central listener protocol, generated from `proto/apm.proto`.
 
-#[expect(clippy::all, clippy::pedantic, reason = "generated code")]
+#[allow(clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod v1 {
     tonic::include_proto!("bitville.apm.v1");
 }

@@ -113,10 +113,10 @@ pub fn bind_dgram(
             None,
         );
         let effective = if raised { want } else { old.unwrap_or(0) };
-        if let (true, Some(o)) = (raised, old) {
-            if let Err(e) = write_qlen(o) {
-                tracing::error!(error = %e, value = o, "cannot restore net.unix.max_dgram_qlen");
-            }
+        if let (true, Some(o)) = (raised, old)
+            && let Err(e) = write_qlen(o)
+        {
+            tracing::error!(error = %e, value = o, "cannot restore net.unix.max_dgram_qlen");
         }
         (
             fd.map_err(|e| IngestError::io("create socket", path, e.into()))?,

@@ -613,10 +613,12 @@ impl Poller {
         self.retire(st);
     }
 
-    /// After a burst of events: republish so status shows them without waiting for a poll.
+    /// After a burst of events: republish so status shows them without waiting for a poll,
+    /// with host counts as fresh as the exit totals (the interval figures wait for the poll).
     pub(super) fn publish_events(&self) {
         let cur = self.shared.snap.load();
         let mut s = Snapshot::clone(&cur);
+        s.host = self.read_host();
         s.events = self.events;
         s.recent_exits = self.recent_exits.iter().cloned().collect();
         self.shared.snap.store(Arc::new(s));

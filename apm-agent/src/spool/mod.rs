@@ -277,7 +277,23 @@ impl Spool {
                 SpoolError::io("lock", &lock_path)(e.into())
             }
         })?;
-        let (acklog, loaded) = AckLog::open(&dir).map_err(SpoolError::io("open", &dir))?;
+        let mut quarantined = 0;
+        let (acklog, loaded) = match AckLog::open(&dir) {
+            Ok(v) => v,
+            Err(e) => {
+                // Unreadable (or not a file): set it aside rather than refuse to start; the
+                // acked records it listed are replayed once and deduplicated by the listener.
+                let path = dir.join(acklog::ACK_LOG);
+                let to = dir.join(QUARANTINE_DIR).join(acklog::ACK_LOG);
+                warn!(path = %path.display(), to = %to.display(), error = %e,
+                    "unreadable spool ack log moved to quarantine; acked batches may be replayed once");
+                std::fs::create_dir_all(dir.join(QUARANTINE_DIR))
+                    .and_then(|()| std::fs::rename(&path, &to))
+                    .map_err(SpoolError::io("quarantine", &path))?;
+                quarantined += 1;
+                AckLog::open(&dir).map_err(SpoolError::io("open", &path))?
+            }
+        };
 
         let mut spool = Spool {
             dir: dir.clone(),
@@ -298,6 +314,7 @@ impl Spool {
             stats: SpoolStats {
                 bad_ack_entries: loaded.bad_entries,
                 torn_bytes: loaded.torn_bytes,
+                quarantined,
                 ..SpoolStats::default()
             },
             dirty: false,
@@ -346,7 +363,11 @@ impl Spool {
         found.sort_unstable();
         for id in found {
             let acked = acked_by_segment.remove(&id).unwrap_or_default();
-            spool.recover_segment(id, acked)?;
+            if let Err(e) = spool.recover_segment(id, acked) {
+                // One unreadable segment must not keep the agent from starting.
+                warn!(segment = id, error = %e, "unreadable spool segment");
+                spool.quarantine(&spool.seg_path(id), "unreadable segment");
+            }
         }
         spool.next_segment_id = max_id + 1;
         spool.cursor.segment = spool.segments.keys().next().copied().unwrap_or(max_id + 1);

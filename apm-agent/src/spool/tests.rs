@@ -274,6 +274,18 @@ fn foreign_and_garbage_files_are_quarantined() {
 }
 
 #[test]
+fn an_unreadable_ack_log_is_quarantined_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    spool_with(dir.path(), 2);
+    std::fs::remove_file(dir.path().join("acks.log")).unwrap();
+    std::fs::create_dir(dir.path().join("acks.log")).unwrap();
+    let mut s = Spool::open(&cfg(dir.path())).unwrap();
+    assert_eq!(s.stats().quarantined, 1);
+    assert!(dir.path().join(QUARANTINE_DIR).join("acks.log").is_dir());
+    assert_eq!(seqs(&drain(&mut s)), vec![1, 2]);
+}
+
+#[test]
 fn empty_and_torn_header_segments_are_removed_not_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     spool_with(dir.path(), 2);

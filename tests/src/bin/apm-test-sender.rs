@@ -3,7 +3,7 @@
 //! it observed itself as JSON: `{"sent": n, "eagain": n, "errors": {"<errno>": n}}`.
 //!
 //! apm-test-sender --socket PATH --count N --prefix ID [--size BYTES] [--nonblocking]
-//!                 [--comm NAME] [--stream] [--invalid-every K]
+//!                 [--comm NAME] [--stream] [--invalid-every K] [--rate PER_SECOND]
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,6 +23,17 @@ fn main() {
     let invalid_every: u64 =
         arg(&args, "--invalid-every").map_or(0, |v| v.parse().expect("--invalid-every"));
     let nonblocking = args.iter().any(|a| a == "--nonblocking");
+    // Sends per second (0: as fast as possible).
+    let rate: u64 = arg(&args, "--rate").map_or(0, |v| v.parse().expect("--rate"));
+    let started = std::time::Instant::now();
+    let pace = |i: u64| {
+        if rate > 0 {
+            let due = std::time::Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(d) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(d);
+            }
+        }
+    };
     let stream = args.iter().any(|a| a == "--stream");
     if let Some(comm) = arg(&args, "--comm") {
         let c = std::ffi::CString::new(comm).expect("comm");
@@ -37,6 +48,7 @@ fn main() {
         let mut s =
             std::os::unix::net::UnixStream::connect(&socket).expect("connect stream socket");
         for i in 0..count {
+            pace(i);
             let body = profile(&prefix, i, size);
             s.write_all(&(body.len() as u32).to_be_bytes())
                 .expect("write");
@@ -55,6 +67,7 @@ fn main() {
         let alen = (2 + socket.len()) as libc::socklen_t;
         let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         for i in 0..count {
+            pace(i);
             let invalid = invalid_every > 0 && i % invalid_every == invalid_every - 1;
             let body = if invalid {
                 b"{\"torn\":".to_vec()
