@@ -33,7 +33,7 @@ if (!\class_exists(Listener::class, false)) {
             'max_payload' => ['APM_MAX_PAYLOAD', 'apm.max_payload', '1048576'],
             'stream_wait_ms' => ['APM_STREAM_WAIT_MS', 'apm.stream_wait_ms', '10'],
             'xhprof' => ['APM_XHPROF', 'apm.xhprof', '1'],
-            'finish_request' => ['APM_FINISH_REQUEST', 'apm.finish_request', '0'],
+            'finish_request' => ['APM_FINISH_REQUEST', 'apm.finish_request', '1'],
         ];
 
         /** Linux MSG_NOSIGNAL: a peer that closed mid-frame must not SIGPIPE the worker. */
@@ -141,7 +141,8 @@ if (!\class_exists(Listener::class, false)) {
                 $profile = self::profile($req);
                 $finish = self::flag(self::config('finish_request'));
                 if ($finish && \function_exists('fastcgi_finish_request')) {
-                    // Opt-in: the client gets its response before the profile is sent.
+                    // On by default (APM_FINISH_REQUEST=0 turns it off): the client has its
+                    // response before the encoding and the send; later output is discarded.
                     \fastcgi_finish_request();
                 }
                 self::send($profile);

@@ -78,11 +78,17 @@ pub async fn run(
     mut seqs: SeqAllocator,
     mut input: mpsc::Receiver<Vec<Profile>>,
     out: mpsc::Sender<Batch>,
+    live: std::sync::Arc<crate::liveness::Liveness>,
 ) -> Result<(), StateError> {
     let mut b = Batcher::new(cfg);
+    let mut beat = tokio::time::interval(crate::liveness::BEAT);
     loop {
         let deadline = b.deadline();
         let chunk = tokio::select! {
+            _ = beat.tick() => {
+                live.beat(crate::liveness::Stage::Batch);
+                continue;
+            }
             c = input.recv() => c,
             () = async { sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
                 if let Some(items) = b.take() {
@@ -172,7 +178,7 @@ mod tests {
         let seqs = SeqAllocator::open(dir.path()).unwrap();
         let (tx, rx) = mpsc::channel(4);
         let (otx, mut orx) = mpsc::channel(4);
-        let task = tokio::spawn(run(cfg(100, 1 << 20, 500), seqs, rx, otx));
+        let task = tokio::spawn(run(cfg(100, 1 << 20, 500), seqs, rx, otx, Default::default()));
         // Idle: nothing ticks.
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(orx.try_recv().is_err());

@@ -441,8 +441,14 @@ fn tail(path: &Path, lines: usize) -> String {
     v[from..].iter().map(|l| format!("  {l}\n")).collect()
 }
 
+/// Whether `pid` still runs. A zombie (dead, not yet reaped by its parent) does not count.
 fn alive(pid: u32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 fn stop(cfg: &Config, timeout: Option<u64>) -> i32 {

@@ -327,7 +327,7 @@ impl Default for EbpfConfig {
             min_sample_rate: 0.05, // keep some profiles flowing even under heavy drops
             drop_ratio_high: 0.01, // 1% of profiles lost is worth shedding load for
             latency_high: Duration::from_millis(1), // a non-blocking local send takes ~3 us
-            max_processes: 4096,   // a few large pools; ~1.3 MiB of maps
+            max_processes: 4096,   // a few large pools; ~1.6 MiB of maps
             max_listed_workers: 64, // bounds status size and per-worker metric series
         }
     }

@@ -197,7 +197,29 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
 
     let ebpf_section: crate::control::Section =
         Arc::new(|| json!({"enabled": false, "reason": "not built into this agent"}));
-    let breaker_section: crate::control::Section = Arc::new(|| json!("closed"));
+    let breaker_section: crate::control::Section = {
+        let t = telemetry.clone();
+        Arc::new(move || {
+            json!(match t.breaker_state.get() {
+                1 => "open",
+                2 => "half_open",
+                _ => "closed",
+            })
+        })
+    };
+    let spool = match crate::spool::Spool::open(&cfg.spool) {
+        Ok(s) => s,
+        Err(e) if crate::router::is_config_error(&e) => {
+            return Err(crate::config::ConfigError::Invalid { key: "spool.dir", reason: e.to_string() }.into());
+        }
+        Err(e) => return Err(anyhow::anyhow!(e).context(format!("cannot open the spool in {}", cfg.spool.dir.display()))),
+    };
+    let breaker = crate::breaker::CircuitBreaker::load(
+        cfg.breaker.clone(),
+        &cfg.control.state_dir.join(crate::breaker::STATE_FILE),
+        tokio::time::Instant::now(),
+    );
+    let spill = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let host_stats = {
         let t = telemetry.clone();
@@ -225,11 +247,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let (wire_tx, wire_rx) = mpsc::channel(1);
     let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
 
+    let live = Arc::new(crate::liveness::Liveness::default());
     let ingest = Ingest {
         cfg: cfg.ingest.clone(),
         sockets,
         telemetry: telemetry.clone(),
         rss: None,
+        live: live.clone(),
     };
     let ingest_task = tokio::spawn(ingest.run(profile_tx, stop.clone()));
     let batch_task = tokio::spawn(crate::batch::run(
@@ -237,10 +261,17 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         seqs,
         profile_rx,
         batch_tx,
+        live.clone(),
     ));
     let router = Router {
         telemetry: telemetry.clone(),
         memory_budget: (cfg.limits.memory_budget_mb * 1024 * 1024) as usize,
+        live: live.clone(),
+        breaker,
+        spool: Some(spool),
+        spool_cfg: cfg.spool.clone(),
+        php: Some(php.clone()),
+        spill: spill.clone(),
     };
     let router_task = tokio::spawn(router.run(RouterIo {
         input: batch_rx,
@@ -297,6 +328,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
 
     tracing::info!(agent_id = %agent_id, endpoint = %cfg.central.endpoint, socket = %cfg.ingest.socket.display(), "agent ready");
     notify_ready("receiving profiles");
+    if under_systemd {
+        tokio::spawn(watchdog(live.clone(), source.clone(), control_stop.clone()));
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -394,6 +428,38 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         "stopped"
     );
     Ok(exit::OK)
+}
+
+/// Pings systemd's watchdog while every stage beats, and keeps `STATUS=` current. Without
+/// `WatchdogSec` it only updates the status line.
+async fn watchdog(live: Arc<crate::liveness::Liveness>, source: StatusSource, stop: CancellationToken) {
+    let period = sd_notify::watchdog_enabled();
+    let every = period.map_or(std::time::Duration::from_secs(5), |p| (p / 2).max(std::time::Duration::from_millis(100)));
+    let mut tick = tokio::time::interval(every);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let t = &source.telemetry;
+        let line = format!(
+            "received {} delivered {} rejected {} dropped {} breaker {}",
+            t.received_total(), t.delivered.get(), t.rejected_total(), t.dropped_total(), (source.breaker)()
+        );
+        let mut states = vec![sd_notify::NotifyState::Status(&line)];
+        if let Some(p) = period {
+            let stale = live.stale(p / 2);
+            if stale.is_empty() {
+                states.push(sd_notify::NotifyState::Watchdog);
+                warned = false;
+            } else if !warned {
+                tracing::error!(stages = ?stale, "pipeline stage stuck: withholding the watchdog ping");
+                warned = true;
+            }
+        }
+        let _ = sd_notify::notify(&states);
+    }
 }
 
 /// Re-reads the config file. A bad file is refused and the running config kept. Keys that only

@@ -22,3 +22,4 @@ pub mod spool;
 pub mod state;
 pub mod telemetry;
 pub mod transport;
+pub mod liveness;

@@ -161,8 +161,16 @@ impl Transport {
         stop: CancellationToken,
     ) {
         let mut backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
-        let mut input_open = true;
-        while input_open && !stop.is_cancelled() {
+        // Connect lazily, with a batch in hand: while the router's breaker holds batches back,
+        // nothing reaches us and we do not dial a dead listener.
+        let mut carry: Option<Batch> = None;
+        loop {
+            if carry.is_none() {
+                carry = tokio::select! {
+                    b = input.recv() => match b { Some(b) => Some(b), None => break },
+                    () = stop.cancelled() => break,
+                };
+            }
             let channel = tokio::select! {
                 c = self.endpoint.connect() => c,
                 () = stop.cancelled() => break,
@@ -172,7 +180,11 @@ impl Transport {
                 Err(e) => {
                     let error = error_chain(&e);
                     tracing::warn!(endpoint = %self.cfg.endpoint, error = %error, "cannot connect to the central listener");
-                    let _ = outcomes.send(Outcome::ConnectFailed { error });
+                    self.telemetry.send_failures.inc();
+                    let _ = outcomes.send(Outcome::ConnectFailed { error: error.clone() });
+                    if let Some(batch) = carry.take() {
+                        let _ = outcomes.send(Outcome::Returned { batch, reason: error });
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_delay()) => {}
                         () = stop.cancelled() => break,
@@ -181,16 +193,21 @@ impl Transport {
                 }
             };
             self.telemetry.reconnects.inc();
-            let (ended_cleanly, input_still_open) = self
-                .session(channel, &mut input, &outcomes, &stop, &mut backoff)
+            let (ended_cleanly, input_open) = self
+                .session(channel, &mut input, carry.take(), &outcomes, &stop, &mut backoff)
                 .await;
-            input_open = input_still_open;
-            if !ended_cleanly && input_open {
+            if !input_open || stop.is_cancelled() {
+                break;
+            }
+            if !ended_cleanly {
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => break,
                 }
             }
+        }
+        if let Some(batch) = carry.take() {
+            let _ = outcomes.send(Outcome::Returned { batch, reason: "transport stopped".into() });
         }
         // Batches the router handed over but this task never sent go back too.
         input.close();
@@ -207,6 +224,7 @@ impl Transport {
         &self,
         channel: Channel,
         input: &mut mpsc::Receiver<Batch>,
+        first: Option<Batch>,
         outcomes: &mpsc::UnboundedSender<Outcome>,
         stop: &CancellationToken,
         backoff: &mut Backoff,
@@ -233,7 +251,11 @@ impl Transport {
             Err(status) => {
                 let error = format!("{}: {}", status.code(), status.message());
                 tracing::warn!(error = %error, retriable = is_retriable(status.code()), "central listener refused the stream");
-                let _ = outcomes.send(Outcome::ConnectFailed { error });
+                self.telemetry.send_failures.inc();
+                let _ = outcomes.send(Outcome::ConnectFailed { error: error.clone() });
+                if let Some(batch) = first {
+                    let _ = outcomes.send(Outcome::Returned { batch, reason: error });
+                }
                 return (false, true);
             }
         };
@@ -241,6 +263,16 @@ impl Transport {
         let _ = outcomes.send(Outcome::Connected);
         let mut inflight: VecDeque<(Batch, Instant)> = VecDeque::new();
         let mut input_open = true;
+        if let Some(batch) = first {
+            let wire = batch.to_proto(&self.agent_id, &self.hostname, Some((self.host_stats)()));
+            inflight.push_back((batch, Instant::now()));
+            self.telemetry.in_flight_batches.set(1);
+            if tx.send(wire).await.is_err() {
+                let (batch, _) = inflight.pop_front().expect("just pushed");
+                let _ = outcomes.send(Outcome::Returned { batch, reason: "stream closed while sending".into() });
+                return (false, true);
+            }
+        }
         let fail_all = |inflight: &mut VecDeque<(Batch, Instant)>, reason: &str| {
             for (batch, _) in inflight.drain(..) {
                 self.telemetry.send_failures.inc();

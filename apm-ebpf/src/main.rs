@@ -384,6 +384,11 @@ fn proc_sends(tgid: u32) -> Option<*mut ProcSends> {
     if let Some(p) = PROC_SENDS.get_ptr_mut(tgid) {
         return Some(p);
     }
+    // By reference: the helper gets a pointer into .rodata instead of a zeroed stack copy.
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "avoids a stack memset"
+    )]
     let _ = PROC_SENDS.insert(tgid, &ZERO_PROC, BPF_NOEXIST as u64);
     PROC_SENDS.get_ptr_mut(tgid)
 }
@@ -585,6 +590,10 @@ fn try_rss_stat(ctx: &TracePointContext) -> Option<()> {
             if curr == 0 {
                 return None;
             }
+            #[expect(
+                clippy::needless_borrows_for_generic_args,
+                reason = "avoids a stack memset"
+            )]
             let _ = RSS.insert(tgid, &ZERO_RSS, BPF_NOEXIST as u64);
             let _ = MM_OWNER.insert(mm_id, tgid, 0);
             let e = RSS.get_ptr_mut(tgid)?;

@@ -14,11 +14,17 @@
  *   /pad?bytes=N        tags the profile with N bytes, to get profiles of a given size
  *   /echo               the request's id query value back (end-to-end tests match on it)
  *   /info               JSON: SAPI, pid, and whether the sockets extension and opcache are loaded
+ *   /destruct           "body", then "destructor" printed by a global object's destructor, which
+ *                       PHP runs after the shutdown functions (lost after fastcgi_finish_request)
  *
- * Any path also takes ?pad=N (as /pad) and ?ms=N is capped at 1000.
+ * Any path also takes ?pad=N (as /pad) and ?ms=N is capped at 1000. Every response carries
+ * `X-Demo-Pid: <worker pid>`, so a client knows which worker answered even when the profile
+ * was lost (the end-to-end test compares that with the kernel's per-worker counts).
  */
 
 declare(strict_types=1);
+
+header('X-Demo-Pid: ' . getmypid());
 
 $path = parse_url($_SERVER['REQUEST_URI'] ?? '/', PHP_URL_PATH) ?: '/';
 $ms = min(1000, max(0, (int) ($_GET['ms'] ?? 0)));
@@ -75,6 +81,15 @@ switch (true) {
             'sockets' => extension_loaded('sockets'),
             'opcache' => function_exists('opcache_get_status') && (opcache_get_status(false)['opcache_enabled'] ?? false),
         ]), "\n";
+        break;
+    case $path === '/destruct':
+        $GLOBALS['demo_destruct'] = new class () {
+            public function __destruct()
+            {
+                echo "destructor\n";
+            }
+        };
+        echo "body\n";
         break;
     default:
         http_response_code(404);

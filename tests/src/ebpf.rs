@@ -158,6 +158,7 @@ const OP_SEND: u32 = 1;
 const OP_ALLOC: u32 = 2;
 const OP_FREE: u32 = 3;
 const OP_QUIT: u32 = 4;
+const OP_RENAME: u32 = 5;
 
 /// How the sender spells the address: PHP passes `2 + strlen(path)`; C code often passes the
 /// whole `sockaddr_un` with a NUL after the path.
@@ -329,6 +330,22 @@ impl Sender {
         });
     }
 
+    /// Renames the child (`prctl(PR_SET_NAME)`), e.g. to start being watched late.
+    pub fn rename(&self, comm: &str) {
+        let mut c = Cmd {
+            op: OP_RENAME,
+            count: 0,
+            len: 0,
+            style: 0,
+            threads: 0,
+            path_len: 0,
+            path: [0; 108],
+        };
+        let n = comm.len().min(15);
+        c.path[..n].copy_from_slice(&comm.as_bytes()[..n]);
+        self.request(c);
+    }
+
     /// Asks the child to exit and reaps it.
     pub fn quit(mut self) {
         let c = Cmd {
@@ -488,6 +505,10 @@ fn child_loop(cmd_fd: i32, res_fd: i32) {
                     unsafe { libc::munmap(mapped.0, mapped.1) };
                     mapped = (std::ptr::null_mut(), 0);
                 }
+            }
+            OP_RENAME => {
+                // SAFETY: c.path is NUL-terminated (at most 15 name bytes were copied).
+                unsafe { libc::prctl(libc::PR_SET_NAME, c.path.as_ptr()) };
             }
             _ => return,
         }

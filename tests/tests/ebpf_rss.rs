@@ -83,3 +83,22 @@ fn ebpf_rss_matches_proc_and_exit_is_reported_once() {
     assert_eq!(m.monitor.rss_table().get(pid), 0, "forgotten after exit");
     assert!(s.workers.iter().all(|w| w.pid != pid));
 }
+
+#[test]
+fn ebpf_rss_matches_proc_when_tracking_starts_late() {
+    let Some(m) = TestMonitor::start("ebpf_rss_matches_proc_when_tracking_starts_late", |_| {})
+    else {
+        return;
+    };
+    // Not PHP yet: its file-backed and inherited pages are never reported to the monitor,
+    // which must take the members it has no event for from /proc.
+    let child = Sender::spawn("worker-tbd");
+    child.alloc(16);
+    child.free();
+    child.rename("php-fpm8.2");
+    child.alloc(8);
+    let pid = child.pid();
+    let rss = assert_rss_matches(&m, pid, "tracking started after the process did");
+    assert!(rss > 8 * 1024 * 1024, "{rss}");
+    child.quit();
+}

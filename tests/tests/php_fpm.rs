@@ -235,7 +235,8 @@ fn fpm_kill_switch_and_sample_rate_are_honoured() {
 
 /// A stalled agent (listening, never reading) and a 1 MiB profile, larger than the socket
 /// buffer: the listener waits APM_STREAM_WAIT_MS (700 ms here) before dropping it. With
-/// APM_FINISH_REQUEST=1 the client has its response before that wait; without, after it.
+/// APM_FINISH_REQUEST=1, and by default, the client has its response before that wait; with 0,
+/// after it. The documented cost of the default: output from a destructor is lost.
 #[test]
 fn fpm_finish_request_answers_the_client_before_the_send() {
     let Some(fpm) = fpm() else { return };
@@ -245,15 +246,16 @@ fn fpm_finish_request_answers_the_client_before_the_send() {
         .unwrap();
     let stream = dir.path().join("listener-stream.sock");
     let _stalled = UnixListener::bind(&stream).unwrap();
-    let mut latency = Vec::new();
-    for finish in ["0", "1"] {
-        let env = vec![
+    for finish in [Some("0"), Some("1"), None] {
+        let mut env = vec![
             ("APM_STREAM_SOCKET".into(), stream.display().to_string()),
             ("APM_RUNTIME_DIR".into(), dir.path().display().to_string()),
             ("APM_MAX_PAYLOAD".into(), (4 << 20).to_string()),
             ("APM_STREAM_WAIT_MS".into(), "700".into()),
-            ("APM_FINISH_REQUEST".into(), finish.into()),
         ];
+        if let Some(f) = finish {
+            env.push(("APM_FINISH_REQUEST".into(), f.into()));
+        }
         let pool = pool(&fpm, env, 1);
         let t = Instant::now();
         let r = php::fcgi_request(
@@ -262,20 +264,35 @@ fn fpm_finish_request_answers_the_client_before_the_send() {
             Duration::from_secs(10),
         )
         .unwrap();
-        latency.push(t.elapsed());
+        let latency = t.elapsed();
         assert_eq!(r.status, 200);
         assert_eq!(r.body, b"padded 1000000\n");
+        let destruct = php::fcgi_request(
+            pool.socket(),
+            &FcgiRequest::get("/destruct"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        if finish == Some("0") {
+            assert!(
+                latency >= Duration::from_millis(650),
+                "APM_FINISH_REQUEST=0: the client waits for the send: {latency:?}"
+            );
+            assert_eq!(
+                destruct.body, b"body\ndestructor\n",
+                "APM_FINISH_REQUEST=0: a destructor's output reaches the client"
+            );
+        } else {
+            assert!(
+                latency < Duration::from_millis(400),
+                "APM_FINISH_REQUEST={finish:?}: the client does not wait: {latency:?}"
+            );
+            assert_eq!(
+                destruct.body, b"body\n",
+                "APM_FINISH_REQUEST={finish:?}: a destructor's output is discarded (documented)"
+            );
+        }
     }
-    assert!(
-        latency[0] >= Duration::from_millis(650),
-        "without finish_request the client waits for the send: {:?}",
-        latency[0]
-    );
-    assert!(
-        latency[1] < Duration::from_millis(400),
-        "with finish_request the client does not wait: {:?}",
-        latency[1]
-    );
 }
 
 /// php-fpm started with `-n`: no php.ini, so no sockets extension; the streams fallback sends.

@@ -156,6 +156,7 @@ pub struct Ingest {
     pub sockets: Sockets,
     pub telemetry: Arc<Telemetry>,
     pub rss: Option<RssLookup>,
+    pub live: Arc<crate::liveness::Liveness>,
 }
 
 impl Ingest {
@@ -181,6 +182,7 @@ impl Ingest {
                 max_payload: self.cfg.max_payload_bytes,
                 telemetry: self.telemetry.clone(),
                 rss: self.rss.clone(),
+                live: self.live.clone(),
             },
             out.clone(),
             stop.clone(),
@@ -219,6 +221,7 @@ impl Ingest {
 }
 
 struct DgramParams {
+    live: Arc<crate::liveness::Liveness>,
     batch: usize,
     max_payload: usize,
     telemetry: Arc<Telemetry>,
@@ -235,10 +238,15 @@ async fn run_dgram(
     let mut rx = dgram::DgramReceiver::new(p.batch, p.max_payload);
     let fd = sock.as_raw_fd();
     let mut draining = false;
+    let mut beat = tokio::time::interval(crate::liveness::BEAT);
     loop {
         if !draining {
             tokio::select! {
                 biased;
+                _ = beat.tick() => {
+                    p.live.beat(crate::liveness::Stage::Ingest);
+                    continue;
+                }
                 kind = stop.stopped() => {
                     match kind {
                         StopKind::Handover => {

@@ -394,9 +394,9 @@ impl Poller {
         };
         let (dg, st) = (d(SockKind::Dgram), d(SockKind::Stream));
         let mut hist = [0u64; apm_common::LAT_BUCKETS];
-        for k in 0..2 {
+        for (now, prev) in host.iter().zip(self.prev_host.iter()) {
             for (b, h) in hist.iter_mut().enumerate() {
-                *h += host[k].hist[b].wrapping_sub(self.prev_host[k].hist[b]);
+                *h += now.hist[b].wrapping_sub(prev.hist[b]);
             }
         }
         let status = IntervalStatus {

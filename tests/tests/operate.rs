@@ -1,0 +1,309 @@
+//! Operating the agent: the CLI's commands and exit codes, the PID file's single-instance lock,
+//! signals, the systemd notify protocol against a real NOTIFY_SOCKET, and supervisord.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use apm_tests::common::{Agent, Listener, bin, in_ci, status_at};
+
+fn cli(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("apm-agent")).arg("--config").arg(config).args(args).output().unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn pid_of(dir: &Path) -> u32 {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run/agent.pid")).unwrap()).unwrap();
+    v["pid"].as_u64().unwrap() as u32
+}
+
+/// Running and not a zombie (a reparented agent may wait a while for its reaper).
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+#[test]
+fn start_status_stop_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let cfg = Agent::write_config(dir.path(), &listener.endpoint(), "off", "");
+    // Not running yet.
+    let o = cli(&cfg, &["status"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("NOT_RUNNING"));
+    let o = cli(&cfg, &["stop"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    // start returns once ready.
+    let o = cli(&cfg, &["start"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(status_at(&dir.path().join("run/control.sock")).is_some(), "ready when start returns");
+    let pid = pid_of(dir.path());
+    // A second start is refused, naming the running PID.
+    let o = cli(&cfg, &["start"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("ALREADY_RUNNING") && text(&o).contains(&pid.to_string()), "{}", text(&o));
+    let o = cli(&cfg, &["status"]);
+    assert!(o.status.success() && text(&o).contains("running"), "{}", text(&o));
+    // PID file is JSON with the contract's fields.
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/agent.pid")).unwrap()).unwrap();
+    for k in ["pid", "startedAt", "version", "configPath"] {
+        assert!(v.get(k).is_some(), "PID file has {k}: {v}");
+    }
+    // pause / resume drive the PHP kill switch.
+    assert!(cli(&cfg, &["pause"]).status.success());
+    assert!(dir.path().join("run/disabled").exists());
+    assert!(cli(&cfg, &["resume"]).status.success());
+    assert!(!dir.path().join("run/disabled").exists());
+    // Graceful stop.
+    let o = cli(&cfg, &["stop"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!alive(pid));
+    assert!(!dir.path().join("run/agent.pid").exists(), "PID file removed on a clean stop");
+    assert!(!dir.path().join("run/listener.sock").exists(), "socket removed on a final stop");
+}
+
+#[test]
+fn start_of_a_broken_config_fails_with_78_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "[batch]\nmax_items = 0\n");
+    let o = cli(&cfg, &["start"]);
+    assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+    assert!(text(&o).contains("batch.max_items"), "{}", text(&o));
+    // A start failure after the config check names the cause from the child's log: here the
+    // socket path is a regular file.
+    let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    std::fs::write(dir.path().join("run/listener.sock"), "not a socket").unwrap();
+    let o = cli(&cfg, &["start"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("START_FAILED") && text(&o).contains("not a socket"), "{}", text(&o));
+}
+
+#[test]
+fn two_runs_racing_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let spawn = || {
+        Command::new(bin("apm-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for _ in 0..5 {
+        let mut a = spawn();
+        let mut b = spawn();
+        std::thread::sleep(Duration::from_millis(700));
+        let (ea, eb) = (a.try_wait().unwrap(), b.try_wait().unwrap());
+        let exited: Vec<_> = [ea, eb].into_iter().flatten().collect();
+        assert_eq!(exited.len(), 1, "exactly one of two racing agents runs: {ea:?} {eb:?}");
+        let (mut winner, loser) = if ea.is_some() { (b, a) } else { (a, b) };
+        let out = loser.wait_with_output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stderr).contains("ALREADY_RUNNING"), "{}", String::from_utf8_lossy(&out.stderr));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(winner.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(winner.wait().unwrap().success());
+    }
+}
+
+#[test]
+fn stale_pid_file_after_kill_9_is_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
+    assert!(cli(&cfg, &["start"]).status.success());
+    let pid = pid_of(dir.path());
+    let o = cli(&cfg, &["kill"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dir.path().join("run/agent.pid").exists(), "SIGKILL leaves the PID file behind");
+    let o = cli(&cfg, &["status"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("stale PID file"), "{}", text(&o));
+    // The stale socket file is also left; start replaces both.
+    let o = cli(&cfg, &["start"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_ne!(pid_of(dir.path()), pid);
+    assert!(cli(&cfg, &["stop"]).status.success());
+}
+
+#[test]
+fn stop_escalates_to_sigkill_when_sigterm_is_ignored() {
+    // A stand-in agent that holds the PID-file lock and ignores SIGTERM.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
+    let pidfile = dir.path().join("run/agent.pid");
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let script = format!(
+        "import fcntl,json,os,signal,sys,time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nf=open('{}','w')\nfcntl.flock(f, fcntl.LOCK_EX)\nf.write(json.dumps({{'pid':os.getpid(),'startedAt':'x','version':'0','configPath':None}}))\nf.flush()\nprint('locked', flush=True)\ntime.sleep(600)\n",
+        pidfile.display()
+    );
+    let mut child = Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    let t = Instant::now();
+    let o = cli(&cfg, &["stop", "--timeout", "2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("SIGKILL"), "{}", text(&o));
+    assert!(t.elapsed() >= Duration::from_secs(2), "waited for the timeout before escalating");
+    let st = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
+}
+
+/// Reads notify messages until one contains `want` (or the deadline).
+fn recv_until(sock: &UnixDatagram, want: &str, timeout: Duration) -> Vec<String> {
+    let end = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while Instant::now() < end {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            let hit = m.lines().any(|l| l == want);
+            seen.push(m);
+            if hit {
+                return seen;
+            }
+        }
+    }
+    panic!("no `{want}` within {timeout:?}; got {seen:?}");
+}
+
+#[test]
+fn systemd_notify_protocol_ready_status_watchdog_fdstore_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let cfg = Agent::write_config(dir.path(), &listener.endpoint(), "off", "");
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut child = Command::new(bin("apm-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let msgs = recv_until(&sock, "READY=1", Duration::from_secs(20)).join("\n");
+    assert!(msgs.contains("FDSTORE=1") && msgs.contains("FDNAME=dgram") && msgs.contains("FDNAME=stream"), "{msgs}");
+    assert!(msgs.contains("STATUS="), "{msgs}");
+    // Watchdog pings come while the pipeline is alive (every WATCHDOG_USEC/2).
+    recv_until(&sock, "WATCHDOG=1", Duration::from_secs(3));
+    recv_until(&sock, "WATCHDOG=1", Duration::from_secs(3));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    recv_until(&sock, "STOPPING=1", Duration::from_secs(10));
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
+    let Some(supervisord) = ["/usr/bin/supervisord", "/usr/local/bin/supervisord"].into_iter().find(|p| Path::new(p).exists()) else {
+        assert!(!in_ci(), "supervisor is not installed (cargo xtask setup installs it)");
+        eprintln!("skipped: supervisor not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let listener = Listener::start(d, &[]);
+    let cfg = Agent::write_config(d, &listener.endpoint(), "off", "");
+    // The program section is deploy/supervisord.conf with this machine's paths.
+    let section = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/supervisord.conf"))
+        .unwrap()
+        .replace("/usr/bin/apm-agent", &bin("apm-agent").display().to_string())
+        .replace("/etc/bitville-apm/agent.toml", &cfg.display().to_string())
+        .replace("/var/log/bitville-apm/agent.log", &d.join("supervised.log").display().to_string());
+    let conf = d.join("supervisord.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[unix_http_server]\nfile={d}/supervisor.sock\n[supervisord]\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nnodaemon=true\n[rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n[supervisorctl]\nserverurl=unix://{d}/supervisor.sock\n\n{section}",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let mut sd = Command::new(supervisord).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let ctl = |args: &[&str]| {
+        let o = Command::new("supervisorctl").arg("-c").arg(&conf).args(args).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let wait_state = |state: &str, timeout: Duration| -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let s = ctl(&["status", "bitville-apm-agent"]);
+            if s.contains(state) || Instant::now() > end {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let control = d.join("run/control.sock");
+    let ready = |timeout: Duration| {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = status_at(&control) {
+                return s["pid"].as_u64().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("agent not ready under supervisord: {}", std::fs::read_to_string(d.join("supervised.log")).unwrap_or_default());
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // autostart
+        let pid1 = ready(Duration::from_secs(30));
+        assert!(wait_state("RUNNING", Duration::from_secs(10)).contains("RUNNING"));
+        // stop: graceful (exit 0 is expected), then start again
+        let s = ctl(&["stop", "bitville-apm-agent"]);
+        assert!(s.contains("stopped"), "{s}");
+        assert!(!alive(pid1 as u32));
+        ctl(&["start", "bitville-apm-agent"]);
+        let pid2 = ready(Duration::from_secs(30));
+        assert_ne!(pid1, pid2);
+        // crash: SIGKILL -> supervisord restarts it
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid2 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let end = Instant::now() + Duration::from_secs(30);
+        let pid3 = loop {
+            if let Some(s) = status_at(&control) {
+                let p = s["pid"].as_u64().unwrap();
+                if p != pid2 {
+                    break p;
+                }
+            }
+            assert!(Instant::now() < end, "not restarted after a crash");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(alive(pid3 as u32));
+        // config error: exit 78 is expected: EXITED, not restarted, no loop
+        ctl(&["stop", "bitville-apm-agent"]);
+        let good = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(&cfg, format!("{good}\n[limits]\nmax_memory_mb = 1\n")).unwrap();
+        ctl(&["start", "bitville-apm-agent"]);
+        let s = wait_state("EXITED", Duration::from_secs(10));
+        assert!(s.contains("EXITED"), "{s}");
+        std::thread::sleep(Duration::from_secs(3));
+        let s = ctl(&["status", "bitville-apm-agent"]);
+        assert!(s.contains("EXITED"), "still EXITED, not restarting: {s}");
+        let log = std::fs::read_to_string(d.join("supervisord.log")).unwrap();
+        let spawns = log.matches("spawned: 'bitville-apm-agent'").count();
+        assert_eq!(spawns, 4, "autostart, start, crash restart, config-error start: {log}");
+        assert!(log.contains("exit status 78"), "{log}");
+        std::fs::write(&cfg, good).unwrap();
+    }));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sd.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = sd.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
