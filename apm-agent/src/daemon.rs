@@ -191,12 +191,36 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
 
     let stop = crate::ingest::StopSignal::default(); // ingest: stop reading (drain or hand over)
     let deadline = CancellationToken::new(); // router/transport: stop waiting for acks
+    let monitor_stop = CancellationToken::new(); // eBPF: detach last, after the final counts
 
     let mut registry = Registry::default();
     telemetry.register(&mut registry);
 
-    let ebpf_section: crate::control::Section =
-        Arc::new(|| json!({"enabled": false, "reason": "not built into this agent"}));
+    // eBPF before ingest: profiles are stamped with their sender's RSS from the first one, and
+    // readiness means "attached, or consciously skipped".
+    let monitor = Arc::new(
+        crate::monitor::start(
+            crate::monitor::MonitorParams {
+                cfg: cfg.ebpf.clone(),
+                dgram_socket: cfg.ingest.socket.clone(),
+                stream_socket: cfg.ingest.stream_socket.clone(),
+                telemetry: telemetry.clone(),
+                php: php.clone(),
+            },
+            monitor_stop.clone(),
+        )
+        .await
+        .map_err(|e| crate::config::ConfigError::Invalid { key: "ebpf.enabled", reason: format!("eBPF is required (\"on\") but cannot run: {e}") })?,
+    );
+    monitor.register_metrics(&mut registry);
+    let ebpf_section: crate::control::Section = {
+        let m = monitor.clone();
+        Arc::new(move || serde_json::to_value(m.status()).unwrap_or_default())
+    };
+    let rss_lookup: crate::ingest::RssLookup = {
+        let table = monitor.rss_table();
+        Arc::new(move |pid| table.get(pid))
+    };
     let breaker_section: crate::control::Section = {
         let t = telemetry.clone();
         Arc::new(move || {
@@ -224,14 +248,19 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let host_stats = {
         let t = telemetry.clone();
         let php = php.clone();
-        Arc::new(move || apm_proto::HostStats {
-            received_total: t.received_total(),
-            rejected_total: t.rejected_total(),
-            dropped_total: t.dropped_total(),
-            spool_bytes: t.spool_bytes.get() as u64,
-            agent_rss_bytes: t.agent_rss_bytes.get() as u64,
-            sample_rate: php.sample_rate(),
-            ..Default::default()
+        let m = monitor.clone();
+        Arc::new(move || {
+            let mut hs = apm_proto::HostStats {
+                received_total: t.received_total(),
+                rejected_total: t.rejected_total(),
+                dropped_total: t.dropped_total(),
+                spool_bytes: t.spool_bytes.get() as u64,
+                agent_rss_bytes: t.agent_rss_bytes.get() as u64,
+                sample_rate: php.sample_rate(),
+                ..Default::default()
+            };
+            m.host_stats().apply(&mut hs);
+            hs
         })
     };
     let transport = Transport::new(
@@ -252,7 +281,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         cfg: cfg.ingest.clone(),
         sockets,
         telemetry: telemetry.clone(),
-        rss: None,
+        rss: Some(rss_lookup),
         live: live.clone(),
     };
     let ingest_task = tokio::spawn(ingest.run(profile_tx, stop.clone()));
@@ -315,13 +344,40 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
             control_stop.clone(),
         ));
     }
+    // The memory guard (see memguard.rs for the order in which it sheds).
+    let (mem_tx, mut mem_rx) = mpsc::channel::<()>(1);
     {
         let t = telemetry.clone();
         let stop = control_stop.clone();
+        let spill = spill.clone();
+        let php = php.clone();
+        let limit = cfg.limits.max_memory_mb * 1024 * 1024;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            let mut ladder = crate::memguard::Ladder::default();
             loop {
-                tokio::select! { _ = tick.tick() => { t.agent_rss_bytes.set(crate::telemetry::self_rss_bytes() as i64); } () = stop.cancelled() => break }
+                tokio::select! { _ = tick.tick() => {}, () = stop.cancelled() => break }
+                let rss = crate::telemetry::self_rss_bytes();
+                t.agent_rss_bytes.set(rss as i64);
+                match ladder.check(rss, limit) {
+                    crate::memguard::Action::None => {}
+                    crate::memguard::Action::Spill => {
+                        tracing::warn!(rss_mb = rss >> 20, limit_mb = limit >> 20, "memory over limits.max_memory_mb: spilling to the spool");
+                        spill.store(true, std::sync::atomic::Ordering::Relaxed);
+                        crate::memguard::trim();
+                    }
+                    crate::memguard::Action::LowerSampleRate => {
+                        let r = (php.sample_rate() / 2.0).max(0.05);
+                        tracing::warn!(rss_mb = rss >> 20, sample_rate = r, "memory still over the limit: lowering the PHP sample rate");
+                        let _ = php.set_sample_rate(r);
+                        crate::memguard::trim();
+                    }
+                    crate::memguard::Action::Restart => {
+                        tracing::error!(rss_mb = rss >> 20, limit_mb = limit >> 20, "memory still over the limit: graceful self-restart");
+                        let _ = mem_tx.try_send(());
+                        break;
+                    }
+                }
             }
         });
     }
@@ -337,6 +393,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
     let current = cfg.clone();
+    let mut memory_restart = false;
     let final_kind = if fd_store {
         StopKind::KeepSocket
     } else {
@@ -348,6 +405,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
             _ = int.recv() => { tracing::info!(signal = "INT", "stopping"); break final_kind }
             _ = hup.recv() => { let _ = reload(&current, config_path.as_deref()); }
             _ = usr1.recv() => tracing::info!(status = %source.status(), "status dump"),
+            Some(()) = mem_rx.recv() => {
+                memory_restart = true;
+                break if fd_store { final_kind } else { StopKind::Handover };
+            }
             Some(req) = req_rx.recv() => match req {
                 ControlRequest::Reload(reply) => { let _ = reply.send(reload(&current, config_path.as_deref())); }
                 ControlRequest::Restart(reply) => {
@@ -405,6 +466,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     }
     control_stop.cancel();
     let _ = control_task.await;
+    monitor_stop.cancel();
+    monitor.join().await;
     if let (StopKind::Handover, Some(sockets)) = (kind, handed) {
         tracing::info!(
             received = telemetry.received_total(),
@@ -420,6 +483,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         ]);
     }
     drop(pid);
+    if memory_restart {
+        tracing::warn!(code = crate::memguard::EXIT_MEMORY, "exiting for a memory self-restart (systemd restarts the agent; its fd store keeps the sockets)");
+        return Ok(crate::memguard::EXIT_MEMORY);
+    }
     tracing::info!(
         received = telemetry.received_total(),
         delivered = telemetry.delivered.get(),

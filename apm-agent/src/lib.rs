@@ -23,3 +23,4 @@ pub mod state;
 pub mod telemetry;
 pub mod transport;
 pub mod liveness;
+pub mod memguard;

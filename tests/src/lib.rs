@@ -4,3 +4,4 @@
 pub mod common;
 pub mod ebpf;
 pub mod php;
+pub mod faults;

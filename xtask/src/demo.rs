@@ -1,6 +1,7 @@
-//! The real chain for `cargo xtask run`: PHP-FPM (Debian's php8.2-fpm) running a small app with
-//! `listener.php` prepended, nginx in front, and a load generator issuing HTTP requests.
-//! Everything lives under `.run/php`; nothing touches the system's own nginx or PHP-FPM.
+//! The real chain for `cargo xtask run`: PHP-FPM (Debian's php8.2-fpm) serving the demo app
+//! (`php/demo/index.php`) with `listener.php` prepended, nginx in front, and a load generator
+//! issuing a few hundred HTTP requests per second. Everything lives under `.run/php`; nothing
+//! touches the system's own nginx or PHP-FPM.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -16,6 +17,10 @@ use crate::live::{ChildGuard, free_port, spawn};
 
 const FPM: &str = "/usr/sbin/php-fpm8.2";
 const NGINX: &str = "/usr/sbin/nginx";
+/// Requests per second of the load generator.
+const RATE: f64 = 300.0;
+/// Client threads: enough that a slow endpoint does not hold the schedule back.
+const CLIENTS: u64 = 8;
 
 pub fn why_not() -> String {
     let missing: Vec<&str> = [FPM, NGINX]
@@ -25,7 +30,10 @@ pub fn why_not() -> String {
     if missing.is_empty() {
         "not root (PHP-FPM and nginx need to start as root here)".into()
     } else {
-        format!("{} not installed", missing.join(" and "))
+        format!(
+            "{} not installed (`cargo xtask setup` installs php8.2-fpm and nginx)",
+            missing.join(" and ")
+        )
     }
 }
 
@@ -34,53 +42,68 @@ pub fn available() -> bool {
 }
 
 pub struct Demo {
-    _fpm: ChildGuard,
+    // Declared in stop order: nginx first (no new requests), then PHP-FPM.
     _nginx: ChildGuard,
+    _fpm: ChildGuard,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-const APP: &str = r#"<?php
-// The demo app: a few endpoints with different work, status codes and response sizes.
-$uri = parse_url($_SERVER['REQUEST_URI'] ?? '/', PHP_URL_PATH);
-switch ($uri) {
-    case '/slow':
-        usleep(random_int(2000, 8000));
-        echo str_repeat("slow ", 200);
-        break;
-    case '/missing':
-        http_response_code(404);
-        echo "not found";
-        break;
-    case '/error':
-        http_response_code(500);
-        echo "oops";
-        break;
-    case '/big':
-        $rows = [];
-        for ($i = 0; $i < 2000; $i++) { $rows[] = ['id' => $i, 'name' => md5((string)$i)]; }
-        echo json_encode($rows);
-        break;
-    default:
-        $x = 0;
-        for ($i = 0; $i < 20000; $i++) { $x += $i % 7; }
-        echo "hello $x";
+/// Request `n` of the mix: a URL of the demo app and the status it answers with. Mostly fast
+/// pages, some CPU work and waiting, errors and redirects, large bodies, and one profile in 40
+/// large enough (100 KB) to go over the agent's stream socket.
+fn request(n: u64) -> (String, u16) {
+    match n % 40 {
+        0 => (format!("/pad?bytes=100000&n={n}"), 200),
+        1 | 21 => ("/status/404".into(), 404),
+        2 => ("/error".into(), 500),
+        3 | 23 => ("/status/302".into(), 302),
+        4 | 14 | 24 | 34 => ("/work?ms=2".into(), 200),
+        5 | 25 => ("/sleep?ms=10".into(), 200),
+        6 | 26 => ("/big?kb=20".into(), 200),
+        k if k % 2 == 0 => ("/".into(), 200),
+        _ => (format!("/echo?id={n}"), 200),
+    }
 }
-"#;
 
 impl Demo {
     pub fn start(root: &Path, run_dir: &Path, stop: Arc<AtomicBool>) -> Result<Self> {
         let d = run_dir.join("php");
-        std::fs::create_dir_all(d.join("app"))?;
-        std::fs::write(d.join("app/index.php"), APP)?;
+        std::fs::create_dir_all(d.join("nginx/tmp"))?;
+        let app = root.join("php/demo/index.php");
+        if !app.is_file() {
+            bail!("the demo app {} is missing", app.display());
+        }
         let fpm_sock = d.join("fpm.sock");
+        let _ = std::fs::remove_file(&fpm_sock);
         let rt = run_dir.join("run");
         let listener_php = root.join("php/listener.php");
         std::fs::write(
             d.join("php-fpm.conf"),
             format!(
-                "[global]\npid = {d}/fpm.pid\nerror_log = {d}/fpm.log\ndaemonize = no\n\n[demo]\nuser = root\ngroup = root\nlisten = {sock}\nlisten.mode = 0666\npm = static\npm.max_children = 4\nclear_env = yes\nenv[APM_SOCKET] = {rt}/listener.sock\nenv[APM_STREAM_SOCKET] = {rt}/listener-stream.sock\nenv[APM_RUNTIME_DIR] = {rt}\nphp_admin_value[auto_prepend_file] = {lp}\ncatch_workers_output = yes\n",
+                "[global]\n\
+                 pid = {d}/fpm.pid\n\
+                 error_log = {d}/fpm.log\n\
+                 daemonize = no\n\
+                 \n\
+                 [demo]\n\
+                 user = root\n\
+                 group = root\n\
+                 listen = {sock}\n\
+                 listen.mode = 0666\n\
+                 listen.backlog = 1024\n\
+                 pm = static\n\
+                 pm.max_children = 4\n\
+                 clear_env = yes\n\
+                 env[APM_SOCKET] = {rt}/listener.sock\n\
+                 env[APM_STREAM_SOCKET] = {rt}/listener-stream.sock\n\
+                 env[APM_RUNTIME_DIR] = {rt}\n\
+                 php_admin_value[auto_prepend_file] = {lp}\n\
+                 php_admin_flag[display_errors] = off\n\
+                 php_admin_flag[log_errors] = on\n\
+                 php_admin_value[error_log] = {d}/php-error.log\n\
+                 catch_workers_output = yes\n",
                 d = d.display(),
                 sock = fpm_sock.display(),
                 rt = rt.display(),
@@ -96,68 +119,134 @@ impl Demo {
             "php-fpm",
         )?;
         let port = free_port();
-        std::fs::create_dir_all(d.join("nginx/logs"))?;
+        let ng = d.join("nginx");
         std::fs::write(
-            d.join("nginx/nginx.conf"),
+            ng.join("nginx.conf"),
             format!(
-                "worker_processes 1;\ndaemon off;\npid {d}/nginx/nginx.pid;\nerror_log {d}/nginx/logs/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/nginx/tmp;\n  fastcgi_temp_path {d}/nginx/tmp;\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      include /etc/nginx/fastcgi_params;\n      fastcgi_param SCRIPT_FILENAME {d}/app/index.php;\n      fastcgi_pass unix:{sock};\n    }}\n  }}\n}}\n",
-                d = d.display(),
+                "worker_processes 1;\n\
+                 daemon off;\n\
+                 pid {n}/nginx.pid;\n\
+                 error_log {n}/error.log;\n\
+                 events {{ worker_connections 1024; }}\n\
+                 http {{\n\
+                 \x20 access_log off;\n\
+                 \x20 client_body_temp_path {n}/tmp/body;\n\
+                 \x20 fastcgi_temp_path {n}/tmp/fastcgi;\n\
+                 \x20 proxy_temp_path {n}/tmp/proxy;\n\
+                 \x20 uwsgi_temp_path {n}/tmp/uwsgi;\n\
+                 \x20 scgi_temp_path {n}/tmp/scgi;\n\
+                 \x20 server {{\n\
+                 \x20   listen 127.0.0.1:{port};\n\
+                 \x20   location / {{\n\
+                 \x20     include /etc/nginx/fastcgi_params;\n\
+                 \x20     fastcgi_param SCRIPT_FILENAME {app};\n\
+                 \x20     fastcgi_pass unix:{sock};\n\
+                 \x20   }}\n\
+                 \x20 }}\n\
+                 }}\n",
+                n = ng.display(),
+                app = app.display(),
                 sock = fpm_sock.display()
             ),
         )?;
         let nginx = spawn(
             Command::new(NGINX)
                 .arg("-p")
-                .arg(d.join("nginx"))
+                .arg(&ng)
+                .arg("-e")
+                .arg(ng.join("error.log"))
                 .arg("-c")
-                .arg(d.join("nginx/nginx.conf"))
+                .arg(ng.join("nginx.conf"))
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(d.join("nginx/stderr"))?),
+                .stderr(std::fs::File::create(ng.join("stderr"))?),
             "nginx",
         )?;
+        let mut guards = (fpm, nginx);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if fpm_sock.exists() && TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 break;
+            }
+            for g in [&mut guards.0, &mut guards.1] {
+                if let Ok(Some(st)) = g.child.try_wait() {
+                    bail!("{} exited ({st}); see the logs in {}", g.name, d.display());
+                }
             }
             if Instant::now() > deadline {
                 bail!("PHP-FPM or nginx did not come up; see {}", d.display());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let ok = Arc::new(AtomicU64::new(0));
+        // One request through the whole front end before the load, so a broken setup fails
+        // here with the reason instead of as a stream of failed requests.
+        match get(port, "/echo?id=ready") {
+            Ok((200, body)) if body == b"ready\n" => {}
+            Ok((status, body)) => bail!(
+                "the demo app answered {status} {:?} to /echo?id=ready; see {}",
+                String::from_utf8_lossy(&body),
+                d.display()
+            ),
+            Err(e) => bail!(
+                "the demo app did not answer through nginx: {e}; see {}",
+                d.display()
+            ),
+        }
+        println!(
+            "demo      http://127.0.0.1:{port}/ (nginx -> php-fpm, {} with listener.php); logs in {}",
+            app.display(),
+            d.display()
+        );
+
+        // The readiness request above counts: its profile is in the agent's figures too.
+        let ok = Arc::new(AtomicU64::new(1));
         let failed = Arc::new(AtomicU64::new(0));
-        let paths = [
-            "/", "/", "/", "/slow", "/big", "/missing", "/error", "/?page=2",
-        ];
-        // Four clients, ~50 requests/s each: a few hundred profiles per second.
-        let threads = (0..4)
-            .map(|c| {
-                let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+        let next = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        // Each request is scheduled at start + n / RATE, so a slow response does not slow the
+        // schedule (up to CLIENTS requests in flight).
+        let threads = (0..CLIENTS)
+            .map(|_| {
+                let (ok, failed, next, stop) =
+                    (ok.clone(), failed.clone(), next.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    let mut n = c;
                     while !stop.load(Ordering::Relaxed) {
-                        let path = paths[n % paths.len()];
-                        n += 1;
-                        match get(port, path) {
-                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        let due = start + Duration::from_secs_f64(n as f64 / RATE);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let (path, want) = request(n);
+                        let good = match get(port, &path) {
+                            Ok((status, body)) => {
+                                status == want
+                                    && (!path.starts_with("/echo")
+                                        || body == format!("{n}\n").into_bytes())
+                            }
+                            Err(_) => false,
                         };
-                        std::thread::sleep(Duration::from_millis(20));
+                        if good {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 })
             })
             .collect();
+        let (fpm, nginx) = guards;
         Ok(Self {
-            _fpm: fpm,
             _nginx: nginx,
+            _fpm: fpm,
             ok,
             failed,
             threads,
         })
     }
 
-    /// Stops the load; returns (requests answered, requests failed).
+    /// Stops the load; returns (requests answered as expected, requests failed or wrong).
     pub fn stop(&mut self) -> (u64, u64) {
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -169,8 +258,8 @@ impl Demo {
     }
 }
 
-/// One HTTP/1.0 GET; returns the status code.
-fn get(port: u16, path: &str) -> std::io::Result<u16> {
+/// One HTTP/1.0 GET on a fresh connection; returns the status code and the body.
+fn get(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: demo.local\r\n\r\n")?;
@@ -179,9 +268,14 @@ fn get(port: u16, path: &str) -> std::io::Result<u16> {
     r.read_line(&mut status)?;
     let mut rest = Vec::new();
     r.read_to_end(&mut rest)?;
-    status
+    let code = status
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("bad response"))
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status:?}")))?;
+    let body = rest
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or_else(Vec::new, |i| rest[i + 4..].to_vec());
+    Ok((code, body))
 }

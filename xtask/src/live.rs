@@ -169,9 +169,19 @@ pub fn control_status(runtime_dir: &Path) -> Option<Value> {
 
 pub fn wait_ready(runtime_dir: &Path, agent: &mut ChildGuard, log: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let me = agent.child.id() as u64;
     while Instant::now() < deadline {
-        if control_status(runtime_dir).is_some() {
-            return Ok(());
+        if let Some(s) = control_status(runtime_dir) {
+            let pid = s.get("pid").and_then(Value::as_u64).unwrap_or(0);
+            if pid == me {
+                return Ok(());
+            }
+            if let Ok(Some(_)) = agent.child.try_wait() {
+                bail!(
+                    "another agent (PID {pid}) already runs on {}: stop it first (another `cargo xtask run`?)",
+                    runtime_dir.display()
+                );
+            }
         }
         if let Ok(Some(st)) = agent.child.try_wait() {
             bail!(

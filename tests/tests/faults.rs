@@ -1,0 +1,615 @@
+//! Fault tests with real processes and real signals: a long listener outage, a listener that
+//! dies between storing and acking, SIGTERM under load (listener up, and down), SIGKILL in
+//! write-ahead mode, a damaged spool, a full disk, and a full spool under `drop_newest`.
+//! Every test names each profile with a unique id and checks the listener's file: nothing the
+//! kernel accepted for the agent is lost (beyond what the test states), nothing is stored twice.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use apm_tests::common::{Agent, Listener, Proc, u};
+use apm_tests::faults::{
+    SendPlan, Sender, Tmpfs, assert_exactly, free_addr, log_field, profile_body, spool_records,
+    stored_ids, stored_lines, unique_ids, wait_stored, wait_until,
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// Small batches, and a breaker and reconnect backoff that come back within a couple of
+/// seconds once the listener does.
+const FAST: &str = "[batch]\nmax_age = \"50ms\"\n\
+                    [breaker]\nmax_retry_timeout = \"2s\"\n\
+                    [central]\nbackoff_max = \"1s\"\n";
+
+fn plan(agent: &Agent, prefix: &str, size: usize, rate: u64, nonblocking: bool) -> SendPlan {
+    SendPlan {
+        socket: agent.socket(),
+        prefix: prefix.into(),
+        size,
+        rate,
+        nonblocking,
+        count: u64::MAX,
+    }
+}
+
+fn endpoint(addr: &str) -> String {
+    format!("http://{addr}")
+}
+
+/// Waits until the agent has settled everything it received: delivered or dropped, nothing
+/// left in memory or in the spool.
+fn wait_settled(agent: &Agent, received: u64, timeout: Duration) -> Value {
+    agent.wait_for(timeout, "everything received settled", |s| {
+        u(s, "/received") == received
+            && u(s, "/delivered") + u(s, "/dropped/total") == received
+            && u(s, "/spooled_batches") == 0
+            && u(s, "/memory_payload_bytes") == 0
+    })
+}
+
+fn assert_no_panic(agent: &Agent) {
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
+}
+
+/// 1. The listener is down for 30 s under a steady 1000 profiles/s: the breaker opens, the
+///    batches go to disk and memory stays flat; once the listener is back every accepted profile
+///    arrives exactly once, the breaker closes and the spool drains to empty.
+#[test]
+fn listener_down_30s_under_load_everything_arrives_once_memory_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let addr = free_addr();
+    let mut listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let agent = Agent::start(
+        dir.path(),
+        &endpoint(&addr),
+        "off",
+        &format!(
+            "{FAST}[batch]\nmax_age = \"200ms\"\n\
+             [spool]\nmax_bytes = 268435456\nreplay_batches_per_s = 100\n"
+        ),
+    );
+    // 2 KB profiles: the outage carries ~60 MB, far more than any RSS growth we tolerate.
+    let sender = Sender::start(plan(&agent, "o", 2000, 1000, true));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(listener.proc.stop(Duration::from_secs(10)), Some(0));
+    drop(listener);
+    let down = Instant::now();
+
+    let mut saw_open = false;
+    let mut rss_early = 0;
+    let mut rss_late = 0;
+    let mut max_spooled = 0;
+    while down.elapsed() < Duration::from_secs(30) {
+        let s = agent.status().expect("agent answers during the outage");
+        saw_open |= s["breaker"] == "open";
+        max_spooled = max_spooled.max(u(&s, "/spooled_batches"));
+        let t = down.elapsed();
+        if rss_early == 0 && t >= Duration::from_secs(5) {
+            rss_early = u(&s, "/rss_bytes");
+        }
+        if t >= Duration::from_secs(28) && rss_late == 0 {
+            rss_late = u(&s, "/rss_bytes");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let during = agent.status().unwrap();
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    let r = sender.finish();
+    let ok = r.ok_ids("o");
+    assert!(
+        ok.len() > 30_000,
+        "about 1000/s for 35 s accepted: {}",
+        ok.len()
+    );
+
+    let st = wait_settled(&agent, ok.len() as u64, Duration::from_secs(90));
+    let st = agent.wait_for(Duration::from_secs(10), "breaker closed", |s| {
+        s["breaker"] == "closed"
+    });
+    assert_exactly(&stored_ids(&listener.out), &ok, "after a 30 s outage");
+    assert_eq!(u(&st, "/dropped/total"), 0, "{st}");
+    assert_eq!(u(&st, "/delivered"), ok.len() as u64);
+    assert!(saw_open, "the breaker opened during the outage: {during}");
+    assert!(
+        max_spooled > 100,
+        "the outage went to disk (max spooled batches {max_spooled})"
+    );
+    // ~46 MB of profiles arrived between the two samples; the agent's memory must not follow.
+    assert!(rss_early > 0 && rss_late > 0);
+    assert!(
+        rss_late < rss_early + 24 * 1024 * 1024,
+        "RSS grew with the outage: {rss_early} -> {rss_late}"
+    );
+    assert_no_panic(&agent);
+}
+
+/// 2. The listener stores a batch, then drops the stream instead of acking: the agent resends,
+///    and the listener deduplicates the resend.
+#[test]
+fn listener_drops_the_connection_before_acking_the_resend_is_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut listener = Listener::start(dir.path(), &["--drop-before-ack", "3"]);
+    let agent = Agent::start(
+        dir.path(),
+        &listener.endpoint(),
+        "off",
+        &format!("{FAST}[batch]\nmax_items = 100\n"),
+    );
+    let mut p = plan(&agent, "d", 300, 3000, false);
+    p.count = 3000;
+    let r = Sender::start(p).finish();
+    assert_eq!(r.ok.len(), 3000, "blocking sends succeed: {:?}", r.errors);
+    let ok = r.ok_ids("d");
+    wait_settled(&agent, 3000, Duration::from_secs(30));
+    let ids = wait_stored(&listener.out, 3000, Duration::from_secs(10));
+    assert_exactly(&ids, &ok, "with a stream dropped before its ack");
+    let st = agent.status().unwrap();
+    assert_eq!(u(&st, "/delivered"), 3000);
+    assert!(u(&st, "/reconnects") >= 2, "the agent reconnected: {st}");
+    assert_eq!(listener.proc.stop(Duration::from_secs(15)), Some(0));
+    let log = std::fs::read_to_string(dir.path().join("listener.log")).unwrap();
+    assert!(
+        log.contains("stream dropped before ack"),
+        "the fault fired:\n{log}"
+    );
+    let dups = log_field(&log, "duplicate_batches_total", "duplicate_batches_total");
+    assert!(
+        dups.is_some_and(|d| d >= 1),
+        "the resent batch reached the listener and was deduplicated:\n{log}"
+    );
+}
+
+/// 3a. SIGTERM while profiles pour in, listener up: exit 0; started again, the agent carries
+///     on; every profile the kernel accepted (before, and after the restart) arrives once.
+#[test]
+fn sigterm_under_load_then_start_again_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let mut agent = Agent::start(dir.path(), &listener.endpoint(), "off", FAST);
+    let sender = Sender::start(plan(&agent, "t", 300, 5000, true));
+    std::thread::sleep(Duration::from_secs(1));
+    let before = sender.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        agent.proc.stop(Duration::from_secs(30)),
+        Some(0),
+        "graceful exit"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = Agent::start(dir.path(), &listener.endpoint(), "off", FAST);
+    std::thread::sleep(Duration::from_secs(1));
+    let r = sender.finish();
+    let ok = r.ok_ids("t");
+    assert!(
+        before > 1000 && ok.len() as u64 > before + 1000,
+        "load on both sides"
+    );
+    assert!(
+        !r.errors.is_empty(),
+        "the sender saw the agent gone between the two runs"
+    );
+    let ids = wait_stored(&listener.out, ok.len(), Duration::from_secs(30));
+    assert_exactly(&ids, &ok, "across SIGTERM and start");
+    assert_no_panic(&agent);
+}
+
+/// 3b. SIGTERM while the listener is down: the agent spools what it holds and exits 0 within
+///     the shutdown timeout; at that point every accepted profile is in the listener's file or
+///     in the spool; with listener and agent back, all of them arrive exactly once.
+#[test]
+fn sigterm_with_listener_down_spools_then_everything_arrives_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let addr = free_addr();
+    let mut listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let cfg = format!("{FAST}[limits]\nshutdown_timeout = \"3s\"\n");
+    let mut agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    let sender = Sender::start(plan(&agent, "u", 300, 3000, true));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(listener.proc.stop(Duration::from_secs(10)), Some(0));
+    drop(listener);
+    // Short enough that part of it still waits in memory (the breaker needs a few failures).
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    assert_eq!(
+        agent.proc.stop(Duration::from_secs(30)),
+        Some(0),
+        "graceful exit"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "stopped within the shutdown timeout"
+    );
+    let r = sender.finish();
+    let ok = r.ok_ids("u");
+    assert!(ok.len() > 5000, "{}", ok.len());
+
+    // Nothing lost at the moment of exit: stored, or on disk.
+    let stored_before: Vec<String> = stored_ids(&out);
+    let spooled = spool_records(&dir.path().join("spool"));
+    assert!(
+        !spooled.is_empty(),
+        "the shutdown left batches in the spool"
+    );
+    let mut held: Vec<String> = stored_before.clone();
+    held.extend(spooled.iter().flat_map(|r| r.ids.iter().cloned()));
+    let held: HashSet<String> = held.into_iter().collect();
+    let lost: Vec<&String> = ok.difference(&held).take(10).collect();
+    assert!(
+        lost.is_empty(),
+        "accepted but neither stored nor spooled: {lost:?}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("undelivered batches kept in the spool")
+    );
+
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    let ids = wait_stored(&listener.out, ok.len(), Duration::from_secs(60));
+    assert_exactly(&ids, &ok, "after a shutdown that spooled");
+    agent.wait_for(Duration::from_secs(20), "spool drained", |s| {
+        u(s, "/spooled_batches") == 0
+    });
+    assert_no_panic(&agent);
+}
+
+/// A tiny xorshift for kill timings (the tests crate has no rand); the seed is printed.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Self {
+        let seed = std::env::var("FAULTS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        println!("FAULTS_SEED={seed}");
+        Self(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// 4. `spool.mode = "always"`, `fsync = "always"`: SIGKILL 50 times at random points under a
+///    steady load (acks are delayed so batches are in flight at the kill). After each kill the
+///    spool is read (checksums verified, acked records left out); at the end every one of those
+///    records has been delivered, nothing is stored twice, every stored profile is byte-exact,
+///    and the only profiles lost are the in-memory window of each kill: at most one run of
+///    consecutive ids per kill, each run short.
+#[test]
+fn sigkill_50_times_in_write_ahead_mode_loses_only_the_in_memory_window() {
+    const KILLS: usize = 50;
+    const SIZE: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &["--ack-delay", "30"]);
+    let cfg = format!(
+        "{FAST}[batch]\nmax_age = \"20ms\"\nmax_items = 50\n\
+         [ingest]\nqueue_len = 128\n\
+         [spool]\nmode = \"always\"\nfsync = \"always\"\nsegment_bytes = 65536\nreplay_batches_per_s = 200\n"
+    );
+    let mut rng = Rng::new();
+    let mut agent = Agent::start(dir.path(), &listener.endpoint(), "off", &cfg);
+    let sender = Sender::start(plan(&agent, "k", SIZE, 2000, false));
+    let mut must_deliver: HashSet<String> = HashSet::new();
+    let mut spooled_at_kill = Vec::new();
+    for _ in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(100 + rng.below(200)));
+        agent.proc.signal(Signal::SIGKILL);
+        assert_eq!(agent.proc.wait(Duration::from_secs(10)), None, "killed");
+        assert_no_panic(&agent);
+        let recs = spool_records(&dir.path().join("spool"));
+        spooled_at_kill.push(recs.len());
+        must_deliver.extend(recs.into_iter().flat_map(|r| r.ids));
+        agent = Agent::start(dir.path(), &listener.endpoint(), "off", &cfg);
+    }
+    // The last agent lives: what it receives from now on must all arrive.
+    let last_start = sender.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(1));
+    let r = sender.finish();
+    let ok = r.ok_ids("k");
+    let after_last: HashSet<String> = r.ok[last_start as usize..]
+        .iter()
+        .map(|i| format!("k-{i}"))
+        .collect();
+    println!(
+        "accepted {} of {} sends; records spooled at each kill: {spooled_at_kill:?}",
+        ok.len(),
+        r.attempts
+    );
+    assert!(
+        spooled_at_kill.iter().filter(|&&n| n > 0).count() > KILLS / 4,
+        "kills found records on disk often enough to test something: {spooled_at_kill:?}"
+    );
+    agent.wait_for(Duration::from_secs(60), "spool drained", |s| {
+        u(s, "/spooled_batches") == 0 && u(s, "/memory_payload_bytes") == 0
+    });
+    let lines = stored_lines(&listener.out);
+    let ids: Vec<String> = lines
+        .iter()
+        .map(|l| l["profile"]["id"].as_str().unwrap().to_string())
+        .collect();
+    let got = unique_ids(&ids);
+    for l in &lines {
+        let id = l["profile"]["id"].as_str().unwrap();
+        let i: u64 = id.strip_prefix("k-").unwrap().parse().unwrap();
+        let want: Value = serde_json::from_str(&profile_body("k", i, SIZE)).unwrap();
+        assert_eq!(l["profile"], want, "profile {id} stored exactly as sent");
+    }
+    let missing: Vec<&String> = must_deliver.difference(&got).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "{} records on disk at a kill were never delivered, e.g. {missing:?}",
+        must_deliver.difference(&got).count()
+    );
+    let missing: Vec<&String> = after_last.difference(&got).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "received by the last agent, not delivered: {missing:?}"
+    );
+    let extra: Vec<&String> = got.difference(&ok).take(10).collect();
+    assert!(extra.is_empty(), "stored but never sent: {extra:?}");
+    // Loss: runs of consecutive accepted ids that are missing.
+    let mut runs = Vec::new();
+    let mut run = 0u64;
+    for i in &r.ok {
+        if got.contains(&format!("k-{i}")) {
+            if run > 0 {
+                runs.push(run);
+            }
+            run = 0;
+        } else {
+            run += 1;
+        }
+    }
+    if run > 0 {
+        runs.push(run);
+    }
+    println!("lost runs: {runs:?}");
+    assert!(
+        runs.len() <= KILLS,
+        "at most one lost window per kill: {runs:?}"
+    );
+    // Kernel queue (128) + what ingest and the batcher hold (~100 ms at 2000/s) + margin.
+    assert!(
+        runs.iter().all(|&n| n <= 600),
+        "each lost window is bounded: {runs:?}"
+    );
+}
+
+/// Stops a process that must already be stopped; a helper for readability.
+fn stopped(p: &mut Proc) {
+    assert_eq!(
+        p.stop(Duration::from_secs(30)),
+        Some(0),
+        "{} exits 0",
+        p.name
+    );
+}
+
+/// 5. A damaged spool: a segment truncated mid-record, one record with a flipped bit, a garbage
+///    file and a segment-named file with a foreign header. The agent starts, truncates, skips
+///    and quarantines with counts, never panics, and delivers exactly the rest.
+#[test]
+fn damaged_spool_is_recovered_and_the_rest_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let addr = free_addr(); // the listener is down until the end
+    let cfg = format!(
+        "{FAST}[batch]\nmax_items = 50\n[spool]\nsegment_bytes = 65536\n[limits]\nshutdown_timeout = \"2s\"\n"
+    );
+    let mut agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    let mut p = plan(&agent, "c", 250, 4000, false);
+    p.count = 2000;
+    let r = Sender::start(p).finish();
+    assert_eq!(r.ok.len(), 2000);
+    agent.wait_for(Duration::from_secs(20), "all received", |s| {
+        u(s, "/received") == 2000
+    });
+    stopped(&mut agent.proc);
+    let spool = dir.path().join("spool");
+    let recs = spool_records(&spool);
+    let all: HashSet<String> = recs.iter().flat_map(|r| r.ids.iter().cloned()).collect();
+    assert_eq!(all, r.ok_ids("c"), "everything was spooled at shutdown");
+    let segs: Vec<u64> = {
+        let mut v: Vec<u64> = recs.iter().map(|r| r.segment).collect();
+        v.dedup();
+        v
+    };
+    assert!(segs.len() >= 3, "several segments: {segs:?}");
+    let seg_path = |id: u64| spool.join(format!("seg-{id:020}.spool"));
+
+    // A bit flip in the body of a record in the middle of a segment.
+    let in_seg = |id: u64| recs.iter().filter(move |r| r.segment == id);
+    let mid_seg = *segs
+        .iter()
+        .find(|&&s| in_seg(s).count() >= 3)
+        .expect("a segment with 3 records");
+    let flipped = in_seg(mid_seg).nth(1).unwrap().clone();
+    let mut bytes = std::fs::read(seg_path(mid_seg)).unwrap();
+    bytes[flipped.offset as usize + 24 + 40] ^= 0x10;
+    std::fs::write(seg_path(mid_seg), &bytes).unwrap();
+    // The last segment cut in the middle of its last record.
+    let last_seg = *segs.last().unwrap();
+    let torn = in_seg(last_seg).last().unwrap().clone();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(seg_path(last_seg))
+        .unwrap();
+    f.set_len(torn.offset + 24 + 30).unwrap();
+    drop(f);
+    // Foreign files.
+    std::fs::write(
+        spool.join("garbage.bin"),
+        b"\x00\xffnot a spool file at all",
+    )
+    .unwrap();
+    std::fs::write(
+        spool.join("seg-00000000000000000999.spool"),
+        vec![0x5a; 4096],
+    )
+    .unwrap();
+
+    let mut expect = all.clone();
+    for id in flipped.ids.iter().chain(&torn.ids) {
+        expect.remove(id);
+    }
+    assert_eq!(expect.len(), 2000 - flipped.ids.len() - torn.ids.len());
+
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    agent.wait_for(Duration::from_secs(30), "spool drained", |s| {
+        u(s, "/spooled_batches") == 0 && u(s, "/delivered") >= expect.len() as u64
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_exactly(&stored_ids(&listener.out), &expect, "after spool damage");
+    let log = agent.log();
+    assert_eq!(log_field(&log, "spool opened", "corrupt"), Some(1), "{log}");
+    assert_eq!(
+        log_field(&log, "spool opened", "quarantined"),
+        Some(2),
+        "{log}"
+    );
+    assert!(log.contains("torn spool segment tail truncated"), "{log}");
+    let q: Vec<_> = std::fs::read_dir(spool.join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert!(
+        agent.proc.child.try_wait().is_ok_and(|s| s.is_none()),
+        "still running"
+    );
+    assert_no_panic(&agent);
+}
+
+/// 6. The spool's volume fills up (a 4 MiB tmpfs, most of it taken by another file) while the
+///    listener is down: the agent keeps running, drops the oldest segments and counts them; when
+///    space returns and the listener is back, everything received since is delivered and every
+///    profile is accounted for.
+#[test]
+fn disk_full_drops_oldest_counts_it_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let vol = dir.path().join("vol");
+    let _mnt = match Tmpfs::mount(&vol, "4m") {
+        Ok(m) => m,
+        Err(e) if !apm_tests::common::in_ci() => {
+            println!("skipped: cannot mount a tmpfs here: {e}");
+            return;
+        }
+        Err(e) => panic!("cannot mount a tmpfs (CI runs as root): {e}"),
+    };
+    let addr = free_addr();
+    let cfg = format!(
+        "{FAST}[batch]\nmax_items = 50\n\
+         [spool]\ndir = \"{}\"\nmax_bytes = 3145728\nsegment_bytes = 131072\n",
+        vol.join("spool").display()
+    );
+    let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    // Another tenant of the volume takes most of it: the spool hits ENOSPC below max_bytes.
+    let filler = vol.join("filler");
+    std::fs::write(&filler, vec![0u8; 2560 * 1024]).unwrap();
+    let sender = Sender::start(plan(&agent, "f", 1000, 2000, false));
+    let st = agent.wait_for(Duration::from_secs(30), "a disk-full drop", |s| {
+        u(s, "/dropped/spool_full") > 0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        agent.proc.child.try_wait().unwrap().is_none(),
+        "still running"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("disk full: oldest spool segment dropped"),
+        "dropped because of ENOSPC, not max_bytes: {st}\n{}",
+        agent.log()
+    );
+    // Space returns, and so does the listener.
+    std::fs::remove_file(&filler).unwrap();
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let from = sender.accepted.load(std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = sender.finish();
+    let ok = r.ok_ids("f");
+    let st = wait_settled(&agent, ok.len() as u64, Duration::from_secs(60));
+    let ids = stored_ids(&listener.out);
+    let got = unique_ids(&ids);
+    assert_eq!(u(&st, "/delivered"), ids.len() as u64, "{st}");
+    assert_eq!(
+        u(&st, "/received"),
+        u(&st, "/delivered") + u(&st, "/dropped/total"),
+        "{st}"
+    );
+    assert!(u(&st, "/dropped/spool_full") > 0, "{st}");
+    assert!(got.is_subset(&ok));
+    let fresh: HashSet<String> = r.ok[from as usize..]
+        .iter()
+        .map(|i| format!("f-{i}"))
+        .collect();
+    let missing: Vec<&String> = fresh.difference(&got).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "sent after space returned, not delivered: {missing:?}"
+    );
+    assert_no_panic(&agent);
+}
+
+/// 7. A full spool under `drop_newest`, listener down: the newest batches are refused and
+///    counted; once the listener is back, received == delivered + dropped, exactly.
+#[test]
+fn spool_full_drop_newest_accounts_for_every_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let addr = free_addr();
+    let cfg = format!(
+        "{FAST}[batch]\nmax_items = 20\n\
+         [spool]\nmax_bytes = 262144\nsegment_bytes = 65536\non_full = \"drop_newest\"\n"
+    );
+    let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    let mut p = plan(&agent, "n", 500, 2000, false);
+    p.count = 4000;
+    let r = Sender::start(p).finish();
+    assert_eq!(r.ok.len(), 4000);
+    agent.wait_for(Duration::from_secs(20), "all received, spool full", |s| {
+        u(s, "/received") == 4000 && u(s, "/dropped/spool_full") > 0
+    });
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let st = wait_settled(&agent, 4000, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let st2 = agent.status().unwrap();
+    for k in ["/received", "/delivered", "/dropped/total"] {
+        assert_eq!(u(&st, k), u(&st2, k), "{k} settled for good");
+    }
+    let ids = stored_ids(&listener.out);
+    let got = unique_ids(&ids);
+    assert_eq!(u(&st, "/delivered"), ids.len() as u64);
+    assert_eq!(
+        u(&st, "/received"),
+        u(&st, "/delivered") + u(&st, "/dropped/total"),
+        "{st}"
+    );
+    assert_eq!(
+        u(&st, "/dropped/total"),
+        u(&st, "/dropped/spool_full"),
+        "{st}"
+    );
+    assert!(got.contains("n-0"), "drop_newest keeps the oldest");
+    assert!(!got.contains("n-3999"), "and refuses the newest");
+    assert!(got.is_subset(&r.ok_ids("n")));
+    assert_no_panic(&agent);
+}
