@@ -178,7 +178,13 @@ mod tests {
         let seqs = SeqAllocator::open(dir.path()).unwrap();
         let (tx, rx) = mpsc::channel(4);
         let (otx, mut orx) = mpsc::channel(4);
-        let task = tokio::spawn(run(cfg(100, 1 << 20, 500), seqs, rx, otx, Default::default()));
+        let task = tokio::spawn(run(
+            cfg(100, 1 << 20, 500),
+            seqs,
+            rx,
+            otx,
+            Default::default(),
+        ));
         // Idle: nothing ticks.
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(orx.try_recv().is_err());

@@ -75,7 +75,10 @@ pub enum Command {
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let needs_valid = matches!(cli.command, Command::Run | Command::Start { .. } | Command::CheckConfig);
+    let needs_valid = matches!(
+        cli.command,
+        Command::Run | Command::Start { .. } | Command::CheckConfig
+    );
     let (cfg, err) = Config::load_for_client(cli.config.as_deref());
     if let Some(e) = err {
         if needs_valid {
@@ -447,7 +450,9 @@ fn alive(pid: u32) -> bool {
         return false;
     }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X") | None)
 }
 

@@ -399,7 +399,9 @@ impl Config {
             Ok(c) => (c, None),
             Err(e) => {
                 let mut cfg = Config::default();
-                let text = path.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+                let text = path
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
                 let control = toml::from_str::<toml::Table>(&text)
                     .ok()
                     .and_then(|mut t| t.remove("control"))

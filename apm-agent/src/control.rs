@@ -92,17 +92,23 @@ pub enum ControlRequest {
 }
 
 /// Serves the control socket until `shutdown`.
+/// Binds the control socket (before readiness is announced, so `start` can rely on it).
+pub fn bind_control(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    let _ = crate::ingest::socket::remove_stale(path, false);
+    let listener = UnixListener::bind(path)?;
+    // Only root (and the agent's user) may steer the agent.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
 pub async fn serve_control(
+    listener: UnixListener,
     path: PathBuf,
     source: StatusSource,
     requests: mpsc::Sender<ControlRequest>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let _ = crate::ingest::socket::remove_stale(&path, false);
-    let listener = UnixListener::bind(&path)?;
-    // Only root (and the agent's user) may steer the agent.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => r?,

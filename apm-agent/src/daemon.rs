@@ -210,7 +210,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
             monitor_stop.clone(),
         )
         .await
-        .map_err(|e| crate::config::ConfigError::Invalid { key: "ebpf.enabled", reason: format!("eBPF is required (\"on\") but cannot run: {e}") })?,
+        .map_err(|e| crate::config::ConfigError::Invalid {
+            key: "ebpf.enabled",
+            reason: format!("eBPF is required (\"on\") but cannot run: {e}"),
+        })?,
     );
     monitor.register_metrics(&mut registry);
     let ebpf_section: crate::control::Section = {
@@ -234,9 +237,18 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let spool = match crate::spool::Spool::open(&cfg.spool) {
         Ok(s) => s,
         Err(e) if crate::router::is_config_error(&e) => {
-            return Err(crate::config::ConfigError::Invalid { key: "spool.dir", reason: e.to_string() }.into());
+            return Err(crate::config::ConfigError::Invalid {
+                key: "spool.dir",
+                reason: e.to_string(),
+            }
+            .into());
         }
-        Err(e) => return Err(anyhow::anyhow!(e).context(format!("cannot open the spool in {}", cfg.spool.dir.display()))),
+        Err(e) => {
+            return Err(anyhow::anyhow!(e).context(format!(
+                "cannot open the spool in {}",
+                cfg.spool.dir.display()
+            )));
+        }
     };
     let breaker = crate::breaker::CircuitBreaker::load(
         cfg.breaker.clone(),
@@ -322,7 +334,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     };
     let control_stop = CancellationToken::new();
     let (req_tx, mut req_rx) = mpsc::channel(4);
+    let control_listener = crate::control::bind_control(&cfg.control.control_socket())
+        .with_context(|| format!("cannot bind the control socket {}", cfg.control.control_socket().display()))?;
     let control_task = tokio::spawn(crate::control::serve_control(
+        control_listener,
         cfg.control.control_socket(),
         source.clone(),
         req_tx,
@@ -362,18 +377,30 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
                 match ladder.check(rss, limit) {
                     crate::memguard::Action::None => {}
                     crate::memguard::Action::Spill => {
-                        tracing::warn!(rss_mb = rss >> 20, limit_mb = limit >> 20, "memory over limits.max_memory_mb: spilling to the spool");
+                        tracing::warn!(
+                            rss_mb = rss >> 20,
+                            limit_mb = limit >> 20,
+                            "memory over limits.max_memory_mb: spilling to the spool"
+                        );
                         spill.store(true, std::sync::atomic::Ordering::Relaxed);
                         crate::memguard::trim();
                     }
                     crate::memguard::Action::LowerSampleRate => {
                         let r = (php.sample_rate() / 2.0).max(0.05);
-                        tracing::warn!(rss_mb = rss >> 20, sample_rate = r, "memory still over the limit: lowering the PHP sample rate");
+                        tracing::warn!(
+                            rss_mb = rss >> 20,
+                            sample_rate = r,
+                            "memory still over the limit: lowering the PHP sample rate"
+                        );
                         let _ = php.set_sample_rate(r);
                         crate::memguard::trim();
                     }
                     crate::memguard::Action::Restart => {
-                        tracing::error!(rss_mb = rss >> 20, limit_mb = limit >> 20, "memory still over the limit: graceful self-restart");
+                        tracing::error!(
+                            rss_mb = rss >> 20,
+                            limit_mb = limit >> 20,
+                            "memory still over the limit: graceful self-restart"
+                        );
                         let _ = mem_tx.try_send(());
                         break;
                     }
@@ -447,6 +474,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
             None
         }
     };
+    if kind == StopKind::Handover {
+        // Nobody reads the socket until the new image runs: do not wait for acks, put what is
+        // in memory into the spool now (the new image replays it; the listener deduplicates
+        // anything that was in flight).
+        deadline.cancel();
+    }
     match batch_task.await {
         Ok(Err(e)) => tracing::error!(error = %e, "batcher failed"),
         Err(e) => tracing::error!(error = %e, "batcher task failed"),
@@ -484,7 +517,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     }
     drop(pid);
     if memory_restart {
-        tracing::warn!(code = crate::memguard::EXIT_MEMORY, "exiting for a memory self-restart (systemd restarts the agent; its fd store keeps the sockets)");
+        tracing::warn!(
+            code = crate::memguard::EXIT_MEMORY,
+            "exiting for a memory self-restart (systemd restarts the agent; its fd store keeps the sockets)"
+        );
         return Ok(crate::memguard::EXIT_MEMORY);
     }
     tracing::info!(
@@ -499,9 +535,15 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
 
 /// Pings systemd's watchdog while every stage beats, and keeps `STATUS=` current. Without
 /// `WatchdogSec` it only updates the status line.
-async fn watchdog(live: Arc<crate::liveness::Liveness>, source: StatusSource, stop: CancellationToken) {
+async fn watchdog(
+    live: Arc<crate::liveness::Liveness>,
+    source: StatusSource,
+    stop: CancellationToken,
+) {
     let period = sd_notify::watchdog_enabled();
-    let every = period.map_or(std::time::Duration::from_secs(5), |p| (p / 2).max(std::time::Duration::from_millis(100)));
+    let every = period.map_or(std::time::Duration::from_secs(5), |p| {
+        (p / 2).max(std::time::Duration::from_millis(100))
+    });
     let mut tick = tokio::time::interval(every);
     let mut warned = false;
     loop {
@@ -512,7 +554,11 @@ async fn watchdog(live: Arc<crate::liveness::Liveness>, source: StatusSource, st
         let t = &source.telemetry;
         let line = format!(
             "received {} delivered {} rejected {} dropped {} breaker {}",
-            t.received_total(), t.delivered.get(), t.rejected_total(), t.dropped_total(), (source.breaker)()
+            t.received_total(),
+            t.delivered.get(),
+            t.rejected_total(),
+            t.dropped_total(),
+            (source.breaker)()
         );
         let mut states = vec![sd_notify::NotifyState::Status(&line)];
         if let Some(p) = period {

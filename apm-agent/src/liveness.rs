@@ -13,7 +13,11 @@ pub enum Stage {
     Router = 2,
 }
 
-const STAGES: [(Stage, &str); 3] = [(Stage::Ingest, "ingest"), (Stage::Batch, "batch"), (Stage::Router, "router")];
+const STAGES: [(Stage, &str); 3] = [
+    (Stage::Ingest, "ingest"),
+    (Stage::Batch, "batch"),
+    (Stage::Router, "router"),
+];
 
 /// How often stages beat.
 pub const BEAT: Duration = Duration::from_millis(500);
@@ -26,7 +30,10 @@ pub struct Liveness {
 
 impl Default for Liveness {
     fn default() -> Self {
-        Self { origin: Instant::now(), beats: Default::default() }
+        Self {
+            origin: Instant::now(),
+            beats: Default::default(),
+        }
     }
 }
 
@@ -40,7 +47,10 @@ impl Liveness {
         let now = self.origin.elapsed().as_millis() as u64;
         STAGES
             .iter()
-            .filter(|(s, _)| now.saturating_sub(self.beats[*s as usize].load(Ordering::Relaxed)) > max_age.as_millis() as u64)
+            .filter(|(s, _)| {
+                now.saturating_sub(self.beats[*s as usize].load(Ordering::Relaxed))
+                    > max_age.as_millis() as u64
+            })
             .map(|(_, n)| *n)
             .collect()
     }

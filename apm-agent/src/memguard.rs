@@ -67,6 +67,10 @@ mod tests {
         assert_eq!(l.check(200, 100), Action::None);
         assert_eq!(l.check(200, 100), Action::Restart);
         assert_eq!(l.check(50, 100), Action::None);
-        assert_eq!(l.check(200, 100), Action::Spill, "starts over once under the limit");
+        assert_eq!(
+            l.check(200, 100),
+            Action::Spill,
+            "starts over once under the limit"
+        );
     }
 }

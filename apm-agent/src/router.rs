@@ -340,6 +340,8 @@ impl Router {
                 // Everything accepted is delivered or on disk (spooled records replay next start).
                 break;
             }
+            // A probe past its deadline reopens the breaker here rather than at the next wake.
+            st.breaker.tick(now);
             if let Some(u) = st.blocked_until
                 && now >= u
             {
@@ -347,6 +349,9 @@ impl Router {
             }
             let may_send = st.blocked_until.is_none() && st.has_work();
             // Wake for the breaker's next step, a blocked dispatch, or the next replay token.
+            // Only instants still ahead: an open period that has ended is acted on by the next
+            // dispatch (`allow` turns it half-open), and a past instant would win the biased
+            // select on every turn and starve that dispatch, leaving the breaker open for good.
             let wake = [
                 st.breaker.next_attempt_at(),
                 st.blocked_until,
@@ -356,6 +361,7 @@ impl Router {
             ]
             .into_iter()
             .flatten()
+            .filter(|&t| t > now)
             .min();
             let over = st.held >= budget;
             tokio::select! {

@@ -181,9 +181,14 @@ impl Transport {
                     let error = error_chain(&e);
                     tracing::warn!(endpoint = %self.cfg.endpoint, error = %error, "cannot connect to the central listener");
                     self.telemetry.send_failures.inc();
-                    let _ = outcomes.send(Outcome::ConnectFailed { error: error.clone() });
+                    let _ = outcomes.send(Outcome::ConnectFailed {
+                        error: error.clone(),
+                    });
                     if let Some(batch) = carry.take() {
-                        let _ = outcomes.send(Outcome::Returned { batch, reason: error });
+                        let _ = outcomes.send(Outcome::Returned {
+                            batch,
+                            reason: error,
+                        });
                     }
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_delay()) => {}
@@ -194,7 +199,14 @@ impl Transport {
             };
             self.telemetry.reconnects.inc();
             let (ended_cleanly, input_open) = self
-                .session(channel, &mut input, carry.take(), &outcomes, &stop, &mut backoff)
+                .session(
+                    channel,
+                    &mut input,
+                    carry.take(),
+                    &outcomes,
+                    &stop,
+                    &mut backoff,
+                )
                 .await;
             if !input_open || stop.is_cancelled() {
                 break;
@@ -207,7 +219,10 @@ impl Transport {
             }
         }
         if let Some(batch) = carry.take() {
-            let _ = outcomes.send(Outcome::Returned { batch, reason: "transport stopped".into() });
+            let _ = outcomes.send(Outcome::Returned {
+                batch,
+                reason: "transport stopped".into(),
+            });
         }
         // Batches the router handed over but this task never sent go back too.
         input.close();
@@ -252,9 +267,14 @@ impl Transport {
                 let error = format!("{}: {}", status.code(), status.message());
                 tracing::warn!(error = %error, retriable = is_retriable(status.code()), "central listener refused the stream");
                 self.telemetry.send_failures.inc();
-                let _ = outcomes.send(Outcome::ConnectFailed { error: error.clone() });
+                let _ = outcomes.send(Outcome::ConnectFailed {
+                    error: error.clone(),
+                });
                 if let Some(batch) = first {
-                    let _ = outcomes.send(Outcome::Returned { batch, reason: error });
+                    let _ = outcomes.send(Outcome::Returned {
+                        batch,
+                        reason: error,
+                    });
                 }
                 return (false, true);
             }
@@ -269,7 +289,10 @@ impl Transport {
             self.telemetry.in_flight_batches.set(1);
             if tx.send(wire).await.is_err() {
                 let (batch, _) = inflight.pop_front().expect("just pushed");
-                let _ = outcomes.send(Outcome::Returned { batch, reason: "stream closed while sending".into() });
+                let _ = outcomes.send(Outcome::Returned {
+                    batch,
+                    reason: "stream closed while sending".into(),
+                });
                 return (false, true);
             }
         }

@@ -44,8 +44,10 @@ use aya_ebpf::programs::TracePointContext;
 #[map]
 static CONFIG: Array<MonitorConfig> = Array::with_max_entries(1, 0);
 
-/// Sends/connects between enter and exit, by thread (pid_tgid). LRU: a thread killed inside
-/// the syscall never reaches the exit tracepoint, its entry is evicted eventually.
+/// Sends/connects between enter and exit, by thread (pid_tgid): one slot per thread, reused
+/// (`ts_ns == 0`: nothing in flight), so the hot path is two lookups and no insert or delete
+/// (an LRU insert + delete cost about as much as the rest of a send's accounting). LRU: the
+/// slots of threads that are gone are evicted when the map is full.
 #[map]
 static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(8192, 0);
 
@@ -223,8 +225,20 @@ fn conn_kind(tgid: u32, fd: u32) -> Option<u32> {
 
 #[inline(always)]
 fn begin(pid_tgid: u64, fd: u32, kind: u32, op: u32, connected: u32) {
+    let ts_ns = now_ns();
+    if let Some(p) = INFLIGHT.get_ptr_mut(pid_tgid) {
+        // SAFETY: map value pointer; only this thread uses its own slot.
+        unsafe {
+            (*p).fd = fd;
+            (*p).kind = kind;
+            (*p).op = op;
+            (*p).connected = connected;
+            (*p).ts_ns = ts_ns;
+        }
+        return;
+    }
     let v = Inflight {
-        ts_ns: now_ns(),
+        ts_ns,
         fd,
         kind,
         op,
@@ -400,10 +414,15 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
         return None;
     }
     let id = pid_tgid();
-    // SAFETY: copied out before the entry is removed.
-    let inf = unsafe { *INFLIGHT.get(id)? };
-    let _ = INFLIGHT.remove(id);
-    if inf.op != op {
+    let slot = INFLIGHT.get_ptr_mut(id)?;
+    // SAFETY: map value pointer; only this thread uses its own slot. Copied out, then marked
+    // free (ts_ns 0) whatever happens next.
+    let inf = unsafe {
+        let inf = *slot;
+        (*slot).ts_ns = 0;
+        inf
+    };
+    if inf.ts_ns == 0 || inf.op != op {
         return None;
     }
     let now = now_ns();

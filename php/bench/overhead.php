@@ -9,10 +9,11 @@
  * Starts one php-fpm8.2 master (as root: -R) with one pool per variant (pm static, 1 worker,
  * the system php.ini with opcache), all serving php/bench/app.php:
  *   plain         no listener
- *   apm           listener, sending to a receiver bound here (drained between requests)
+ *   apm           listener with its defaults (fastcgi_finish_request() before the send),
+ *                 sending to a receiver bound here (drained between requests)
  *   apm-down      listener, no agent (socket files missing)
  *   apm-killed    listener, kill switch up (`disabled` present)
- *   apm-finish    as apm, with APM_FINISH_REQUEST=1 (response sent before the profile)
+ *   apm-inline    as apm, with APM_FINISH_REQUEST=0 (the client waits for the send)
  * and times full FastCGI round trips over the pools' Unix sockets from this single-threaded
  * client, the variants interleaved in random order so that drift hits them all alike. Prints
  * median and p99 per variant and size, and the added latency (variant minus plain). A benchmark,
@@ -57,7 +58,7 @@ $pools = [
     'apm' => "$dir/up",
     'apm-down' => "$dir/down",
     'apm-killed' => "$dir/killed",
-    'apm-finish' => "$dir/up",
+    'apm-inline' => "$dir/up",
 ];
 $conf = "[global]\npid = $dir/fpm.pid\nerror_log = $dir/fpm.log\ndaemonize = no\n";
 foreach ($pools as $name => $rt) {
@@ -67,7 +68,7 @@ foreach ($pools as $name => $rt) {
         $conf .= "php_admin_value[auto_prepend_file] = $listener\n"
             . "env[APM_SOCKET] = $rt/listener.sock\nenv[APM_STREAM_SOCKET] = $rt/listener-stream.sock\n"
             . "env[APM_RUNTIME_DIR] = $rt\n"
-            . ($name === 'apm-finish' ? "env[APM_FINISH_REQUEST] = 1\n" : '');
+            . ($name === 'apm-inline' ? "env[APM_FINISH_REQUEST] = 0\n" : '');
     }
 }
 file_put_contents("$dir/fpm.conf", $conf);
@@ -160,7 +161,7 @@ foreach (['warmup' => $warmup, 'run' => $perVariant] as $phase => $n) {
             if (!str_ends_with($out, "ok\n")) {
                 throw new RuntimeException("bad response from $pool: $out");
             }
-            if (str_starts_with($pool, 'apm-f')) {
+            if ($pool === 'apm' || $pool === 'apm-down') {
                 // The profile goes out after the response: let it land before the drain.
                 usleep(200);
             }

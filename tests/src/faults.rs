@@ -164,8 +164,13 @@ impl Sender {
     }
 
     /// Stops sending and returns what was seen.
-    pub fn finish(mut self) -> SendReport {
+    pub fn finish(self) -> SendReport {
         self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+
+    /// Waits until `count` sends were attempted and returns what was seen.
+    pub fn join(mut self) -> SendReport {
         self.handle
             .take()
             .expect("joined once")
@@ -339,8 +344,28 @@ pub fn spool_records(spool_dir: &Path) -> Vec<SpooledRecord> {
     out
 }
 
+/// A log without its ANSI colour codes (the listener colours its log even into a file).
+pub fn strip_ansi(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The value of `key=N` in the last log line of `log` containing `marker`.
 pub fn log_field(log: &str, marker: &str, key: &str) -> Option<u64> {
+    let log = strip_ansi(log);
     let line = log.lines().rev().find(|l| l.contains(marker))?;
     let pat = format!("{key}=");
     let i = line.find(&pat)? + pat.len();

@@ -3,5 +3,5 @@
 
 pub mod common;
 pub mod ebpf;
-pub mod php;
 pub mod faults;
+pub mod php;

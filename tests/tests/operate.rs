@@ -9,22 +9,34 @@ use std::time::{Duration, Instant};
 use apm_tests::common::{Agent, Listener, bin, in_ci, status_at};
 
 fn cli(config: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(bin("apm-agent")).arg("--config").arg(config).args(args).output().unwrap()
+    Command::new(bin("apm-agent"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn text(o: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn pid_of(dir: &Path) -> u32 {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("run/agent.pid")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/agent.pid")).unwrap()).unwrap();
     v["pid"].as_u64().unwrap() as u32
 }
 
 /// Running and not a zombie (a reparented agent may wait a while for its reaper).
 fn alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
@@ -42,16 +54,29 @@ fn start_status_stop_and_exit_codes() {
     // start returns once ready.
     let o = cli(&cfg, &["start"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(status_at(&dir.path().join("run/control.sock")).is_some(), "ready when start returns");
+    assert!(
+        status_at(&dir.path().join("run/control.sock")).is_some(),
+        "ready when start returns"
+    );
     let pid = pid_of(dir.path());
     // A second start is refused, naming the running PID.
     let o = cli(&cfg, &["start"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("ALREADY_RUNNING") && text(&o).contains(&pid.to_string()), "{}", text(&o));
+    assert!(
+        text(&o).contains("ALREADY_RUNNING") && text(&o).contains(&pid.to_string()),
+        "{}",
+        text(&o)
+    );
     let o = cli(&cfg, &["status"]);
-    assert!(o.status.success() && text(&o).contains("running"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("running"),
+        "{}",
+        text(&o)
+    );
     // PID file is JSON with the contract's fields.
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/agent.pid")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("run/agent.pid")).unwrap())
+            .unwrap();
     for k in ["pid", "startedAt", "version", "configPath"] {
         assert!(v.get(k).is_some(), "PID file has {k}: {v}");
     }
@@ -64,14 +89,25 @@ fn start_status_stop_and_exit_codes() {
     let o = cli(&cfg, &["stop"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(!alive(pid));
-    assert!(!dir.path().join("run/agent.pid").exists(), "PID file removed on a clean stop");
-    assert!(!dir.path().join("run/listener.sock").exists(), "socket removed on a final stop");
+    assert!(
+        !dir.path().join("run/agent.pid").exists(),
+        "PID file removed on a clean stop"
+    );
+    assert!(
+        !dir.path().join("run/listener.sock").exists(),
+        "socket removed on a final stop"
+    );
 }
 
 #[test]
 fn start_of_a_broken_config_fails_with_78_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "[batch]\nmax_items = 0\n");
+    let cfg = Agent::write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "off",
+        "[batch]\nmax_items = 0\n",
+    );
     let o = cli(&cfg, &["start"]);
     assert_eq!(o.status.code(), Some(78), "{}", text(&o));
     assert!(text(&o).contains("batch.max_items"), "{}", text(&o));
@@ -82,7 +118,11 @@ fn start_of_a_broken_config_fails_with_78_and_the_reason() {
     std::fs::write(dir.path().join("run/listener.sock"), "not a socket").unwrap();
     let o = cli(&cfg, &["start"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("START_FAILED") && text(&o).contains("not a socket"), "{}", text(&o));
+    assert!(
+        text(&o).contains("START_FAILED") && text(&o).contains("not a socket"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -106,11 +146,23 @@ fn two_runs_racing_exactly_one_wins() {
         std::thread::sleep(Duration::from_millis(700));
         let (ea, eb) = (a.try_wait().unwrap(), b.try_wait().unwrap());
         let exited: Vec<_> = [ea, eb].into_iter().flatten().collect();
-        assert_eq!(exited.len(), 1, "exactly one of two racing agents runs: {ea:?} {eb:?}");
+        assert_eq!(
+            exited.len(),
+            1,
+            "exactly one of two racing agents runs: {ea:?} {eb:?}"
+        );
         let (mut winner, loser) = if ea.is_some() { (b, a) } else { (a, b) };
         let out = loser.wait_with_output().unwrap();
-        assert!(String::from_utf8_lossy(&out.stderr).contains("ALREADY_RUNNING"), "{}", String::from_utf8_lossy(&out.stderr));
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(winner.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("ALREADY_RUNNING"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(winner.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         assert!(winner.wait().unwrap().success());
     }
 }
@@ -127,7 +179,10 @@ fn stale_pid_file_after_kill_9_is_handled() {
     while alive(pid) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(dir.path().join("run/agent.pid").exists(), "SIGKILL leaves the PID file behind");
+    assert!(
+        dir.path().join("run/agent.pid").exists(),
+        "SIGKILL leaves the PID file behind"
+    );
     let o = cli(&cfg, &["status"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("stale PID file"), "{}", text(&o));
@@ -149,15 +204,27 @@ fn stop_escalates_to_sigkill_when_sigterm_is_ignored() {
         "import fcntl,json,os,signal,sys,time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nf=open('{}','w')\nfcntl.flock(f, fcntl.LOCK_EX)\nf.write(json.dumps({{'pid':os.getpid(),'startedAt':'x','version':'0','configPath':None}}))\nf.flush()\nprint('locked', flush=True)\ntime.sleep(600)\n",
         pidfile.display()
     );
-    let mut child = Command::new("python3").arg("-c").arg(script).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "locked");
     let t = Instant::now();
     let o = cli(&cfg, &["stop", "--timeout", "2"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("SIGKILL"), "{}", text(&o));
-    assert!(t.elapsed() >= Duration::from_secs(2), "waited for the timeout before escalating");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "waited for the timeout before escalating"
+    );
     let st = child.wait().unwrap();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9));
 }
@@ -187,7 +254,8 @@ fn systemd_notify_protocol_ready_status_watchdog_fdstore_stopping() {
     let cfg = Agent::write_config(dir.path(), &listener.endpoint(), "off", "");
     let notify = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&notify).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut child = Command::new(bin("apm-agent"))
         .arg("--config")
         .arg(&cfg)
@@ -198,20 +266,35 @@ fn systemd_notify_protocol_ready_status_watchdog_fdstore_stopping() {
         .spawn()
         .unwrap();
     let msgs = recv_until(&sock, "READY=1", Duration::from_secs(20)).join("\n");
-    assert!(msgs.contains("FDSTORE=1") && msgs.contains("FDNAME=dgram") && msgs.contains("FDNAME=stream"), "{msgs}");
+    assert!(
+        msgs.contains("FDSTORE=1")
+            && msgs.contains("FDNAME=dgram")
+            && msgs.contains("FDNAME=stream"),
+        "{msgs}"
+    );
     assert!(msgs.contains("STATUS="), "{msgs}");
     // Watchdog pings come while the pipeline is alive (every WATCHDOG_USEC/2).
     recv_until(&sock, "WATCHDOG=1", Duration::from_secs(3));
     recv_until(&sock, "WATCHDOG=1", Duration::from_secs(3));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     recv_until(&sock, "STOPPING=1", Duration::from_secs(10));
     assert!(child.wait().unwrap().success());
 }
 
 #[test]
 fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
-    let Some(supervisord) = ["/usr/bin/supervisord", "/usr/local/bin/supervisord"].into_iter().find(|p| Path::new(p).exists()) else {
-        assert!(!in_ci(), "supervisor is not installed (cargo xtask setup installs it)");
+    let Some(supervisord) = ["/usr/bin/supervisord", "/usr/local/bin/supervisord"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        assert!(
+            !in_ci(),
+            "supervisor is not installed (cargo xtask setup installs it)"
+        );
         eprintln!("skipped: supervisor not installed");
         return;
     };
@@ -220,11 +303,20 @@ fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
     let listener = Listener::start(d, &[]);
     let cfg = Agent::write_config(d, &listener.endpoint(), "off", "");
     // The program section is deploy/supervisord.conf with this machine's paths.
-    let section = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/supervisord.conf"))
-        .unwrap()
-        .replace("/usr/bin/apm-agent", &bin("apm-agent").display().to_string())
-        .replace("/etc/bitville-apm/agent.toml", &cfg.display().to_string())
-        .replace("/var/log/bitville-apm/agent.log", &d.join("supervised.log").display().to_string());
+    let section = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/supervisord.conf"
+    ))
+    .unwrap()
+    .replace(
+        "/usr/bin/apm-agent",
+        &bin("apm-agent").display().to_string(),
+    )
+    .replace("/etc/bitville-apm/agent.toml", &cfg.display().to_string())
+    .replace(
+        "/var/log/bitville-apm/agent.log",
+        &d.join("supervised.log").display().to_string(),
+    );
     let conf = d.join("supervisord.conf");
     std::fs::write(
         &conf,
@@ -234,9 +326,20 @@ fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
         ),
     )
     .unwrap();
-    let mut sd = Command::new(supervisord).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut sd = Command::new(supervisord)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let ctl = |args: &[&str]| {
-        let o = Command::new("supervisorctl").arg("-c").arg(&conf).args(args).output().unwrap();
+        let o = Command::new("supervisorctl")
+            .arg("-c")
+            .arg(&conf)
+            .args(args)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&o.stdout).to_string()
     };
     let wait_state = |state: &str, timeout: Duration| -> String {
@@ -258,7 +361,10 @@ fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("agent not ready under supervisord: {}", std::fs::read_to_string(d.join("supervised.log")).unwrap_or_default());
+        panic!(
+            "agent not ready under supervisord: {}",
+            std::fs::read_to_string(d.join("supervised.log")).unwrap_or_default()
+        );
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // autostart
@@ -272,7 +378,11 @@ fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
         let pid2 = ready(Duration::from_secs(30));
         assert_ne!(pid1, pid2);
         // crash: SIGKILL -> supervisord restarts it
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid2 as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid2 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
         let end = Instant::now() + Duration::from_secs(30);
         let pid3 = loop {
             if let Some(s) = status_at(&control) {
@@ -297,11 +407,17 @@ fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
         assert!(s.contains("EXITED"), "still EXITED, not restarting: {s}");
         let log = std::fs::read_to_string(d.join("supervisord.log")).unwrap();
         let spawns = log.matches("spawned: 'bitville-apm-agent'").count();
-        assert_eq!(spawns, 4, "autostart, start, crash restart, config-error start: {log}");
+        assert_eq!(
+            spawns, 4,
+            "autostart, start, crash restart, config-error start: {log}"
+        );
         assert!(log.contains("exit status 78"), "{log}");
         std::fs::write(&cfg, good).unwrap();
     }));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sd.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sd.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = sd.wait();
     if let Err(e) = result {
         std::panic::resume_unwind(e);

@@ -228,6 +228,9 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     eprintln!("bench: spool write/replay vs the disk ...");
     sections.push(("spool", spool(root, &host)?));
     println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+    eprintln!("bench: PHP overhead of listener.php ...");
+    sections.push(("php", crate::bench_php::run(root)?));
+    println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
     if !args.no_write {
         let path = root.join("docs/BENCHMARKS.md");
         let mut doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
@@ -244,13 +247,22 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
 fn spool(root: &Path, host: &str) -> Result<String> {
     let bin = crate::target_dir(root).join("release/apm-bench-spool");
     let dir = root.join(".run/bench-spool");
-    let out = Command::new(&bin).arg(&dir).arg("256").output().with_context(|| format!("cannot run {}", bin.display()))?;
+    let out = Command::new(&bin)
+        .arg(&dir)
+        .arg("256")
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
     let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {
-        bail!("apm-bench-spool failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "apm-bench-spool failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let f = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let f = |v: &serde_json::Value, k: &str| {
+        v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+    };
     let dw = f(&v, "disk_write_mb_s");
     let mut t = format!(
         "Measured by `cargo xtask bench` (256 MiB per run, in `.run/bench-spool`; {host}).\n\n\
@@ -259,8 +271,16 @@ fn spool(root: &Path, host: &str) -> Result<String> {
          | spool record (batch) size | spool write MB/s (fsync = interval, final sync) | write / disk write | reopen + verify MB/s | replay (take + ack) MB/s |\n|---|---|---|---|---|\n",
         f(&v, "disk_read_mb_s")
     );
-    for r in v.get("spool").and_then(serde_json::Value::as_array).into_iter().flatten() {
-        let rb = r.get("record_bytes").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    for r in v
+        .get("spool")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let rb = r
+            .get("record_bytes")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
         t.push_str(&format!(
             "| {} KiB | {:.0} | {:.2} | {:.0} | {:.0} |\n",
             rb / 1024,

@@ -408,7 +408,7 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
         status = s;
     }
     stop_load.store(true, Ordering::SeqCst);
-    let (sent, eagain) = match (&mut synth, &mut demo) {
+    let (sent, failed) = match (&mut synth, &mut demo) {
         (Some(s), _) => {
             s.join();
             let other = s.other_err.load(Ordering::Relaxed);
@@ -433,8 +433,13 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
     listener.terminate(Duration::from_secs(10));
     let stored = count_lines(&out);
     println!("agent exit code {code:?}");
+    let load = if synth.is_some() {
+        format!("sent {sent} (sender saw EAGAIN {failed})")
+    } else {
+        format!("PHP requests answered {sent} (failed {failed})")
+    };
     println!(
-        "sent {sent} (sender saw EAGAIN {eagain}) | agent received {} rejected {} dropped {} | listener stored {stored}",
+        "{load} | agent received {} rejected {} dropped {} | listener stored {stored}",
         g(&status, "/received"),
         g(&status, "/rejected"),
         g(&status, "/dropped/total")
