@@ -335,7 +335,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let control_stop = CancellationToken::new();
     let (req_tx, mut req_rx) = mpsc::channel(4);
     let control_listener = crate::control::bind_control(&cfg.control.control_socket())
-        .with_context(|| format!("cannot bind the control socket {}", cfg.control.control_socket().display()))?;
+        .with_context(|| {
+            format!(
+                "cannot bind the control socket {}",
+                cfg.control.control_socket().display()
+            )
+        })?;
     let control_task = tokio::spawn(crate::control::serve_control(
         control_listener,
         cfg.control.control_socket(),

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Why an input was refused at ingest. Rejected input is never forwarded.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum RejectReason {
     /// Not valid UTF-8.
     InvalidUtf8,
@@ -50,7 +50,7 @@ impl RejectReason {
 }
 
 /// Why a received, valid profile did not reach the central listener.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum DropReason {
     /// The spool was full; `spool.on_full` chose this profile.
     SpoolFull,
@@ -93,11 +93,32 @@ pub struct DropLabels {
     pub reason: DropReason,
 }
 
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Socket {
     Dgram,
     Stream,
 }
+
+impl Socket {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dgram => "dgram",
+            Self::Stream => "stream",
+        }
+    }
+}
+
+/// Label values are the same snake_case names as in `status --json`.
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+                std::fmt::Write::write_str(e, self.as_str())
+            }
+        }
+    )*};
+}
+label_value!(RejectReason, DropReason, Socket);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SocketLabels {
