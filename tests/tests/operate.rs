@@ -423,3 +423,38 @@ fn supervisord_start_stop_crash_restart_and_no_loop_on_config_error() {
         std::panic::resume_unwind(e);
     }
 }
+
+#[test]
+fn usr1_dumps_status_and_json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let agent = Agent::start(
+        dir.path(),
+        &listener.endpoint(),
+        "off",
+        "[control]\nlog_format = \"json\"\n",
+    );
+    agent.proc.signal(nix::sys::signal::Signal::SIGUSR1);
+    let end = Instant::now() + Duration::from_secs(10);
+    let dump = loop {
+        let log = agent.log();
+        if let Some(l) = log.lines().find(|l| l.contains("status dump")) {
+            break l.to_string();
+        }
+        assert!(Instant::now() < end, "no status dump after SIGUSR1:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let v: serde_json::Value = serde_json::from_str(&dump).expect("a JSON log line");
+    assert_eq!(v["fields"]["message"], "status dump", "{v}");
+    assert!(
+        v["fields"]["status"]
+            .as_str()
+            .unwrap_or("")
+            .contains("\"received\""),
+        "{v}"
+    );
+    for line in agent.log().lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}
