@@ -228,6 +228,9 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     eprintln!("bench: spool write/replay vs the disk ...");
     sections.push(("spool", spool(root, &host)?));
     println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+    eprintln!("bench: eBPF overhead per send ...");
+    sections.push(("ebpf", crate::bench_ebpf::run(root)?));
+    println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
     eprintln!("bench: PHP overhead of listener.php ...");
     sections.push(("php", crate::bench_php::run(root)?));
     println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
