@@ -109,19 +109,29 @@ impl State {
     /// Appends to the spool (overflow), counting what the spool drops. Returns the batch back
     /// when there is no spool or it cannot write.
     fn spool_append(&mut self, batch: Batch) -> Result<(), Batch> {
-        let Some(spool) = self.spool.as_mut() else { return Err(batch) };
+        let Some(spool) = self.spool.as_mut() else {
+            return Err(batch);
+        };
         let mut tried_drop = false;
         loop {
             match tokio::task::block_in_place(|| spool.append(&batch)) {
                 Ok(a) => {
-                    self.t.drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
+                    self.t
+                        .drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
                     return Ok(());
                 }
-                Err(e) if e.is_disk_full() && self.cfg.on_full == SpoolFull::DropOldest && !tried_drop => {
+                Err(e)
+                    if e.is_disk_full()
+                        && self.cfg.on_full == SpoolFull::DropOldest
+                        && !tried_drop =>
+                {
                     tried_drop = true;
                     match spool.drop_oldest_segment() {
                         Ok(d) if d.batches > 0 => {
-                            tracing::warn!(dropped_profiles = d.profiles, "disk full: oldest spool segment dropped");
+                            tracing::warn!(
+                                dropped_profiles = d.profiles,
+                                "disk full: oldest spool segment dropped"
+                            );
                             self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
                         }
                         _ => return Err(batch),
@@ -171,7 +181,8 @@ impl State {
         {
             match tokio::task::block_in_place(|| spool.append_taken(&batch)) {
                 Ok(a) => {
-                    self.t.drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
+                    self.t
+                        .drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
                     match a.id {
                         // The spool owns it; keep a memory copy only to send it now.
                         Some(id) if open || to_disk => {
@@ -186,14 +197,20 @@ impl State {
                     }
                     return;
                 }
-                Err(e) => tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: keeping the batch in memory"),
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: keeping the batch in memory")
+                }
             }
         } else if open || to_disk {
             match self.spool_append(batch) {
                 Ok(()) => return,
                 Err(b) => {
                     if self.spool.is_some() && to_disk {
-                        tracing::error!(seq = b.seq, profiles = b.len(), "spool unavailable and memory full: batch dropped");
+                        tracing::error!(
+                            seq = b.seq,
+                            profiles = b.len(),
+                            "spool unavailable and memory full: batch dropped"
+                        );
                         self.t.drop_profiles(DropReason::SpoolError, b.len() as u64);
                         return;
                     }
@@ -209,7 +226,9 @@ impl State {
 
     fn refill(&mut self, now: Instant) {
         let rate = f64::from(self.cfg.replay_batches_per_s);
-        let dt = now.saturating_duration_since(self.last_refill).as_secs_f64();
+        let dt = now
+            .saturating_duration_since(self.last_refill)
+            .as_secs_f64();
         self.last_refill = now;
         self.replay_tokens = (self.replay_tokens + dt * rate).min(rate.max(1.0));
     }
@@ -236,7 +255,13 @@ impl State {
                     self.replay_tokens -= 1.0;
                     let bytes = sb.batch.payload_bytes();
                     self.held += bytes;
-                    return Some((sb.batch, InFlight { id: Some(sb.id), bytes }));
+                    return Some((
+                        sb.batch,
+                        InFlight {
+                            id: Some(sb.id),
+                            bytes,
+                        },
+                    ));
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "spool read failed"),
@@ -273,11 +298,17 @@ impl State {
                 self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
             }
             _ => {
-                if self.breaker.state() != BreakerState::Closed && self.spool_append(batch.clone()).is_ok() {
+                if self.breaker.state() != BreakerState::Closed
+                    && self.spool_append(batch.clone()).is_ok()
+                {
                     return;
                 }
                 self.held += bytes;
-                let pos = self.retry.iter().position(|(b, _)| b.seq > batch.seq).unwrap_or(self.retry.len());
+                let pos = self
+                    .retry
+                    .iter()
+                    .position(|(b, _)| b.seq > batch.seq)
+                    .unwrap_or(self.retry.len());
                 self.retry.insert(pos, (batch, None));
             }
         }
@@ -290,7 +321,8 @@ impl State {
                 let _ = spool.ack(id);
             }
         }
-        self.t.drop_profiles(DropReason::RejectedByCentral, batch.len() as u64);
+        self.t
+            .drop_profiles(DropReason::RejectedByCentral, batch.len() as u64);
     }
 }
 
@@ -325,6 +357,7 @@ impl Router {
         let spill_flag = self.spill;
         let live = self.live;
         let mut input_open = true;
+        let mut was_open = false;
         let mut beat = tokio::time::interval(crate::liveness::BEAT);
         let mut fsync = tokio::time::interval(st.cfg.fsync_interval.max(Duration::from_millis(10)));
         let mut last_report = Instant::now();
@@ -336,12 +369,20 @@ impl Router {
                 st.spill();
             }
             st.publish();
-            if !input_open && st.retry.is_empty() && st.pending.is_empty() && st.inflight.is_empty() {
+            if !input_open && st.retry.is_empty() && st.pending.is_empty() && st.inflight.is_empty()
+            {
                 // Everything accepted is delivered or on disk (spooled records replay next start).
                 break;
             }
             // A probe past its deadline reopens the breaker here rather than at the next wake.
             st.breaker.tick(now);
+            // Whenever the breaker (re)opens, from closed or from a failed or timed-out probe,
+            // what waits in memory goes to disk: batches accepted while half-open included.
+            let is_open = st.breaker.state() == BreakerState::Open;
+            if is_open && !was_open {
+                st.spill();
+            }
+            was_open = is_open;
             if let Some(u) = st.blocked_until
                 && now >= u
             {
@@ -356,7 +397,9 @@ impl Router {
                 st.breaker.next_attempt_at(),
                 st.blocked_until,
                 (st.spool_pending() > 0 && st.replay_tokens < 1.0).then(|| {
-                    now + Duration::from_secs_f64((1.0 - st.replay_tokens) / f64::from(st.cfg.replay_batches_per_s))
+                    now + Duration::from_secs_f64(
+                        (1.0 - st.replay_tokens) / f64::from(st.cfg.replay_batches_per_s),
+                    )
                 }),
             ]
             .into_iter()
@@ -380,12 +423,8 @@ impl Router {
                         }
                         Some(Outcome::Returned { batch, reason }) => {
                             tracing::debug!(seq = batch.seq, reason = %reason, "batch returned");
-                            let was_closed = st.breaker.state() == BreakerState::Closed;
                             st.breaker.on_failure(now);
                             st.settle_returned(batch);
-                            if was_closed && st.breaker.state() == BreakerState::Open {
-                                st.spill();
-                            }
                         }
                         Some(Outcome::Rejected { batch, .. }) => {
                             st.breaker.on_success(now);
@@ -416,11 +455,15 @@ impl Router {
                     None => input_open = false,
                 },
             }
-            if last_report.elapsed() > Duration::from_secs(30) && (st.retry.len() + st.pending.len()) as u64 + st.spool_pending() > 0 {
+            if last_report.elapsed() > Duration::from_secs(30)
+                && (st.retry.len() + st.pending.len()) as u64 + st.spool_pending() > 0
+            {
                 last_report = Instant::now();
                 tracing::info!(
-                    waiting = st.retry.len() + st.pending.len(), in_flight = st.inflight.len(),
-                    spooled = st.spool_pending(), breaker = st.breaker.state().as_str(),
+                    waiting = st.retry.len() + st.pending.len(),
+                    in_flight = st.inflight.len(),
+                    spooled = st.spool_pending(),
+                    breaker = st.breaker.state().as_str(),
                     "batches waiting for the central listener"
                 );
             }
@@ -470,7 +513,10 @@ impl Router {
             }
         }
         if spooled > 0 {
-            tracing::info!(batches = spooled, "undelivered batches kept in the spool for the next start");
+            tracing::info!(
+                batches = spooled,
+                "undelivered batches kept in the spool for the next start"
+            );
         }
         st.held = 0;
         st.publish();
@@ -483,5 +529,8 @@ impl Router {
 
 /// Maps spool open errors that an operator must fix to configuration errors.
 pub fn is_config_error(e: &SpoolError) -> bool {
-    matches!(e, SpoolError::InsufficientSpace { .. } | SpoolError::Locked { .. })
+    matches!(
+        e,
+        SpoolError::InsufficientSpace { .. } | SpoolError::Locked { .. }
+    )
 }

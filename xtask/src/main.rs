@@ -41,6 +41,10 @@ enum Cmd {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Also fuzz each `cargo fuzz` target for this many seconds (installs cargo-fuzz; the
+        /// first fuzz build takes several minutes, so it is not part of the default run).
+        #[arg(long, value_name = "SECONDS")]
+        fuzz: Option<u64>,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         rest: Vec<String>,
@@ -74,7 +78,17 @@ fn main() -> Result<()> {
             build_all(&root)?;
             live::run(&root, args)
         }
-        Cmd::Test { no_lint, rest } => test(&root, no_lint, &rest),
+        Cmd::Test {
+            no_lint,
+            fuzz,
+            rest,
+        } => {
+            test(&root, no_lint, &rest)?;
+            match fuzz {
+                Some(secs) => fuzz_all(&root, secs),
+                None => Ok(()),
+            }
+        }
         Cmd::Bench(args) => {
             setup::ebpf()?;
             setup::packages(setup::ALL_PACKAGES)?;
@@ -138,6 +152,31 @@ fn build_all(root: &Path) -> Result<()> {
     )
 }
 
+/// Runs every fuzz target of `apm-agent/fuzz` for `secs` seconds each.
+fn fuzz_all(root: &Path, secs: u64) -> Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("setup: installing cargo-fuzz (for `cargo xtask test --fuzz`)");
+        run_cmd(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let dir = root.join("apm-agent/fuzz");
+    for target in ["validate_profile", "stream_frames", "spool_recovery"] {
+        run_cmd(setup::nightly_cargo(&dir).args([
+            "fuzz",
+            "run",
+            "-O",
+            target,
+            "--",
+            &format!("-max_total_time={secs}"),
+            "-max_len=4096",
+        ]))?;
+    }
+    Ok(())
+}
+
 fn test(root: &Path, no_lint: bool, rest: &[String]) -> Result<()> {
     setup::ebpf()?;
     setup::packages(setup::ALL_PACKAGES)?;
@@ -158,6 +197,8 @@ fn test(root: &Path, no_lint: bool, rest: &[String]) -> Result<()> {
                     "warnings",
                 ]),
         )?;
+        // The eBPF crate is its own workspace: format-check and lint it on its own target.
+        run_cmd(setup::nightly_cargo(&root.join("apm-ebpf")).args(["fmt", "--check"]))?;
         setup::ebpf_clippy(root)?;
     }
     // Integration tests start the release binaries; build them first.

@@ -17,7 +17,11 @@ fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -120,8 +124,16 @@ fuzz_target!(|data: &[u8]| {
     let mut spool = Spool::open(&cfg).expect("recovery never refuses a damaged spool");
     let mut seen = HashSet::new();
     while let Some(sb) = spool.take_next().expect("read back") {
-        assert!(valid.contains(&sb.batch.seq), "handed out a record never written: {}", sb.batch.seq);
-        assert!(seen.insert(sb.batch.seq), "handed out twice: {}", sb.batch.seq);
+        assert!(
+            valid.contains(&sb.batch.seq),
+            "handed out a record never written: {}",
+            sb.batch.seq
+        );
+        assert!(
+            seen.insert(sb.batch.seq),
+            "handed out twice: {}",
+            sb.batch.seq
+        );
         spool.ack(sb.id).expect("ack");
     }
     if !damaged && acks.is_empty() {

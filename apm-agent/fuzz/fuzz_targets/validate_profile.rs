@@ -16,5 +16,9 @@ fuzz_target!(|data: &[u8]| {
         && std::str::from_utf8(buf).is_ok_and(|s| {
             serde_json::from_str::<serde_json::Value>(s).is_ok_and(|v| v.is_object())
         });
-    assert_eq!(verdict.is_ok(), is_object, "validate_profile disagrees with serde_json on {buf:?}");
+    assert_eq!(
+        verdict.is_ok(),
+        is_object,
+        "validate_profile disagrees with serde_json on {buf:?}"
+    );
 });
