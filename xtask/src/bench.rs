@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
+    /// Run only these sections (e2e, spool, ebpf, php); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn payload(id: u64, size: usize) -> Vec<u8> {
@@ -196,44 +199,54 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             .trim(),
         chrono_like_now()
     );
-    let mut table = String::from(
-        "| profile size | raw drain (dgram/s) | agent end-to-end (profiles/s) | agent / raw | agent CPU s per 100k | agent peak RSS (MiB) | stored / received / sent |\n|---|---|---|---|---|---|---|\n",
-    );
-    for size in [1024usize, 16 * 1024] {
-        eprintln!("bench: raw drain, {size} B ...");
-        let r = raw(args.profiles, size)?;
-        eprintln!("bench: agent end to end, {size} B ...");
-        let e = e2e(root, args.profiles, size).context("end-to-end run")?;
-        let row = format!(
-            "| {} KiB | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {} / {} / {} |\n",
-            size / 1024,
-            r,
-            e.rate,
-            e.rate / r,
-            e.cpu_per_100k,
-            e.peak_rss,
-            e.stored,
-            e.received,
+    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let mut sections = Vec::new();
+    if want("e2e") {
+        let mut table = String::from(
+            "| profile size | raw drain (dgram/s) | agent end-to-end (profiles/s) | agent / raw | agent CPU s per 100k | agent peak RSS (MiB) | stored / received / sent |\n|---|---|---|---|---|---|---|\n",
+        );
+        for size in [1024usize, 16 * 1024] {
+            eprintln!("bench: raw drain, {size} B ...");
+            let r = raw(args.profiles, size)?;
+            eprintln!("bench: agent end to end, {size} B ...");
+            let e = e2e(root, args.profiles, size).context("end-to-end run")?;
+            let row = format!(
+                "| {} KiB | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {} / {} / {} |\n",
+                size / 1024,
+                r,
+                e.rate,
+                e.rate / r,
+                e.cpu_per_100k,
+                e.peak_rss,
+                e.stored,
+                e.received,
+                args.profiles
+            );
+            eprint!("{row}");
+            table.push_str(&row);
+        }
+        let body = format!(
+            "Measured by `cargo xtask bench` ({} profiles per run; {host}).\n\n{table}\n",
             args.profiles
         );
-        eprint!("{row}");
-        table.push_str(&row);
+        println!("{body}");
+        sections.push(("e2e", body));
     }
-    let body = format!(
-        "Measured by `cargo xtask bench` ({} profiles per run; {host}).\n\n{table}\n",
-        args.profiles
-    );
-    println!("{body}");
-    let mut sections = vec![("e2e", body)];
-    eprintln!("bench: spool write/replay vs the disk ...");
-    sections.push(("spool", spool(root, &host)?));
-    println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
-    eprintln!("bench: eBPF overhead per send ...");
-    sections.push(("ebpf", crate::bench_ebpf::run(root)?));
-    println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
-    eprintln!("bench: PHP overhead of listener.php ...");
-    sections.push(("php", crate::bench_php::run(root)?));
-    println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+    if want("spool") {
+        eprintln!("bench: spool write/replay vs the disk ...");
+        sections.push(("spool", spool(root, &host)?));
+        println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+    }
+    if want("ebpf") {
+        eprintln!("bench: eBPF overhead per send ...");
+        sections.push(("ebpf", crate::bench_ebpf::run(root)?));
+        println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+    }
+    if want("php") {
+        eprintln!("bench: PHP overhead of listener.php ...");
+        sections.push(("php", crate::bench_php::run(root)?));
+        println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+    }
     if !args.no_write {
         let path = root.join("docs/BENCHMARKS.md");
         let mut doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
