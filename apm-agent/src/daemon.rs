@@ -283,9 +283,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         host_stats,
     )?;
 
-    // Each chunk is one receive call (up to `ingest.recv_batch` profiles): 16 chunks absorb
-    // jitter without letting this queue, which the memory budget does not see, grow large.
-    let (profile_tx, profile_rx) = mpsc::channel(16);
+    let (profile_tx, profile_rx) = mpsc::channel(256);
     let (batch_tx, batch_rx) = mpsc::channel(4);
     let (wire_tx, wire_rx) = mpsc::channel(1);
     let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();

@@ -576,24 +576,7 @@ impl Spool {
                 }
                 SpoolFull::DropOldest => {
                     while self.bytes + size + SEGMENT_HEADER_LEN > self.cfg.max_bytes {
-                        let before = (self.segments.len(), self.bytes);
                         dropped += self.drop_oldest_segment()?;
-                        if (self.segments.len(), self.bytes) == before {
-                            // No progress would loop forever: re-derive the byte count from the
-                            // segments (it can only be too high here) and say so loudly.
-                            let actual: u64 = self.segments.values().map(|s| s.size).sum();
-                            warn!(
-                                counted = self.bytes,
-                                actual, "spool byte accounting drifted: corrected"
-                            );
-                            if actual == self.bytes {
-                                return Err(SpoolError::RecordTooLarge {
-                                    size,
-                                    max: self.cfg.max_bytes,
-                                });
-                            }
-                            self.bytes = actual;
-                        }
                     }
                 }
             }
