@@ -172,13 +172,14 @@ impl SendCounters {
     }
 }
 
-/// Per-process (tgid) send counters: `PROC_SENDS` map value. Updated with atomic adds, so
-/// threads of one process on several CPUs never lose an increment.
+/// Send counters of one thread (inside `ThreadSends`, written only by that thread) or of the
+/// exited threads of a process (`PROC_SENDS` map value, keyed by tgid, updated with atomic
+/// adds when a thread exits while its process lives on). The agent sums both by tgid.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcSends {
     pub sock: [SendCounters; SOCK_KINDS],
-    /// ktime of this process's last datagram drop; a drop after a quiet gap emits a
+    /// ktime of this thread's last datagram drop; a drop after a quiet gap emits a
     /// `DropBurst` event.
     pub last_drop_ns: u64,
 }
@@ -189,6 +190,14 @@ impl ProcSends {
         sock: [SendCounters::ZERO; SOCK_KINDS],
         last_drop_ns: 0,
     };
+
+    /// Adds `o`'s counters into `self` (userspace sums of a process's threads).
+    pub fn add(&mut self, o: &Self) {
+        for (a, b) in self.sock.iter_mut().zip(&o.sock) {
+            a.add(b);
+        }
+        self.last_drop_ns = self.last_drop_ns.max(o.last_drop_ns);
+    }
 }
 
 /// Host-wide counters of one socket kind: `HOST_SENDS` per-CPU array value (index = `SockKind`).
@@ -218,12 +227,12 @@ impl HostSends {
     }
 }
 
-/// What a syscall in flight was: `INFLIGHT` value `op`.
+/// What a syscall in flight was: `Inflight::op`.
 pub const OP_SEND: u32 = 0;
 pub const OP_CONNECT: u32 = 1;
 
-/// A send or connect to one of the agent's sockets between its enter and exit tracepoints:
-/// `INFLIGHT` map value, keyed by pid_tgid (the thread).
+/// A send or connect to one of the agent's sockets between its enter and exit tracepoints
+/// (`ThreadSends::inflight`; `ts_ns == 0`: nothing in flight).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inflight {
@@ -237,6 +246,31 @@ pub struct Inflight {
     pub connected: u32,
 }
 const _: () = assert!(size_of::<Inflight>() == 24);
+
+/// Everything the send programs keep about one thread of a PHP process: `SENDS` map value,
+/// keyed by pid_tgid. One lookup per syscall side, and only the thread itself writes it (its
+/// enter and exit programs, and its `sched_process_exit`), so its counters need no atomics and
+/// never lose an increment.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadSends {
+    pub inflight: Inflight,
+    pub sends: ProcSends,
+}
+const _: () = assert!(size_of::<ThreadSends>() == 208);
+
+impl ThreadSends {
+    pub const ZERO: Self = Self {
+        inflight: Inflight {
+            ts_ns: 0,
+            fd: 0,
+            kind: 0,
+            op: 0,
+            connected: 0,
+        },
+        sends: ProcSends::ZERO,
+    };
+}
 
 /// A socket fd of a process connected to one of the agent's sockets: `CONNS` key.
 #[repr(C)]
@@ -350,10 +384,11 @@ pub struct ExitEvent {
     pub last_rss: u64,
     /// `RssEntry::seen` at exit: members never seen were not counted by the kernel.
     pub rss_seen: u32,
-    /// 1 when the process had an `RSS` entry, 2 when it had `PROC_SENDS`, 3 both.
+    /// 1 when the process had an `RSS` entry, 2 when it had send counters, 3 both.
     pub had: u32,
     pub comm: [u8; 16],
-    /// The process's final send totals (its `PROC_SENDS` entry, removed with this event).
+    /// The process's final send totals (its `PROC_SENDS` entry plus the exiting thread's
+    /// `SENDS` entry, both removed with this event).
     pub sends: [SendCounters; SOCK_KINDS],
 }
 const _: () = assert!(size_of::<ExitEvent>() == 232);
@@ -365,7 +400,8 @@ pub const EXIT_HAD_SENDS: u32 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DropEvent {
     pub hdr: EventHeader,
-    /// Failed datagram sends of this process so far, this one included.
+    /// Failed datagram sends of the sending thread so far, this one included (a PHP process
+    /// has one thread: the process's).
     pub drops_total: u64,
     pub comm: [u8; 16],
 }
@@ -454,13 +490,18 @@ impl SockMatch {
         if addr_len == min {
             return true;
         }
-        // Longer address: the byte right after the path must end it.
+        // Longer address: the byte right after the path must end it. Found with constant
+        // indices: the verifier refuses a stack read at an offset it cannot bound.
         let t = min as usize;
-        let w = t / 8;
-        if w >= SA_WORDS {
-            return false;
+        let (w, shift) = (t / 8, (t % 8) * 8);
+        let mut i = 0;
+        while i < SA_WORDS {
+            if i == w {
+                return (sa[i] >> shift) & 0xff == 0;
+            }
+            i += 1;
         }
-        (sa[w] >> ((t % 8) * 8)) & 0xff == 0
+        false
     }
 }
 
@@ -572,6 +613,7 @@ mod pod {
     unsafe impl aya::Pod for ProcSends {}
     unsafe impl aya::Pod for HostSends {}
     unsafe impl aya::Pod for Inflight {}
+    unsafe impl aya::Pod for ThreadSends {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnInfo {}
     unsafe impl aya::Pod for RssEntry {}

@@ -2,15 +2,19 @@
 //! target kernels).
 //!
 //! - `syscalls/sys_{enter,exit}_{sendto,sendmsg,write}` + `sys_{enter,exit}_connect` +
-//!   `sys_enter_close`: sends by PHP processes to the agent's two sockets, counted per process
+//!   `sys_enter_close`: sends by PHP processes to the agent's two sockets, counted per thread
+//!   (`SENDS`: the send in flight and the thread's counters in one value, one lookup per
+//!   syscall side, written only by that thread), per exited thread of a live process
 //!   (`PROC_SENDS`, atomic adds) and per host (`HOST_SENDS`, per-CPU, with the latency
 //!   histogram).
 //! - `kmem/rss_stat` + `sched/sched_process_exit`: RSS of PHP processes and of the agent
 //!   (`RSS`), events when one crosses the threshold or exits (`EVENTS`).
 //!
-//! Every handler first checks the process name against the configured PHP prefixes (a helper
-//! call and a few word compares), so a process that is not PHP costs almost nothing and never
-//! has its memory read.
+//! Every handler first checks the process name against the configured PHP prefixes (two loads
+//! from the current task's BTF-typed `comm`, or the `bpf_get_current_comm` helper where the
+//! kernel has no BTF for it, and a few word compares), so a process that is not PHP costs
+//! almost nothing and never has its memory read. `sendto`/`sendmsg`/`connect` check the address
+//! length against the configured paths before that, with no helper call at all.
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the BPF target has no `fetch_add` (no CAS), but BPF does have atomic add.
@@ -26,17 +30,18 @@ use core::mem::MaybeUninit;
 
 use apm_common::{
     ConnInfo, ConnKey, DropEvent, EAGAIN_RET, EXIT_HAD_RSS, EXIT_HAD_SENDS, EventHeader, EventKind,
-    ExitEvent, HostSends, Inflight, MonitorConfig, OP_CONNECT, OP_SEND, ProcSends, RSS_MEMBERS,
-    RssEntry, RssEvent, SA_UN_LEN, SA_WORDS, SendCounters, SockKind, err_index, lat_bucket,
+    ExitEvent, HostSends, MonitorConfig, OP_CONNECT, OP_SEND, ProcSends, RSS_MEMBERS, RssEntry,
+    RssEvent, SA_UN_LEN, SA_WORDS, SendCounters, SockKind, ThreadSends, err_index, lat_bucket,
 };
-use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+    bpf_probe_read_user,
 };
 use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
+use aya_ebpf::{EbpfContext, Global};
 
 // Map sizes here are defaults; the agent sets them at load (`EbpfLoader::set_max_entries`).
 
@@ -44,19 +49,28 @@ use aya_ebpf::programs::TracePointContext;
 #[map]
 static CONFIG: Array<MonitorConfig> = Array::with_max_entries(1, 0);
 
-/// Sends/connects between enter and exit, by thread (pid_tgid): one slot per thread, reused
-/// (`ts_ns == 0`: nothing in flight), so the hot path is two lookups and no insert or delete
-/// (an LRU insert + delete cost about as much as the rest of a send's accounting). LRU: the
-/// slots of threads that are gone are evicted when the map is full.
+/// Offset of `comm` in the kernel's `struct task_struct`, from its BTF, set by the agent at load
+/// (`.rodata`, frozen: the verifier sees a constant, so the loads it guards are checked against
+/// the BTF type). 0: unknown, use the `bpf_get_current_comm` helper.
+#[unsafe(no_mangle)]
+static TASK_COMM_OFFSET: Global<u32> = Global::new(0);
+
+/// PHP threads that sent to the agent, by pid_tgid: the send/connect in flight between enter
+/// and exit (`inflight.ts_ns == 0`: none) and the thread's counters, so a send costs one lookup
+/// on each side and no insert, delete or atomic. Only the thread itself writes its entry; its
+/// `sched_process_exit` folds the counters into `PROC_SENDS` (or, for the last thread, into the
+/// exit event) and removes it. LRU: beyond `max_entries` live threads the least recently used
+/// entry is evicted (its per-process breakdown is lost, never the host totals).
 #[map]
-static INFLIGHT: LruHashMap<u64, Inflight> = LruHashMap::with_max_entries(8192, 0);
+static SENDS: LruHashMap<u64, ThreadSends> = LruHashMap::with_max_entries(4096, 0);
 
 /// fds connected to the agent's sockets, by (tgid, fd); removed on close, swept by the agent
 /// when the process is gone.
 #[map]
 static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(16384, 0);
 
-/// Per-process send counters, removed (and reported) at process exit.
+/// Send counters of the exited threads of live processes, by tgid (atomic adds: threads of one
+/// process may exit on several CPUs at once); removed (and reported) at process exit.
 #[map]
 static PROC_SENDS: LruHashMap<u32, ProcSends> = LruHashMap::with_max_entries(4096, 0);
 
@@ -76,8 +90,10 @@ static MM_OWNER: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
-/// Inserted for a new process, so no zeroed stack buffer (a memset per event) is needed.
+/// Inserted for a new process or thread, so no zeroed stack buffer (a memset per event) is
+/// needed.
 static ZERO_PROC: ProcSends = ProcSends::ZERO;
+static ZERO_THREAD: ThreadSends = ThreadSends::ZERO;
 static ZERO_RSS: RssEntry = RssEntry {
     member: [0; RSS_MEMBERS],
     peak: 0,
@@ -122,6 +138,19 @@ fn config() -> Option<&'static MonitorConfig> {
 
 #[inline(always)]
 fn comm_words() -> [u64; 2] {
+    let off = TASK_COMM_OFFSET.load();
+    if off != 0 {
+        // SAFETY: the helper returns the current task (never null); `off` is the BTF offset of
+        // its 16-byte `comm` (8-aligned, checked by the agent), a constant to the verifier,
+        // which checks these loads against the BTF type and makes them fault-safe.
+        unsafe {
+            let c = bpf_get_current_task_btf()
+                .cast::<u8>()
+                .add(off as usize)
+                .cast::<u64>();
+            return [c.read_volatile(), c.add(1).read_volatile()];
+        }
+    }
     let mut c = MaybeUninit::<[u64; 2]>::uninit();
     // SAFETY: the helper writes 16 bytes (NUL padded) into the buffer, or zeroes it on error.
     unsafe {
@@ -187,14 +216,18 @@ unsafe fn put_comm(dst: *mut [u8; 16]) {
     unsafe { copy_words(dst.cast::<u64>(), c.as_ptr(), 2) };
 }
 
+/// Whether an address of this length can name one of the agent's sockets (checked before the
+/// comm, and before any user-memory read).
+#[inline(always)]
+fn addr_len_possible(cfg: &MonitorConfig, addr_len: u64) -> bool {
+    cfg.min_addr_len != 0 && addr_len >= cfg.min_addr_len as u64 && addr_len <= SA_UN_LEN
+}
+
 /// Which of the agent's sockets a user `sockaddr` names, reading it from user memory only
 /// when its length can be one of them.
 #[inline(always)]
 fn match_addr(cfg: &MonitorConfig, addr: u64, addr_len: u64) -> Option<u32> {
-    if addr == 0 || cfg.min_addr_len == 0 || addr_len < cfg.min_addr_len as u64 {
-        return None;
-    }
-    if addr_len > SA_UN_LEN {
+    if addr == 0 || !addr_len_possible(cfg, addr_len) {
         return None;
     }
     let n = (addr_len as u32) & 0x7f; // <= 110; the mask spells the bound out for the verifier
@@ -223,28 +256,36 @@ fn conn_kind(tgid: u32, fd: u32) -> Option<u32> {
     unsafe { CONNS.get(ConnKey { tgid, fd }) }.map(|c| c.kind)
 }
 
+/// The thread's `SENDS` entry, created on its first send to the agent.
 #[inline(always)]
-fn begin(pid_tgid: u64, fd: u32, kind: u32, op: u32, connected: u32) {
-    let ts_ns = now_ns();
-    if let Some(p) = INFLIGHT.get_ptr_mut(pid_tgid) {
-        // SAFETY: map value pointer; only this thread uses its own slot.
-        unsafe {
-            (*p).fd = fd;
-            (*p).kind = kind;
-            (*p).op = op;
-            (*p).connected = connected;
-            (*p).ts_ns = ts_ns;
-        }
-        return;
+fn thread_sends(pid_tgid: u64) -> Option<*mut ThreadSends> {
+    if let Some(p) = SENDS.get_ptr_mut(pid_tgid) {
+        return Some(p);
     }
-    let v = Inflight {
-        ts_ns,
-        fd,
-        kind,
-        op,
-        connected,
-    };
-    let _ = INFLIGHT.insert(pid_tgid, v, 0);
+    // By reference: the helper gets a pointer into .rodata instead of a zeroed stack copy.
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "avoids a stack memset"
+    )]
+    let _ = SENDS.insert(pid_tgid, &ZERO_THREAD, BPF_NOEXIST as u64);
+    SENDS.get_ptr_mut(pid_tgid)
+}
+
+#[inline(always)]
+fn begin(pid_tgid: u64, fd: u32, kind: u32, op: u32, connected: u32) -> Option<()> {
+    let t = thread_sends(pid_tgid)?;
+    // Last thing before the syscall body runs: the latency is the syscall's.
+    let ts_ns = now_ns();
+    // SAFETY: map value pointer; only this thread writes its own entry.
+    unsafe {
+        let p = &raw mut (*t).inflight;
+        (*p).fd = fd;
+        (*p).kind = kind;
+        (*p).op = op;
+        (*p).connected = connected;
+        (*p).ts_ns = ts_ns;
+    }
+    Some(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -258,22 +299,25 @@ pub fn enter_sendto(ctx: TracePointContext) -> u32 {
 
 fn try_enter_sendto(ctx: &TracePointContext) -> Option<()> {
     let cfg = config()?;
+    let addr = field::<u64>(ctx, SENDTO_ADDR);
+    let addr_len = field::<u64>(ctx, SENDTO_ADDRLEN);
+    let connected = addr == 0 || addr_len == 0;
+    if !connected && !addr_len_possible(cfg, addr_len) {
+        return None;
+    }
     if !is_php(cfg) {
         return None;
     }
     let fd = field::<u64>(ctx, ARG0) as u32;
-    let addr = field::<u64>(ctx, SENDTO_ADDR);
-    let addr_len = field::<u64>(ctx, SENDTO_ADDRLEN);
     let id = pid_tgid();
-    if addr == 0 || addr_len == 0 {
+    if connected {
         // send(2) on a connected socket (PHP's udg:// and unix:// streams).
         let kind = conn_kind((id >> 32) as u32, fd)?;
-        begin(id, fd, kind, OP_SEND, 1);
+        begin(id, fd, kind, OP_SEND, 1)
     } else {
         let kind = match_addr(cfg, addr, addr_len)?;
-        begin(id, fd, kind, OP_SEND, 0);
+        begin(id, fd, kind, OP_SEND, 0)
     }
-    Some(())
 }
 
 #[tracepoint]
@@ -303,12 +347,14 @@ fn try_enter_sendmsg(ctx: &TracePointContext) -> Option<()> {
     let namelen = namelen & 0xffff_ffff;
     if name == 0 || namelen == 0 {
         let kind = conn_kind((id >> 32) as u32, fd)?;
-        begin(id, fd, kind, OP_SEND, 1);
+        begin(id, fd, kind, OP_SEND, 1)
     } else {
+        if !addr_len_possible(cfg, namelen) {
+            return None;
+        }
         let kind = match_addr(cfg, name, namelen)?;
-        begin(id, fd, kind, OP_SEND, 0);
+        begin(id, fd, kind, OP_SEND, 0)
     }
-    Some(())
 }
 
 #[tracepoint]
@@ -325,8 +371,7 @@ fn try_enter_write(ctx: &TracePointContext) -> Option<()> {
     let fd = field::<u64>(ctx, ARG0) as u32;
     let id = pid_tgid();
     let kind = conn_kind((id >> 32) as u32, fd)?;
-    begin(id, fd, kind, OP_SEND, 1);
-    Some(())
+    begin(id, fd, kind, OP_SEND, 1)
 }
 
 #[tracepoint]
@@ -337,15 +382,14 @@ pub fn enter_connect(ctx: TracePointContext) -> u32 {
 
 fn try_enter_connect(ctx: &TracePointContext) -> Option<()> {
     let cfg = config()?;
-    if !is_php(cfg) {
+    let addr_len = field::<u64>(ctx, ARG2);
+    if !addr_len_possible(cfg, addr_len) || !is_php(cfg) {
         return None;
     }
     let fd = field::<u64>(ctx, ARG0) as u32;
     let addr = field::<u64>(ctx, ARG1);
-    let addr_len = field::<u64>(ctx, ARG2);
     let kind = match_addr(cfg, addr, addr_len)?;
-    begin(pid_tgid(), fd, kind, OP_CONNECT, 0);
-    Some(())
+    begin(pid_tgid(), fd, kind, OP_CONNECT, 0)
 }
 
 /// close(2) releases the fd whatever it returns, so only the enter side is needed.
@@ -414,12 +458,13 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
         return None;
     }
     let id = pid_tgid();
-    let slot = INFLIGHT.get_ptr_mut(id)?;
-    // SAFETY: map value pointer; only this thread uses its own slot. Copied out, then marked
-    // free (ts_ns 0) whatever happens next.
+    let t = SENDS.get_ptr_mut(id)?;
+    // SAFETY: map value pointer; only this thread writes its own entry. Copied out, then
+    // marked free (ts_ns 0) whatever happens next.
     let inf = unsafe {
-        let inf = *slot;
-        (*slot).ts_ns = 0;
+        let p = &raw mut (*t).inflight;
+        let inf = *p;
+        (*p).ts_ns = 0;
         inf
     };
     if inf.ts_ns == 0 || inf.op != op {
@@ -449,7 +494,7 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
             return Some(());
         }
         // A failed connect to the agent's socket is a profile PHP could not send.
-        count_failure(tgid, kind, ret, now)?;
+        count_failure(t, kind, ret);
         return Some(());
     }
 
@@ -495,23 +540,22 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
         }
     }
 
-    let p = proc_sends(tgid)?;
-    // SAFETY: map value pointer; every update is an atomic add.
+    // SAFETY: map value pointer; only this thread writes its own counters, so plain adds lose
+    // nothing (the agent only reads them; aligned 8-byte stores are never torn).
     unsafe {
-        let c: *mut SendCounters = &raw mut (*p).sock[kind];
+        let p = &raw mut (*t).sends;
+        let c: &mut SendCounters = &mut (*p).sock[kind];
         if ret >= 0 {
-            xadd(&raw mut (*c).ok, 1);
-            xadd(&raw mut (*c).bytes, ret as u64);
+            c.ok += 1;
+            c.bytes += ret as u64;
         } else {
             let e = err_index(ret);
-            if e < apm_common::ERR_KINDS {
-                xadd(&raw mut (*c).err[e], 1);
+            if let Some(x) = c.err.get_mut(e) {
+                *x += 1;
             }
         }
-        xadd(&raw mut (*c).lat_ns_sum, lat);
-        if blocked != 0 {
-            xadd(&raw mut (*c).blocked_ns, blocked);
-        }
+        c.lat_ns_sum += lat;
+        c.blocked_ns += blocked;
         if ret < 0 && kind == SockKind::Dgram as usize {
             maybe_drop_event(cfg, p, tgid, now);
         }
@@ -521,7 +565,7 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
 
 /// Counts a failed connect (no latency: it is not a send).
 #[inline(always)]
-fn count_failure(tgid: u32, kind: usize, ret: i64, _now: u64) -> Option<()> {
+fn count_failure(t: *mut ThreadSends, kind: usize, ret: i64) {
     let e = err_index(ret);
     if let Some(h) = HOST_SENDS.get_ptr_mut(kind as u32) {
         // SAFETY: this CPU's slot of a per-CPU array.
@@ -531,19 +575,19 @@ fn count_failure(tgid: u32, kind: usize, ret: i64, _now: u64) -> Option<()> {
             }
         }
     }
-    let p = proc_sends(tgid)?;
-    if e < apm_common::ERR_KINDS {
-        // SAFETY: map value pointer; atomic add.
-        unsafe { xadd(&raw mut (*p).sock[kind].err[e], 1) };
+    // SAFETY: map value pointer of the current thread's entry (see `try_exit`).
+    unsafe {
+        if let Some(x) = (*t).sends.sock[kind].err.get_mut(e) {
+            *x += 1;
+        }
     }
-    Some(())
 }
 
-/// One event when a process starts dropping datagrams after a quiet gap: the agent logs it
-/// at once instead of at its next poll.
+/// One event when a thread (a PHP process has one) starts dropping datagrams after a quiet
+/// gap: the agent logs it at once instead of at its next poll.
 #[inline(always)]
 unsafe fn maybe_drop_event(cfg: &MonitorConfig, p: *mut ProcSends, tgid: u32, now: u64) {
-    // SAFETY (whole body): p is a live map value pointer.
+    // SAFETY (whole body): p points into the current thread's live map value.
     unsafe {
         let last = (*p).last_drop_ns;
         (*p).last_drop_ns = now;
@@ -685,11 +729,13 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
 }
 
 fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
-    // Only the last thread of a process retires it.
+    let id = pid_tgid();
+    let tgid = (id >> 32) as u32;
+    // A thread of a process that lives on: its counters move to the process's.
     if field::<u8>(ctx, EXIT_GROUP_DEAD) == 0 {
-        return None;
+        return fold_thread(id, tgid);
     }
-    let tgid = (pid_tgid() >> 32) as u32;
+    // The last thread retires the process.
     // Reserve first and check each lookup right where it is used: LLVM otherwise merges the
     // two null checks into an OR of pointers, which the verifier rejects. Without room in the
     // ring buffer the entries stay, and the agent's sweep retires processes that are gone.
@@ -730,6 +776,17 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
         } else {
             zero_words((&raw mut (*p).sends).cast::<u64>(), SENDS_WORDS);
         }
+        if let Some(t) = SENDS.get_ptr(id) {
+            had |= EXIT_HAD_SENDS;
+            let dst = (&raw mut (*p).sends).cast::<u64>();
+            let src = (&raw const (*t).sends.sock).cast::<u64>();
+            let mut i = 0;
+            while i < SENDS_WORDS {
+                let d = dst.add(i);
+                d.write_volatile(d.read_volatile().wrapping_add(src.add(i).read_volatile()));
+                i += 1;
+            }
+        }
         (*p).had = had;
     }
     if had == 0 {
@@ -739,7 +796,34 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
     // Removed before the event is visible: the agent never sees the entry after the event.
     let _ = RSS.remove(tgid);
     let _ = PROC_SENDS.remove(tgid);
+    let _ = SENDS.remove(id);
     ev.submit(0);
+    Some(())
+}
+
+/// A thread exits while its process lives on: its counters are added to the process's
+/// `PROC_SENDS` entry (atomically: sibling threads may exit on other CPUs at the same time) and
+/// its `SENDS` entry is removed. A sibling that exits at the same moment as the last thread
+/// may fold after the exit event was built; the agent's sweep retires what it left.
+#[inline(always)]
+fn fold_thread(id: u64, tgid: u32) -> Option<()> {
+    let t = SENDS.get_ptr(id)?;
+    let p = proc_sends(tgid)?;
+    // SAFETY: t and p are live map value pointers; the thread is exiting, so nothing writes
+    // its entry any more.
+    unsafe {
+        let src = (&raw const (*t).sends.sock).cast::<u64>();
+        let dst = (&raw mut (*p).sock).cast::<u64>();
+        let mut i = 0;
+        while i < SENDS_WORDS {
+            let v = src.add(i).read_volatile();
+            if v != 0 {
+                xadd(dst.add(i), v);
+            }
+            i += 1;
+        }
+    }
+    let _ = SENDS.remove(id);
     Some(())
 }
 

@@ -278,3 +278,49 @@ fn ebpf_drops_lower_the_sample_rate() {
     );
     assert!(m.status().events.drop_bursts >= 1, "a drop burst event");
 }
+
+/// Counters live per thread in the kernel: a thread that exits while its process lives on
+/// hands them to the process, and the last thread's exit reports them all, exactly once.
+#[test]
+fn ebpf_exit_reports_the_sends_of_every_thread() {
+    let Some(m) = TestMonitor::start("ebpf_exit_reports_the_sends_of_every_thread", |_| {}) else {
+        return;
+    };
+    let child = Sender::spawn("php-fpm8.2");
+    let pid = child.pid();
+    let rx = UnixDatagram::bind(&m.dgram).unwrap();
+    let mut total = Outcome::default();
+    // Four threads that exit after sending, then the main thread itself.
+    let o = child.send(&m.dgram, 300, 64, AddrStyle::Php, 4);
+    total.add(&o);
+    let (n, _) = drain(&rx);
+    let o = child.send(&m.dgram, 300, 64, AddrStyle::Php, 1);
+    total.add(&o);
+    let (n2, _) = drain(&rx);
+    assert_eq!(n + n2, total.ok, "receiver ground truth");
+    assert_eq!(total.ok + total.failed(), 300 * 5);
+    let s = m.wait_for(WAIT, "the live process's sends", |s| {
+        worker(s, pid).is_some_and(|w| w.sends_ok + w.sends_failed.total() == 300 * 5)
+    });
+    let w = worker(&s, pid).unwrap();
+    assert_eq!((w.sends_ok, w.sends_failed), (total.ok, errnos(&total)));
+
+    child.quit();
+    m.wait_for(WAIT, "the exit event", |s| {
+        s.recent_exits.iter().any(|e| e.pid == pid)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = m.status();
+    let exits: Vec<_> = s.recent_exits.iter().filter(|e| e.pid == pid).collect();
+    assert_eq!(exits.len(), 1, "exactly one exit: {exits:?}");
+    assert!(!exits[0].swept, "{:?}", exits[0]);
+    assert_eq!(
+        (exits[0].sends_ok, exits[0].sends_failed),
+        (total.ok, errnos(&total))
+    );
+    assert!(
+        worker(&s, pid).is_none(),
+        "forgotten after exit: {:?}",
+        s.workers
+    );
+}

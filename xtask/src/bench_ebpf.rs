@@ -1,5 +1,6 @@
 //! `cargo xtask bench`, eBPF section: what the monitor adds to a PHP send, against no programs,
-//! empty programs and bpftrace doing the same counting, all measured in one run of
+//! empty programs, bpftrace doing the same counting and the notes' minimal bpftrace script, all
+//! measured in one run of
 //! `target/release/apm-bench-ebpf` (which attaches each configuration in turn, interleaved
 //! over rounds, and runs bpftrace itself). This module builds nothing: it runs that binary
 //! (built with the eBPF object embedded) and turns its JSON into the markdown section.
@@ -11,7 +12,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-const CONFIGS: [(&str, &str); 4] = [
+const CONFIGS: [(&str, &str); 5] = [
     ("none", "no programs"),
     (
         "noop",
@@ -21,7 +22,11 @@ const CONFIGS: [(&str, &str); 4] = [
         "agent",
         "**the agent's programs** (all 11, by `monitor::start`)",
     ),
-    ("bpftrace", "bpftrace, same counting (script below)"),
+    ("bpftrace", "bpftrace, same counting (first script below)"),
+    (
+        "bpftrace_min",
+        "bpftrace, minimal counting (second script below)",
+    ),
 ];
 const COLUMNS: [(&str, &str, &str); 4] = [
     ("php", "full", "PHP sender, queue full"),
@@ -122,30 +127,44 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// The aims on one mode and metric (medians): a monitored send adds at most half of what
-/// bpftrace adds; an unmonitored send costs at most 10% more than with empty programs.
+/// bpftrace doing the same counting adds; an unmonitored send costs at most 10% more than with
+/// empty programs. The ratio against the minimal bpftrace script follows, for transparency
+/// (it counts less than the agent, so it is not what the aim is judged on).
 fn aims(c: &Cells, mode: &str, metric: &str) -> Vec<String> {
     let mut out = Vec::new();
     let m = |cfg| get(c, cfg, "php", mode).map(|x| x.med);
-    match (m("none"), m("agent"), m("bpftrace")) {
-        (Some(none), Some(agent), Some(bt)) => {
-            let (da, db) = (agent - none, bt - none);
-            if db <= 0.0 {
-                out.push(format!(
-                    "- Monitored send ({mode}, {metric}): bpftrace added {db:+.0} ns, within the \
-                     noise: **not measurable** in this run."
-                ));
-            } else {
-                out.push(format!(
-                    "- Monitored send ({mode}, {metric}): the agent's programs add {da:+.0} ns, \
-                     bpftrace {db:+.0} ns: ratio {:.2} (aim ≤ 0.50): {}",
-                    da / db,
-                    verdict(da <= 0.5 * db)
-                ));
+    for (cfg, what, judged) in [
+        ("bpftrace", "bpftrace (same counting)", true),
+        ("bpftrace_min", "the minimal bpftrace script", false),
+    ] {
+        match (m("none"), m("agent"), m(cfg)) {
+            (Some(none), Some(agent), Some(bt)) => {
+                let (da, db) = (agent - none, bt - none);
+                if db <= 0.0 {
+                    out.push(format!(
+                        "- Monitored send ({mode}, {metric}): {what} added {db:+.0} ns, within \
+                         the noise: **not measurable** in this run."
+                    ));
+                } else if judged {
+                    out.push(format!(
+                        "- Monitored send ({mode}, {metric}): the agent's programs add {da:+.0} \
+                         ns, {what} {db:+.0} ns: ratio {:.2} (aim ≤ 0.50): {}",
+                        da / db,
+                        verdict(da <= 0.5 * db)
+                    ));
+                } else {
+                    out.push(format!(
+                        "- Monitored send ({mode}, {metric}), for transparency: against {what} \
+                         ({db:+.0} ns) the ratio is {:.2}.",
+                        da / db
+                    ));
+                }
             }
+            _ => out.push(format!(
+                "- Monitored send ({mode}, {metric}): **not measured** against {what} \
+                 (bpftrace missing)."
+            )),
         }
-        _ => out.push(format!(
-            "- Monitored send ({mode}, {metric}): **not measured** (bpftrace missing)."
-        )),
     }
     let o = |cfg| get(c, cfg, "other", mode).map(|x| x.med);
     if let (Some(noop), Some(agent)) = (o("noop"), o("agent")) {
@@ -345,14 +364,17 @@ fn section(v: &Value) -> String {
                     },
                     g("other_sends"),
                 )),
-                Some("bpftrace") => {
+                Some(cfg @ ("bpftrace" | "bpftrace_min")) => {
                     let (n, canary) = (g("php_sends"), g("canary_sends"));
-                    let ok = g("counted") >= n && g("counted") <= n + canary;
                     md.push_str(&format!(
-                        "- round {round}, bpftrace: counted {}; the PHP sender made {n}, plus {canary} \
-                         canary sends made until it counted one ({}).\n",
+                        "- round {round}, {cfg}: counted {}; the PHP sender made {n}, plus \
+                         {canary} canary sends made until it counted one ({}).\n",
                         g("counted"),
-                        if ok { "all counted" } else { "MISMATCH" },
+                        if g("counted") == n + canary {
+                            "exact"
+                        } else {
+                            "MISMATCH"
+                        },
                     ));
                 }
                 _ => {}
@@ -360,10 +382,18 @@ fn section(v: &Value) -> String {
         }
     }
     md.push_str(&format!(
-        "\nThe bpftrace script (the agent's counting, as in `notes/ebpf-feasibility.md`: path \
-         compare with the `addr_len` bound, `@start[tid]`, ok/EAGAIN/other counts, latency sum; \
-         no comm filter, so it is measured with the PHP sender only):\n\n```\n{}```\n",
-        s("bpftrace_script")
+        "\nThe first bpftrace script counts what the agent's `enter_sendto`/`exit_sendto` count \
+         for these sends, with the same filters in the same order: the `addr_len` bound, the \
+         comm prefix (the agent's default `ebpf.php_comms`, `php-fpm` being covered by `php`), \
+         the path compare; `@start[tid]`; per process the ok count, the bytes sum, a count per \
+         errno and the latency sum; the host's log2 latency histogram. (The agent also keeps \
+         the socket kind, per-CPU host totals and stream waits; the script leaves those \
+         out.)\n\n```\n{}```\n\nThe second, minimal script (as in `notes/ebpf-feasibility.md`: \
+         path compare with the `addr_len` bound, `@start[tid]`, host-wide ok/EAGAIN/other counts \
+         and latency sum; no comm filter, so it is measured with the PHP sender only), reported \
+         for transparency:\n\n```\n{}```\n",
+        s("bpftrace_script"),
+        s("bpftrace_min_script")
     ));
     md.push_str(
         "\nReproduce: `cargo xtask bench` (as root; it builds, then runs \

@@ -140,7 +140,30 @@ pub fn load(
         nix::sys::resource::RLIM_INFINITY,
     );
     ensure_tracefs()?;
+    // 0 (no BTF for it): the programs call `bpf_get_current_comm` instead.
+    let comm_offset = super::btf::task_comm_offset().unwrap_or(0);
+    match load_with(object, kcfg, max_processes, shutdown, comm_offset) {
+        // A kernel with BTF but without `bpf_get_current_task_btf` for tracepoints (before
+        // 5.11): the helper it has instead.
+        Err(MonitorError::Program { name, source }) if comm_offset != 0 => {
+            tracing::debug!(
+                program = name,
+                error = %source,
+                "reading comm through BTF refused; using bpf_get_current_comm"
+            );
+            load_with(object, kcfg, max_processes, shutdown, 0)
+        }
+        r => r,
+    }
+}
 
+fn load_with(
+    object: &[u8],
+    kcfg: &MonitorConfig,
+    max_processes: u32,
+    shutdown: &CancellationToken,
+    comm_offset: u32,
+) -> Result<Loaded, MonitorError> {
     let p = max_processes.max(64);
     // Only pay for aya-log records somebody will see (target `apm_ebpf` at debug).
     let log_level: u8 = if tracing::enabled!(target: "apm_ebpf", tracing::Level::DEBUG) {
@@ -148,13 +171,18 @@ pub fn load(
     } else {
         2
     };
+    tracing::debug!(
+        comm_offset,
+        "task_struct.comm offset (0: bpf_get_current_comm)"
+    );
     let mut bpf = EbpfLoader::new()
         .map_max_entries("PROC_SENDS", p)
         .map_max_entries("RSS", p)
         .map_max_entries("MM_OWNER", p.saturating_mul(2))
         .map_max_entries("CONNS", p.saturating_mul(4))
-        .map_max_entries("INFLIGHT", p)
+        .map_max_entries("SENDS", p)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .override_global("TASK_COMM_OFFSET", &comm_offset, true)
         .load(object)
         .map_err(MonitorError::Load)?;
 

@@ -7,6 +7,7 @@
 //! degraded (the agent runs on, and says why); `"on"` makes it a startup error. See
 //! `docs/ebpf.md` for what is measured and the control rule.
 
+mod btf;
 pub mod control;
 mod loader;
 mod metrics;

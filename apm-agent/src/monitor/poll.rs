@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use apm_common::{
     ConnInfo, ConnKey, EXIT_HAD_RSS, ErrKind, EventHeader, EventKind, ExitEvent, HostSends,
     ProcSends, RSS_ANON, RSS_FILE, RSS_MEMBERS, RSS_SHMEM, RssEntry, RssEvent, SockKind,
+    ThreadSends,
 };
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
@@ -37,6 +38,17 @@ struct Baseline {
     members: Option<[u64; RSS_MEMBERS]>,
     pool: String,
     comm: String,
+}
+
+/// Send counters as the kernel keeps them: per live thread (`SENDS`) and, for threads that
+/// exited while their process lives on, per process (`PROC_SENDS`).
+#[derive(Default)]
+struct KernelSends {
+    /// Both summed by process.
+    by_tgid: HashMap<u32, ProcSends>,
+    /// By pid_tgid.
+    threads: Vec<(u64, ProcSends)>,
+    procs: HashMap<u32, ProcSends>,
 }
 
 pub(super) struct Poller {
@@ -188,14 +200,30 @@ impl Poller {
         m.iter().filter_map(Result::ok).collect()
     }
 
-    fn read_sends(&self) -> HashMap<u32, ProcSends> {
-        let Some(map) = self.bpf.map("PROC_SENDS") else {
-            return HashMap::new();
-        };
-        let Ok(m) = BpfHashMap::<&MapData, u32, ProcSends>::try_from(map) else {
-            return HashMap::new();
-        };
-        m.iter().filter_map(Result::ok).collect()
+    fn read_sends(&self) -> KernelSends {
+        let mut ks = KernelSends::default();
+        if let Some(map) = self.bpf.map("PROC_SENDS")
+            && let Ok(m) = BpfHashMap::<&MapData, u32, ProcSends>::try_from(map)
+        {
+            ks.procs = m.iter().filter_map(Result::ok).collect();
+        }
+        if let Some(map) = self.bpf.map("SENDS")
+            && let Ok(m) = BpfHashMap::<&MapData, u64, ThreadSends>::try_from(map)
+        {
+            ks.threads = m
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| (k, v.sends))
+                .collect();
+        }
+        for (tgid, s) in &ks.procs {
+            ks.by_tgid.entry(*tgid).or_insert(ProcSends::ZERO).add(s);
+        }
+        for (id, s) in &ks.threads {
+            let tgid = (id >> 32) as u32;
+            ks.by_tgid.entry(tgid).or_insert(ProcSends::ZERO).add(s);
+        }
+        ks
     }
 
     /// RSS as /proc counts it: kernel-reported members, and /proc's value for members without
@@ -257,7 +285,8 @@ impl Poller {
         let agent = agent_count(&self.telemetry).saturating_sub(self.agent_base);
         let host = self.read_host();
         let rss = self.read_rss();
-        let sends = self.read_sends();
+        let ks = self.read_sends();
+        let sends = &ks.by_tgid;
 
         let mut table = HashMap::with_capacity(rss.len());
         let mut workers: Vec<WorkerStatus> = Vec::with_capacity(rss.len().max(sends.len()));
@@ -291,7 +320,7 @@ impl Poller {
             }
             workers.push(w);
         }
-        for (tgid, s) in &sends {
+        for (tgid, s) in sends {
             if seen_tgids.contains(tgid) || *tgid == self.agent_tgid {
                 continue;
             }
@@ -311,7 +340,7 @@ impl Poller {
         }
         workers.sort_by(|a, b| b.rss_bytes.cmp(&a.rss_bytes).then(a.pid.cmp(&b.pid)));
         self.rss_table.store(table);
-        self.sweep(&dead, &rss, &sends);
+        self.sweep(&dead, &rss, &ks);
         if self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
             self.sweep_conns();
         }
@@ -475,9 +504,13 @@ impl Poller {
 
     /// Retires processes that are gone but still in the maps (their exit event was lost: ring
     /// buffer full, or LRU churn) so their counts move to the retired totals once.
-    fn sweep(&mut self, dead: &[u32], rss: &[(u32, RssEntry)], sends: &HashMap<u32, ProcSends>) {
+    ///
+    /// Only entries removed here are counted (a dead process's counters no longer change):
+    /// whatever the kernel's exit handler removed first is in its event.
+    fn sweep(&mut self, dead: &[u32], rss: &[(u32, RssEntry)], ks: &KernelSends) {
         for &tgid in dead {
             let mut removed = false;
+            let mut sends: Option<ProcSends> = None;
             if let Some(map) = self.bpf.map_mut("RSS")
                 && let Ok(mut m) = BpfHashMap::<&mut MapData, u32, RssEntry>::try_from(map)
             {
@@ -485,8 +518,26 @@ impl Poller {
             }
             if let Some(map) = self.bpf.map_mut("PROC_SENDS")
                 && let Ok(mut m) = BpfHashMap::<&mut MapData, u32, ProcSends>::try_from(map)
+                && m.remove(&tgid).is_ok()
             {
-                removed |= m.remove(&tgid).is_ok();
+                removed = true;
+                if let Some(s) = ks.procs.get(&tgid) {
+                    sends.get_or_insert(ProcSends::ZERO).add(s);
+                }
+            }
+            if let Some(map) = self.bpf.map_mut("SENDS")
+                && let Ok(mut m) = BpfHashMap::<&mut MapData, u64, ThreadSends>::try_from(map)
+            {
+                for (id, s) in ks
+                    .threads
+                    .iter()
+                    .filter(|(id, _)| (id >> 32) as u32 == tgid)
+                {
+                    if m.remove(id).is_ok() {
+                        removed = true;
+                        sends.get_or_insert(ProcSends::ZERO).add(s);
+                    }
+                }
             }
             // Not removed by us: the kernel's exit handler got there first and its event is
             // on its way.
@@ -494,14 +545,13 @@ impl Poller {
                 continue;
             }
             let e = rss.iter().find(|(t, _)| *t == tgid).map(|(_, e)| *e);
-            let s = sends.get(&tgid).copied();
             let b = self.baselines.remove(&tgid);
             let comm = e
                 .map(|e| procfs::comm_str(&e.comm))
                 .or_else(|| b.as_ref().map(|b| b.comm.clone()))
                 .unwrap_or_default();
             let pool = b.map(|b| b.pool).unwrap_or_else(|| comm.clone());
-            let st = exit_status(tgid, comm, pool, e.as_ref(), s.as_ref(), true);
+            let st = exit_status(tgid, comm, pool, e.as_ref(), sends.as_ref(), true);
             self.events.swept_exits += 1;
             tracing::debug!(
                 pid = tgid,

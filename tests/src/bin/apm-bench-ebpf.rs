@@ -14,8 +14,14 @@
 //! - `noop`: the object's empty programs on `sys_enter_sendto`/`sys_exit_sendto`;
 //! - `agent`: every program, attached and configured by `apm_agent::monitor::start` with the
 //!   default `[ebpf]` settings, its poller running, as in the agent;
-//! - `bpftrace`: Debian's bpftrace doing the same counting (path compare, `@start[tid]`,
-//!   ok/EAGAIN/other counts, latency sum), measured only once bpftrace counts a canary send.
+//! - `bpftrace`: Debian's bpftrace doing the same counting as the agent on that path (the comm
+//!   filter, the `addr_len` bound, the path compare, `@start[tid]`, and per process: ok count,
+//!   bytes sum, count per errno, latency sum; a log2 latency histogram with `hist()`);
+//! - `bpftrace_min`: the minimal script of `notes/ebpf-feasibility.md` (no comm filter; host
+//!   totals of ok/EAGAIN/other and the latency sum only), kept for transparency;
+//!
+//! each bpftrace configuration is measured only once it counted a canary send of the PHP
+//! sender.
 //!
 //! Modes: `full` (nobody reads the socket: after the first few sends every call is EAGAIN, the
 //! path of a PHP drop) and `drain` (a receiver thread reads as fast as it can).
@@ -226,6 +232,7 @@ enum Config {
     Noop,
     Agent,
     Bpftrace,
+    BpftraceMin,
 }
 
 impl Config {
@@ -235,6 +242,7 @@ impl Config {
             Config::Noop => "noop",
             Config::Agent => "agent",
             Config::Bpftrace => "bpftrace",
+            Config::BpftraceMin => "bpftrace_min",
         }
     }
 }
@@ -243,7 +251,7 @@ enum Attached {
     None,
     Noop(aya::Ebpf),
     Agent(AgentMonitor),
-    Bpftrace(Bpftrace),
+    Bpftrace(Bpftrace, Config),
 }
 
 struct AgentMonitor {
@@ -308,15 +316,69 @@ struct Bpftrace {
     child: Child,
     lines: mpsc::Receiver<String>,
     stderr: std::thread::JoinHandle<String>,
-    /// Canary sends made by this process before measuring (bpftrace counts them too).
+    /// Canary sends made by the PHP sender before measuring (bpftrace counts them too).
     canaries: u64,
 }
 
-/// The counting of the agent's send programs, as a bpftrace script: the path compare (with
-/// the `addr_len` bound), the start time by thread, ok/EAGAIN/other counts and the latency
-/// sum. bpftrace 0.17 cannot `str()` a `char[108]`; comparing the member works (with an
-/// "Addrspace mismatch" warning).
+/// The comm prefixes the agent's programs check (its default `ebpf.php_comms`, less the ones
+/// another covers, as the loader does).
+fn php_prefixes() -> Vec<String> {
+    let mut comms = EbpfConfig::default().php_comms;
+    comms.sort_by_key(String::len);
+    let mut kept: Vec<String> = Vec::new();
+    for c in comms {
+        if !kept.iter().any(|k| c.starts_with(k.as_str())) {
+            kept.push(c);
+        }
+    }
+    kept
+}
+
+/// What the agent's `enter_sendto`/`exit_sendto` count for a datagram send, as a bpftrace
+/// script: the same filters in the same order (address length, comm prefix, path compare), the
+/// start time by thread, and per process the ok count, the bytes sum, a count per errno and the
+/// latency sum, plus the host's log2 latency histogram. (The agent also keeps the socket kind,
+/// host totals and per-connection stream waits; the script leaves those out.) bpftrace 0.17
+/// cannot `str()` a `char[108]`; comparing the member works (with an "Addrspace mismatch"
+/// warning).
 fn bpftrace_script(path: &str) -> String {
+    let min_len = 2 + path.len();
+    let comm = php_prefixes()
+        .iter()
+        .map(|c| format!("strncmp(comm, \"{c}\", {}) == 0", c.len()))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    format!(
+        r#"tracepoint:syscalls:sys_enter_sendto
+/args->addr != 0 && args->addr_len >= {min_len} && args->addr_len <= 110 && ({comm})/
+{{
+  $sa = (struct sockaddr_un *)args->addr;
+  if ($sa->sun_family == 1 && $sa->sun_path == "{path}") {{
+    @start[tid] = nsecs;
+  }}
+}}
+
+tracepoint:syscalls:sys_exit_sendto
+/@start[tid]/
+{{
+  $lat = nsecs - @start[tid];
+  delete(@start[tid]);
+  @lat_hist = hist($lat);
+  @lat_ns[pid] = sum($lat);
+  if (args->ret >= 0) {{
+    @ok[pid] = count();
+    @bytes[pid] = sum(args->ret);
+  }} else {{
+    @err[pid, -args->ret] = count();
+  }}
+}}
+"#
+    )
+}
+
+/// The minimal script of `notes/ebpf-feasibility.md`: path compare with the `addr_len` bound,
+/// `@start[tid]`, host-wide ok/EAGAIN/other counts and latency sum; no comm filter.
+fn bpftrace_min_script(path: &str) -> String {
     let min_len = 2 + path.len();
     format!(
         r#"tracepoint:syscalls:sys_enter_sendto
@@ -342,33 +404,32 @@ tracepoint:syscalls:sys_exit_sendto
     )
 }
 
-/// `@name: N` lines of a bpftrace map print.
+/// `@name: N` or `@name[keys]: N` lines of a bpftrace map print.
 fn bt_value(line: &str, name: &str) -> Option<u64> {
-    line.strip_prefix(name)?
-        .strip_prefix(": ")?
-        .trim()
-        .parse()
-        .ok()
+    let rest = line.strip_prefix(name)?;
+    let rest = match rest.strip_prefix('[') {
+        Some(r) => &r[r.find("]")? + 1..],
+        None => rest,
+    };
+    rest.strip_prefix(": ")?.trim().parse().ok()
 }
 
-fn bt_counts(lines: &[String]) -> (u64, u64, u64) {
-    let (mut ok, mut eagain, mut err) = (0, 0, 0);
-    for l in lines {
-        if let Some(v) = bt_value(l, "@ok") {
-            ok = v;
-        } else if let Some(v) = bt_value(l, "@eagain") {
-            eagain = v;
-        } else if let Some(v) = bt_value(l, "@err") {
-            err = v;
-        }
-    }
-    (ok, eagain, err)
+/// Sends counted (ok + every error) in one print of the maps: the sum over every key.
+fn bt_counts(lines: &[String]) -> u64 {
+    ["@ok", "@eagain", "@err"]
+        .iter()
+        .map(|name| lines.iter().filter_map(|l| bt_value(l, name)).sum::<u64>())
+        .sum()
 }
 
-fn attach_bpftrace(bin: &Path, dir: &Path, dgram: &Path) -> Result<Bpftrace> {
-    let path = dgram.to_str().context("socket path")?;
+fn attach_bpftrace(
+    bin: &Path,
+    script_text: &str,
+    dir: &Path,
+    php: &mut Sender,
+) -> Result<Bpftrace> {
     let script = dir.join("count_sends.bt");
-    std::fs::write(&script, bpftrace_script(path))?;
+    std::fs::write(&script, script_text)?;
     let mut child = Command::new(bin)
         .arg(&script)
         .stdin(Stdio::null())
@@ -417,7 +478,6 @@ fn attach_bpftrace(bin: &Path, dir: &Path, dgram: &Path) -> Result<Bpftrace> {
             bail!("bpftrace did not start attaching within 60 s");
         }
     }
-    let canary = UnixDatagram::unbound()?;
     loop {
         if let Some(st) = bt.child.try_wait()? {
             let e = bt.stderr.join().unwrap_or_default();
@@ -426,12 +486,8 @@ fn attach_bpftrace(bin: &Path, dir: &Path, dgram: &Path) -> Result<Bpftrace> {
         if Instant::now() > end {
             bail!("bpftrace did not count a canary send within 60 s");
         }
-        let _ = nix::sys::socket::sendto(
-            std::os::fd::AsRawFd::as_raw_fd(&canary),
-            b"canary",
-            &nix::sys::socket::UnixAddr::new(dgram)?,
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        );
+        // From the PHP sender: the full script counts PHP processes only.
+        php.send(1)?;
         bt.canaries += 1;
         let pid = nix::unistd::Pid::from_raw(bt.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1);
@@ -443,8 +499,7 @@ fn attach_bpftrace(bin: &Path, dir: &Path, dgram: &Path) -> Result<Bpftrace> {
         {
             got.push(l);
         }
-        let (ok, eagain, err) = bt_counts(&got);
-        if ok + eagain + err > 0 {
+        if bt_counts(&got) > 0 {
             break;
         }
     }
@@ -457,8 +512,7 @@ fn detach_bpftrace(mut bt: Bpftrace) -> Result<u64> {
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
     bt.child.wait()?;
     let lines: Vec<String> = bt.lines.try_iter().collect();
-    let (ok, eagain, err) = bt_counts(&lines);
-    Ok(ok + eagain + err)
+    Ok(bt_counts(&lines))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,6 +593,7 @@ fn bench(
     let mut configs = vec![Config::None, Config::Noop, Config::Agent];
     if bpftrace_version.is_some() {
         configs.push(Config::Bpftrace);
+        configs.push(Config::BpftraceMin);
     }
     let mut php = Sender::spawn("php", PHP_COMM, &dgram)?;
     let mut other = Sender::spawn("other", OTHER_COMM, &dgram)?;
@@ -556,14 +611,14 @@ fn bench(
                 round + 1,
                 cfg.name()
             );
-            let attached = attach(cfg, &rt, dir.path(), &dgram, &stream, bpftrace)?;
+            let attached = attach(cfg, &rt, dir.path(), &dgram, &stream, bpftrace, &mut php)?;
             // Let attach-time work (verifier, bpftrace's compiler) settle.
             std::thread::sleep(Duration::from_millis(500));
             php.take_sent();
             other.take_sent();
-            // bpftrace's script has no comm filter (the notes' shape): only the PHP sender is
-            // measured under it.
-            let senders: &[&str] = if cfg == Config::Bpftrace {
+            // The minimal bpftrace script has no comm filter (the notes' shape): only the PHP
+            // sender is measured under it.
+            let senders: &[&str] = if cfg == Config::BpftraceMin {
                 &["php"]
             } else {
                 &["php", "other"]
@@ -614,13 +669,14 @@ fn bench(
                         cfg.name()
                     );
                     let before = tracepoint_programs();
-                    let attached = attach(cfg, &rt, dir.path(), &dgram, &stream, bpftrace)?;
+                    let attached =
+                        attach(cfg, &rt, dir.path(), &dgram, &stream, bpftrace, &mut php)?;
                     let ours: Vec<(u32, String)> = tracepoint_programs()
                         .into_iter()
                         .filter(|p| !before.contains(p))
                         .collect();
                     std::thread::sleep(Duration::from_millis(500));
-                    let senders: &[&str] = if cfg == Config::Bpftrace {
+                    let senders: &[&str] = if cfg == Config::BpftraceMin {
                         &["php"]
                     } else {
                         &["php", "other"]
@@ -680,6 +736,7 @@ fn bench(
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "bpftrace": bpftrace_version,
         "bpftrace_script": bpftrace_script(&dgram.to_string_lossy()),
+        "bpftrace_min_script": bpftrace_min_script(&dgram.to_string_lossy()),
         "elapsed_s": started.elapsed().as_secs_f64(),
         "samples": samples,
         "checks": checks,
@@ -694,14 +751,23 @@ fn attach(
     dgram: &Path,
     stream: &Path,
     bpftrace: Option<&Path>,
+    php: &mut Sender,
 ) -> Result<Attached> {
+    let script = |p: &Path| -> Result<String> {
+        let p = p.to_str().context("socket path")?;
+        Ok(match cfg {
+            Config::BpftraceMin => bpftrace_min_script(p),
+            _ => bpftrace_script(p),
+        })
+    };
     Ok(match cfg {
         Config::None => Attached::None,
         Config::Noop => Attached::Noop(attach_noop()?),
         Config::Agent => Attached::Agent(attach_agent(rt, dir, dgram, stream)?),
-        Config::Bpftrace => {
-            Attached::Bpftrace(attach_bpftrace(bpftrace.context("bpftrace")?, dir, dgram)?)
-        }
+        Config::Bpftrace | Config::BpftraceMin => Attached::Bpftrace(
+            attach_bpftrace(bpftrace.context("bpftrace")?, &script(dgram)?, dir, php)?,
+            cfg,
+        ),
     })
 }
 
@@ -727,11 +793,11 @@ fn detach(a: Attached, rt: &tokio::runtime::Runtime, php_sent: u64) -> Result<Op
             .ok();
             Some(json!({"config": "agent", "php_sends": php_sent, "counted": counted}))
         }
-        Attached::Bpftrace(bt) => {
+        Attached::Bpftrace(bt, cfg) => {
             let canaries = bt.canaries;
             let counted = detach_bpftrace(bt)?;
             Some(json!({
-                "config": "bpftrace", "php_sends": php_sent,
+                "config": cfg.name(), "php_sends": php_sent,
                 "canary_sends": canaries, "counted": counted,
             }))
         }
