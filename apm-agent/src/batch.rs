@@ -76,7 +76,7 @@ impl Batcher {
 pub async fn run(
     cfg: BatchConfig,
     mut seqs: SeqAllocator,
-    mut input: mpsc::Receiver<Vec<Profile>>,
+    mut input: mpsc::Receiver<crate::ingest::Chunk>,
     out: mpsc::Sender<Batch>,
     live: std::sync::Arc<crate::liveness::Liveness>,
 ) -> Result<(), StateError> {
@@ -99,7 +99,8 @@ pub async fn run(
         };
         let Some(chunk) = chunk else { break };
         let now = Instant::now();
-        for p in chunk {
+        // The chunk's share of the ingest queue budget is released once it is consumed.
+        for p in chunk.profiles {
             if let Some(items) = b.push(p, now) {
                 seal(&mut seqs, items, &out).await?;
             }
@@ -176,7 +177,7 @@ mod tests {
     async fn seals_on_age_with_timer_from_first_item() {
         let dir = tempfile::tempdir().unwrap();
         let seqs = SeqAllocator::open(dir.path()).unwrap();
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = crate::ingest::profile_queue(1 << 20);
         let (otx, mut orx) = mpsc::channel(4);
         let task = tokio::spawn(run(
             cfg(100, 1 << 20, 500),

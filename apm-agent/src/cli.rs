@@ -133,6 +133,7 @@ fn init_logging(cfg: &Config) {
 }
 
 fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
+    crate::memguard::tune_allocator();
     init_logging(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

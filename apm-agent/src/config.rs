@@ -274,7 +274,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_memory_mb: 256,
-            memory_budget_mb: 64,
+            memory_budget_mb: 16,
             shutdown_timeout: Duration::from_secs(10), // below systemd's 90 s stop timeout
         }
     }

@@ -67,6 +67,8 @@ impl StatusSource {
             "last_acked_seq": t.last_acked_seq.get(),
             "in_flight_batches": t.in_flight_batches.get(),
             "memory_payload_bytes": t.memory_payload_bytes.get(),
+            "backpressure": t.backpressure.get() != 0,
+            "backpressure_episodes": t.backpressure_episodes.get(),
             "send_failures": t.send_failures.get(),
             "reconnects": t.reconnects.get(),
             "spooled_batches": t.spooled_batches.get(),

@@ -283,7 +283,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
         host_stats,
     )?;
 
-    let (profile_tx, profile_rx) = mpsc::channel(256);
+    // Bounded by bytes: this queue is outside the router's memory budget (see ingest/queue.rs).
+    let (profile_tx, profile_rx) =
+        crate::ingest::profile_queue(crate::ingest::queue::INGEST_QUEUE_BYTES);
     let (batch_tx, batch_rx) = mpsc::channel(4);
     let (wire_tx, wire_rx) = mpsc::channel(1);
     let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();

@@ -4,13 +4,24 @@
 //! drives the circuit breaker.
 //!
 //! - `spool.mode = "overflow"`: memory first; a batch goes to disk while the breaker is open,
-//!   when the in-memory window (`limits.memory_budget_mb`) is full, when the memory guard asks
-//!   for a spill, and at shutdown. When the breaker opens, what waits in memory is spilled too.
+//!   when the in-memory window (`limits.memory_budget_mb`) is full and acks have stalled, when
+//!   the memory guard asks for a spill, and at shutdown. When the breaker opens, what waits in memory is spilled too.
 //! - `spool.mode = "always"`: every batch is appended (write-ahead) before it is sent; the spool
 //!   owns it until the listener acknowledges it.
 //!
+//! The spool is for a listener that cannot take the traffic (breaker open, or no ack for
+//! [`ACK_STALL`] while batches are out), for durability (`always`, shutdown) and for the memory
+//! guard; not for a listener that is up and acknowledging but slower than the traffic. In that
+//! case the router stops taking new batches once memory is full (overflow mode), or once the
+//! spool is past `spool.high_water_pct` (always mode). Ingest then waits, the kernel queue
+//! fills and PHP's non-blocking sends fail with EAGAIN, which the eBPF monitor counts and
+//! answers by lowering the sample rate. Profiles are then refused at the door, counted, rather
+//! than accepted and later dropped from a full spool (`drop_oldest`) after a detour through the
+//! disk that only postpones the loss.
+//!
 //! Replay is rate-limited (`spool.replay_batches_per_s`) and alternates with live batches, so
-//! fresh profiles are not starved behind a long backlog. While the breaker is open and the spool
+//! fresh profiles are not starved behind a long backlog; while the router pushes back, replay is
+//! the only traffic to a listener that is up, and runs unthrottled. While the breaker is open and the spool
 //! is past `spool.high_water_pct`, PHP's kill switch is raised; it is lowered once the breaker is
 //! closed and the spool is back under half that mark.
 
@@ -30,6 +41,10 @@ use crate::phpctl::{KillReason, PhpControl};
 use crate::spool::{RecordId, Spool, SpoolError};
 use crate::telemetry::{DropReason, Telemetry};
 use crate::transport::Outcome;
+
+/// No ack for this long while batches are out: the listener is stalled, not just slow, and a
+/// full memory window overflows to the spool again.
+pub const ACK_STALL: Duration = Duration::from_secs(2);
 
 pub struct Router {
     pub telemetry: Arc<Telemetry>,
@@ -77,6 +92,11 @@ struct State {
     replay_turn: bool,
     blocked_until: Option<Instant>,
     kill_raised: bool,
+    /// Not taking new batches (see the module doc); replay then runs unthrottled, since it is
+    /// the only traffic and the listener is up.
+    pushing_back: bool,
+    /// Last ack, or the moment the first batch went out after none was in flight.
+    last_ack: Instant,
 }
 
 impl State {
@@ -233,10 +253,35 @@ impl State {
         self.replay_tokens = (self.replay_tokens + dt * rate).min(rate.max(1.0));
     }
 
+    /// Whether to take the next batch from the batcher now (see the module doc).
+    fn may_take_input(&self, over_budget: bool, now: Instant) -> bool {
+        let Some(spool) = &self.spool else {
+            return !over_budget;
+        };
+        if self.breaker.state() == BreakerState::Open {
+            // An outage: the spool takes everything, dropping per `spool.on_full` when full.
+            return true;
+        }
+        match self.cfg.mode {
+            SpoolMode::Overflow => {
+                let stalled = !self.inflight.is_empty()
+                    && now.saturating_duration_since(self.last_ack) >= ACK_STALL;
+                !over_budget || stalled
+            }
+            SpoolMode::Always => {
+                // Push back only while something is on its way out, so that input resumes.
+                let draining = spool.pending() > 0 || !self.inflight.is_empty();
+                !draining || spool.fill_pct() < f64::from(self.cfg.high_water_pct)
+            }
+        }
+    }
+
+    fn may_replay(&self) -> bool {
+        (self.replay_tokens >= 1.0 || self.pushing_back) && self.spool_pending() > 0
+    }
+
     fn has_work(&self) -> bool {
-        !self.retry.is_empty()
-            || !self.pending.is_empty()
-            || (self.replay_tokens >= 1.0 && self.spool_pending() > 0)
+        !self.retry.is_empty() || !self.pending.is_empty() || self.may_replay()
     }
 
     /// Picks the next batch: returned ones first, then live and replay in turn.
@@ -245,14 +290,14 @@ impl State {
             let bytes = b.payload_bytes();
             return Some((b, InFlight { id, bytes }));
         }
-        let can_replay = self.replay_tokens >= 1.0 && self.spool_pending() > 0;
+        let can_replay = self.may_replay();
         let take_replay = can_replay && (self.pending.is_empty() || self.replay_turn);
         self.replay_turn = !self.replay_turn;
         if take_replay {
             let spool = self.spool.as_mut().expect("pending implies a spool");
             match tokio::task::block_in_place(|| spool.take_next()) {
                 Ok(Some(sb)) => {
-                    self.replay_tokens -= 1.0;
+                    self.replay_tokens = (self.replay_tokens - 1.0).max(0.0);
                     let bytes = sb.batch.payload_bytes();
                     self.held += bytes;
                     return Some((
@@ -353,6 +398,8 @@ impl Router {
             replay_turn: false,
             blocked_until: None,
             kill_raised: false,
+            pushing_back: false,
+            last_ack: now,
         };
         let spill_flag = self.spill;
         let live = self.live;
@@ -361,6 +408,7 @@ impl Router {
         let mut beat = tokio::time::interval(crate::liveness::BEAT);
         let mut fsync = tokio::time::interval(st.cfg.fsync_interval.max(Duration::from_millis(10)));
         let mut last_report = Instant::now();
+        let mut last_bp_log: Option<Instant> = None;
         st.publish();
         loop {
             let now = Instant::now();
@@ -388,6 +436,27 @@ impl Router {
             {
                 st.blocked_until = None;
             }
+            let over = st.held >= budget;
+            let take_input = input_open && st.may_take_input(over, now);
+            let pushing_back = input_open && !take_input;
+            if pushing_back != st.pushing_back {
+                st.pushing_back = pushing_back;
+                st.t.backpressure.set(i64::from(pushing_back));
+                if pushing_back {
+                    st.t.backpressure_episodes.inc();
+                    // Episodes come and go many times a second under sustained overload: one
+                    // line per 30 s says it without flooding the log.
+                    if last_bp_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(30)) {
+                        last_bp_log = Some(now);
+                        tracing::warn!(
+                            memory_bytes = st.held,
+                            spool_pct = st.spool.as_ref().map_or(0.0, |s| s.fill_pct()),
+                            episodes = st.t.backpressure_episodes.get(),
+                            "central listener slower than the traffic: pushing back on ingest (PHP's sends will see EAGAIN)"
+                        );
+                    }
+                }
+            }
             let may_send = st.blocked_until.is_none() && st.has_work();
             // Wake for the breaker's next step, a blocked dispatch, or the next replay token.
             // Only instants still ahead: an open period that has ended is acted on by the next
@@ -396,6 +465,8 @@ impl Router {
             let wake = [
                 st.breaker.next_attempt_at(),
                 st.blocked_until,
+                // Pushing back: look again when the acks would count as stalled.
+                (st.pushing_back && !st.inflight.is_empty()).then(|| st.last_ack + ACK_STALL),
                 (st.spool_pending() > 0 && st.replay_tokens < 1.0).then(|| {
                     now + Duration::from_secs_f64(
                         (1.0 - st.replay_tokens) / f64::from(st.cfg.replay_batches_per_s),
@@ -406,7 +477,6 @@ impl Router {
             .flatten()
             .filter(|&t| t > now)
             .min();
-            let over = st.held >= budget;
             tokio::select! {
                 biased;
                 () = deadline.cancelled() => break,
@@ -418,6 +488,7 @@ impl Router {
                     st.blocked_until = None;
                     match o {
                         Some(Outcome::Acked { seq, profiles, .. }) => {
+                            st.last_ack = now;
                             st.breaker.on_success(now);
                             st.settle_ok(seq, profiles);
                         }
@@ -441,6 +512,10 @@ impl Router {
                     Ok(p) => match st.breaker.allow(Instant::now()) {
                         Permit::Send | Permit::Probe => {
                             if let Some((b, f)) = st.next_batch() {
+                                if st.inflight.is_empty() {
+                                    // The stall clock runs only while something is out.
+                                    st.last_ack = Instant::now();
+                                }
                                 st.inflight.insert(b.seq, f);
                                 p.send(b);
                             }
@@ -449,7 +524,7 @@ impl Router {
                     },
                     Err(_) => break,
                 },
-                b = input.recv(), if input_open && (!over || st.spool.is_some()) => match b {
+                b = input.recv(), if take_input => match b {
                     // Past the in-memory window the batch goes to disk.
                     Some(b) => st.accept(b, over),
                     None => input_open = false,

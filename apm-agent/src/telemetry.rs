@@ -142,6 +142,11 @@ pub struct Telemetry {
     pub in_flight_batches: Gauge,
     /// Payload bytes held in memory between ingest and the listener's ack.
     pub memory_payload_bytes: Gauge,
+    /// 1 while the router pushes back on ingest (memory window full, breaker closed, spool past
+    /// `spool.high_water_pct`): the kernel queue fills and PHP's sends see EAGAIN.
+    pub backpressure: Gauge,
+    /// Times the router started pushing back.
+    pub backpressure_episodes: Counter,
     pub stream_connections: Gauge,
     pub spooled_batches: Gauge,
     pub spool_bytes: Gauge,
@@ -257,6 +262,16 @@ impl Telemetry {
             "memory_payload_bytes",
             "Payload bytes held in memory awaiting acknowledgement",
             self.memory_payload_bytes.clone(),
+        );
+        r.register(
+            "backpressure",
+            "1 while the agent pushes back on ingest (listener slower than traffic, spool past high water)",
+            self.backpressure.clone(),
+        );
+        r.register(
+            "backpressure_episodes",
+            "Times the agent started pushing back on ingest",
+            self.backpressure_episodes.clone(),
         );
         r.register(
             "stream_connections",

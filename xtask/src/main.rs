@@ -90,9 +90,11 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Bench(args) => {
-            setup::ebpf()?;
-            setup::packages(setup::ALL_PACKAGES)?;
-            build_all(&root)?;
+            if !args.no_build {
+                setup::ebpf()?;
+                setup::packages(setup::ALL_PACKAGES)?;
+                build_all(&root)?;
+            }
             bench::run(&root, args)
         }
     }

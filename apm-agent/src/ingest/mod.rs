@@ -3,6 +3,7 @@
 //! as the kernel queue filling (which the eBPF side counts), never as silent loss in the agent.
 
 pub mod dgram;
+pub mod queue;
 pub mod socket;
 pub mod stream;
 pub mod validate;
@@ -13,15 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngestConfig;
-use crate::model::Profile;
 use crate::telemetry::{Socket, SocketLabels, Telemetry, now_ns};
 
-/// Where ingest delivers profiles: the batcher's input.
-pub type ProfileSink = mpsc::Sender<Vec<Profile>>;
+pub use queue::{Chunk, ProfileSink, profile_queue};
 
 /// Sender RSS lookup (from the eBPF monitor), called per profile: must be cheap.
 pub type RssLookup = Arc<dyn Fn(u32) -> u64 + Send + Sync>;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::validate::validate_profile;
@@ -142,7 +141,7 @@ async fn send(
     out: &ProfileSink,
     batch: Vec<Profile>,
     telemetry: &Telemetry,
-) -> Result<(), mpsc::error::SendError<Vec<Profile>>> {
+) -> Result<(), super::queue::Closed> {
     if batch.is_empty() {
         return Ok(());
     }

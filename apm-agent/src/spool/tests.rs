@@ -543,6 +543,8 @@ mod model {
         /// Drop without close; optionally cut the newest segment at this fraction of its length.
         Crash(Option<f64>),
         Reopen,
+        /// What the router does when the disk is full under `drop_oldest`.
+        DropOldestSegment,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -555,6 +557,7 @@ mod model {
             1 => Just(Op::RequeueAll),
             1 => proptest::option::of(0.0f64..1.0).prop_map(Op::Crash),
             1 => Just(Op::Reopen),
+            1 => Just(Op::DropOldestSegment),
         ]
     }
 
@@ -779,7 +782,13 @@ mod model {
                     s = Spool::open(&c).unwrap();
                     check_reopened(&mut s, &m);
                 }
+                Op::DropOldestSegment => {
+                    let d = s.drop_oldest_segment().unwrap();
+                    let dropped = m.apply_segment_drops(&live(&s));
+                    assert_eq!(d.profiles, dropped);
+                }
             }
+            s.check_accounting();
             let in_spool: u64 = m.recs.values().map(|r| r.batch.len() as u64).sum();
             assert_eq!(
                 m.received,
