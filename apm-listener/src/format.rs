@@ -77,7 +77,7 @@ fn blank_line_breaks(bytes: &mut [u8]) {
 
 /// Whether a payload can be stored verbatim under `profile`: UTF-8 and one JSON value.
 pub fn payload_is_json(payload: &[u8]) -> bool {
-    std::str::from_utf8(payload).is_ok_and(|s| serde_json::from_str::<IgnoredAny>(s).is_ok())
+    simdutf8::basic::from_utf8(payload).is_ok_and(|s| serde_json::from_str::<IgnoredAny>(s).is_ok())
 }
 
 /// Encodes every profile of `batch` into `lines` (cleared first, its capacity reused).

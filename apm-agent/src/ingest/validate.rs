@@ -13,7 +13,8 @@ pub fn validate_profile(buf: &[u8], max_payload: usize) -> Result<(), RejectReas
     if buf.len() > max_payload {
         return Err(RejectReason::Oversize);
     }
-    let text = std::str::from_utf8(buf).map_err(|_| RejectReason::InvalidUtf8)?;
+    // SIMD UTF-8 check: several times faster than `std::str::from_utf8` on profile-sized input.
+    let text = simdutf8::basic::from_utf8(buf).map_err(|_| RejectReason::InvalidUtf8)?;
     let mut de = serde_json::Deserializer::from_str(text);
     match de.deserialize_any(ObjectOnly) {
         Ok(true) => {}
