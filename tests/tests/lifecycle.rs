@@ -159,7 +159,15 @@ fn sigterm_under_load_delivers_what_was_received_and_exits_zero() {
     assert_eq!(field("delivered"), sent, "and delivered: {line}");
     let got = ids(&listener);
     assert_eq!(got.len() as u64, sent);
-    assert_exactly_once(&listener, "t", sent.min(1)); // ids are t-0..t-(n-1) among others
+    // The sender reports how many sends the kernel accepted, not which (EPIPE can hit any of
+    // them once reading is shut): every stored id must be one it made, each stored once.
     let set: HashSet<&String> = got.iter().collect();
-    assert_eq!(set.len() as u64, sent);
+    assert_eq!(set.len() as u64, sent, "no profile stored twice");
+    for id in &got {
+        let i: u64 = id
+            .strip_prefix("t-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected id {id}"));
+        assert!(i < 100_000, "unexpected id {id}");
+    }
 }
