@@ -224,6 +224,12 @@ impl Agent {
         self.dir.join("run/listener-stream.sock")
     }
 
+    /// Fails the test if the agent's log shows a panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }

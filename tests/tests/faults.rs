@@ -47,11 +47,6 @@ fn wait_settled(agent: &Agent, received: u64, timeout: Duration) -> Value {
     })
 }
 
-fn assert_no_panic(agent: &Agent) {
-    let log = agent.log();
-    assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
-}
-
 /// 1. The listener is down for 30 s under a steady 1000 profiles/s: the breaker opens, the
 ///    batches go to disk and memory stays flat; once the listener is back every accepted profile
 ///    arrives exactly once, the breaker closes and the spool drains to empty.
@@ -124,7 +119,7 @@ fn listener_down_30s_under_load_everything_arrives_once_memory_flat() {
         rss_late < rss_early + 24 * 1024 * 1024,
         "RSS grew with the outage: {rss_early} -> {rss_late}"
     );
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }
 
 /// 2. The listener stores a batch, then drops the stream instead of acking: the agent resends,
@@ -193,7 +188,7 @@ fn sigterm_under_load_then_start_again_loses_nothing() {
     );
     let ids = wait_stored(&listener.out, ok.len(), Duration::from_secs(30));
     assert_exactly(&ids, &ok, "across SIGTERM and start");
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }
 
 /// 3b. SIGTERM while the listener is down: the agent spools what it holds and exits 0 within
@@ -258,7 +253,7 @@ fn sigterm_with_listener_down_spools_then_everything_arrives_once() {
     agent.wait_for(Duration::from_secs(20), "spool drained", |s| {
         u(s, "/spooled_batches") == 0
     });
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }
 
 /// A tiny xorshift for kill timings (the tests crate has no rand); the seed is printed.
@@ -314,7 +309,7 @@ fn sigkill_50_times_in_write_ahead_mode_loses_only_the_in_memory_window() {
         std::thread::sleep(Duration::from_millis(100 + rng.below(200)));
         agent.proc.signal(Signal::SIGKILL);
         assert_eq!(agent.proc.wait(Duration::from_secs(10)), None, "killed");
-        assert_no_panic(&agent);
+        agent.assert_no_panic();
         let recs = spool_records(&dir.path().join("spool"));
         spooled_at_kill.push(recs.len());
         must_deliver.extend(recs.into_iter().flat_map(|r| r.ids));
@@ -497,7 +492,7 @@ fn damaged_spool_is_recovered_and_the_rest_delivered() {
         agent.proc.child.try_wait().is_ok_and(|s| s.is_none()),
         "still running"
     );
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }
 
 /// 6. The spool's volume fills up (a 4 MiB tmpfs, most of it taken by another file) while the
@@ -586,7 +581,7 @@ fn disk_full_drops_oldest_counts_it_and_recovers() {
         missing.is_empty(),
         "spooled after space returned, not delivered: {missing:?}"
     );
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }
 
 /// 7. A full spool under `drop_newest`, listener down: the newest batches are refused and
@@ -631,5 +626,5 @@ fn spool_full_drop_newest_accounts_for_every_profile() {
     assert!(got.contains("n-0"), "drop_newest keeps the oldest");
     assert!(!got.contains("n-3999"), "and refuses the newest");
     assert!(got.is_subset(&r.ok_ids("n")));
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }

@@ -12,11 +12,6 @@ use apm_tests::faults::{
 };
 use nix::sys::signal::Signal;
 
-fn assert_no_panic(agent: &Agent) {
-    let log = agent.log();
-    assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
-}
-
 /// The listener acknowledges every batch, but only 100 ms after storing it: with the agent's
 /// window of 8 batches of 50 profiles that is ~4000 profiles/s, far below what one sender
 /// offers. The agent must push back (stop reading; PHP's non-blocking sends get EAGAIN) rather
@@ -76,7 +71,7 @@ fn slow_listener_gets_backpressure_not_spooling_or_drops() {
     );
     let stored = wait_stored(&listener.out, accepted as usize, Duration::from_secs(30));
     assert_exactly(&stored, &report.ok_ids("s"), "slow listener");
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }
 
 /// Memory guard: datagrams of 180 KiB land in many of the agent's 256 receive slots at once (the
@@ -164,5 +159,5 @@ fn memory_guard_sheds_then_restarts_in_place_without_loss() {
         "the fresh process is under the limit: {after}"
     );
     assert_eq!(agent.proc.stop(Duration::from_secs(15)), Some(0));
-    assert_no_panic(&agent);
+    agent.assert_no_panic();
 }
