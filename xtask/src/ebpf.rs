@@ -14,7 +14,7 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// A command with the environment the outer `cargo xtask` sets removed, so a child cargo or
 /// rustup picks its own toolchain, flags and target dir (an inherited `RUSTC` or
 /// `RUSTUP_TOOLCHAIN=stable` would build the eBPF crate with the wrong compiler).
-fn clean_cmd(program: &str) -> Command {
+pub(crate) fn clean_cmd(program: &str) -> Command {
     let mut c = Command::new(program);
     for (k, _) in std::env::vars_os() {
         let Some(k) = k.to_str() else { continue };
@@ -23,6 +23,7 @@ fn clean_cmd(program: &str) -> Command {
             || k.starts_with("RUSTC")
             || k == "RUSTUP_TOOLCHAIN"
             || k == "RUSTFLAGS"
+            || k == "RUSTDOC"
             || k == "RUSTDOCFLAGS";
         if strip {
             c.env_remove(k);

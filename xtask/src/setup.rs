@@ -79,21 +79,8 @@ pub fn packages(list: &[(&str, &str)]) -> Result<()> {
 
 /// A `cargo +nightly` for the eBPF crate, without the variables the outer cargo set.
 pub fn nightly_cargo(dir: &Path) -> Command {
-    let mut c = Command::new("rustup");
+    let mut c = crate::ebpf::clean_cmd("rustup");
     c.args(["run", "nightly", "cargo"]).current_dir(dir);
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k == "RUSTC"
-            || k == "RUSTDOC"
-            || k == "RUSTUP_TOOLCHAIN"
-            || k == "RUSTFLAGS"
-            || k == "RUSTC_WRAPPER"
-            || k == "RUSTC_WORKSPACE_WRAPPER"
-            || (k.starts_with("CARGO") && k != "CARGO_HOME")
-        {
-            c.env_remove(&k);
-        }
-    }
     c
 }
 
