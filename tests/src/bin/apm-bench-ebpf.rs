@@ -29,7 +29,7 @@
 //! After each attached configuration the kernel-side counts are checked against what the
 //! senders saw (reported, not asserted). Output: JSON on stdout, progress on stderr.
 //!
-//! apm-bench-ebpf [--count N (1000000)] [--rounds R (5)] [--warmup N (20000)] [--bpftrace PATH|none]
+//! apm-bench-ebpf [--count N (1000000)] [--rounds R (9)] [--warmup N (20000)] [--bpftrace PATH|none]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixDatagram;
@@ -65,7 +65,7 @@ fn main() -> Result<()> {
         return sender_main(&comm, &socket);
     }
     let count: u64 = arg(&args, "--count").map_or(Ok(1_000_000), |v| v.parse())?;
-    let rounds: usize = arg(&args, "--rounds").map_or(Ok(5), |v| v.parse())?;
+    let rounds: usize = arg(&args, "--rounds").map_or(Ok(9), |v| v.parse())?;
     let warmup: u64 = arg(&args, "--warmup").map_or(Ok(20_000), |v| v.parse())?;
     let bpftrace = match arg(&args, "--bpftrace").as_deref() {
         Some("none") => None,
