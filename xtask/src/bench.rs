@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Run only these sections (e2e, spool, ebpf, php); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Rounds per profile size in the end-to-end section (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Use the binaries already in target/release instead of building first.
     #[arg(long)]
     pub no_build: bool,
@@ -230,31 +233,77 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     let mut sections = Vec::new();
     if want("e2e") {
         let mut table = String::from(
-            "| profile size | raw drain (dgram/s) | agent end-to-end (profiles/s) | agent / raw | agent CPU s per 100k | agent peak RSS (MiB) | stored / received / sent |\n|---|---|---|---|---|---|---|\n",
+            "| profile size | raw drain (dgram/s) | agent end-to-end (profiles/s) | agent / raw | agent CPU s per 100k | agent peak RSS (MiB) | stored / received / sent, every round |\n|---|---|---|---|---|---|---|\n",
         );
+        let mut aim = String::new();
         for &size in &args.sizes {
-            eprintln!("bench: raw drain, {size} B ...");
-            let r = raw(args.profiles, size)?;
-            eprintln!("bench: agent end to end, {size} B ...");
-            let e = e2e(root, args.profiles, size).context("end-to-end run")?;
+            let mut rounds = Vec::new();
+            for round in 1..=args.rounds.max(1) {
+                eprintln!("bench: round {round}: raw drain, {size} B ...");
+                let r = raw(args.profiles, size)?;
+                eprintln!("bench: round {round}: agent end to end, {size} B ...");
+                let e = e2e(root, args.profiles, size).context("end-to-end run")?;
+                eprintln!(
+                    "bench:   raw {r:.0}/s, agent {:.0}/s, ratio {:.2}, CPU {:.2} s/100k, peak RSS {:.1} MiB",
+                    e.rate,
+                    e.rate / r,
+                    e.cpu_per_100k,
+                    e.peak_rss
+                );
+                rounds.push((r, e));
+            }
+            let med = |f: &dyn Fn(&(f64, E2e)) -> f64| {
+                let mut v: Vec<f64> = rounds.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                (v[v.len() / 2], v[0], v[v.len() - 1])
+            };
+            let raw_m = med(&|x| x.0);
+            let rate_m = med(&|x| x.1.rate);
+            let ratio_m = med(&|x| x.1.rate / x.0);
+            let cpu_m = med(&|x| x.1.cpu_per_100k);
+            let rss_m = med(&|x| x.1.peak_rss);
+            let complete = rounds
+                .iter()
+                .all(|(_, e)| e.stored == args.profiles && e.received == args.profiles);
             let row = format!(
-                "| {} KiB | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {} / {} / {} |\n",
+                "| {} KiB | {:.0} | {:.0} | **{:.2}** [{:.2}–{:.2}] | {:.2} | {:.1} (max {:.1}) | {} |\n",
                 size / 1024,
-                r,
-                e.rate,
-                e.rate / r,
-                e.cpu_per_100k,
-                e.peak_rss,
-                e.stored,
-                e.received,
-                args.profiles
+                raw_m.0,
+                rate_m.0,
+                ratio_m.0,
+                ratio_m.1,
+                ratio_m.2,
+                cpu_m.0,
+                rss_m.0,
+                rss_m.2,
+                if complete {
+                    format!("{0} / {0} / {0}", args.profiles)
+                } else {
+                    rounds
+                        .iter()
+                        .map(|(_, e)| format!("{} / {} / {}", e.stored, e.received, args.profiles))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }
             );
             eprint!("{row}");
             table.push_str(&row);
+            if size == 1024 {
+                let met = ratio_m.0 >= 0.5 && rss_m.2 < 64.0 && complete;
+                aim = format!(
+                    "Aim at 1 KiB (agent ≥ 0.50 × raw, RSS < 64 MiB, every profile stored): median ratio {:.2}, \
+                     peak RSS at most {:.1} MiB: **{}**.\n",
+                    ratio_m.0,
+                    rss_m.2,
+                    if met { "MET" } else { "NOT MET" }
+                );
+            }
         }
         let body = format!(
-            "Measured by `cargo xtask bench` ({} profiles per run; {host}).\n\n{table}\n",
-            args.profiles
+            "Measured by `cargo xtask bench` ({} profiles per run, {} rounds per size, each round a raw \
+             run then an agent run; cells are medians over the rounds, the ratio with its range; \
+             {host}).\n\n{table}\n{aim}\n",
+            args.profiles, args.rounds
         );
         println!("{body}");
         sections.push(("e2e", body));
