@@ -1,6 +1,7 @@
 //! Stops and restarts with a sender that keeps sending: a restart drops nothing (the sockets
 //! are handed to the new process image, so datagrams sent meanwhile wait in the kernel queue),
-//! SIGHUP drops nothing, and SIGTERM delivers what was received before exiting 0.
+//! SIGHUP drops nothing, SIGTERM delivers what was received before exiting 0, and a
+//! `systemctl restart` through systemd's fd store (a fake systemd in the test) drops nothing.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -170,4 +171,178 @@ fn sigterm_under_load_delivers_what_was_received_and_exits_zero() {
             .unwrap_or_else(|| panic!("unexpected id {id}"));
         assert!(i < 100_000, "unexpected id {id}");
     }
+}
+
+/// A fake systemd for `systemctl restart`: keeps what the agent puts in its fd store
+/// (`FDSTORE=1` with `SCM_RIGHTS` on `NOTIFY_SOCKET`) and hands it to the next start
+/// (`LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`), as systemd does.
+struct FakeSystemd {
+    notify: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+    stored: Vec<(String, std::os::fd::OwnedFd)>,
+}
+
+impl FakeSystemd {
+    fn new(dir: &std::path::Path) -> Self {
+        let path = dir.join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Self {
+            notify,
+            path,
+            stored: Vec::new(),
+        }
+    }
+
+    /// Reads notifications until `READY=1`, keeping stored fds by name (a new store of a name
+    /// replaces the old one, as systemd does).
+    fn wait_ready(&mut self, timeout: Duration) {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            let mut buf = [0u8; 4096];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+            let Ok(msg) = recvmsg::<()>(
+                self.notify.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) else {
+                continue;
+            };
+            let mut fds = Vec::new();
+            for c in msg.cmsgs().unwrap() {
+                if let ControlMessageOwned::ScmRights(r) = c {
+                    // SAFETY: SCM_RIGHTS gave us these descriptors; we own them now.
+                    fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                }
+            }
+            let n = msg.bytes;
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            if text.lines().any(|l| l == "FDSTORE=1") {
+                let name = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("FDNAME="))
+                    .unwrap_or("stored")
+                    .to_string();
+                for fd in fds {
+                    self.stored.retain(|(n, _)| *n != name);
+                    self.stored.push((name.clone(), fd));
+                }
+            }
+            if text.lines().any(|l| l == "READY=1") {
+                return;
+            }
+        }
+        panic!("no READY=1 within {timeout:?}");
+    }
+
+    /// Starts the agent as systemd would, passing the stored fds from 3 on.
+    fn start(&self, config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let names: Vec<&str> = self.stored.iter().map(|(n, _)| n.as_str()).collect();
+        let fds: Vec<i32> = self.stored.iter().map(|(_, f)| f.as_raw_fd()).collect();
+        let mut cmd = std::process::Command::new("sh");
+        // `exec` keeps the shell's PID, so `$$` is the agent's PID: LISTEN_PID must match it.
+        cmd.arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" --config \"$1\" run")
+            .arg(apm_tests::common::bin("apm-agent"))
+            .arg(config)
+            .env("NOTIFY_SOCKET", &self.path)
+            .env("RUST_LOG", "info")
+            .env_remove("LISTEN_PID")
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            );
+        if !fds.is_empty() {
+            cmd.env("LISTEN_FDS", fds.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"));
+        }
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Move out of the way of 3.. first, then into place (dup2 clears CLOEXEC).
+                let high: Vec<i32> = fds
+                    .iter()
+                    .map(|&fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100))
+                    .collect();
+                for (i, fd) in high.into_iter().enumerate() {
+                    if fd < 0 || libc::dup2(fd, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    }
+}
+
+/// `systemctl restart` under load: the first agent stores both sockets in (fake) systemd's fd
+/// store; SIGTERM makes it drain and exit without shutting the socket; the next one is started
+/// with `LISTEN_FDS` and adopts them. Datagrams sent in between wait in the kernel queue: a
+/// steady sender sees no error and every profile is stored exactly once.
+#[test]
+fn systemctl_restart_through_the_fd_store_drops_nothing() {
+    use apm_tests::faults::{SendPlan, Sender, assert_exactly, wait_stored};
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let config = Agent::write_config(dir.path(), &listener.endpoint(), "off", "");
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let log = dir.path().join("agent.log");
+    let mut systemd = FakeSystemd::new(dir.path());
+    let mut first = systemd.start(&config, &log);
+    systemd.wait_ready(Duration::from_secs(20));
+    let mut names: Vec<&str> = systemd.stored.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["dgram", "stream"], "both sockets in the fd store");
+
+    let sender = Sender::start(SendPlan {
+        socket: dir.path().join("run/listener.sock"),
+        prefix: "sd".into(),
+        size: 300,
+        rate: 2000,
+        nonblocking: true,
+        count: 8000,
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(first.wait().unwrap().success(), "the old agent exits 0");
+    let mut second = systemd.start(&config, &log);
+    systemd.wait_ready(Duration::from_secs(20));
+    let report = sender.join();
+    assert!(
+        report.errors.is_empty(),
+        "no send failed across the restart: {:?}",
+        report.errors
+    );
+    assert_eq!(report.ok.len(), 8000);
+    let stored = wait_stored(&listener.out, 8000, Duration::from_secs(30));
+    assert_exactly(&stored, &report.ok_ids("sd"), "across systemctl restart");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(
+        text.contains("ingest sockets inherited"),
+        "the second agent adopted the stored sockets rather than binding new ones:\n{text}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(second.wait().unwrap().success());
 }
