@@ -5,7 +5,8 @@
 //!
 //! - `spool.mode = "overflow"`: memory first; a batch goes to disk while the breaker is open,
 //!   when the in-memory window (`limits.memory_budget_mb`) is full and acks have stalled, when
-//!   the memory guard asks for a spill, and at shutdown. When the breaker opens, what waits in memory is spilled too.
+//!   the memory guard asks for a spill, and at shutdown. When the breaker opens, what waits in
+//!   memory is spilled too.
 //! - `spool.mode = "always"`: every batch is appended (write-ahead) before it is sent; the spool
 //!   owns it until the listener acknowledges it.
 //!
@@ -21,9 +22,9 @@
 //!
 //! Replay is rate-limited (`spool.replay_batches_per_s`) and alternates with live batches, so
 //! fresh profiles are not starved behind a long backlog; while the router pushes back, replay is
-//! the only traffic to a listener that is up, and runs unthrottled. While the breaker is open and the spool
-//! is past `spool.high_water_pct`, PHP's kill switch is raised; it is lowered once the breaker is
-//! closed and the spool is back under half that mark.
+//! the only traffic to a listener that is up, and runs unthrottled. While the breaker is open
+//! and the spool is past `spool.high_water_pct`, PHP's kill switch is raised; it is lowered once
+//! the breaker is closed and the spool is back under half that mark.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
