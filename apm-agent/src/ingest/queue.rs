@@ -24,17 +24,7 @@ const UNIT: usize = 1024;
 #[derive(Debug)]
 pub struct Chunk {
     pub profiles: Vec<Profile>,
-    _budget: Option<OwnedSemaphorePermit>,
-}
-
-impl Chunk {
-    /// A chunk outside any budget (tests, and callers that account elsewhere).
-    pub fn unbudgeted(profiles: Vec<Profile>) -> Self {
-        Self {
-            profiles,
-            _budget: None,
-        }
-    }
+    _budget: OwnedSemaphorePermit,
 }
 
 /// The batcher went away: the agent is stopping.
@@ -79,7 +69,7 @@ impl ProfileSink {
         self.tx
             .send(Chunk {
                 profiles,
-                _budget: Some(permit),
+                _budget: permit,
             })
             .await
             .map_err(|_| Closed)
