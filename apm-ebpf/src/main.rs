@@ -259,16 +259,19 @@ fn conn_kind(tgid: u32, fd: u32) -> Option<u32> {
 /// The thread's `SENDS` entry, created on its first send to the agent.
 #[inline(always)]
 fn thread_sends(pid_tgid: u64) -> Option<*mut ThreadSends> {
-    if let Some(p) = SENDS.get_ptr_mut(pid_tgid) {
+    get_or_insert_zero(&SENDS, pid_tgid, &ZERO_THREAD)
+}
+
+/// The entry of `key`, created from `zero` if absent (`BPF_NOEXIST`: a racing creator wins and
+/// both use its entry).
+#[inline(always)]
+fn get_or_insert_zero<K, V>(map: &LruHashMap<K, V>, key: K, zero: &'static V) -> Option<*mut V> {
+    if let Some(p) = map.get_ptr_mut(&key) {
         return Some(p);
     }
     // By reference: the helper gets a pointer into .rodata instead of a zeroed stack copy.
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "avoids a stack memset"
-    )]
-    let _ = SENDS.insert(pid_tgid, &ZERO_THREAD, BPF_NOEXIST as u64);
-    SENDS.get_ptr_mut(pid_tgid)
+    let _ = map.insert(&key, zero, BPF_NOEXIST as u64);
+    map.get_ptr_mut(&key)
 }
 
 #[inline(always)]
@@ -439,16 +442,7 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn proc_sends(tgid: u32) -> Option<*mut ProcSends> {
-    if let Some(p) = PROC_SENDS.get_ptr_mut(tgid) {
-        return Some(p);
-    }
-    // By reference: the helper gets a pointer into .rodata instead of a zeroed stack copy.
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "avoids a stack memset"
-    )]
-    let _ = PROC_SENDS.insert(tgid, &ZERO_PROC, BPF_NOEXIST as u64);
-    PROC_SENDS.get_ptr_mut(tgid)
+    get_or_insert_zero(&PROC_SENDS, tgid, &ZERO_PROC)
 }
 
 #[inline(always)]
