@@ -134,9 +134,9 @@ fn init_logging(cfg: &Config) {
 
 /// One worker thread unless `TOKIO_WORKER_THREADS` says otherwise. The pipeline is a chain of
 /// tasks handing chunks to each other; on one worker those hand-offs are queue pushes instead of
-/// cross-thread wakeups, which measured ~15% less CPU per profile and a higher end-to-end rate
-/// (`cargo xtask bench`), and an agent on a PHP server should not compete with PHP-FPM for more
-/// than a core anyway. Spool I/O runs under `block_in_place`, which hands the worker role to
+/// cross-thread wakeups, which cost less CPU per profile and gave a higher end-to-end rate
+/// (figures and the command to compare in docs/agent.md), and an agent on a PHP server should
+/// not compete with PHP-FPM for more than a core anyway. Spool I/O runs under `block_in_place`, which hands the worker role to
 /// another thread meanwhile, so the pipeline never stalls on the disk.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();

@@ -48,9 +48,8 @@ impl Ladder {
 
 /// Caps glibc's malloc arenas at two. By default glibc gives each thread that allocates under
 /// contention an arena of its own (up to 8 per core); payload buffers freed by another thread
-/// than the one that allocated them then sit in arenas that are rarely reused, and RSS grows
-/// well past what is live (measured by `cargo xtask bench` at 16 KiB profiles). Call before any
-/// thread starts.
+/// than the one that allocated them can then sit in arenas that are rarely reused, and RSS grow
+/// past what is live. Call before any thread starts.
 pub fn tune_allocator() {
     // SAFETY: mallopt only sets a glibc tunable; no allocation is live in another thread yet.
     unsafe {
