@@ -36,10 +36,9 @@ fn slow_listener_gets_backpressure_not_spooling_or_drops() {
         count: u64::MAX,
     });
     let until = Instant::now() + Duration::from_secs(3);
-    let (mut saw_backpressure, mut max_spool_bytes) = (false, 0);
+    let mut max_spool_bytes = 0;
     while Instant::now() < until {
         if let Some(s) = agent.status() {
-            saw_backpressure |= s["backpressure"] == true;
             max_spool_bytes = max_spool_bytes.max(u(&s, "/spool_bytes"));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -61,7 +60,6 @@ fn slow_listener_gets_backpressure_not_spooling_or_drops() {
             && u(s, "/delivered") == accepted
             && u(s, "/memory_payload_bytes") == 0
     });
-    assert!(saw_backpressure || u(&st, "/backpressure_episodes") > 0);
     assert!(u(&st, "/backpressure_episodes") > 0, "{st}");
     assert_eq!(u(&st, "/dropped/total"), 0, "{st}");
     assert_eq!(
