@@ -76,7 +76,8 @@ impl ProfileSink {
     }
 
     /// Payload bytes queued now (rounded up to the accounting unit).
-    pub fn queued_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
         (self.units as usize - self.budget.available_permits()) * UNIT
     }
 }
