@@ -2,6 +2,12 @@
 //! (`php/demo/index.php`) with `listener.php` prepended, nginx in front, and a load generator
 //! issuing a few hundred HTTP requests per second. Everything lives under `.run/php`; nothing
 //! touches the system's own nginx or PHP-FPM.
+//!
+//! The checkout may sit in a directory only its owner can enter (a home directory, a
+//! `mktemp -d` folder: mode 0700). PHP-FPM runs as root and reads the app from there, but
+//! nginx's workers run as `nobody` and could reach nothing under it: so PHP-FPM listens on a
+//! loopback TCP port rather than a socket file, and nginx never writes a temporary file (it
+//! streams responses larger than its buffers instead of spooling them under `.run/`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -75,8 +81,7 @@ impl Demo {
         if !app.is_file() {
             bail!("the demo app {} is missing", app.display());
         }
-        let fpm_sock = d.join("fpm.sock");
-        let _ = std::fs::remove_file(&fpm_sock);
+        let fpm_port = free_port();
         let rt = run_dir.join("run");
         let listener_php = root.join("php/listener.php");
         std::fs::write(
@@ -90,8 +95,7 @@ impl Demo {
                  [demo]\n\
                  user = root\n\
                  group = root\n\
-                 listen = {sock}\n\
-                 listen.mode = 0666\n\
+                 listen = 127.0.0.1:{fpm_port}\n\
                  listen.backlog = 1024\n\
                  pm = static\n\
                  pm.max_children = 4\n\
@@ -105,7 +109,6 @@ impl Demo {
                  php_admin_value[error_log] = {d}/php-error.log\n\
                  catch_workers_output = yes\n",
                 d = d.display(),
-                sock = fpm_sock.display(),
                 rt = rt.display(),
                 lp = listener_php.display()
             ),
@@ -130,6 +133,7 @@ impl Demo {
                  events {{ worker_connections 1024; }}\n\
                  http {{\n\
                  \x20 access_log off;\n\
+                 \x20 fastcgi_max_temp_file_size 0;\n\
                  \x20 client_body_temp_path {n}/tmp/body;\n\
                  \x20 fastcgi_temp_path {n}/tmp/fastcgi;\n\
                  \x20 proxy_temp_path {n}/tmp/proxy;\n\
@@ -140,13 +144,12 @@ impl Demo {
                  \x20   location / {{\n\
                  \x20     include /etc/nginx/fastcgi_params;\n\
                  \x20     fastcgi_param SCRIPT_FILENAME {app};\n\
-                 \x20     fastcgi_pass unix:{sock};\n\
+                 \x20     fastcgi_pass 127.0.0.1:{fpm_port};\n\
                  \x20   }}\n\
                  \x20 }}\n\
                  }}\n",
                 n = ng.display(),
                 app = app.display(),
-                sock = fpm_sock.display()
             ),
         )?;
         let nginx = spawn(
@@ -164,7 +167,9 @@ impl Demo {
         let mut guards = (fpm, nginx);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if fpm_sock.exists() && TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if TcpStream::connect(("127.0.0.1", fpm_port)).is_ok()
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
                 break;
             }
             for g in [&mut guards.0, &mut guards.1] {
@@ -278,4 +283,51 @@ fn get(port: u16, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
         .position(|w| w == b"\r\n\r\n")
         .map_or_else(Vec::new, |i| rest[i + 4..].to_vec());
     Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A clone in a home directory or a `mktemp -d` folder is mode 0700: nginx's workers (not
+    /// root) cannot traverse it. The demo must still answer every request through nginx.
+    #[test]
+    fn demo_serves_every_request_from_a_private_checkout() {
+        if !available() {
+            let why = why_not();
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "the PHP-FPM demo cannot run in CI: {why}"
+            );
+            eprintln!("skipped outside CI: {why}");
+            return;
+        }
+        let repo = crate::project_root();
+        let tmp = tempfile::Builder::new()
+            .prefix("apm-demo-private-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod 0700");
+        let checkout = tmp.path().join("checkout");
+        std::fs::create_dir_all(checkout.join("php/demo")).expect("mkdir");
+        for f in ["php/listener.php", "php/demo/index.php"] {
+            std::fs::copy(repo.join(f), checkout.join(f)).expect("copy the PHP side");
+        }
+        let run_dir = checkout.join(".run");
+        std::fs::create_dir_all(run_dir.join("run")).expect("mkdir .run/run");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut demo = Demo::start(&checkout, &run_dir, stop.clone())
+            .expect("the demo starts and answers through nginx from a 0700 checkout");
+        // Two seconds at 300 requests/s covers every kind of request of the mix (40 kinds).
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::SeqCst);
+        let (ok, failed) = demo.stop();
+        drop(demo);
+        assert_eq!(failed, 0, "requests that failed or answered wrongly");
+        assert!(ok >= 100, "only {ok} requests answered in 2 s");
+    }
 }

@@ -138,7 +138,8 @@ pub fn ensure_toolchain() -> Result<()> {
     std::os::unix::fs::symlink(&libllvm, &link)
         .with_context(|| format!("cannot symlink {} -> {}", link.display(), libllvm.display()))?;
     eprintln!(
-        "xtask: installing bpf-linker {BPF_LINKER_VERSION} against {} (prefix {})",
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} against {} (prefix {}): a one-time \
+         build from source of a few minutes on 2 cores; cargo shows its progress below",
         libllvm.display(),
         prefix.display()
     );

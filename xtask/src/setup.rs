@@ -66,11 +66,12 @@ pub fn packages(list: &[(&str, &str)]) -> Result<()> {
         return Ok(());
     }
     let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
-    crate::run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    // `-q`, not `-qq`: apt's download and set-up lines are the progress of this long step.
+    crate::run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
     crate::run_cmd(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&names),
     )
     .context("apt-get install failed")?;
