@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat};
-use crate::pidfile::{Probe, probe};
+use crate::daemon::pidfile::{Probe, probe};
 
 pub const EXIT_NOT_RUNNING: i32 = 3;
 
@@ -147,7 +147,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
-    crate::memguard::tune_allocator();
+    crate::daemon::memguard::tune_allocator();
     init_logging(&cfg);
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -159,15 +159,9 @@ fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
     match rt.block_on(crate::daemon::run(cfg, config_path)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "agent failed");
-            eprintln!("error: {e:#}");
-            if e.chain()
-                .any(|c| c.downcast_ref::<crate::config::ConfigError>().is_some())
-            {
-                crate::config::EX_CONFIG
-            } else {
-                1
-            }
+            tracing::error!(error = %e, "agent failed");
+            eprintln!("error: {e}");
+            e.exit_code()
         }
     }
 }

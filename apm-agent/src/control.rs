@@ -96,7 +96,7 @@ pub enum ControlRequest {
 /// Serves the control socket until `shutdown`.
 /// Binds the control socket (before readiness is announced, so `start` can rely on it).
 pub fn bind_control(path: &std::path::Path) -> std::io::Result<UnixListener> {
-    let _ = crate::ingest::socket::remove_stale(path, false);
+    let _ = crate::pipeline::ingest::socket::remove_stale(path, false);
     let listener = UnixListener::bind(path)?;
     // Only root (and the agent's user) may steer the agent.
     use std::os::unix::fs::PermissionsExt;

@@ -1,26 +1,19 @@
 //! The Bitville APM agent: a pipeline of stages, each owning its task and talking to the next
-//! through bounded channels:
+//! through bounded channels, with side parts beside it. `docs/architecture.md` walks one profile
+//! through the functions named here.
 //!
 //! ```text
-//! ingest (dgram + stream sockets) -> batch -> breaker/spool -> transport (gRPC) -> listener
-//!                      monitor (eBPF)    control (status, metrics, signals)
+//! pipeline/  ingest (dgram + stream sockets) -> batch -> router (breaker, spool) -> transport (gRPC)
+//! beside it: monitor (eBPF)  control (status, metrics)  telemetry  state (agent id, seq)  phpctl
+//! daemon/    acquires what the pipeline needs, spawns it, serves signals, shuts down in order
 //! ```
 
-pub mod batch;
-pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod ingest;
-pub mod liveness;
-pub mod memguard;
-pub mod model;
 pub mod monitor;
 pub mod phpctl;
-pub mod pidfile;
-pub mod router;
-pub mod spool;
+pub mod pipeline;
 pub mod state;
 pub mod telemetry;
-pub mod transport;

@@ -322,7 +322,7 @@ pub fn spool_records(spool_dir: &Path) -> Vec<SpooledRecord> {
         max_bytes: 1024 * 1024,
         ..Default::default()
     };
-    let mut spool = apm_agent::spool::Spool::open(&cfg).expect("open the spool copy");
+    let mut spool = apm_agent::pipeline::spool::Spool::open(&cfg).expect("open the spool copy");
     let mut out = Vec::new();
     while let Some(sb) = spool.take_next().expect("read the spool copy") {
         let ids = sb

@@ -5,3 +5,4 @@ pub mod common;
 pub mod ebpf;
 pub mod faults;
 pub mod php;
+pub mod spool_bench;

@@ -8,8 +8,8 @@
 use std::collections::HashSet;
 
 use apm_agent::config::SpoolConfig;
-use apm_agent::model::{Batch, Profile};
-use apm_agent::spool::Spool;
+use apm_agent::pipeline::model::{Batch, Profile};
+use apm_agent::pipeline::spool::Spool;
 use libfuzzer_sys::fuzz_target;
 
 fn crc32c(data: &[u8]) -> u32 {

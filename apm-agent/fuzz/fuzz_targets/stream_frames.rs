@@ -2,7 +2,7 @@
 //! yields exactly the frames a straightforward reference parser finds in the whole input.
 #![no_main]
 
-use apm_agent::ingest::stream::{Frame, next_frame};
+use apm_agent::pipeline::ingest::stream::{Frame, next_frame};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 

@@ -2,7 +2,7 @@
 //! reads as one JSON object (surrounding whitespace allowed) within the size limit.
 #![no_main]
 
-use apm_agent::ingest::validate::validate_profile;
+use apm_agent::pipeline::ingest::validate::validate_profile;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -101,7 +101,7 @@ pub fn kernel_config(
     for c in &kept {
         if !k.add_comm_prefix(c.as_bytes()) {
             return Err(MonitorError::Config {
-                key: "php_comms",
+                key: "ebpf.php_comms",
                 reason: format!(
                     "at most {} distinct prefixes of 1 to 15 bytes (`{c}` refused)",
                     apm_common::MAX_COMMS

@@ -8,11 +8,11 @@
 //! `docs/ebpf.md` for what is measured and the control rule.
 
 mod btf;
-pub mod control;
 mod loader;
 mod metrics;
 mod poll;
 pub mod procfs;
+pub mod sampling;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,7 +34,7 @@ pub enum MonitorError {
          rebuild, or set ebpf.enabled = \"off\""
     )]
     NotBuilt,
-    #[error("config key `ebpf.{key}`: {reason}")]
+    #[error("config key `{key}`: {reason}")]
     Config { key: &'static str, reason: String },
     #[error("config key `{key}`: socket path {path:?} cannot be watched (1 to 107 bytes, no NUL)")]
     Socket { key: &'static str, path: PathBuf },
@@ -423,22 +423,25 @@ fn validate(c: &EbpfConfig) -> Result<(), MonitorError> {
         }
     }
     if !(0.0..=1.0).contains(&c.min_sample_rate) {
-        return Err(bad("min_sample_rate", "must be between 0.0 and 1.0"));
+        return Err(bad("ebpf.min_sample_rate", "must be between 0.0 and 1.0"));
     }
     if !(c.drop_ratio_high > 0.0 && c.drop_ratio_high <= 1.0) {
-        return Err(bad("drop_ratio_high", "must be above 0.0 and at most 1.0"));
+        return Err(bad(
+            "ebpf.drop_ratio_high",
+            "must be above 0.0 and at most 1.0",
+        ));
     }
     if c.latency_high.is_zero() {
-        return Err(bad("latency_high", "must be greater than zero"));
+        return Err(bad("ebpf.latency_high", "must be greater than zero"));
     }
     if !(64..=1_048_576).contains(&c.max_processes) {
-        return Err(bad("max_processes", "must be between 64 and 1048576"));
+        return Err(bad("ebpf.max_processes", "must be between 64 and 1048576"));
     }
     if c.max_listed_workers > 10_000 {
-        return Err(bad("max_listed_workers", "must be at most 10000"));
+        return Err(bad("ebpf.max_listed_workers", "must be at most 10000"));
     }
     if c.php_comms.is_empty() {
-        return Err(bad("php_comms", "must list at least one process name"));
+        return Err(bad("ebpf.php_comms", "must list at least one process name"));
     }
     Ok(())
 }

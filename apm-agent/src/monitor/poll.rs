@@ -15,8 +15,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
-use super::control::{self, ControlParams, ControlState, Decision};
 use super::metrics::PoolStats;
+use super::sampling::{self, ControlParams, ControlState, Decision};
 use super::{
     ErrnoCounts, EventCounts, ExitStatus, IntervalStatus, RssTable, Shared, Snapshot, WorkerStatus,
     percentile_ns, procfs,
@@ -77,7 +77,7 @@ pub(super) struct Poller {
     /// Sends of exited processes by pool, so per-pool counters never go down.
     retired: BTreeMap<String, [u64; 2]>,
     last: IntervalStatus,
-    last_inputs: control::Interval,
+    last_inputs: sampling::Interval,
 }
 
 pub(super) async fn run(
@@ -167,7 +167,7 @@ impl Poller {
             recent_exits: VecDeque::new(),
             retired: BTreeMap::new(),
             last: IntervalStatus::default(),
-            last_inputs: control::Interval::default(),
+            last_inputs: sampling::Interval::default(),
         }
     }
 
@@ -408,7 +408,11 @@ impl Poller {
         self.alarm = alarm;
     }
 
-    fn interval(&self, host: &[HostSends; 2], dt: Duration) -> (IntervalStatus, control::Interval) {
+    fn interval(
+        &self,
+        host: &[HostSends; 2],
+        dt: Duration,
+    ) -> (IntervalStatus, sampling::Interval) {
         let d = |k: SockKind| {
             let (n, p) = (&host[k as usize], &self.prev_host[k as usize]);
             let mut c = n.c;
@@ -436,7 +440,7 @@ impl Poller {
             stream_wait_ns: st.blocked_ns + st.lat_ns_sum,
             p99_ns: percentile_ns(&hist, 0.99),
         };
-        let inputs = control::Interval {
+        let inputs = sampling::Interval {
             dgram_sends: dg.attempts(),
             // Queue full: the drops sampling less can cure (not EMSGSIZE, not a missing agent).
             dgram_drops: dg.err[ErrKind::Eagain as usize] + dg.err[ErrKind::Enobufs as usize],
@@ -453,7 +457,7 @@ impl Poller {
             return;
         }
         let iv = self.last_inputs;
-        let (next, decision) = control::next(&self.ctl_params, self.ctl, &iv);
+        let (next, decision) = sampling::next(&self.ctl_params, self.ctl, &iv);
         if next.rate != self.ctl.rate {
             match self.php.set_sample_rate(next.rate) {
                 Ok(()) => match decision {

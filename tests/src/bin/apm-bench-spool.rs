@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use apm_agent::config::FsyncPolicy;
-use apm_agent::spool::bench::bench_write_replay;
+use apm_tests::spool_bench::bench_write_replay;
 
 fn drop_caches() {
     // Needs root; without it the read figures are page-cache figures (reported as such).

@@ -155,7 +155,7 @@ pub struct Ingest {
     pub sockets: Sockets,
     pub telemetry: Arc<Telemetry>,
     pub rss: Option<RssLookup>,
-    pub live: Arc<crate::liveness::Liveness>,
+    pub live: Arc<crate::pipeline::liveness::Liveness>,
 }
 
 impl Ingest {
@@ -220,7 +220,7 @@ impl Ingest {
 }
 
 struct DgramParams {
-    live: Arc<crate::liveness::Liveness>,
+    live: Arc<crate::pipeline::liveness::Liveness>,
     batch: usize,
     max_payload: usize,
     telemetry: Arc<Telemetry>,
@@ -237,13 +237,13 @@ async fn run_dgram(
     let mut rx = dgram::DgramReceiver::new(p.batch, p.max_payload);
     let fd = sock.as_raw_fd();
     let mut draining = false;
-    let mut beat = tokio::time::interval(crate::liveness::BEAT);
+    let mut beat = tokio::time::interval(crate::pipeline::liveness::BEAT);
     loop {
         if !draining {
             tokio::select! {
                 biased;
                 _ = beat.tick() => {
-                    p.live.beat(crate::liveness::Stage::Ingest);
+                    p.live.beat(crate::pipeline::liveness::Stage::Ingest);
                     continue;
                 }
                 kind = stop.stopped() => {

@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::config::{FsyncPolicy, SpoolConfig, SpoolFull};
-use crate::model::{Batch, Profile};
+use crate::pipeline::model::{Batch, Profile};
 
 fn cfg(dir: &Path) -> SpoolConfig {
     SpoolConfig {
@@ -508,16 +508,6 @@ fn disk_full_is_a_typed_error_leaves_no_partial_record_and_recovers() {
     let mut sorted = seqs(&got);
     sorted.dedup();
     assert_eq!(sorted.len(), got.len());
-}
-
-#[test]
-fn bench_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let r = bench::bench_write_replay(dir.path(), 256 * 1024, 1000, FsyncPolicy::Never).unwrap();
-    assert!(r.records > 200 && r.bytes >= 256 * 1024, "{r:?}");
-    // Everything replayed and acked: the spool is empty afterwards.
-    let mut s = Spool::open(&cfg(dir.path())).unwrap();
-    assert!(s.take_next().unwrap().is_none());
 }
 
 // ---- property test: the spool against an in-memory model ----

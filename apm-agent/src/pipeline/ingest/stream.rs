@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::validate::validate_profile;
 use super::{ProfileSink, RssLookup};
-use crate::model::Profile;
+use crate::pipeline::model::Profile;
 use crate::telemetry::{RejectReason, Socket, SocketLabels, Telemetry, now_ns};
 
 /// What the frame parser found in the buffer.

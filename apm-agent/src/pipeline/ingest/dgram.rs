@@ -10,7 +10,7 @@ use std::os::fd::RawFd;
 use bytes::{Bytes, BytesMut};
 
 use super::validate::validate_profile;
-use crate::model::Profile;
+use crate::pipeline::model::Profile;
 use crate::telemetry::RejectReason;
 
 /// Largest datagram the receive slots hold. Unix datagrams are capped by the sender's socket

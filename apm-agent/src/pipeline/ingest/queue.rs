@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::model::Profile;
+use crate::pipeline::model::Profile;
 
 /// Payload bytes that may wait between ingest and the batcher.
 pub const INGEST_QUEUE_BYTES: usize = 8 << 20;

@@ -15,7 +15,6 @@
 //!   foreign files moved to `quarantine/`, acked records not replayed.
 
 mod acklog;
-pub mod bench;
 mod format;
 #[cfg(test)]
 mod tests;
@@ -32,7 +31,7 @@ use nix::fcntl::{Flock, FlockArg};
 use tracing::{error, info, warn};
 
 use crate::config::{FsyncPolicy, SpoolConfig, SpoolFull};
-use crate::model::Batch;
+use crate::pipeline::model::Batch;
 use acklog::AckLog;
 use format::{RECORD_HEADER_LEN, ReadAt, SEGMENT_HEADER_LEN};
 

@@ -324,7 +324,7 @@ impl CircuitBreaker {
         };
         let mut text = serde_json::to_vec(&p).expect("breaker state serializes");
         text.push(b'\n');
-        if let Err(e) = crate::spool::write_atomic_durable(path, &text) {
+        if let Err(e) = crate::pipeline::spool::write_atomic_durable(path, &text) {
             warn!(path = %path.display(), error = %e, "cannot persist breaker state");
         }
     }

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{Spool, SpoolError};
-use crate::config::{FsyncPolicy, SpoolConfig};
-use crate::model::{Batch, Profile};
+use apm_agent::config::{FsyncPolicy, SpoolConfig};
+use apm_agent::pipeline::model::{Batch, Profile};
+use apm_agent::pipeline::spool::{Spool, SpoolError};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BenchResult {
@@ -81,4 +81,23 @@ pub fn bench_write_replay(
         open_mb_s: mb / open_s,
         replay_mb_s: mb / replay_s,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = bench_write_replay(dir.path(), 256 * 1024, 1000, FsyncPolicy::Never).unwrap();
+        assert!(r.records > 200 && r.bytes >= 256 * 1024, "{r:?}");
+        // Everything replayed and acked: the spool is empty afterwards.
+        let cfg = SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            ..SpoolConfig::default()
+        };
+        let mut s = Spool::open(&cfg).unwrap();
+        assert!(s.take_next().unwrap().is_none());
+    }
 }

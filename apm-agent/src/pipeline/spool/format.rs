@@ -5,7 +5,7 @@
 //!
 //! Record (24-byte header + body): magic u32, body length u32, batch seq u64, profile count u32,
 //! crc32c u32 over bytes 4..20 of the header followed by the body. The body is
-//! [`crate::model::Batch::encode_record`]; seq and profile count are repeated in the header so
+//! [`crate::pipeline::model::Batch::encode_record`]; seq and profile count are repeated in the header so
 //! that recovery and drop accounting never need to decode a batch.
 
 use std::fs::File;

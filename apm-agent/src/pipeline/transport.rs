@@ -19,7 +19,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{CentralConfig, Compression};
-use crate::model::Batch;
+use crate::pipeline::model::Batch;
 use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,15 @@ pub enum TransportError {
 }
 
 /// What became of a batch handed to the transport.
+/// How one stream ended.
+#[derive(Debug, Clone, Copy)]
+struct SessionEnd {
+    /// The stream ended without error (no backoff before the next).
+    clean: bool,
+    /// The router may still send batches.
+    input_open: bool,
+}
+
 #[derive(Debug)]
 pub enum Outcome {
     /// Stored by the listener.
@@ -198,7 +207,7 @@ impl Transport {
                 }
             };
             self.telemetry.reconnects.inc();
-            let (ended_cleanly, input_open) = self
+            let SessionEnd { clean, input_open } = self
                 .session(
                     channel,
                     &mut input,
@@ -211,7 +220,7 @@ impl Transport {
             if !input_open || stop.is_cancelled() {
                 break;
             }
-            if !ended_cleanly {
+            if !clean {
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => break,
@@ -234,7 +243,7 @@ impl Transport {
         }
     }
 
-    /// One stream. Returns (ended cleanly, input still open).
+    /// One stream, until it fails, the input closes, or `stop`.
     async fn session(
         &self,
         channel: Channel,
@@ -243,7 +252,7 @@ impl Transport {
         outcomes: &mpsc::UnboundedSender<Outcome>,
         stop: &CancellationToken,
         backoff: &mut Backoff,
-    ) -> (bool, bool) {
+    ) -> SessionEnd {
         let token = self.token.clone();
         let mut client =
             CollectorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
@@ -276,7 +285,10 @@ impl Transport {
                         reason: error,
                     });
                 }
-                return (false, true);
+                return SessionEnd {
+                    clean: false,
+                    input_open: true,
+                };
             }
         };
         tracing::info!(endpoint = %self.cfg.endpoint, "streaming to the central listener");
@@ -293,7 +305,10 @@ impl Transport {
                     batch,
                     reason: "stream closed while sending".into(),
                 });
-                return (false, true);
+                return SessionEnd {
+                    clean: false,
+                    input_open: true,
+                };
             }
         }
         let fail_all = |inflight: &mut VecDeque<(Batch, Instant)>, reason: &str| {
@@ -308,14 +323,17 @@ impl Transport {
         };
         loop {
             if !input_open && inflight.is_empty() {
-                return (true, false);
+                return SessionEnd {
+                    clean: true,
+                    input_open: false,
+                };
             }
             let ack_deadline = inflight.front().map(|(_, t)| *t + self.cfg.ack_timeout);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {
                     fail_all(&mut inflight, "shutdown");
-                    return (true, input_open);
+                    return SessionEnd { clean: true, input_open };
                 }
                 msg = acks.message() => match msg {
                     Ok(Some(ack)) => {
@@ -349,18 +367,18 @@ impl Transport {
                     Ok(None) => {
                         tracing::warn!(in_flight = inflight.len(), "central listener closed the stream");
                         fail_all(&mut inflight, "stream closed");
-                        return (false, input_open);
+                        return SessionEnd { clean: false, input_open };
                     }
                     Err(status) => {
                         tracing::warn!(code = ?status.code(), message = %status.message(), in_flight = inflight.len(), "stream to the central listener failed");
                         fail_all(&mut inflight, status.message());
-                        return (false, input_open);
+                        return SessionEnd { clean: false, input_open };
                     }
                 },
                 () = async { tokio::time::sleep_until(ack_deadline.unwrap()).await }, if ack_deadline.is_some() => {
                     tracing::warn!(timeout = ?self.cfg.ack_timeout, in_flight = inflight.len(), "no ack in time: reconnecting");
                     fail_all(&mut inflight, "ack timeout");
-                    return (false, input_open);
+                    return SessionEnd { clean: false, input_open };
                 }
                 b = input.recv(), if input_open && inflight.len() < window => match b {
                     Some(batch) => {
@@ -369,7 +387,7 @@ impl Transport {
                         self.telemetry.in_flight_batches.set(inflight.len() as i64);
                         if tx.send(wire).await.is_err() {
                             fail_all(&mut inflight, "stream closed while sending");
-                            return (false, true);
+                            return SessionEnd { clean: false, input_open: true };
                         }
                     }
                     None => input_open = false,

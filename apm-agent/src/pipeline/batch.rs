@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use crate::config::BatchConfig;
-use crate::model::{Batch, Profile};
+use crate::pipeline::model::{Batch, Profile};
 use crate::state::{SeqAllocator, StateError};
 
 /// Accumulates profiles under the three limits. Pure logic; the task below drives it.
@@ -76,17 +76,17 @@ impl Batcher {
 pub async fn run(
     cfg: BatchConfig,
     mut seqs: SeqAllocator,
-    mut input: mpsc::Receiver<crate::ingest::Chunk>,
+    mut input: mpsc::Receiver<crate::pipeline::ingest::Chunk>,
     out: mpsc::Sender<Batch>,
-    live: std::sync::Arc<crate::liveness::Liveness>,
+    live: std::sync::Arc<crate::pipeline::liveness::Liveness>,
 ) -> Result<(), StateError> {
     let mut b = Batcher::new(cfg);
-    let mut beat = tokio::time::interval(crate::liveness::BEAT);
+    let mut beat = tokio::time::interval(crate::pipeline::liveness::BEAT);
     loop {
         let deadline = b.deadline();
         let chunk = tokio::select! {
             _ = beat.tick() => {
-                live.beat(crate::liveness::Stage::Batch);
+                live.beat(crate::pipeline::liveness::Stage::Batch);
                 continue;
             }
             c = input.recv() => c,
@@ -177,7 +177,7 @@ mod tests {
     async fn seals_on_age_with_timer_from_first_item() {
         let dir = tempfile::tempdir().unwrap();
         let seqs = SeqAllocator::open(dir.path()).unwrap();
-        let (tx, rx) = crate::ingest::profile_queue(1 << 20);
+        let (tx, rx) = crate::pipeline::ingest::profile_queue(1 << 20);
         let (otx, mut orx) = mpsc::channel(4);
         let task = tokio::spawn(run(
             cfg(100, 1 << 20, 500),

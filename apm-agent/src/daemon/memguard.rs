@@ -15,6 +15,66 @@
 /// Exit code of a memory self-restart (EX_TEMPFAIL): distinct from a crash and from 78.
 pub const EXIT_MEMORY: i32 = 75;
 
+/// What the guard acts through: the router's spill flag, PHP's sample rate, and the RSS gauge.
+pub struct Guard {
+    pub telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
+    pub php: std::sync::Arc<crate::phpctl::PhpControl>,
+    pub spill: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// `limits.max_memory_mb` in bytes.
+    pub limit: u64,
+}
+
+impl Guard {
+    /// Checks once a second until `stop`; returns `true` when it asks for a restart.
+    pub async fn run(self, stop: tokio_util::sync::CancellationToken) -> bool {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut ladder = Ladder::default();
+        loop {
+            tokio::select! { _ = tick.tick() => {}, () = stop.cancelled() => return false }
+            let rss = crate::telemetry::self_rss_bytes();
+            self.telemetry.agent_rss_bytes.set(rss as i64);
+            if self.act(ladder.check(rss, self.limit), rss) {
+                return true;
+            }
+        }
+    }
+
+    /// Takes one step of the ladder; `true` for the last one (restart).
+    fn act(&self, action: Action, rss: u64) -> bool {
+        let (rss_mb, limit_mb) = (rss >> 20, self.limit >> 20);
+        match action {
+            Action::None => return false,
+            Action::Spill => {
+                tracing::warn!(
+                    rss_mb,
+                    limit_mb,
+                    "memory over limits.max_memory_mb: spilling to the spool"
+                );
+                self.spill.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Action::LowerSampleRate => {
+                let r = (self.php.sample_rate() / 2.0).max(0.05);
+                tracing::warn!(
+                    rss_mb,
+                    sample_rate = r,
+                    "memory still over the limit: lowering the PHP sample rate"
+                );
+                let _ = self.php.set_sample_rate(r);
+            }
+            Action::Restart => {
+                tracing::error!(
+                    rss_mb,
+                    limit_mb,
+                    "memory still over the limit: graceful self-restart"
+                );
+                return true;
+            }
+        }
+        trim();
+        false
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     None,

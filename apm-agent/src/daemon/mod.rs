@@ -1,0 +1,139 @@
+//! `apm-agent run`, top-down: acquire what the pipeline needs (PID file, directories, sockets,
+//! identity), spawn the pipeline, serve signals and control requests, then shut down in
+//! pipeline order: ingest drains the kernel queue, the batcher seals what it holds, the router
+//! delivers within `limits.shutdown_timeout`, and whatever is left is spooled or counted.
+
+pub mod assemble;
+mod error;
+pub mod handover;
+pub mod memguard;
+pub mod pidfile;
+pub mod signals;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use error::StartError;
+
+use crate::config::Config;
+use crate::daemon::assemble::{Deps, Pipeline};
+use crate::daemon::handover::Inherited;
+use crate::daemon::pidfile::PidFile;
+use crate::phpctl::PhpControl;
+use crate::pipeline::ingest::StopKind;
+use crate::state::{SeqAllocator, load_or_create_agent_id};
+use crate::telemetry::Telemetry;
+
+/// Exit codes of `run`.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const CONFIG: i32 = crate::config::EX_CONFIG;
+}
+
+/// Runs the agent until a stop; returns the process exit code.
+pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<i32, StartError> {
+    let inherited = handover::take_inherited();
+    let (pid, deps, fd_store) = acquire(&cfg, config_path, &inherited)?;
+    let mut pipeline = Pipeline::spawn(&cfg, deps).await?;
+    let signals = signals::install()?;
+    tracing::info!(agent_id = %pipeline.status.agent_id, endpoint = %cfg.central.endpoint, socket = %cfg.ingest.socket.display(), "agent ready");
+    handover::notify_ready("receiving profiles");
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        let (live, status) = (pipeline.live.clone(), pipeline.status.clone());
+        tokio::spawn(signals::watchdog(live, status, pipeline.control_stop()));
+    }
+    let path = pipeline.status.config_path.clone();
+    let ending = signals::serve(&mut pipeline, signals, &cfg, path.as_deref(), fd_store).await;
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
+    let telemetry = pipeline.telemetry.clone();
+    let handed = pipeline
+        .shutdown(ending.kind, cfg.limits.shutdown_timeout)
+        .await;
+    finish(&cfg, ending, handed, pid, &inherited, &telemetry)
+}
+
+/// The PID file (single instance), the directories, PHP's control files, the sockets (handed
+/// over, kept by systemd, or bound), the agent's identity and its seq allocator.
+fn acquire(
+    cfg: &Config,
+    config_path: Option<PathBuf>,
+    inherited: &Inherited,
+) -> Result<(PidFile, Deps, bool), StartError> {
+    let pid = match inherited.pidfile {
+        Some(fd) => PidFile::adopt(fd, &cfg.control.pid_file)?,
+        None => PidFile::acquire(&cfg.control.pid_file, config_path.as_deref())?,
+    };
+    for dir in [&cfg.control.runtime_dir, &cfg.control.state_dir] {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let php =
+        PhpControl::new(&cfg.control.runtime_dir).map_err(|source| StartError::PhpControl {
+            dir: cfg.control.runtime_dir.clone(),
+            source,
+        })?;
+    let sockets = handover::sockets(cfg, inherited)?;
+    let _ = crate::phpctl::write_atomic(
+        &cfg.control.state_dir.join("queue_len"),
+        format!("{}\n", sockets.queue_len).as_bytes(),
+    );
+    let fd_store = handover::to_fd_store(&sockets);
+    let deps = Deps {
+        telemetry: Telemetry::new(),
+        php: Arc::new(php),
+        sockets,
+        agent_id: load_or_create_agent_id(&cfg.control.state_dir, &cfg.central.agent_id)?,
+        seqs: SeqAllocator::open(&cfg.control.state_dir)?,
+        config_path,
+        restarts: inherited.restarts,
+    };
+    Ok((pid, deps, fd_store))
+}
+
+/// After the pipeline has stopped: re-execute on a handover, remove the sockets on a final
+/// stop, and pick the exit code.
+fn finish(
+    cfg: &Config,
+    ending: signals::Ending,
+    handed: Option<crate::pipeline::ingest::Sockets>,
+    pid: PidFile,
+    inherited: &Inherited,
+    t: &Telemetry,
+) -> Result<i32, StartError> {
+    if let (StopKind::Handover, Some(sockets)) = (ending.kind, handed) {
+        tracing::info!(
+            received = t.received_total(),
+            delivered = t.delivered.get(),
+            "memory flushed; re-executing"
+        );
+        return Err(handover::reexec(sockets, pid, inherited.restarts));
+    }
+    if ending.kind == StopKind::Final {
+        crate::pipeline::ingest::socket::unlink(&[
+            cfg.ingest.socket.clone(),
+            cfg.ingest.stream_socket.clone(),
+        ]);
+    }
+    drop(pid);
+    if ending.memory_restart {
+        tracing::warn!(
+            code = memguard::EXIT_MEMORY,
+            "exiting for a memory self-restart (systemd restarts the agent; its fd store keeps the sockets)"
+        );
+        return Ok(memguard::EXIT_MEMORY);
+    }
+    tracing::info!(
+        received = t.received_total(),
+        delivered = t.delivered.get(),
+        rejected = t.rejected_total(),
+        dropped = t.dropped_total(),
+        "stopped"
+    );
+    Ok(exit::OK)
+}

@@ -1,0 +1,673 @@
+//! The router sits between the batcher and the transport and owns every batch that is not yet
+//! acknowledged. It decides whether a batch goes to the wire now, waits in memory, or goes to
+//! the disk spool; it settles acks, resends what comes back, replays the spool oldest first, and
+//! drives the circuit breaker.
+//!
+//! - `spool.mode = "overflow"`: memory first; a batch goes to disk while the breaker is open,
+//!   when the in-memory window (`limits.memory_budget_mb`) is full and acks have stalled, when
+//!   the memory guard asks for a spill, and at shutdown. When the breaker opens, what waits in
+//!   memory is spilled too.
+//! - `spool.mode = "always"`: every batch is appended (write-ahead) before it is sent; the spool
+//!   owns it until the listener acknowledges it.
+//!
+//! The spool is for a listener that cannot take the traffic (breaker open, or no ack for
+//! [`ACK_STALL`] while batches are out), for durability (`always`, shutdown) and for the memory
+//! guard; not for a listener that is up and acknowledging but slower than the traffic. In that
+//! case the router stops taking new batches once memory is full (overflow mode), or once the
+//! spool is past `spool.high_water_pct` (always mode). Ingest then waits, the kernel queue
+//! fills and PHP's non-blocking sends fail with EAGAIN, which the eBPF monitor counts and
+//! answers by lowering the sample rate. Profiles are then refused at the door, counted, rather
+//! than accepted and later dropped from a full spool (`drop_oldest`) after a detour through the
+//! disk that only postpones the loss.
+//!
+//! Replay is rate-limited (`spool.replay_batches_per_s`) and alternates with live batches, so
+//! fresh profiles are not starved behind a long backlog; while the router pushes back, replay is
+//! the only traffic to a listener that is up, and runs unthrottled. While the breaker is open
+//! and the spool is past `spool.high_water_pct`, PHP's kill switch is raised; it is lowered once
+//! the breaker is closed and the spool is back under half that mark.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{SpoolConfig, SpoolFull, SpoolMode};
+use crate::phpctl::{KillReason, PhpControl};
+use crate::pipeline::breaker::{BreakerState, CircuitBreaker, Permit};
+use crate::pipeline::model::Batch;
+use crate::pipeline::spool::{RecordId, Spool, SpoolError};
+use crate::pipeline::transport::Outcome;
+use crate::telemetry::{DropReason, Telemetry};
+
+/// No ack for this long while batches are out: the listener is stalled, not just slow, and a
+/// full memory window overflows to the spool again.
+pub const ACK_STALL: Duration = Duration::from_secs(2);
+
+/// What a router is built from.
+pub struct RouterDeps {
+    pub telemetry: Arc<Telemetry>,
+    /// `limits.memory_budget_mb` in bytes: payload held in memory, waiting or in flight.
+    pub memory_budget: usize,
+    pub live: Arc<crate::pipeline::liveness::Liveness>,
+    pub breaker: CircuitBreaker,
+    pub spool: Spool,
+    pub spool_cfg: SpoolConfig,
+    pub php: Arc<PhpControl>,
+    /// Set by the memory guard: move what waits in memory to the spool now.
+    pub spill: Arc<AtomicBool>,
+}
+
+/// Handles a router needs.
+pub struct RouterIo {
+    pub input: mpsc::Receiver<Batch>,
+    pub to_transport: mpsc::Sender<Batch>,
+    pub outcomes: mpsc::UnboundedReceiver<Outcome>,
+    /// Cancelled when the shutdown timeout has run out: stop waiting for acks.
+    pub deadline: CancellationToken,
+}
+
+/// A batch waiting in memory, with its spool record when the spool also holds it.
+type Waiting = (Batch, Option<RecordId>);
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    id: Option<RecordId>,
+    bytes: usize,
+}
+
+/// What one turn of the loop may do, decided before it waits.
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    /// Take the next batch from the batcher.
+    take_input: bool,
+    /// The in-memory window is full: a batch taken now goes to disk.
+    over_budget: bool,
+    /// Dispatch a batch to the transport when it has room.
+    may_send: bool,
+    /// Wake then even if nothing else happens.
+    wake: Option<Instant>,
+}
+
+pub struct Router {
+    t: Arc<Telemetry>,
+    budget: usize,
+    live: Arc<crate::pipeline::liveness::Liveness>,
+    breaker: CircuitBreaker,
+    spool: Spool,
+    cfg: SpoolConfig,
+    php: Arc<PhpControl>,
+    spill_flag: Arc<AtomicBool>,
+    retry: VecDeque<Waiting>,
+    pending: VecDeque<Waiting>,
+    inflight: HashMap<u64, InFlight>,
+    /// Payload bytes in memory: waiting plus in flight.
+    held: usize,
+    replay_tokens: f64,
+    last_refill: Instant,
+    replay_turn: bool,
+    blocked_until: Option<Instant>,
+    kill_raised: bool,
+    /// Not taking new batches (see the module doc); replay then runs unthrottled, since it is
+    /// the only traffic and the listener is up.
+    pushing_back: bool,
+    /// Last ack, or the moment the first batch went out after none was in flight.
+    last_ack: Instant,
+    input_open: bool,
+    was_open: bool,
+    last_report: Instant,
+    last_bp_log: Option<Instant>,
+}
+
+impl Router {
+    pub fn new(d: RouterDeps) -> Self {
+        let now = Instant::now();
+        Self {
+            t: d.telemetry,
+            budget: d.memory_budget,
+            live: d.live,
+            breaker: d.breaker,
+            spool: d.spool,
+            cfg: d.spool_cfg,
+            php: d.php,
+            spill_flag: d.spill,
+            retry: VecDeque::new(),
+            pending: VecDeque::new(),
+            inflight: HashMap::new(),
+            held: 0,
+            replay_tokens: 1.0,
+            last_refill: now,
+            replay_turn: false,
+            blocked_until: None,
+            kill_raised: false,
+            pushing_back: false,
+            last_ack: now,
+            input_open: true,
+            was_open: false,
+            last_report: now,
+            last_bp_log: None,
+        }
+    }
+
+    /// Runs until the batcher is done and every batch is settled (or spooled), or until the
+    /// deadline. Returns the batches that could be neither delivered nor spooled.
+    pub async fn run(mut self, io: RouterIo) -> Vec<Batch> {
+        let RouterIo {
+            mut input,
+            to_transport,
+            mut outcomes,
+            deadline,
+        } = io;
+        let mut beat = tokio::time::interval(crate::pipeline::liveness::BEAT);
+        let mut fsync =
+            tokio::time::interval(self.cfg.fsync_interval.max(Duration::from_millis(10)));
+        self.publish();
+        loop {
+            let now = Instant::now();
+            self.housekeeping(now);
+            if self.finished() {
+                // Everything accepted is delivered or on disk (spooled records replay next start).
+                break;
+            }
+            let turn = self.plan(now);
+            tokio::select! {
+                biased;
+                () = deadline.cancelled() => break,
+                _ = beat.tick() => self.live.beat(crate::pipeline::liveness::Stage::Router),
+                _ = fsync.tick() => tokio::task::block_in_place(|| self.spool.tick()),
+                o = outcomes.recv() => match o {
+                    Some(o) => self.on_outcome(o),
+                    None => break,
+                },
+                () = async { tokio::time::sleep_until(turn.wake.unwrap()).await }, if turn.wake.is_some() => {
+                    self.breaker.tick(Instant::now());
+                }
+                permit = to_transport.reserve(), if turn.may_send => match permit {
+                    Ok(p) => self.dispatch(p),
+                    Err(_) => break,
+                },
+                b = input.recv(), if turn.take_input => match b {
+                    // Past the in-memory window the batch goes to disk.
+                    Some(b) => self.accept(b, turn.over_budget),
+                    None => self.input_open = false,
+                },
+            }
+            self.report_waiting();
+        }
+        drop(to_transport);
+        self.take_back(&mut outcomes).await;
+        self.stop(&mut input).await
+    }
+
+    /// Per turn: replay tokens, the memory guard's spill request, published figures, the
+    /// breaker's clock, and a spill whenever the breaker (re)opens.
+    fn housekeeping(&mut self, now: Instant) {
+        self.refill(now);
+        if self.spill_flag.swap(false, Ordering::Relaxed) {
+            self.spill();
+        }
+        self.publish();
+        // A probe past its deadline reopens the breaker here rather than at the next wake.
+        self.breaker.tick(now);
+        // Whenever the breaker (re)opens, from closed or from a failed or timed-out probe,
+        // what waits in memory goes to disk: batches accepted while half-open included.
+        let is_open = self.breaker.state() == BreakerState::Open;
+        if is_open && !self.was_open {
+            self.spill();
+        }
+        self.was_open = is_open;
+        if self.blocked_until.is_some_and(|u| now >= u) {
+            self.blocked_until = None;
+        }
+    }
+
+    fn finished(&self) -> bool {
+        !self.input_open
+            && self.retry.is_empty()
+            && self.pending.is_empty()
+            && self.inflight.is_empty()
+    }
+
+    /// Decides what this turn may do, and notes when backpressure starts or ends.
+    fn plan(&mut self, now: Instant) -> Turn {
+        let over_budget = self.held >= self.budget;
+        let take_input = self.input_open && self.may_take_input(over_budget, now);
+        self.set_pushing_back(self.input_open && !take_input, now);
+        let may_send = self.blocked_until.is_none() && self.has_work();
+        // Wake for the breaker's next step, a blocked dispatch, or the next replay token.
+        // Only instants still ahead: an open period that has ended is acted on by the next
+        // dispatch (`allow` turns it half-open), and a past instant would win the biased
+        // select on every turn and starve that dispatch, leaving the breaker open for good.
+        let wake = [
+            self.breaker.next_attempt_at(),
+            self.blocked_until,
+            // Pushing back: look again when the acks would count as stalled.
+            (self.pushing_back && !self.inflight.is_empty()).then(|| self.last_ack + ACK_STALL),
+            (self.spool.pending() > 0 && self.replay_tokens < 1.0).then(|| {
+                now + Duration::from_secs_f64(
+                    (1.0 - self.replay_tokens) / f64::from(self.cfg.replay_batches_per_s),
+                )
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|&t| t > now)
+        .min();
+        Turn {
+            take_input,
+            over_budget,
+            may_send,
+            wake,
+        }
+    }
+
+    fn set_pushing_back(&mut self, pushing_back: bool, now: Instant) {
+        if pushing_back == self.pushing_back {
+            return;
+        }
+        self.pushing_back = pushing_back;
+        self.t.backpressure.set(i64::from(pushing_back));
+        if !pushing_back {
+            return;
+        }
+        self.t.backpressure_episodes.inc();
+        // Episodes come and go many times a second under sustained overload: one line per
+        // 30 s says it without flooding the log.
+        if self
+            .last_bp_log
+            .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(30))
+        {
+            self.last_bp_log = Some(now);
+            tracing::warn!(
+                memory_bytes = self.held,
+                spool_pct = self.spool.fill_pct(),
+                episodes = self.t.backpressure_episodes.get(),
+                "central listener slower than the traffic: pushing back on ingest (PHP's sends will see EAGAIN)"
+            );
+        }
+    }
+
+    /// An outcome from the transport: settle the batch and tell the breaker.
+    fn on_outcome(&mut self, o: Outcome) {
+        let now = Instant::now();
+        // Any settlement may change what the breaker allows: look again.
+        self.blocked_until = None;
+        match o {
+            Outcome::Acked { seq, profiles, .. } => {
+                self.last_ack = now;
+                self.breaker.on_success(now);
+                self.settle_ok(seq, profiles);
+            }
+            Outcome::Returned { batch, reason } => {
+                tracing::debug!(seq = batch.seq, reason = %reason, "batch returned");
+                self.breaker.on_failure(now);
+                self.settle_returned(batch);
+            }
+            Outcome::Rejected { batch, .. } => {
+                self.breaker.on_success(now);
+                self.settle_rejected(batch);
+            }
+            Outcome::ConnectFailed { .. } | Outcome::Connected => {}
+        }
+    }
+
+    /// The transport has room: send the next batch if the breaker allows.
+    fn dispatch(&mut self, permit: mpsc::Permit<'_, Batch>) {
+        match self.breaker.allow(Instant::now()) {
+            Permit::Send | Permit::Probe => {
+                if let Some((b, f)) = self.next_batch() {
+                    if self.inflight.is_empty() {
+                        // The stall clock runs only while something is out.
+                        self.last_ack = Instant::now();
+                    }
+                    self.inflight.insert(b.seq, f);
+                    permit.send(b);
+                }
+            }
+            Permit::Reject { until } => self.blocked_until = Some(until),
+        }
+    }
+
+    fn report_waiting(&mut self) {
+        let waiting = self.retry.len() + self.pending.len();
+        if self.last_report.elapsed() > Duration::from_secs(30)
+            && waiting as u64 + self.spool.pending() > 0
+        {
+            self.last_report = Instant::now();
+            tracing::info!(
+                waiting,
+                in_flight = self.inflight.len(),
+                spooled = self.spool.pending(),
+                breaker = self.breaker.state().as_str(),
+                "batches waiting for the central listener"
+            );
+        }
+    }
+
+    /// Stop: take back what the transport still holds (it returns everything once stopped).
+    async fn take_back(&mut self, outcomes: &mut mpsc::UnboundedReceiver<Outcome>) {
+        while !self.inflight.is_empty() {
+            match outcomes.recv().await {
+                Some(Outcome::Acked { seq, profiles, .. }) => self.settle_ok(seq, profiles),
+                Some(Outcome::Returned { batch, .. }) => {
+                    let f = self.inflight.remove(&batch.seq);
+                    self.held -= f.map_or(0, |f| f.bytes);
+                    match f.and_then(|f| f.id) {
+                        Some(id) => {
+                            self.spool.requeue(id);
+                        }
+                        None => {
+                            self.held += batch.payload_bytes();
+                            self.retry.push_back((batch, None));
+                        }
+                    }
+                }
+                Some(Outcome::Rejected { batch, .. }) => self.settle_rejected(batch),
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+
+    /// Stop: everything still in memory goes to the spool for the next start; returns what the
+    /// spool could not take.
+    async fn stop(mut self, input: &mut mpsc::Receiver<Batch>) -> Vec<Batch> {
+        // Whatever the batcher still sends is ours too (it ends once ingest has drained).
+        while let Some(b) = input.recv().await {
+            self.held += b.payload_bytes();
+            self.pending.push_back((b, None));
+        }
+        let mut left: Vec<Waiting> = self.retry.drain(..).chain(self.pending.drain(..)).collect();
+        left.sort_by_key(|(b, _)| b.seq);
+        let mut lost = Vec::new();
+        let mut spooled = 0usize;
+        for (b, id) in left {
+            match id {
+                Some(id) => {
+                    self.spool.requeue(id);
+                    spooled += 1;
+                }
+                None => match self.spool_append(b) {
+                    Ok(()) => spooled += 1,
+                    Err(b) => lost.push(b),
+                },
+            }
+        }
+        if spooled > 0 {
+            tracing::info!(
+                batches = spooled,
+                "undelivered batches kept in the spool for the next start"
+            );
+        }
+        self.held = 0;
+        self.publish();
+        let spool = self.spool;
+        tokio::task::block_in_place(move || spool.close());
+        lost
+    }
+
+    fn publish(&mut self) {
+        self.t.breaker_state.set(self.breaker.state().gauge());
+        self.t.memory_payload_bytes.set(self.held as i64);
+        let st = self.spool.stats();
+        self.t.spooled_batches.set(st.batches as i64);
+        self.t.spool_bytes.set(st.bytes as i64);
+        let open = self.breaker.state() != BreakerState::Closed;
+        let fill = self.spool.fill_pct();
+        let high = f64::from(self.cfg.high_water_pct);
+        if open && fill >= high && !self.kill_raised {
+            self.kill_raised = true;
+            let _ = self.php.raise(KillReason::SpoolHighWater);
+        } else if self.kill_raised && !open && fill < high / 2.0 {
+            self.kill_raised = false;
+            let _ = self.php.lower(KillReason::SpoolHighWater);
+        }
+    }
+
+    /// Appends to the spool (overflow), counting what the spool drops. Returns the batch back
+    /// when the spool cannot write.
+    fn spool_append(&mut self, batch: Batch) -> Result<(), Batch> {
+        let spool = &mut self.spool;
+        let mut tried_drop = false;
+        loop {
+            match tokio::task::block_in_place(|| spool.append(&batch)) {
+                Ok(a) => {
+                    self.t
+                        .drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
+                    return Ok(());
+                }
+                Err(e)
+                    if e.is_disk_full()
+                        && self.cfg.on_full == SpoolFull::DropOldest
+                        && !tried_drop =>
+                {
+                    tried_drop = true;
+                    match spool.drop_oldest_segment() {
+                        Ok(d) if d.batches > 0 => {
+                            tracing::warn!(
+                                dropped_profiles = d.profiles,
+                                "disk full: oldest spool segment dropped"
+                            );
+                            self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
+                        }
+                        _ => return Err(batch),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = batch.seq, "spool append failed");
+                    return Err(batch);
+                }
+            }
+        }
+    }
+
+    /// Moves batches waiting in memory to the spool (breaker opened, memory guard). Batches the
+    /// spool already holds (write-ahead) are handed back to it.
+    fn spill(&mut self) {
+        let waiting: Vec<Waiting> = self.retry.drain(..).chain(self.pending.drain(..)).collect();
+        let n = waiting.len();
+        for (batch, id) in waiting {
+            let bytes = batch.payload_bytes();
+            match id {
+                Some(id) => {
+                    let d = self.spool.requeue(id);
+                    self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
+                    self.held -= bytes;
+                }
+                None => match self.spool_append(batch) {
+                    Ok(()) => self.held -= bytes,
+                    Err(b) => self.pending.push_back((b, None)),
+                },
+            }
+        }
+        if n > 0 {
+            tracing::info!(batches = n, "in-memory batches spilled to the spool");
+        }
+    }
+
+    /// A new batch from the batcher; `to_disk` when the in-memory window is full.
+    fn accept(&mut self, batch: Batch, to_disk: bool) {
+        let bytes = batch.payload_bytes();
+        let open = self.breaker.state() == BreakerState::Open;
+        if self.cfg.mode == SpoolMode::Always {
+            let spool = &mut self.spool;
+            match tokio::task::block_in_place(|| spool.append_taken(&batch)) {
+                Ok(a) => {
+                    self.t
+                        .drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
+                    match a.id {
+                        // The spool owns it; keep a memory copy only to send it now.
+                        Some(id) if open || to_disk => {
+                            let d = spool.requeue(id);
+                            self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
+                        }
+                        Some(id) => {
+                            self.held += bytes;
+                            self.pending.push_back((batch, Some(id)));
+                        }
+                        None => {} // drop_newest refused it; counted above
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: keeping the batch in memory")
+                }
+            }
+        } else if open || to_disk {
+            match self.spool_append(batch) {
+                Ok(()) => return,
+                Err(b) => {
+                    if to_disk {
+                        tracing::error!(
+                            seq = b.seq,
+                            profiles = b.len(),
+                            "spool unavailable and memory full: batch dropped"
+                        );
+                        self.t.drop_profiles(DropReason::SpoolError, b.len() as u64);
+                        return;
+                    }
+                    self.held += bytes;
+                    self.pending.push_back((b, None));
+                    return;
+                }
+            }
+        }
+        self.held += bytes;
+        self.pending.push_back((batch, None));
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let rate = f64::from(self.cfg.replay_batches_per_s);
+        let dt = now
+            .saturating_duration_since(self.last_refill)
+            .as_secs_f64();
+        self.last_refill = now;
+        self.replay_tokens = (self.replay_tokens + dt * rate).min(rate.max(1.0));
+    }
+
+    /// Whether to take the next batch from the batcher now (see the module doc).
+    fn may_take_input(&self, over_budget: bool, now: Instant) -> bool {
+        let spool = &self.spool;
+        if self.breaker.state() == BreakerState::Open {
+            // An outage: the spool takes everything, dropping per `spool.on_full` when full.
+            return true;
+        }
+        match self.cfg.mode {
+            SpoolMode::Overflow => {
+                let stalled = !self.inflight.is_empty()
+                    && now.saturating_duration_since(self.last_ack) >= ACK_STALL;
+                !over_budget || stalled
+            }
+            SpoolMode::Always => {
+                // Push back only while something is on its way out, so that input resumes.
+                let draining = spool.pending() > 0 || !self.inflight.is_empty();
+                !draining || spool.fill_pct() < f64::from(self.cfg.high_water_pct)
+            }
+        }
+    }
+
+    fn may_replay(&self) -> bool {
+        (self.replay_tokens >= 1.0 || self.pushing_back) && self.spool.pending() > 0
+    }
+
+    fn has_work(&self) -> bool {
+        !self.retry.is_empty() || !self.pending.is_empty() || self.may_replay()
+    }
+
+    /// Picks the next batch: returned ones first, then live and replay in turn.
+    fn next_batch(&mut self) -> Option<(Batch, InFlight)> {
+        if let Some((b, id)) = self.retry.pop_front() {
+            let bytes = b.payload_bytes();
+            return Some((b, InFlight { id, bytes }));
+        }
+        let can_replay = self.may_replay();
+        let take_replay = can_replay && (self.pending.is_empty() || self.replay_turn);
+        self.replay_turn = !self.replay_turn;
+        if take_replay {
+            let spool = &mut self.spool;
+            match tokio::task::block_in_place(|| spool.take_next()) {
+                Ok(Some(sb)) => {
+                    self.replay_tokens = (self.replay_tokens - 1.0).max(0.0);
+                    let bytes = sb.batch.payload_bytes();
+                    self.held += bytes;
+                    return Some((
+                        sb.batch,
+                        InFlight {
+                            id: Some(sb.id),
+                            bytes,
+                        },
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "spool read failed"),
+            }
+        }
+        self.pending.pop_front().map(|(b, id)| {
+            let bytes = b.payload_bytes();
+            (b, InFlight { id, bytes })
+        })
+    }
+
+    fn settle_ok(&mut self, seq: u64, profiles: usize) {
+        if let Some(f) = self.inflight.remove(&seq) {
+            self.held -= f.bytes;
+            if let Some(id) = f.id
+                && let Err(e) = tokio::task::block_in_place(|| self.spool.ack(id))
+            {
+                tracing::warn!(error = %e, seq, "spool ack failed: the batch may be replayed once (the listener deduplicates)");
+            }
+        }
+        self.t.delivered.inc_by(profiles as u64);
+        self.t.delivered_batches.inc();
+    }
+
+    /// A batch came back unacknowledged: the spool takes back its own, memory batches are
+    /// resent (or spooled while the breaker is open).
+    fn settle_returned(&mut self, batch: Batch) {
+        let f = self.inflight.remove(&batch.seq);
+        let bytes = f.map_or(batch.payload_bytes(), |f| f.bytes);
+        self.held -= bytes;
+        match f.and_then(|f| f.id) {
+            Some(id) => {
+                let d = self.spool.requeue(id);
+                self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
+            }
+            None => {
+                if self.breaker.state() != BreakerState::Closed
+                    && self.spool_append(batch.clone()).is_ok()
+                {
+                    return;
+                }
+                self.held += bytes;
+                let pos = self
+                    .retry
+                    .iter()
+                    .position(|(b, _)| b.seq > batch.seq)
+                    .unwrap_or(self.retry.len());
+                self.retry.insert(pos, (batch, None));
+            }
+        }
+    }
+
+    fn settle_rejected(&mut self, batch: Batch) {
+        if let Some(f) = self.inflight.remove(&batch.seq) {
+            self.held -= f.bytes;
+            if let Some(id) = f.id {
+                let _ = self.spool.ack(id);
+            }
+        }
+        self.t
+            .drop_profiles(DropReason::RejectedByCentral, batch.len() as u64);
+    }
+}
+
+/// Maps spool open errors that an operator must fix to configuration errors.
+pub fn is_config_error(e: &SpoolError) -> bool {
+    matches!(
+        e,
+        SpoolError::InsufficientSpace { .. } | SpoolError::Locked { .. }
+    )
+}
