@@ -304,12 +304,30 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
             return 1;
         }
     };
+    let child = match spawn_detached(config_path, log, &wr) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("START_FAILED: cannot spawn the agent: {e}");
+            return 1;
+        }
+    };
+    drop(wr);
+    wait_ready(child, rd, timeout, &log_path)
+}
+
+/// `apm-agent run` in a session of its own, its output to `log`, the write end of the readiness
+/// pipe kept open across exec.
+fn spawn_detached(
+    config_path: Option<&Path>,
+    log: std::fs::File,
+    wr: &std::os::fd::OwnedFd,
+) -> std::io::Result<std::process::Child> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("apm-agent"));
     let mut cmd = std::process::Command::new(exe);
     if let Some(p) = config_path {
         cmd.arg("--config").arg(p);
     }
-    let wr_fd = std::os::fd::AsRawFd::as_raw_fd(&wr);
+    let wr_fd = std::os::fd::AsRawFd::as_raw_fd(wr);
     cmd.arg("run")
         .env("APM_READY_FD", wr_fd.to_string())
         .stdin(std::process::Stdio::null())
@@ -330,14 +348,17 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("START_FAILED: cannot spawn the agent: {e}");
-            return 1;
-        }
-    };
-    drop(wr);
+    cmd.spawn()
+}
+
+/// Waits for "ready" on the pipe from a started agent; prints the outcome, returns the exit
+/// code of `start`.
+fn wait_ready(
+    mut child: std::process::Child,
+    rd: std::os::fd::OwnedFd,
+    timeout: u64,
+    log_path: &Path,
+) -> i32 {
     // Wait for "ready" on the pipe; EOF without it means the child died or failed.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -357,7 +378,7 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
                 "START_FAILED: the agent exited with code {code} before it was ready; its log {} says:",
                 log_path.display()
             );
-            eprint!("{}", tail(&log_path, 15));
+            eprint!("{}", tail(log_path, 15));
             return if code == crate::config::EX_CONFIG {
                 code
             } else {

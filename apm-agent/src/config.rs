@@ -445,156 +445,16 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Checks every value; the error names the key at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                reason: reason.into(),
-            }
-        }
-        let i = &self.ingest;
-        if i.socket.as_os_str().is_empty() || i.socket.as_os_str().len() > 107 {
-            return Err(bad(
-                "ingest.socket",
-                "must be a path of 1 to 107 bytes (sun_path)",
-            ));
-        }
-        if i.stream_socket.as_os_str().is_empty() || i.stream_socket.as_os_str().len() > 107 {
-            return Err(bad(
-                "ingest.stream_socket",
-                "must be a path of 1 to 107 bytes (sun_path)",
-            ));
-        }
-        if i.socket == i.stream_socket {
-            return Err(bad(
-                "ingest.stream_socket",
-                "must differ from ingest.socket",
-            ));
-        }
-        if u32::from_str_radix(i.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .is_none_or(|m| m > 0o777)
-        {
-            return Err(bad(
-                "ingest.socket_mode",
-                "must be an octal mode like \"0660\"",
-            ));
-        }
-        if !(1..=1_048_576).contains(&i.queue_len) {
-            return Err(bad("ingest.queue_len", "must be between 1 and 1048576"));
-        }
-        if !(64..=64 * 1024 * 1024).contains(&i.max_payload_bytes) {
-            return Err(bad(
-                "ingest.max_payload_bytes",
-                "must be between 64 bytes and 64 MiB",
-            ));
-        }
-        if !(1..=1024).contains(&i.recv_batch) {
-            return Err(bad("ingest.recv_batch", "must be between 1 and 1024"));
-        }
-        if i.max_stream_connections == 0 {
-            return Err(bad("ingest.max_stream_connections", "must be at least 1"));
-        }
-        let b = &self.batch;
-        if b.max_items == 0 {
-            return Err(bad("batch.max_items", "must be at least 1"));
-        }
-        if b.max_bytes < i.max_payload_bytes.min(64 * 1024) {
-            return Err(bad(
-                "batch.max_bytes",
-                "must hold at least one 64 KiB profile",
-            ));
-        }
-        if b.max_bytes > 32 * 1024 * 1024 {
-            return Err(bad(
-                "batch.max_bytes",
-                "must be at most 32 MiB (gRPC message size)",
-            ));
-        }
-        if b.max_age.is_zero() {
-            return Err(bad("batch.max_age", "must be greater than zero"));
-        }
-        let c = &self.central;
-        if !(c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://")) {
-            return Err(bad(
-                "central.endpoint",
-                format!("`{}` must start with http:// or https://", c.endpoint),
-            ));
-        }
-        if c.endpoint.parse::<tonic::transport::Uri>().is_err() {
-            return Err(bad(
-                "central.endpoint",
-                format!("`{}` is not a valid URI", c.endpoint),
-            ));
-        }
-        if c.max_in_flight == 0 {
-            return Err(bad("central.max_in_flight", "must be at least 1"));
-        }
-        if c.backoff_min.is_zero() || c.backoff_min > c.backoff_max {
-            return Err(bad(
-                "central.backoff_min",
-                "must be > 0 and <= central.backoff_max",
-            ));
-        }
-        let br = &self.breaker;
-        if br.failure_threshold == 0 {
-            return Err(bad("breaker.failure_threshold", "must be at least 1"));
-        }
-        if br.retry_timeout.is_zero() || br.retry_timeout > br.max_retry_timeout {
-            return Err(bad(
-                "breaker.retry_timeout",
-                "must be > 0 and <= breaker.max_retry_timeout",
-            ));
-        }
-        let s = &self.spool;
-        if s.dir.as_os_str().is_empty() {
-            return Err(bad("spool.dir", "must not be empty"));
-        }
-        if s.segment_bytes < 64 * 1024 || s.segment_bytes > s.max_bytes {
-            return Err(bad(
-                "spool.segment_bytes",
-                "must be at least 64 KiB and at most spool.max_bytes",
-            ));
-        }
-        if !(1..=100).contains(&s.high_water_pct) {
-            return Err(bad("spool.high_water_pct", "must be between 1 and 100"));
-        }
-        if s.replay_batches_per_s == 0 {
-            return Err(bad("spool.replay_batches_per_s", "must be at least 1"));
-        }
-        let l = &self.limits;
-        if l.max_memory_mb < 32 {
-            return Err(bad("limits.max_memory_mb", "must be at least 32"));
-        }
-        if l.memory_budget_mb == 0 || l.memory_budget_mb >= l.max_memory_mb {
-            return Err(bad(
-                "limits.memory_budget_mb",
-                "must be > 0 and below limits.max_memory_mb",
-            ));
-        }
-        let e = &self.ebpf;
-        if e.php_comms.is_empty() || e.php_comms.iter().any(|c| c.is_empty() || c.len() > 15) {
-            return Err(bad(
-                "ebpf.php_comms",
-                "must list 1 or more process names of 1 to 15 bytes",
-            ));
-        }
-        if e.poll_interval < Duration::from_millis(50) {
-            return Err(bad("ebpf.poll_interval", "must be at least 50ms"));
-        }
-        let ctl = &self.control;
-        if !ctl.metrics_listen.is_empty()
-            && ctl.metrics_listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(bad(
-                "control.metrics_listen",
-                format!("`{}` is not an ADDR:PORT", ctl.metrics_listen),
-            ));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&ctl.log_level).is_err() {
-            return Err(bad("control.log_level", "is not a valid tracing filter"));
-        }
-        Ok(())
+        self.ingest.validate()?;
+        self.batch.validate(&self.ingest)?;
+        self.central.validate()?;
+        self.breaker.validate()?;
+        self.spool.validate()?;
+        self.limits.validate()?;
+        self.ebpf.validate()?;
+        self.control.validate()
     }
 
     pub fn socket_mode(&self) -> u32 {
@@ -604,6 +464,196 @@ impl Config {
     /// The effective configuration as TOML (for `check-config`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl IngestConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.socket.as_os_str().is_empty() || self.socket.as_os_str().len() > 107 {
+            return Err(bad(
+                "ingest.socket",
+                "must be a path of 1 to 107 bytes (sun_path)",
+            ));
+        }
+        if self.stream_socket.as_os_str().is_empty() || self.stream_socket.as_os_str().len() > 107 {
+            return Err(bad(
+                "ingest.stream_socket",
+                "must be a path of 1 to 107 bytes (sun_path)",
+            ));
+        }
+        if self.socket == self.stream_socket {
+            return Err(bad(
+                "ingest.stream_socket",
+                "must differ from ingest.socket",
+            ));
+        }
+        if u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .is_none_or(|m| m > 0o777)
+        {
+            return Err(bad(
+                "ingest.socket_mode",
+                "must be an octal mode like \"0660\"",
+            ));
+        }
+        if !(1..=1_048_576).contains(&self.queue_len) {
+            return Err(bad("ingest.queue_len", "must be between 1 and 1048576"));
+        }
+        if !(64..=64 * 1024 * 1024).contains(&self.max_payload_bytes) {
+            return Err(bad(
+                "ingest.max_payload_bytes",
+                "must be between 64 bytes and 64 MiB",
+            ));
+        }
+        if !(1..=1024).contains(&self.recv_batch) {
+            return Err(bad("ingest.recv_batch", "must be between 1 and 1024"));
+        }
+        if self.max_stream_connections == 0 {
+            return Err(bad("ingest.max_stream_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl BatchConfig {
+    fn validate(&self, i: &IngestConfig) -> Result<(), ConfigError> {
+        if self.max_items == 0 {
+            return Err(bad("batch.max_items", "must be at least 1"));
+        }
+        if self.max_bytes < i.max_payload_bytes.min(64 * 1024) {
+            return Err(bad(
+                "batch.max_bytes",
+                "must hold at least one 64 KiB profile",
+            ));
+        }
+        if self.max_bytes > 32 * 1024 * 1024 {
+            return Err(bad(
+                "batch.max_bytes",
+                "must be at most 32 MiB (gRPC message size)",
+            ));
+        }
+        if self.max_age.is_zero() {
+            return Err(bad("batch.max_age", "must be greater than zero"));
+        }
+        Ok(())
+    }
+}
+
+impl CentralConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
+            return Err(bad(
+                "central.endpoint",
+                format!("`{}` must start with http:// or https://", self.endpoint),
+            ));
+        }
+        if self.endpoint.parse::<tonic::transport::Uri>().is_err() {
+            return Err(bad(
+                "central.endpoint",
+                format!("`{}` is not a valid URI", self.endpoint),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(bad("central.max_in_flight", "must be at least 1"));
+        }
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return Err(bad(
+                "central.backoff_min",
+                "must be > 0 and <= central.backoff_max",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BreakerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.failure_threshold == 0 {
+            return Err(bad("breaker.failure_threshold", "must be at least 1"));
+        }
+        if self.retry_timeout.is_zero() || self.retry_timeout > self.max_retry_timeout {
+            return Err(bad(
+                "breaker.retry_timeout",
+                "must be > 0 and <= breaker.max_retry_timeout",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SpoolConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(bad("spool.dir", "must not be empty"));
+        }
+        if self.segment_bytes < 64 * 1024 || self.segment_bytes > self.max_bytes {
+            return Err(bad(
+                "spool.segment_bytes",
+                "must be at least 64 KiB and at most spool.max_bytes",
+            ));
+        }
+        if !(1..=100).contains(&self.high_water_pct) {
+            return Err(bad("spool.high_water_pct", "must be between 1 and 100"));
+        }
+        if self.replay_batches_per_s == 0 {
+            return Err(bad("spool.replay_batches_per_s", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_memory_mb < 32 {
+            return Err(bad("limits.max_memory_mb", "must be at least 32"));
+        }
+        if self.memory_budget_mb == 0 || self.memory_budget_mb >= self.max_memory_mb {
+            return Err(bad(
+                "limits.memory_budget_mb",
+                "must be > 0 and below limits.max_memory_mb",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl EbpfConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.php_comms.is_empty() || self.php_comms.iter().any(|c| c.is_empty() || c.len() > 15)
+        {
+            return Err(bad(
+                "ebpf.php_comms",
+                "must list 1 or more process names of 1 to 15 bytes",
+            ));
+        }
+        if self.poll_interval < Duration::from_millis(50) {
+            return Err(bad("ebpf.poll_interval", "must be at least 50ms"));
+        }
+        Ok(())
+    }
+}
+
+impl ControlConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(bad(
+                "control.metrics_listen",
+                format!("`{}` is not an ADDR:PORT", self.metrics_listen),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(bad("control.log_level", "is not a valid tracing filter"));
+        }
+        Ok(())
     }
 }
 

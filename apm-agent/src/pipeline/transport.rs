@@ -16,6 +16,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{CentralConfig, Compression};
@@ -34,7 +36,6 @@ pub enum TransportError {
     },
 }
 
-/// What became of a batch handed to the transport.
 /// How one stream ended.
 #[derive(Debug, Clone, Copy)]
 struct SessionEnd {
@@ -44,6 +45,14 @@ struct SessionEnd {
     input_open: bool,
 }
 
+impl SessionEnd {
+    const FAILED: Self = Self {
+        clean: false,
+        input_open: true,
+    };
+}
+
+/// What became of a batch handed to the transport.
 #[derive(Debug)]
 pub enum Outcome {
     /// Stored by the listener.
@@ -253,24 +262,9 @@ impl Transport {
         stop: &CancellationToken,
         backoff: &mut Backoff,
     ) -> SessionEnd {
-        let token = self.token.clone();
-        let mut client =
-            CollectorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-                if let Some(t) = &token {
-                    req.metadata_mut().insert("authorization", t.clone());
-                }
-                Ok(req)
-            })
-            .max_decoding_message_size(16 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024);
-        match self.cfg.compression {
-            Compression::Zstd => client = client.send_compressed(CompressionEncoding::Zstd),
-            Compression::Gzip => client = client.send_compressed(CompressionEncoding::Gzip),
-            Compression::None => {}
-        }
         let window = self.cfg.max_in_flight;
         let (tx, rx) = mpsc::channel::<apm_proto::Batch>(window);
-        let mut acks = match client.stream(ReceiverStream::new(rx)).await {
+        let mut acks = match self.client(channel).stream(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
                 let error = format!("{}: {}", status.code(), status.message());
@@ -285,115 +279,170 @@ impl Transport {
                         reason: error,
                     });
                 }
-                return SessionEnd {
-                    clean: false,
-                    input_open: true,
-                };
+                return SessionEnd::FAILED;
             }
         };
         tracing::info!(endpoint = %self.cfg.endpoint, "streaming to the central listener");
         let _ = outcomes.send(Outcome::Connected);
-        let mut inflight: VecDeque<(Batch, Instant)> = VecDeque::new();
-        let mut input_open = true;
-        if let Some(batch) = first {
-            let wire = batch.to_proto(&self.agent_id, &self.hostname, Some((self.host_stats)()));
-            inflight.push_back((batch, Instant::now()));
-            self.telemetry.in_flight_batches.set(1);
-            if tx.send(wire).await.is_err() {
-                let (batch, _) = inflight.pop_front().expect("just pushed");
-                let _ = outcomes.send(Outcome::Returned {
-                    batch,
-                    reason: "stream closed while sending".into(),
-                });
-                return SessionEnd {
-                    clean: false,
-                    input_open: true,
-                };
-            }
-        }
-        let fail_all = |inflight: &mut VecDeque<(Batch, Instant)>, reason: &str| {
-            for (batch, _) in inflight.drain(..) {
-                self.telemetry.send_failures.inc();
-                let _ = outcomes.send(Outcome::Returned {
-                    batch,
-                    reason: reason.to_string(),
-                });
-            }
-            self.telemetry.in_flight_batches.set(0);
+        let mut w = Window {
+            t: self,
+            tx,
+            outcomes,
+            inflight: VecDeque::new(),
         };
+        if let Some(batch) = first
+            && !w.send(batch).await
+        {
+            return SessionEnd::FAILED;
+        }
+        let mut input_open = true;
         loop {
-            if !input_open && inflight.is_empty() {
+            if !input_open && w.inflight.is_empty() {
                 return SessionEnd {
                     clean: true,
                     input_open: false,
                 };
             }
-            let ack_deadline = inflight.front().map(|(_, t)| *t + self.cfg.ack_timeout);
+            let ack_deadline = w.inflight.front().map(|(_, t)| *t + self.cfg.ack_timeout);
+            let failed = SessionEnd {
+                clean: false,
+                input_open,
+            };
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {
-                    fail_all(&mut inflight, "shutdown");
+                    w.fail_all("shutdown");
                     return SessionEnd { clean: true, input_open };
                 }
                 msg = acks.message() => match msg {
-                    Ok(Some(ack)) => {
-                        let Some(pos) = inflight.iter().position(|(b, _)| b.seq == ack.seq) else {
-                            tracing::debug!(seq = ack.seq, "ack for a batch not in flight (already settled)");
-                            continue;
-                        };
-                        let (batch, _) = inflight.remove(pos).expect("position is valid");
-                        self.telemetry.in_flight_batches.set(inflight.len() as i64);
-                        match AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified) {
-                            AckStatus::Ok => {
-                                backoff.reset();
-                                self.telemetry.last_acked_seq.set(batch.seq as i64);
-                                let _ = outcomes.send(Outcome::Acked {
-                                    seq: batch.seq,
-                                    profiles: batch.len(),
-                                    bytes: batch.payload_bytes(),
-                                });
-                            }
-                            AckStatus::Rejected => {
-                                tracing::error!(seq = batch.seq, message = %ack.message, "central listener rejected a batch");
-                                let _ = outcomes.send(Outcome::Rejected { batch, message: ack.message });
-                            }
-                            AckStatus::Retry | AckStatus::Unspecified => {
-                                self.telemetry.send_failures.inc();
-                                tracing::warn!(seq = batch.seq, message = %ack.message, "central listener asked to retry a batch");
-                                let _ = outcomes.send(Outcome::Returned { batch, reason: format!("retry: {}", ack.message) });
-                            }
-                        }
-                    }
+                    Ok(Some(ack)) => w.settle(ack, backoff),
                     Ok(None) => {
-                        tracing::warn!(in_flight = inflight.len(), "central listener closed the stream");
-                        fail_all(&mut inflight, "stream closed");
-                        return SessionEnd { clean: false, input_open };
+                        tracing::warn!(in_flight = w.inflight.len(), "central listener closed the stream");
+                        w.fail_all("stream closed");
+                        return failed;
                     }
                     Err(status) => {
-                        tracing::warn!(code = ?status.code(), message = %status.message(), in_flight = inflight.len(), "stream to the central listener failed");
-                        fail_all(&mut inflight, status.message());
-                        return SessionEnd { clean: false, input_open };
+                        tracing::warn!(code = ?status.code(), message = %status.message(), in_flight = w.inflight.len(), "stream to the central listener failed");
+                        w.fail_all(status.message());
+                        return failed;
                     }
                 },
                 () = async { tokio::time::sleep_until(ack_deadline.unwrap()).await }, if ack_deadline.is_some() => {
-                    tracing::warn!(timeout = ?self.cfg.ack_timeout, in_flight = inflight.len(), "no ack in time: reconnecting");
-                    fail_all(&mut inflight, "ack timeout");
-                    return SessionEnd { clean: false, input_open };
+                    tracing::warn!(timeout = ?self.cfg.ack_timeout, in_flight = w.inflight.len(), "no ack in time: reconnecting");
+                    w.fail_all("ack timeout");
+                    return failed;
                 }
-                b = input.recv(), if input_open && inflight.len() < window => match b {
-                    Some(batch) => {
-                        let wire = batch.to_proto(&self.agent_id, &self.hostname, Some((self.host_stats)()));
-                        inflight.push_back((batch, Instant::now()));
-                        self.telemetry.in_flight_batches.set(inflight.len() as i64);
-                        if tx.send(wire).await.is_err() {
-                            fail_all(&mut inflight, "stream closed while sending");
-                            return SessionEnd { clean: false, input_open: true };
-                        }
-                    }
+                b = input.recv(), if input_open && w.inflight.len() < window => match b {
+                    Some(batch) => if !w.send(batch).await {
+                        return SessionEnd::FAILED;
+                    },
                     None => input_open = false,
                 },
             }
         }
+    }
+
+    /// A client on `channel` with the bearer token, message limits and compression configured.
+    fn client(&self, channel: Channel) -> CollectorClient<InterceptedService<Channel, Bearer>> {
+        let client = CollectorClient::with_interceptor(channel, Bearer(self.token.clone()))
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        match self.cfg.compression {
+            Compression::Zstd => client.send_compressed(CompressionEncoding::Zstd),
+            Compression::Gzip => client.send_compressed(CompressionEncoding::Gzip),
+            Compression::None => client,
+        }
+    }
+}
+
+/// Adds `authorization: Bearer ...` to every request when a token is configured.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The batches of one stream that await their ack, oldest first, with their send time.
+struct Window<'a> {
+    t: &'a Transport,
+    tx: mpsc::Sender<apm_proto::Batch>,
+    outcomes: &'a mpsc::UnboundedSender<Outcome>,
+    inflight: VecDeque<(Batch, Instant)>,
+}
+
+impl Window<'_> {
+    /// Sends one batch; `false` (and the window handed back) when the stream has closed.
+    async fn send(&mut self, batch: Batch) -> bool {
+        let t = self.t;
+        let wire = batch.to_proto(&t.agent_id, &t.hostname, Some((t.host_stats)()));
+        self.inflight.push_back((batch, Instant::now()));
+        t.telemetry
+            .in_flight_batches
+            .set(self.inflight.len() as i64);
+        if self.tx.send(wire).await.is_err() {
+            self.fail_all("stream closed while sending");
+            return false;
+        }
+        true
+    }
+
+    /// Settles the batch an ack names: stored, rejected for good, or back to the router.
+    fn settle(&mut self, ack: apm_proto::Ack, backoff: &mut Backoff) {
+        let Some(pos) = self.inflight.iter().position(|(b, _)| b.seq == ack.seq) else {
+            tracing::debug!(
+                seq = ack.seq,
+                "ack for a batch not in flight (already settled)"
+            );
+            return;
+        };
+        let (batch, _) = self.inflight.remove(pos).expect("position is valid");
+        let t = &self.t.telemetry;
+        t.in_flight_batches.set(self.inflight.len() as i64);
+        let outcome = match AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified) {
+            AckStatus::Ok => {
+                backoff.reset();
+                t.last_acked_seq.set(batch.seq as i64);
+                Outcome::Acked {
+                    seq: batch.seq,
+                    profiles: batch.len(),
+                    bytes: batch.payload_bytes(),
+                }
+            }
+            AckStatus::Rejected => {
+                tracing::error!(seq = batch.seq, message = %ack.message, "central listener rejected a batch");
+                Outcome::Rejected {
+                    batch,
+                    message: ack.message,
+                }
+            }
+            AckStatus::Retry | AckStatus::Unspecified => {
+                t.send_failures.inc();
+                tracing::warn!(seq = batch.seq, message = %ack.message, "central listener asked to retry a batch");
+                Outcome::Returned {
+                    batch,
+                    reason: format!("retry: {}", ack.message),
+                }
+            }
+        };
+        let _ = self.outcomes.send(outcome);
+    }
+
+    /// The stream is gone: every batch in flight goes back to the router.
+    fn fail_all(&mut self, reason: &str) {
+        for (batch, _) in self.inflight.drain(..) {
+            self.t.telemetry.send_failures.inc();
+            let _ = self.outcomes.send(Outcome::Returned {
+                batch,
+                reason: reason.to_string(),
+            });
+        }
+        self.t.telemetry.in_flight_batches.set(0);
     }
 }
 

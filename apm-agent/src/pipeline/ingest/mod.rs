@@ -271,30 +271,10 @@ async fn run_dgram(
         };
         match res {
             Ok(o) => {
-                for r in &o.rejected {
-                    p.telemetry.reject(*r);
-                }
                 let eof = o.eof;
-                if !o.profiles.is_empty() {
-                    let mut profiles = o.profiles;
-                    if let Some(f) = &p.rss {
-                        for pr in &mut profiles {
-                            pr.rss_bytes = f(pr.pid);
-                        }
-                    }
-                    let n = profiles.len() as u64;
-                    let bytes: u64 = profiles.iter().map(|x| x.payload.len() as u64).sum();
-                    if out.send(profiles).await.is_err() {
-                        tracing::error!("batcher gone: stopping datagram receive");
-                        return None;
-                    }
-                    p.telemetry
-                        .received
-                        .get_or_create(&SocketLabels {
-                            socket: Socket::Dgram,
-                        })
-                        .inc_by(n);
-                    p.telemetry.received_bytes.inc_by(bytes);
+                if forward(&p, &out, o).await.is_err() {
+                    tracing::error!("batcher gone: stopping datagram receive");
+                    return None;
                 }
                 if eof {
                     tracing::info!("datagram queue drained");
@@ -314,6 +294,38 @@ async fn run_dgram(
             }
         }
     }
+}
+
+/// Counts the rejects of one receive, stamps each profile with its sender's RSS, and hands
+/// the profiles to the batcher; `Err` when the batcher is gone.
+async fn forward(
+    p: &DgramParams,
+    out: &ProfileSink,
+    o: dgram::RecvOutcome,
+) -> Result<(), queue::Closed> {
+    for r in &o.rejected {
+        p.telemetry.reject(*r);
+    }
+    if o.profiles.is_empty() {
+        return Ok(());
+    }
+    let mut profiles = o.profiles;
+    if let Some(f) = &p.rss {
+        for pr in &mut profiles {
+            pr.rss_bytes = f(pr.pid);
+        }
+    }
+    let n = profiles.len() as u64;
+    let bytes: u64 = profiles.iter().map(|x| x.payload.len() as u64).sum();
+    out.send(profiles).await?;
+    p.telemetry
+        .received
+        .get_or_create(&SocketLabels {
+            socket: Socket::Dgram,
+        })
+        .inc_by(n);
+    p.telemetry.received_bytes.inc_by(bytes);
+    Ok(())
 }
 
 async fn run_stream(

@@ -255,6 +255,54 @@ pub fn write_atomic_durable(path: &Path, data: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// What [`Spool::make_room`] did.
+enum Room {
+    /// Room made, dropping these oldest records (none when there was room already).
+    Made(Dropped),
+    /// Full and `on_full = "drop_newest"`: the new record is refused.
+    RefusedNewest,
+}
+
+/// Takes the spool directory's lock: one agent per spool.
+fn lock(dir: &Path) -> Result<Flock<std::fs::File>, SpoolError> {
+    let lock_path = dir.join(LOCK_FILE);
+    let lock_file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(SpoolError::io("create", &lock_path))?;
+    Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            SpoolError::Locked {
+                dir: dir.to_path_buf(),
+            }
+        } else {
+            SpoolError::io("lock", &lock_path)(e.into())
+        }
+    })
+}
+
+/// Opens the ack log; an unreadable one is quarantined (third value: 1) and a new one started.
+fn open_acklog(dir: &Path) -> Result<(AckLog, acklog::Loaded, u64), SpoolError> {
+    match AckLog::open(dir) {
+        Ok((log, loaded)) => Ok((log, loaded, 0)),
+        Err(e) => {
+            // Unreadable (or not a file): set it aside rather than refuse to start; the acked
+            // records it listed are replayed once and deduplicated by the listener.
+            let path = dir.join(acklog::ACK_LOG);
+            let to = dir.join(QUARANTINE_DIR).join(acklog::ACK_LOG);
+            warn!(path = %path.display(), to = %to.display(), error = %e,
+                "unreadable spool ack log moved to quarantine; acked batches may be replayed once");
+            std::fs::create_dir_all(dir.join(QUARANTINE_DIR))
+                .and_then(|()| std::fs::rename(&path, &to))
+                .map_err(SpoolError::io("quarantine", &path))?;
+            let (log, loaded) = AckLog::open(dir).map_err(SpoolError::io("open", &path))?;
+            Ok((log, loaded, 1))
+        }
+    }
+}
+
 impl Spool {
     /// Opens (creating if needed) and recovers the spool in `cfg.dir`. Errors: the dir cannot be
     /// created or read, another process holds it, or `max_bytes` exceeds the free space of its
@@ -262,38 +310,8 @@ impl Spool {
     pub fn open(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
         let dir = cfg.dir.clone();
         std::fs::create_dir_all(&dir).map_err(SpoolError::io("create", &dir))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock_file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(SpoolError::io("create", &lock_path))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-            if e == nix::errno::Errno::EWOULDBLOCK {
-                SpoolError::Locked { dir: dir.clone() }
-            } else {
-                SpoolError::io("lock", &lock_path)(e.into())
-            }
-        })?;
-        let mut quarantined = 0;
-        let (acklog, loaded) = match AckLog::open(&dir) {
-            Ok(v) => v,
-            Err(e) => {
-                // Unreadable (or not a file): set it aside rather than refuse to start; the
-                // acked records it listed are replayed once and deduplicated by the listener.
-                let path = dir.join(acklog::ACK_LOG);
-                let to = dir.join(QUARANTINE_DIR).join(acklog::ACK_LOG);
-                warn!(path = %path.display(), to = %to.display(), error = %e,
-                    "unreadable spool ack log moved to quarantine; acked batches may be replayed once");
-                std::fs::create_dir_all(dir.join(QUARANTINE_DIR))
-                    .and_then(|()| std::fs::rename(&path, &to))
-                    .map_err(SpoolError::io("quarantine", &path))?;
-                quarantined += 1;
-                AckLog::open(&dir).map_err(SpoolError::io("open", &path))?
-            }
-        };
-
+        let lock = lock(&dir)?;
+        let (acklog, loaded, quarantined) = open_acklog(&dir)?;
         let mut spool = Spool {
             dir: dir.clone(),
             cfg: cfg.clone(),
@@ -333,33 +351,8 @@ impl Spool {
                 .or_default()
                 .insert(id.offset);
         }
-
-        let mut found = Vec::new();
-        let entries = std::fs::read_dir(&dir).map_err(SpoolError::io("read", &dir))?;
-        for entry in entries {
-            let entry = entry.map_err(SpoolError::io("read", &dir))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str().map(str::to_owned) else {
-                spool.quarantine(&entry.path(), "name is not UTF-8");
-                continue;
-            };
-            if name == LOCK_FILE || name == acklog::ACK_LOG || name == QUARANTINE_DIR {
-                continue;
-            }
-            if name.starts_with('.') && name.contains(".tmp.") {
-                // A temp file of an atomic write that crashed before its rename.
-                let _ = std::fs::remove_file(entry.path());
-                continue;
-            }
-            match parse_segment_name(&name) {
-                Some(id) if entry.file_type().is_ok_and(|t| t.is_file()) => {
-                    max_id = max_id.max(id);
-                    found.push(id);
-                }
-                _ => spool.quarantine(&entry.path(), "not a spool file"),
-            }
-        }
-        found.sort_unstable();
+        let found = spool.scan_dir()?;
+        max_id = max_id.max(found.last().copied().unwrap_or(0));
         for id in found {
             let acked = acked_by_segment.remove(&id).unwrap_or_default();
             if let Err(e) = spool.recover_segment(id, acked) {
@@ -371,21 +364,7 @@ impl Spool {
         spool.next_segment_id = max_id + 1;
         spool.cursor.segment = spool.segments.keys().next().copied().unwrap_or(max_id + 1);
         spool.bytes = spool.segments.values().map(|s| s.size).sum();
-
-        let vfs = nix::sys::statvfs::statvfs(&dir).map_err(|e| SpoolError::Io {
-            op: "statvfs",
-            path: dir.clone(),
-            source: e.into(),
-        })?;
-        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
-        if cfg.max_bytes > free.saturating_add(spool.bytes) {
-            return Err(SpoolError::InsufficientSpace {
-                dir,
-                configured: cfg.max_bytes,
-                free,
-                used: spool.bytes,
-            });
-        }
+        spool.check_space()?;
         spool.maybe_compact_ack_log();
         if let Err(e) = sync_dir(&dir) {
             warn!(dir = %dir.display(), error = %e, "cannot fsync spool dir");
@@ -395,6 +374,55 @@ impl Spool {
             segments = s.segments, corrupt = s.corrupt_records, quarantined = s.quarantined,
             "spool opened");
         Ok(spool)
+    }
+
+    /// The segment ids found in the directory, in order; anything else is quarantined and the
+    /// temp files of interrupted atomic writes removed.
+    fn scan_dir(&mut self) -> Result<Vec<u64>, SpoolError> {
+        let dir = self.dir.clone();
+        let mut found = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(SpoolError::io("read", &dir))?;
+        for entry in entries {
+            let entry = entry.map_err(SpoolError::io("read", &dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str().map(str::to_owned) else {
+                self.quarantine(&entry.path(), "name is not UTF-8");
+                continue;
+            };
+            if name == LOCK_FILE || name == acklog::ACK_LOG || name == QUARANTINE_DIR {
+                continue;
+            }
+            if name.starts_with('.') && name.contains(".tmp.") {
+                // A temp file of an atomic write that crashed before its rename.
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            }
+            match parse_segment_name(&name) {
+                Some(id) if entry.file_type().is_ok_and(|t| t.is_file()) => found.push(id),
+                _ => self.quarantine(&entry.path(), "not a spool file"),
+            }
+        }
+        found.sort_unstable();
+        Ok(found)
+    }
+
+    /// `max_bytes` must fit the volume (free space plus what the spool already holds).
+    fn check_space(&self) -> Result<(), SpoolError> {
+        let vfs = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| SpoolError::Io {
+            op: "statvfs",
+            path: self.dir.clone(),
+            source: e.into(),
+        })?;
+        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
+        if self.cfg.max_bytes > free.saturating_add(self.bytes) {
+            return Err(SpoolError::InsufficientSpace {
+                dir: self.dir.clone(),
+                configured: self.cfg.max_bytes,
+                free,
+                used: self.bytes,
+            });
+        }
+        Ok(())
     }
 
     fn seg_path(&self, id: u64) -> PathBuf {
@@ -479,32 +507,16 @@ impl Spool {
                     }
                     off += h.total_len();
                 }
-                bad => {
-                    let next = format::find_next_valid(&file, off, len, &mut self.body)
-                        .map_err(SpoolError::io("read", &path))?;
-                    if let Some(next) = next {
-                        self.stats.corrupt_records += 1;
-                        warn!(path = %path.display(), offset = off, skipped_bytes = next - off,
-                            "corrupt spool record skipped");
+                bad => match self.skip_or_truncate(&file, &path, off, len, bad)? {
+                    Some(next) => {
                         seg.holes.insert(off, next);
                         off = next;
-                        continue;
                     }
-                    if bad == ReadAt::Bad {
-                        self.stats.corrupt_records += 1;
-                        warn!(path = %path.display(), offset = off, bytes = len - off,
-                            "corrupt record at the end of a spool segment truncated");
-                    } else {
-                        self.stats.torn_bytes += len - off;
-                        warn!(path = %path.display(), offset = off, bytes = len - off,
-                            "torn spool segment tail truncated");
+                    None => {
+                        seg.size = off;
+                        break;
                     }
-                    file.set_len(off)
-                        .and_then(|()| file.sync_all())
-                        .map_err(SpoolError::io("truncate", &path))?;
-                    seg.size = off;
-                    break;
-                }
+                },
             }
         }
         drop(file);
@@ -516,6 +528,40 @@ impl Spool {
         }
         self.segments.insert(id, seg);
         Ok(())
+    }
+
+    /// A bad record at `off` in a segment of `len` bytes: skips to the next valid record
+    /// (returned: the hole ends there), or truncates the segment at `off` (`None`) when
+    /// nothing valid follows.
+    fn skip_or_truncate(
+        &mut self,
+        file: &std::fs::File,
+        path: &Path,
+        off: u64,
+        len: u64,
+        bad: ReadAt,
+    ) -> Result<Option<u64>, SpoolError> {
+        let next = format::find_next_valid(file, off, len, &mut self.body)
+            .map_err(SpoolError::io("read", path))?;
+        if let Some(next) = next {
+            self.stats.corrupt_records += 1;
+            warn!(path = %path.display(), offset = off, skipped_bytes = next - off,
+                "corrupt spool record skipped");
+            return Ok(Some(next));
+        }
+        if bad == ReadAt::Bad {
+            self.stats.corrupt_records += 1;
+            warn!(path = %path.display(), offset = off, bytes = len - off,
+                "corrupt record at the end of a spool segment truncated");
+        } else {
+            self.stats.torn_bytes += len - off;
+            warn!(path = %path.display(), offset = off, bytes = len - off,
+                "torn spool segment tail truncated");
+        }
+        file.set_len(off)
+            .and_then(|()| file.sync_all())
+            .map_err(SpoolError::io("truncate", path))?;
+        Ok(None)
     }
 
     fn remove_file(&mut self, path: &Path) -> Result<(), SpoolError> {
@@ -558,38 +604,21 @@ impl Spool {
                 max: self.cfg.max_bytes,
             });
         }
-        let mut dropped = Dropped::default();
-        if self.bytes + size + SEGMENT_HEADER_LEN > self.cfg.max_bytes {
-            match self.cfg.on_full {
-                SpoolFull::DropNewest => {
-                    let d = Dropped {
-                        batches: 1,
-                        profiles: u64::from(profiles),
-                    };
-                    self.count_dropped(d);
-                    return Ok(Appended {
-                        id: None,
-                        bytes: 0,
-                        dropped: d,
-                    });
-                }
-                SpoolFull::DropOldest => {
-                    while self.bytes + size + SEGMENT_HEADER_LEN > self.cfg.max_bytes {
-                        if self.segments.is_empty() {
-                            // Cannot happen while `bytes` is the sum of the segments' sizes
-                            // (the property test checks it after every operation); never spin.
-                            error!(
-                                counted = self.bytes,
-                                "spool byte count without segments: reset"
-                            );
-                            self.bytes = 0;
-                            break;
-                        }
-                        dropped += self.drop_oldest_segment()?;
-                    }
-                }
+        let dropped = match self.make_room(size)? {
+            Room::Made(dropped) => dropped,
+            Room::RefusedNewest => {
+                let d = Dropped {
+                    batches: 1,
+                    profiles: u64::from(profiles),
+                };
+                self.count_dropped(d);
+                return Ok(Appended {
+                    id: None,
+                    bytes: 0,
+                    dropped: d,
+                });
             }
-        }
+        };
         let rotate = match &self.writer {
             None => true,
             Some((id, _)) => {
@@ -635,6 +664,42 @@ impl Spool {
                 },
             );
         }
+        self.after_write();
+        Ok(Appended {
+            id: Some(rid),
+            bytes: size,
+            dropped,
+        })
+    }
+
+    /// Makes room for a record of `size` bytes per `spool.on_full`: drops the oldest segments,
+    /// or refuses the new record.
+    fn make_room(&mut self, size: u64) -> Result<Room, SpoolError> {
+        let mut dropped = Dropped::default();
+        if self.bytes + size + SEGMENT_HEADER_LEN <= self.cfg.max_bytes {
+            return Ok(Room::Made(dropped));
+        }
+        if self.cfg.on_full == SpoolFull::DropNewest {
+            return Ok(Room::RefusedNewest);
+        }
+        while self.bytes + size + SEGMENT_HEADER_LEN > self.cfg.max_bytes {
+            if self.segments.is_empty() {
+                // Cannot happen while `bytes` is the sum of the segments' sizes (the property
+                // test checks it after every operation); never spin.
+                error!(
+                    counted = self.bytes,
+                    "spool byte count without segments: reset"
+                );
+                self.bytes = 0;
+                break;
+            }
+            dropped += self.drop_oldest_segment()?;
+        }
+        Ok(Room::Made(dropped))
+    }
+
+    /// The fsync policy after a write.
+    fn after_write(&mut self) {
         match self.cfg.fsync {
             FsyncPolicy::Always => self.sync_writer(),
             FsyncPolicy::Interval => {
@@ -643,11 +708,6 @@ impl Spool {
             }
             FsyncPolicy::Never => {}
         }
-        Ok(Appended {
-            id: Some(rid),
-            bytes: size,
-            dropped,
-        })
     }
 
     fn count_dropped(&mut self, d: Dropped) {
