@@ -125,6 +125,27 @@ fn start_of_a_broken_config_fails_with_78_and_the_reason() {
     );
 }
 
+/// A bad `[ebpf]` value is a configuration error that names its own key, whatever
+/// `ebpf.enabled` says: it used to be reported as "`ebpf.enabled`: eBPF is required (\"on\")".
+#[test]
+fn a_bad_ebpf_key_is_named_as_itself_with_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Agent::write_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "auto",
+        "[ebpf]\nmin_sample_rate = 2.0\n",
+    );
+    let o = cli(&cfg, &["run"]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(78), "{out}");
+    assert!(
+        out.contains("config key `ebpf.min_sample_rate`: must be between 0.0 and 1.0"),
+        "{out}"
+    );
+    assert!(!out.contains("ebpf.enabled"), "{out}");
+}
+
 #[test]
 fn two_runs_racing_exactly_one_wins() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::control::{ControlRequest, StatusSource};
 use crate::daemon::StartError;
 use crate::daemon::memguard::Guard;
+use crate::events::ProfilesDropped;
 use crate::monitor::{Monitor, MonitorParams};
 use crate::phpctl::PhpControl;
 use crate::pipeline::breaker::CircuitBreaker;
@@ -178,15 +179,14 @@ impl Pipeline {
         let left = tasks.router.await.unwrap_or_default();
         stop.deadline.cancel();
         let _ = tasks.transport.await;
-        if !left.is_empty() {
-            let n: usize = left.iter().map(Batch::len).sum();
-            tracing::error!(
-                batches = left.len(),
-                profiles = n,
-                "undelivered at shutdown and no spool: counted as dropped"
-            );
-            telemetry.drop_profiles(DropReason::Shutdown, n as u64);
+        let n: usize = left.iter().map(Batch::len).sum();
+        ProfilesDropped {
+            reason: DropReason::Shutdown,
+            profiles: n as u64,
+            what: "undelivered at shutdown and the spool could not take them: dropped",
+            seq: None,
         }
+        .emit(&telemetry);
         stop.control.cancel();
         let _ = tasks.control.await;
         stop.monitor.cancel();

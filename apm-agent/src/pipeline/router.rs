@@ -36,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{SpoolConfig, SpoolFull, SpoolMode};
+use crate::events::ProfilesDropped;
 use crate::phpctl::{KillReason, PhpControl};
 use crate::pipeline::breaker::{BreakerState, CircuitBreaker, Permit};
 use crate::pipeline::model::Batch;
@@ -435,8 +436,13 @@ impl Router {
         loop {
             match tokio::task::block_in_place(|| spool.append(&batch)) {
                 Ok(a) => {
-                    self.t
-                        .drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
+                    ProfilesDropped {
+                        reason: DropReason::SpoolFull,
+                        profiles: a.dropped.profiles,
+                        what: "spool full: profiles dropped as spool.on_full says",
+                        seq: Some(batch.seq),
+                    }
+                    .emit(&self.t);
                     return Ok(());
                 }
                 Err(e)
@@ -446,13 +452,13 @@ impl Router {
                 {
                     tried_drop = true;
                     match spool.drop_oldest_segment() {
-                        Ok(d) if d.batches > 0 => {
-                            tracing::warn!(
-                                dropped_profiles = d.profiles,
-                                "disk full: oldest spool segment dropped"
-                            );
-                            self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
+                        Ok(d) if d.batches > 0 => ProfilesDropped {
+                            reason: DropReason::SpoolFull,
+                            profiles: d.profiles,
+                            what: "disk full: oldest spool segment dropped",
+                            seq: None,
                         }
+                        .emit(&self.t),
                         _ => return Err(batch),
                     }
                 }
@@ -473,8 +479,7 @@ impl Router {
             let bytes = batch.payload_bytes();
             match id {
                 Some(id) => {
-                    let d = self.spool.requeue(id);
-                    self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
+                    self.requeue(id, batch.seq);
                     self.held -= bytes;
                 }
                 None => match self.spool_append(batch) {
@@ -496,14 +501,16 @@ impl Router {
             let spool = &mut self.spool;
             match tokio::task::block_in_place(|| spool.append_taken(&batch)) {
                 Ok(a) => {
-                    self.t
-                        .drop_profiles(DropReason::SpoolFull, a.dropped.profiles);
+                    ProfilesDropped {
+                        reason: DropReason::SpoolFull,
+                        profiles: a.dropped.profiles,
+                        what: "spool full: profiles dropped as spool.on_full says",
+                        seq: Some(batch.seq),
+                    }
+                    .emit(&self.t);
                     match a.id {
                         // The spool owns it; keep a memory copy only to send it now.
-                        Some(id) if open || to_disk => {
-                            let d = spool.requeue(id);
-                            self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
-                        }
+                        Some(id) if open || to_disk => self.requeue(id, batch.seq),
                         Some(id) => {
                             self.held += bytes;
                             self.pending.push_back((batch, Some(id)));
@@ -521,12 +528,13 @@ impl Router {
                 Ok(()) => return,
                 Err(b) => {
                     if to_disk {
-                        tracing::error!(
-                            seq = b.seq,
-                            profiles = b.len(),
-                            "spool unavailable and memory full: batch dropped"
-                        );
-                        self.t.drop_profiles(DropReason::SpoolError, b.len() as u64);
+                        ProfilesDropped {
+                            reason: DropReason::SpoolError,
+                            profiles: b.len() as u64,
+                            what: "spool unavailable and memory full: batch dropped",
+                            seq: Some(b.seq),
+                        }
+                        .emit(&self.t);
                         return;
                     }
                     self.held += bytes;
@@ -631,10 +639,7 @@ impl Router {
         let bytes = f.map_or(batch.payload_bytes(), |f| f.bytes);
         self.held -= bytes;
         match f.and_then(|f| f.id) {
-            Some(id) => {
-                let d = self.spool.requeue(id);
-                self.t.drop_profiles(DropReason::SpoolFull, d.profiles);
-            }
+            Some(id) => self.requeue(id, batch.seq),
             None => {
                 if self.breaker.state() != BreakerState::Closed
                     && self.spool_append(batch.clone()).is_ok()
@@ -659,8 +664,26 @@ impl Router {
                 let _ = self.spool.ack(id);
             }
         }
-        self.t
-            .drop_profiles(DropReason::RejectedByCentral, batch.len() as u64);
+        ProfilesDropped {
+            reason: DropReason::RejectedByCentral,
+            profiles: batch.len() as u64,
+            what: "the central listener rejected a batch",
+            seq: Some(batch.seq),
+        }
+        .emit(&self.t);
+    }
+
+    /// Hands a spool record back for replay; counts it dropped when its segment was dropped
+    /// (disk full) while the batch was out.
+    fn requeue(&mut self, id: RecordId, seq: u64) {
+        let d = self.spool.requeue(id);
+        ProfilesDropped {
+            reason: DropReason::SpoolFull,
+            profiles: d.profiles,
+            what: "spool segment dropped while its batch was out",
+            seq: Some(seq),
+        }
+        .emit(&self.t);
     }
 }
 

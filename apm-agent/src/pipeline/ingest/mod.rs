@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngestConfig;
+use crate::events::ProfileRejected;
 use crate::telemetry::{Socket, SocketLabels, Telemetry, now_ns};
 
 pub use queue::{Chunk, ProfileSink, profile_queue};
@@ -303,8 +304,8 @@ async fn forward(
     out: &ProfileSink,
     o: dgram::RecvOutcome,
 ) -> Result<(), queue::Closed> {
-    for r in &o.rejected {
-        p.telemetry.reject(*r);
+    for &reason in &o.rejected {
+        ProfileRejected { reason, pid: None }.emit(&p.telemetry);
     }
     if o.profiles.is_empty() {
         return Ok(());

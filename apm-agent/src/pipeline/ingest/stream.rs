@@ -3,6 +3,7 @@
 //! `ingest.max_payload_bytes` or a connection that ends mid-frame is rejected and closes that
 //! connection only; an empty or invalid frame is rejected and the connection goes on.
 
+use crate::events::ProfileRejected;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -81,11 +82,23 @@ impl Conn {
                             pid,
                             uid,
                         }),
-                        Err(r) => self.telemetry.reject(r),
+                        Err(reason) => ProfileRejected {
+                            reason,
+                            pid: Some(pid),
+                        }
+                        .emit(&self.telemetry),
                     },
-                    Frame::Empty => self.telemetry.reject(RejectReason::Empty),
+                    Frame::Empty => ProfileRejected {
+                        reason: RejectReason::Empty,
+                        pid: Some(pid),
+                    }
+                    .emit(&self.telemetry),
                     Frame::Oversize(len) => {
-                        self.telemetry.reject(RejectReason::Oversize);
+                        ProfileRejected {
+                            reason: RejectReason::Oversize,
+                            pid: Some(pid),
+                        }
+                        .emit(&self.telemetry);
                         tracing::warn!(
                             pid,
                             len,
@@ -109,7 +122,7 @@ impl Conn {
                         Ok(r) => r,
                         Err(_) => {
                             tracing::debug!(pid, "stream connection idle: closing");
-                            if !buf.is_empty() { self.telemetry.reject(RejectReason::TornFrame); }
+                            if !buf.is_empty() { ProfileRejected { reason: RejectReason::TornFrame, pid: Some(pid) }.emit(&self.telemetry); }
                             return;
                         }
                     },
@@ -127,7 +140,11 @@ impl Conn {
             match read {
                 Ok(0) | Err(_) => {
                     if !buf.is_empty() {
-                        self.telemetry.reject(RejectReason::TornFrame);
+                        ProfileRejected {
+                            reason: RejectReason::TornFrame,
+                            pid: Some(pid),
+                        }
+                        .emit(&self.telemetry);
                     }
                     return;
                 }
