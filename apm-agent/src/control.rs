@@ -27,6 +27,9 @@ pub struct StatusSource {
     pub telemetry: Arc<Telemetry>,
     pub php: Arc<PhpControl>,
     pub agent_id: String,
+    /// The seq series' epoch (hex) and whether this start began it (seq state was missing).
+    pub epoch: String,
+    pub new_epoch: bool,
     pub endpoint: String,
     pub config_path: Option<PathBuf>,
     pub ebpf: Section,
@@ -54,6 +57,8 @@ impl StatusSource {
             "uptime_s": t.uptime_s(),
             "restarts": self.restarts,
             "agent_id": self.agent_id,
+            "epoch": self.epoch,
+            "epoch_started_now": self.new_epoch,
             "endpoint": self.endpoint,
             "config_path": self.config_path.as_ref().map(|p| p.display().to_string()),
             "received": t.received_total(),

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod fsutil;
 pub mod monitor;
 pub mod phpctl;
 pub mod pipeline;

@@ -7,7 +7,6 @@
 //! while the breaker is open): it is up while any reason holds, and lowered when the last goes.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -114,23 +113,9 @@ impl PhpControl {
     }
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// Replaces a file PHP reads: world-readable, since PHP workers run as another user.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    // World-readable: PHP workers run as another user.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, path)
+    crate::fsutil::write_atomic(path, data, 0o644)
 }
 
 #[cfg(test)]

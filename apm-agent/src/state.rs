@@ -1,14 +1,22 @@
 //! Small persistent state in `control.state_dir`: the agent id and the batch sequence number.
 //!
-//! `seq` must never repeat for an agent id (the listener deduplicates by `(agent_id, seq)`, so a
-//! repeated seq would silently discard new profiles). It is allocated in blocks: the file holds
-//! a high-water mark written (atomically, fsynced) *before* any seq below it is used, and a
-//! restarted agent starts at the stored mark. A crash wastes at most one block of numbers, which
-//! is harmless; it can never reuse one.
+//! The listener deduplicates by `(agent_id, epoch, seq)`, so a repeated key would silently
+//! discard new profiles as duplicates. `seq` is allocated in blocks: the `seq` file holds a
+//! high-water mark written (atomically, fsynced, its directory fsynced) *before* any seq below it
+//! is used, and a restarted agent starts at the stored mark. A crash wastes at most one block of
+//! numbers, which is harmless; it can never reuse one.
+//!
+//! That proof holds only while the file lives. When it is missing (a new disk, a reinstall, a
+//! deleted state dir; the agent id may still be the configured one), seq restarts at 1 under a
+//! new random **epoch**, so no key of the old series can repeat. Status shows the epoch and
+//! whether this start began it. A `seq` file from before epochs (a bare number) continues under
+//! epoch 0, the value every older batch carried.
 
 use std::path::{Path, PathBuf};
 
-use crate::phpctl::write_atomic;
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::write_atomic;
 
 const SEQ_BLOCK: u64 = 4096;
 
@@ -50,14 +58,26 @@ pub fn load_or_create_agent_id(state_dir: &Path, configured: &str) -> Result<Str
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "host".into());
     let id = format!("{host}-{:016x}", rand::random::<u64>());
-    write_atomic(&path, format!("{id}\n").as_bytes()).map_err(io_err(&path))?;
+    write_atomic(&path, format!("{id}\n").as_bytes(), 0o644).map_err(io_err(&path))?;
     Ok(id)
 }
 
-/// Hands out batch sequence numbers that survive restarts.
+/// The `seq` file.
+#[derive(Debug, Serialize, Deserialize)]
+struct SeqFile {
+    /// The epoch, in hex (a JSON number would lose bits in many readers).
+    epoch: String,
+    /// No seq below this was handed out by an earlier start.
+    until: u64,
+}
+
+/// Hands out batch sequence numbers that survive restarts, with the epoch they belong to.
 #[derive(Debug)]
 pub struct SeqAllocator {
     path: PathBuf,
+    epoch: u64,
+    /// This start drew a new epoch (no seq state was found).
+    new_epoch: bool,
     next: u64,
     reserved_until: u64,
 }
@@ -66,16 +86,31 @@ impl SeqAllocator {
     pub fn open(state_dir: &Path) -> Result<Self, StateError> {
         std::fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
         let path = state_dir.join("seq");
-        let start = match std::fs::read_to_string(&path) {
-            Ok(s) => s.trim().parse::<u64>().map_err(|_| StateError::Corrupt {
-                path: path.clone(),
-                content: s.chars().take(40).collect(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+        let (epoch, start, new_epoch) = match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let (epoch, start) = parse_seq_file(&s).ok_or_else(|| StateError::Corrupt {
+                    path: path.clone(),
+                    content: s.chars().take(80).collect(),
+                })?;
+                (epoch, start, false)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Never 0: that is the epoch of batches from before epochs.
+                (rand::random::<u64>().max(1), 1, true)
+            }
             Err(e) => return Err(io_err(&path)(e)),
         };
+        if new_epoch {
+            tracing::warn!(
+                path = %path.display(),
+                epoch = %format!("{epoch:016x}"),
+                "no seq state found: starting a new epoch (seq restarts at 1; nothing of an earlier series can be taken for a duplicate)"
+            );
+        }
         let mut me = Self {
             path,
+            epoch,
+            new_epoch,
             next: start,
             reserved_until: start,
         };
@@ -85,7 +120,12 @@ impl SeqAllocator {
 
     fn reserve(&mut self) -> Result<(), StateError> {
         let until = self.next + SEQ_BLOCK;
-        write_atomic(&self.path, format!("{until}\n").as_bytes()).map_err(io_err(&self.path))?;
+        let file = SeqFile {
+            epoch: format!("{:016x}", self.epoch),
+            until,
+        };
+        let text = serde_json::to_string(&file).unwrap_or_default() + "\n";
+        write_atomic(&self.path, text.as_bytes(), 0o644).map_err(io_err(&self.path))?;
         self.reserved_until = until;
         Ok(())
     }
@@ -98,6 +138,24 @@ impl SeqAllocator {
         self.next += 1;
         Ok(s)
     }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// This start began the epoch: the seq state was missing.
+    pub fn new_epoch(&self) -> bool {
+        self.new_epoch
+    }
+}
+
+/// `{"epoch":"..","until":N}`, or a bare number from before epochs (epoch 0).
+fn parse_seq_file(s: &str) -> Option<(u64, u64)> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Some((0, n));
+    }
+    let f: SeqFile = serde_json::from_str(s.trim()).ok()?;
+    Some((u64::from_str_radix(&f.epoch, 16).ok()?, f.until))
 }
 
 #[cfg(test)]
@@ -114,6 +172,33 @@ mod tests {
         let n = b.allocate().unwrap();
         assert!(n > *first.last().unwrap());
         assert!(first.windows(2).all(|w| w[1] == w[0] + 1));
+    }
+
+    #[test]
+    fn epoch_survives_reopen_and_a_lost_file_starts_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SeqAllocator::open(dir.path()).unwrap();
+        assert!(a.new_epoch() && a.epoch() != 0);
+        let b = SeqAllocator::open(dir.path()).unwrap();
+        assert_eq!(b.epoch(), a.epoch());
+        assert!(!b.new_epoch());
+        std::fs::remove_file(dir.path().join("seq")).unwrap();
+        let c = SeqAllocator::open(dir.path()).unwrap();
+        assert!(c.new_epoch());
+        assert_ne!(
+            c.epoch(),
+            a.epoch(),
+            "a lost seq file never reuses the epoch"
+        );
+    }
+
+    #[test]
+    fn a_seq_file_from_before_epochs_continues_under_epoch_0() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("seq"), "8193\n").unwrap();
+        let mut a = SeqAllocator::open(dir.path()).unwrap();
+        assert_eq!((a.epoch(), a.new_epoch()), (0, false));
+        assert_eq!(a.allocate().unwrap(), 8193);
     }
 
     #[test]

@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         agent_id: format!("flood-{run}"),
         hostname: "flood".into(),
         seq,
+        epoch: 1,
         profiles: (0..batch_len)
             .map(|i| {
                 let head = format!("{{\"id\":\"{seq}/{i}\",\"pad\":\"");

@@ -96,6 +96,11 @@ pub fn encode_batch(batch: &Batch, mut lines: Vec<u8>) -> EncodedBatch {
     // The part shared by every line of the batch, written once and copied.
     lines.extend_from_slice(b"{\"agent_id\":");
     push_json_str(&mut lines, &batch.agent_id);
+    if batch.epoch != 0 {
+        // Hex in a string, as in the agent's status: a JSON number loses bits in many readers.
+        lines.extend_from_slice(b",\"epoch\":");
+        push_json_str(&mut lines, &format!("{:016x}", batch.epoch));
+    }
     lines.extend_from_slice(b",\"hostname\":");
     push_json_str(&mut lines, &batch.hostname);
     lines.extend_from_slice(b",\"seq\":");
@@ -162,6 +167,7 @@ mod tests {
             agent_id: "agent-\"1\"".into(),
             hostname: "web\t1".into(),
             seq: u64::MAX,
+            epoch: 0,
             profiles,
             host_stats: None,
         }

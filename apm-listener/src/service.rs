@@ -177,8 +177,8 @@ async fn run_stream(
                         }
                         let buf = spare_bufs.pop().unwrap_or_default();
                         let encoded = encode_batch(&batch, buf);
-                        let agent_id = batch.agent_id;
-                        let sub = Submission { agent_id, seq, batch: encoded, reply: reply_tx };
+                        let series = crate::store::series(&batch.agent_id, batch.epoch);
+                        let sub = Submission { series, seq, batch: encoded, reply: reply_tx };
                         if shared.writer.send(WriterMsg::Batch(sub)).await.is_err() {
                             let _ = tx.send(Err(Status::unavailable("listener shutting down"))).await;
                             return StreamEnd::WriterGone;

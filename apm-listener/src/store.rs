@@ -38,8 +38,21 @@ pub enum StoreError {
     Thread(io::Error),
 }
 
-/// Seqs already stored, per agent.
+/// Seqs already stored, per series (see [`series`]).
 pub type Seen = HashMap<String, IntervalSet>;
+
+/// The dedup series of a batch: its agent and the epoch of its seq. An agent that lost its seq
+/// state starts a new epoch, so its seq 1 is new data, not a duplicate of the old seq 1.
+/// Epoch 0 (agents from before epochs) is the agent id alone, as before.
+pub fn series(agent_id: &str, epoch: u64) -> String {
+    if epoch == 0 {
+        agent_id.to_string()
+    } else {
+        // The unit separator cannot occur in an agent id that reached us as a JSON string key
+        // we wrote ourselves, so two series never collide.
+        format!("{agent_id}\u{1f}{epoch:016x}")
+    }
+}
 
 /// What recovery found in an existing output file.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -63,6 +76,8 @@ pub struct Recovery {
 struct LineKey<'a> {
     #[serde(borrow)]
     agent_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
     seq: u64,
     batch_len: Option<u64>,
     batch_index: Option<u64>,
@@ -89,7 +104,8 @@ fn parse_key<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<LineKey<'a>
 
 /// The batch whose lines are being read.
 struct OpenBatch {
-    agent_id: String,
+    /// Agent id and epoch ([`series`]).
+    series: String,
     seq: u64,
     len: u64,
     next_index: u64,
@@ -131,29 +147,33 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
             rec.foreign_lines += 1;
             if let Some(b) = open.take() {
                 rec.broken_batches += 1;
-                warn!(path = %path.display(), agent_id = %b.agent_id, seq = b.seq, offset = b.start,
+                warn!(path = %path.display(), series = %b.series, seq = b.seq, offset = b.start,
                       "incomplete batch inside the output file; not counted as stored");
             }
             warn!(path = %path.display(), offset = start, "output file line is not a listener line; left as is");
             good_end = offset;
             continue;
         };
+        let epoch = key
+            .epoch
+            .as_deref()
+            .and_then(|e| u64::from_str_radix(e, 16).ok())
+            .unwrap_or(0);
+        let key_series = series(&key.agent_id, epoch);
         let (Some(len), Some(index)) = (key.batch_len, key.batch_index) else {
             // A line without batch framing stands alone.
-            seen.entry(key.agent_id.into_owned())
-                .or_default()
-                .insert(key.seq);
+            seen.entry(key_series).or_default().insert(key.seq);
             rec.batches += 1;
             good_end = offset;
             continue;
         };
         let continues = open.as_ref().is_some_and(|b| {
-            b.agent_id == key.agent_id && b.seq == key.seq && b.len == len && b.next_index == index
+            b.series == key_series && b.seq == key.seq && b.len == len && b.next_index == index
         });
         if !continues {
             if let Some(b) = open.take() {
                 rec.broken_batches += 1;
-                warn!(path = %path.display(), agent_id = %b.agent_id, seq = b.seq, offset = b.start,
+                warn!(path = %path.display(), series = %b.series, seq = b.seq, offset = b.start,
                       "incomplete batch inside the output file; not counted as stored");
             }
             if index != 0 {
@@ -164,7 +184,7 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
                 continue;
             }
             open = Some(OpenBatch {
-                agent_id: key.agent_id.into_owned(),
+                series: key_series,
                 seq: key.seq,
                 len,
                 next_index: 0,
@@ -175,7 +195,7 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
             b.next_index += 1;
             if b.next_index == b.len {
                 let b = open.take().expect("checked above");
-                seen.entry(b.agent_id).or_default().insert(b.seq);
+                seen.entry(b.series).or_default().insert(b.seq);
                 rec.batches += 1;
                 good_end = offset;
             }
@@ -190,7 +210,7 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
             from = file_len,
             to = good_end,
             torn_line,
-            agent_id = open.as_ref().map(|b| b.agent_id.as_str()).unwrap_or(""),
+            series = open.as_ref().map(|b| b.series.as_str()).unwrap_or(""),
             seq = open.as_ref().map(|b| b.seq).unwrap_or(0),
             "truncating the torn tail of the output file: that batch was never acked and will be resent"
         );
@@ -267,7 +287,8 @@ pub struct Reply {
 /// One batch for the writer.
 #[derive(Debug)]
 pub struct Submission {
-    pub agent_id: String,
+    /// The batch's dedup series ([`series`]).
+    pub series: String,
     pub seq: u64,
     pub batch: EncodedBatch,
     pub reply: oneshot::Sender<Reply>,
@@ -394,9 +415,9 @@ impl Writer {
                     self.opts.fail_first
                 )))
             } else {
-                let set = match self.seen.get_mut(s.agent_id.as_str()) {
+                let set = match self.seen.get_mut(s.series.as_str()) {
                     Some(set) => set,
-                    None => self.seen.entry(s.agent_id.clone()).or_default(),
+                    None => self.seen.entry(s.series.clone()).or_default(),
                 };
                 if set.insert(s.seq) {
                     Pending::Write
@@ -414,7 +435,7 @@ impl Writer {
             let outcome = match (d, &written) {
                 (Pending::Write, Err(e)) => {
                     // Nothing of this group is stored: forget the seqs it added.
-                    if let Some(set) = self.seen.get_mut(s.agent_id.as_str()) {
+                    if let Some(set) = self.seen.get_mut(s.series.as_str()) {
                         set.remove(s.seq);
                     }
                     Outcome::Retry(e.clone())
@@ -523,6 +544,7 @@ mod tests {
             agent_id: agent.into(),
             hostname: "h".into(),
             seq,
+            epoch: 0,
             profiles: (0..n)
                 .map(|i| Profile {
                     payload: Bytes::from(format!("{{\"id\":\"{agent}-{seq}-{i}\"}}")),
@@ -684,7 +706,7 @@ mod tests {
                 let (tx, rx) = oneshot::channel();
                 rxs.push((b.seq, rx));
                 Submission {
-                    agent_id: b.agent_id.clone(),
+                    series: series(&b.agent_id, b.epoch),
                     seq: b.seq,
                     batch: encode_batch(&b, Vec::new()),
                     reply: tx,
@@ -737,6 +759,52 @@ mod tests {
         let content = std::fs::read(&path).expect("read");
         assert_eq!(content.iter().filter(|&&b| b == b'\n').count(), 5);
         assert_eq!(w.len, content.len() as u64);
+    }
+
+    /// The same agent id and seq under another epoch is new data (an agent that lost its seq
+    /// state), and the series survive a restart of the listener.
+    #[test]
+    fn epochs_are_separate_series_also_after_recovery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.jsonl");
+        let in_epoch = |epoch, seq| Batch {
+            epoch,
+            ..batch("a", seq, 1)
+        };
+        {
+            let (file, seen, rec) = open(&path).expect("open");
+            let stats = Arc::new(Stats::default());
+            let mut w = Writer::new(
+                file,
+                path.clone(),
+                rec.len,
+                seen,
+                WriterOptions::default(),
+                stats,
+            );
+            let out = submit(&mut w, vec![in_epoch(0, 1), in_epoch(7, 1), in_epoch(8, 1)]);
+            assert_eq!(out, vec![(1, Outcome::Stored); 3]);
+        }
+        let (file, seen, rec) = open(&path).expect("reopen");
+        assert_eq!(rec.batches, 3);
+        let stats = Arc::new(Stats::default());
+        let mut w = Writer::new(
+            file,
+            path.clone(),
+            rec.len,
+            seen,
+            WriterOptions::default(),
+            stats,
+        );
+        let out = submit(&mut w, vec![in_epoch(7, 1), in_epoch(9, 1), in_epoch(0, 1)]);
+        assert_eq!(
+            out,
+            vec![
+                (1, Outcome::Duplicate),
+                (1, Outcome::Stored),
+                (1, Outcome::Duplicate)
+            ]
+        );
     }
 
     /// A failed write answers RETRY and forgets the group's seqs, so the resend is stored.

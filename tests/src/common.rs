@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 /// `target/release` (or wherever this test binary lives): the test executable is in `deps/`.
+/// `APM_TEST_BIN_DIR` points the tests at other binaries (an installed package, or an older
+/// build to show that a test fails there).
 pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("APM_TEST_BIN_DIR") {
+        return PathBuf::from(d);
+    }
     let exe = std::env::current_exe().expect("current exe");
     exe.parent()
         .and_then(Path::parent)

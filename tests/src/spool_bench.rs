@@ -46,6 +46,7 @@ pub fn bench_write_replay(
     while bytes < total_bytes {
         let batch = Batch {
             seq: records,
+            epoch: 1,
             profiles: vec![Profile {
                 payload: payload.clone(),
                 received_ns: records,

@@ -633,3 +633,44 @@ fn spool_full_drop_newest_accounts_for_every_profile() {
     assert!(got.is_subset(&r.ok_ids("n")));
     agent.assert_no_panic();
 }
+
+/// Issue 11.1: with `central.agent_id` set in the config, a lost state dir used to restart `seq`
+/// at 1: the listener took the new batches for duplicates of the old ones, acked them, and the
+/// profiles were gone while the agent counted them delivered. A new state dir starts a new
+/// epoch: the dedup key never repeats, every profile of both runs is stored once.
+#[test]
+fn lost_state_dir_with_a_configured_agent_id_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let extra = format!("{FAST}[central]\nagent_id = \"web-1\"\n");
+    let mut expected = HashSet::new();
+    let mut epochs = Vec::new();
+    for (run, prefix) in ["before", "after"].iter().enumerate() {
+        let mut agent = Agent::start(dir.path(), &listener.endpoint(), "off", &extra);
+        let report = Sender::start(SendPlan {
+            count: 5000,
+            ..plan(&agent, prefix, 200, 0, false)
+        })
+        .join();
+        assert_eq!(
+            report.ok.len(),
+            5000,
+            "{prefix}: blocking sends all accepted"
+        );
+        expected.extend(report.ok_ids(prefix));
+        let s = wait_settled(&agent, 5000, Duration::from_secs(60));
+        assert_eq!(u(&s, "/delivered"), 5000, "{prefix}: {s}");
+        epochs.push(s["epoch"].clone());
+        assert_eq!(agent.proc.stop(Duration::from_secs(20)), Some(0));
+        if run == 0 {
+            // A new disk, a reinstall: the state is gone, the configured agent id is not.
+            std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+        }
+    }
+    let stored = stored_ids(&listener.out);
+    assert_exactly(&stored, &expected, "both runs, across the lost state dir");
+    assert!(
+        epochs[0].is_string() && epochs[1].is_string() && epochs[0] != epochs[1],
+        "a lost state dir starts a new epoch, shown in status: {epochs:?}"
+    );
+}

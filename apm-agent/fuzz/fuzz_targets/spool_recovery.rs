@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
                         rss_bytes: 0,
                     })
                     .collect();
-                seg.extend_from_slice(&record(seq, &Batch { seq, profiles }));
+                seg.extend_from_slice(&record(seq, &Batch { seq, epoch: 1, profiles }));
                 valid.insert(seq);
             }
             // Flip a byte somewhere in what is written so far (never in the header).

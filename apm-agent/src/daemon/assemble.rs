@@ -282,6 +282,8 @@ fn status_source(cfg: &Config, deps: &Deps, monitor: &Arc<Monitor>) -> StatusSou
         telemetry: deps.telemetry.clone(),
         php: deps.php.clone(),
         agent_id: deps.agent_id.clone(),
+        epoch: format!("{:016x}", deps.seqs.epoch()),
+        new_epoch: deps.seqs.new_epoch(),
         endpoint: cfg.central.endpoint.clone(),
         config_path: deps.config_path.clone(),
         ebpf: Arc::new(move || serde_json::to_value(m.status()).unwrap_or_default()),

@@ -119,6 +119,7 @@ async fn seal(
 ) -> Result<(), StateError> {
     let batch = Batch {
         seq: seqs.allocate()?,
+        epoch: seqs.epoch(),
         profiles,
     };
     if out.send(batch).await.is_err() {

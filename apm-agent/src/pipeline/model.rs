@@ -17,11 +17,13 @@ pub struct Profile {
     pub rss_bytes: u64,
 }
 
-/// A batch of profiles with its per-agent sequence number (assigned when the batch is sealed,
-/// kept through spool and replay so the listener can deduplicate).
+/// A batch of profiles with its per-agent sequence number and the epoch of that sequence
+/// (both assigned when the batch is sealed, kept through spool and replay so the listener can
+/// deduplicate by `(agent_id, epoch, seq)`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub seq: u64,
+    pub epoch: u64,
     pub profiles: Vec<Profile>,
 }
 
@@ -48,6 +50,7 @@ impl Batch {
             agent_id: agent_id.to_string(),
             hostname: hostname.to_string(),
             seq: self.seq,
+            epoch: self.epoch,
             profiles: self
                 .profiles
                 .iter()
@@ -66,6 +69,7 @@ impl Batch {
     pub fn from_proto(b: apm_proto::Batch) -> Self {
         Self {
             seq: b.seq,
+            epoch: b.epoch,
             profiles: b
                 .profiles
                 .into_iter()
@@ -99,6 +103,7 @@ mod tests {
     fn record_roundtrip() {
         let b = Batch {
             seq: 42,
+            epoch: 7,
             profiles: vec![Profile {
                 payload: Bytes::from_static(br#"{"a":1}"#),
                 received_ns: 7,

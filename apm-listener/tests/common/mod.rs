@@ -39,6 +39,7 @@ pub fn batch(agent: &str, seq: u64, n: usize) -> Batch {
         agent_id: agent.into(),
         hostname: format!("host-of-{agent}"),
         seq,
+        epoch: 0,
         profiles: (0..n)
             .map(|i| Profile {
                 payload: Bytes::from(format!(

@@ -232,27 +232,11 @@ fn parse_segment_name(name: &str) -> Option<u64> {
         .flatten()
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+use crate::fsutil::sync_dir;
 
-/// Writes `data` to `path` atomically and durably: temp file in the same directory, fsync,
-/// rename, fsync of the directory.
+/// Writes `data` to `path` atomically and durably (owner-only: spool and breaker state).
 pub fn write_atomic_durable(path: &Path, data: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    crate::fsutil::write_atomic(path, data, 0o600)
 }
 
 /// What [`Spool::make_room`] did.

@@ -21,6 +21,7 @@ fn cfg(dir: &Path) -> SpoolConfig {
 fn batch(seq: u64, profiles: usize, payload_len: usize) -> Batch {
     Batch {
         seq,
+        epoch: 1,
         profiles: (0..profiles)
             .map(|i| {
                 let head = format!("{{\"seq\":{seq},\"i\":{i},\"x\":\"");
