@@ -147,6 +147,8 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
+    // Before any thread exists: it clears the variables that name inherited descriptors.
+    let inherited = crate::daemon::handover::take_inherited();
     crate::daemon::memguard::tune_allocator();
     init_logging(&cfg);
     let rt = match runtime() {
@@ -156,7 +158,7 @@ fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(crate::daemon::run(cfg, config_path)) {
+    match rt.block_on(crate::daemon::run(cfg, config_path, inherited)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = %e, "agent failed");
@@ -297,7 +299,9 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
             return 1;
         }
     };
-    let (rd, wr) = match nix::unistd::pipe() {
+    // Close-on-exec on both ends: only the agent's own copy of the write end is made
+    // inheritable, in the child, just before its exec.
+    let (rd, wr) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("START_FAILED: pipe: {e}");

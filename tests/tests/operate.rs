@@ -99,6 +99,69 @@ fn start_status_stop_and_exit_codes() {
     );
 }
 
+/// Issue 15.1: `start` then `restart` used to leave a broken agent: the re-executed image found
+/// `APM_READY_FD` still set and wrote "ready" into, then closed, whatever descriptor it held
+/// under that number (tokio's I/O driver), so its workers panicked, ingest died and the spool
+/// lock was released, while `restart` said "restarted in place".
+#[test]
+fn start_then_restart_leaves_a_working_agent_that_holds_its_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let cfg = Agent::write_config(
+        dir.path(),
+        &listener.endpoint(),
+        "off",
+        "[batch]\nmax_age = \"50ms\"\n",
+    );
+    let o = cli(&cfg, &["start"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let pid = pid_of(dir.path());
+    let o = cli(&cfg, &["restart"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The new image is ready when its control socket answers with the same PID.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_at(&dir.path().join("run/control.sock"))
+        .is_none_or(|s| s["restarts"].as_u64() != Some(1))
+    {
+        assert!(Instant::now() < deadline, "no restarted agent answers");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(pid_of(dir.path()), pid, "restarted in place");
+    // The spool lock is still held: another taker is refused.
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("spool/spool.lock"))
+        .unwrap();
+    assert!(
+        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err(),
+        "the restarted agent must still hold the spool lock"
+    );
+    // Profiles still flow, each once.
+    let sock = UnixDatagram::unbound().unwrap();
+    for i in 0..500 {
+        sock.send_to(
+            format!("{{\"id\":\"r-{i}\"}}").as_bytes(),
+            dir.path().join("run/listener.sock"),
+        )
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listener.stored().len() < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 500 stored after the restart",
+            listener.stored().len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(dir.path().join("run/agent.log")).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
+    let o = cli(&cfg, &["stop"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!alive(pid), "stop stops the agent it reports stopped");
+}
+
 #[test]
 fn start_of_a_broken_config_fails_with_78_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();

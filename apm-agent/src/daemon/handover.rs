@@ -3,7 +3,7 @@
 //! self-restart), systemd's fd store (`systemctl restart`), and the re-exec that hands them on.
 //! Also readiness: systemd's `READY=1` or the pipe of `apm-agent start`.
 
-use std::os::fd::{AsFd, IntoRawFd};
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use crate::config::Config;
@@ -13,7 +13,11 @@ use crate::pipeline::ingest::Sockets;
 
 const INHERIT_ENV: &str = "APM_INHERIT_FDS";
 
-/// Descriptors handed down by a previous image of this process.
+/// `apm-agent start` passes the write end of its readiness pipe under this number.
+const READY_ENV: &str = "APM_READY_FD";
+
+/// Descriptors handed down by whoever started this process: a previous image of it, or
+/// `apm-agent start`.
 #[derive(Debug, Default)]
 pub struct Inherited {
     pub dgram: Option<i32>,
@@ -21,15 +25,22 @@ pub struct Inherited {
     pub pidfile: Option<i32>,
     pub queue_len: u32,
     pub restarts: u64,
+    /// The readiness pipe of `apm-agent start`, written once and closed at readiness.
+    pub ready: Option<OwnedFd>,
 }
 
-/// Reads (and clears) what a previous image handed down in `APM_INHERIT_FDS`.
+/// Reads and clears what was handed down (`APM_INHERIT_FDS`, `APM_READY_FD`). Call it first
+/// thing, before any thread runs: clearing the variables is what keeps a re-executed image from
+/// taking a descriptor number it no longer owns for one it was given.
 pub fn take_inherited() -> Inherited {
-    let mut i = Inherited::default();
+    let mut i = Inherited {
+        ready: take_ready_fd(),
+        ..Inherited::default()
+    };
     let Ok(v) = std::env::var(INHERIT_ENV) else {
         return i;
     };
-    // SAFETY: called at start, before the runtime spawns threads that read the environment.
+    // SAFETY: called at start, before any other thread exists.
     unsafe { std::env::remove_var(INHERIT_ENV) };
     for kv in v.split(',') {
         let Some((k, v)) = kv.split_once('=') else {
@@ -93,19 +104,34 @@ pub fn to_fd_store(sockets: &Sockets) -> bool {
     a && b
 }
 
-/// Tells whoever started us that we are ready (systemd `READY=1`, or `apm-agent start`'s pipe).
-pub fn notify_ready(status: &str) {
+/// The readiness pipe named by `APM_READY_FD`, if that number is an open pipe; the variable is
+/// removed either way.
+fn take_ready_fd() -> Option<OwnedFd> {
+    let v = std::env::var(READY_ENV).ok()?;
+    // SAFETY: called at start, before any other thread exists.
+    unsafe { std::env::remove_var(READY_ENV) };
+    let fd = v.parse::<i32>().ok().filter(|&fd| fd > 2)?;
+    // Only a pipe: a stale or forged number must not make us write into (and close) an
+    // unrelated descriptor.
+    // SAFETY: fstat only reads the descriptor table; an unused number is EBADF.
+    let st = nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).ok()?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return None;
+    }
+    // SAFETY: the number is open (fstat succeeded) and is the pipe `apm-agent start` handed us;
+    // nothing else in this process owns it, and the variable naming it is gone.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Tells whoever started us that we are ready (systemd `READY=1`, and `apm-agent start`'s pipe,
+/// which is then closed).
+pub fn notify_ready(status: &str, ready: Option<OwnedFd>) {
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(status),
     ]);
-    if let Some(fd) = std::env::var("APM_READY_FD")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    {
-        // SAFETY: `apm-agent start` passed us the write end of a pipe under this number.
-        let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let _ = std::io::Write::write_all(&mut &f, b"ready\n");
+    if let Some(fd) = ready {
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(fd), b"ready\n");
     }
 }
 

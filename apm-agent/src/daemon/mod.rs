@@ -31,14 +31,18 @@ pub mod exit {
     pub const CONFIG: i32 = crate::config::EX_CONFIG;
 }
 
-/// Runs the agent until a stop; returns the process exit code.
-pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<i32, StartError> {
-    let inherited = handover::take_inherited();
+/// Runs the agent until a stop; returns the process exit code. `inherited` is what
+/// [`handover::take_inherited`] found before the runtime started.
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    mut inherited: Inherited,
+) -> Result<i32, StartError> {
     let (pid, deps, fd_store) = acquire(&cfg, config_path, &inherited)?;
     let mut pipeline = Pipeline::spawn(&cfg, deps).await?;
     let signals = signals::install()?;
     tracing::info!(agent_id = %pipeline.status.agent_id, endpoint = %cfg.central.endpoint, socket = %cfg.ingest.socket.display(), "agent ready");
-    handover::notify_ready("receiving profiles");
+    handover::notify_ready("receiving profiles", inherited.ready.take());
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         let (live, status) = (pipeline.live.clone(), pipeline.status.clone());
         tokio::spawn(signals::watchdog(live, status, pipeline.control_stop()));
