@@ -194,7 +194,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
     let monitor_stop = CancellationToken::new(); // eBPF: detach last, after the final counts
 
     let mut registry = Registry::default();
-    telemetry.register(&mut registry);
+    telemetry.register(
+        &mut registry,
+        crate::telemetry::ScrapeContext::new(&cfg, php.clone()),
+    );
 
     // eBPF before ingest: profiles are stamped with their sender's RSS from the first one, and
     // readiness means "attached, or consciously skipped".
@@ -381,7 +384,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<i3
                 tokio::select! { _ = tick.tick() => {}, () = stop.cancelled() => break }
                 let rss = crate::telemetry::self_rss_bytes();
                 t.agent_rss_bytes.set(rss as i64);
-                match ladder.check(rss, limit) {
+                match t.memory_guard(ladder.check(rss, limit)) {
                     crate::memguard::Action::None => {}
                     crate::memguard::Action::Spill => {
                         tracing::warn!(

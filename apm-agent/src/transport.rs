@@ -323,11 +323,12 @@ impl Transport {
                             tracing::debug!(seq = ack.seq, "ack for a batch not in flight (already settled)");
                             continue;
                         };
-                        let (batch, _) = inflight.remove(pos).expect("position is valid");
+                        let (batch, sent) = inflight.remove(pos).expect("position is valid");
                         self.telemetry.in_flight_batches.set(inflight.len() as i64);
                         match AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified) {
                             AckStatus::Ok => {
                                 backoff.reset();
+                                self.telemetry.acked(sent.elapsed(), batch.len(), batch.payload_bytes());
                                 self.telemetry.last_acked_seq.set(batch.seq as i64);
                                 let _ = outcomes.send(Outcome::Acked {
                                     seq: batch.seq,
