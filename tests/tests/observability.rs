@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -447,4 +448,82 @@ fn dashboard_and_alert_queries_resolve() {
         missing.join("\n"),
         scrape.text
     );
+}
+
+/// An agent that may not load eBPF (here: run as `nobody`) runs without it and says why, in
+/// status and in `/metrics` (what the ApmEbpfDown alert and docs/troubleshooting.md rely on).
+#[test]
+fn ebpf_degraded_is_reported_in_status_and_metrics() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!in_ci(), "CI runs the tests as root");
+        println!("SKIP (not root, not CI): needs root to start the agent as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // `nobody` must reach the binary (the checkout may be private) and write the directories.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let exe = dir.path().join("apm-agent");
+    std::fs::copy(apm_tests::common::bin("apm-agent"), &exe).unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let port = free_port();
+    let config = Agent::write_config(
+        dir.path(),
+        &listener.endpoint(),
+        "auto",
+        &format!("[control]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    );
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    for d in ["run", "."] {
+        std::fs::set_permissions(dir.path().join(d), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+    }
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&exe)
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let _agent = apm_tests::common::Proc {
+        child,
+        name: "apm-agent (nobody)".into(),
+    };
+    let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    let control = dir.path().join("run/control.sock");
+    let mut status = None;
+    for _ in 0..300 {
+        status = apm_tests::common::status_at(&control);
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status.unwrap_or_else(|| panic!("the agent is not ready:\n{}", log()));
+    assert_eq!(status["ebpf"]["state"], "degraded", "{status}");
+    let reason = status["ebpf"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("root"),
+        "the reason says what is missing: {reason}"
+    );
+    let scrape = Scrape::parse(http_get(port, "/metrics"));
+    assert_eq!(scrape.value("apm_ebpf_up", ""), Some(0.0));
+    assert_eq!(
+        scrape.value("apm_ebpf_state", "state=\"degraded\""),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("apm_ebpf_state", "state=\"running\""),
+        Some(0.0)
+    );
+    // Without eBPF the sample rate is still exported.
+    assert_eq!(scrape.value("apm_sample_rate", ""), Some(1.0));
 }

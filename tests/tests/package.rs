@@ -306,6 +306,19 @@ fn debian_package_installs_runs_and_purges() {
         agent_log()
     );
 
+    // docs/upgrade.md: installing over an installed package keeps a local edit of the conffile
+    // and the agent's state (its id, so the listener's dedup key stays the same).
+    let agent_id = std::fs::read_to_string("/var/lib/bitville-apm/agent_id").unwrap();
+    let mut edited = std::fs::read_to_string(CONFIG).unwrap();
+    edited.push_str("# edited on this host\n");
+    std::fs::write(CONFIG, &edited).unwrap();
+    ok(Command::new("dpkg").arg("-i").arg(&deb));
+    assert_eq!(std::fs::read_to_string(CONFIG).unwrap(), edited);
+    assert_eq!(
+        std::fs::read_to_string("/var/lib/bitville-apm/agent_id").unwrap(),
+        agent_id
+    );
+
     // Purge leaves nothing behind: files, state, runtime directory, enablement, group.
     ok(Command::new("dpkg").args(["--purge", PACKAGE]));
     assert!(!installed());
