@@ -312,8 +312,11 @@ pub struct EbpfConfig {
     pub latency_high: Duration,
     /// Processes tracked at once (sizes the eBPF maps); beyond it the least recently used go.
     pub max_processes: u32,
-    /// Workers listed in status and given per-worker metrics (highest RSS first).
+    /// Workers listed in status (and in per-worker metrics when enabled), highest RSS first.
     pub max_listed_workers: usize,
+    /// Export `apm_ebpf_worker_rss_bytes{pool,pid}`. Off by default: every worker PHP-FPM
+    /// recycles would start a new series in Prometheus.
+    pub worker_metrics: bool,
 }
 
 impl Default for EbpfConfig {
@@ -329,6 +332,7 @@ impl Default for EbpfConfig {
             latency_high: Duration::from_millis(1), // a non-blocking local send takes ~3 us
             max_processes: 4096,   // a few large pools; ~1.6 MiB of maps
             max_listed_workers: 64, // bounds status size and per-worker metric series
+            worker_metrics: false, // per-pool figures by default: no series churn per worker
         }
     }
 }

@@ -19,6 +19,7 @@ pub enum KillReason {
 }
 
 impl KillReason {
+    pub const ALL: [KillReason; 2] = [Self::Paused, Self::SpoolHighWater];
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Paused => "paused",

@@ -5,11 +5,19 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::daemon::memguard::Action;
+use crate::phpctl::{KillReason, PhpControl};
 
 /// Why an input was refused at ingest. Rejected input is never forwarded.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -118,7 +126,31 @@ macro_rules! label_value {
         }
     )*};
 }
-label_value!(RejectReason, DropReason, Socket);
+/// What the memory guard did (see memguard.rs), as the `action` label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum GuardAction {
+    Spill,
+    LowerSampleRate,
+    Restart,
+}
+
+impl GuardAction {
+    pub const ALL: [GuardAction; 3] = [Self::Spill, Self::LowerSampleRate, Self::Restart];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Spill => "spill",
+            Self::LowerSampleRate => "lower_sample_rate",
+            Self::Restart => "restart",
+        }
+    }
+}
+
+label_value!(RejectReason, DropReason, Socket, GuardAction);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardLabels {
+    pub action: GuardAction,
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SocketLabels {
@@ -126,7 +158,7 @@ pub struct SocketLabels {
 }
 
 /// Counters and gauges of the whole agent. Cheap to clone handles (each metric is an `Arc`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Telemetry {
     /// Valid profiles accepted at ingest (both sockets).
     pub received: Family<SocketLabels, Counter>,
@@ -150,14 +182,73 @@ pub struct Telemetry {
     pub stream_connections: Gauge,
     pub spooled_batches: Gauge,
     pub spool_bytes: Gauge,
-    /// 0 closed, 1 open, 2 half-open.
+    /// 0 closed, 1 open, 2 half-open; exported as `apm_breaker_state{state}` (one series each).
     pub breaker_state: Gauge,
+    /// Last RSS the memory guard read (for `host_stats`); `/metrics` exports
+    /// `process_resident_memory_bytes` instead, read at each scrape.
     pub agent_rss_bytes: Gauge,
     /// Effective kernel queue length of the datagram socket.
     pub dgram_queue_len: Gauge,
     /// Last acknowledged batch seq (monotonic per agent).
     pub last_acked_seq: Gauge,
+    /// Seconds from sending a batch to its OK ack.
+    pub ack_latency: Histogram,
+    /// Profiles per acknowledged batch.
+    pub batch_profiles: Histogram,
+    /// Payload bytes per acknowledged batch.
+    pub batch_bytes: Histogram,
+    /// Memory guard steps taken, by action.
+    pub memory_guard: Family<GuardLabels, Counter>,
     started: AtomicU64,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        let t = Self {
+            received: Family::default(),
+            received_bytes: Counter::default(),
+            rejected: Family::default(),
+            delivered: Counter::default(),
+            delivered_batches: Counter::default(),
+            dropped: Family::default(),
+            send_failures: Counter::default(),
+            reconnects: Counter::default(),
+            in_flight_batches: Gauge::default(),
+            memory_payload_bytes: Gauge::default(),
+            backpressure: Gauge::default(),
+            backpressure_episodes: Counter::default(),
+            stream_connections: Gauge::default(),
+            spooled_batches: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            breaker_state: Gauge::default(),
+            agent_rss_bytes: Gauge::default(),
+            dgram_queue_len: Gauge::default(),
+            last_acked_seq: Gauge::default(),
+            // 1 ms .. 16 s: a local listener acks in milliseconds, `central.ack_timeout` is 15 s.
+            ack_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 1 .. 4096 profiles (`batch.max_items` defaults to 1000).
+            batch_profiles: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            // 1 KiB .. 256 MiB.
+            batch_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 10)),
+            memory_guard: Family::default(),
+            started: AtomicU64::new(0),
+        };
+        // Every labelled series exists from the start at 0, so `rate()` and alerts see the
+        // first increment instead of a series appearing out of nowhere.
+        for socket in [Socket::Dgram, Socket::Stream] {
+            let _ = t.received.get_or_create(&SocketLabels { socket });
+        }
+        for reason in RejectReason::ALL {
+            let _ = t.rejected.get_or_create(&RejectLabels { reason });
+        }
+        for reason in DropReason::ALL {
+            let _ = t.dropped.get_or_create(&DropLabels { reason });
+        }
+        for action in GuardAction::ALL {
+            let _ = t.memory_guard.get_or_create(&GuardLabels { action });
+        }
+        t
+    }
 }
 
 impl Telemetry {
@@ -165,6 +256,29 @@ impl Telemetry {
         let t = Self::default();
         t.started.store(now_ns(), Ordering::Relaxed);
         Arc::new(t)
+    }
+
+    /// Counts a memory guard step and hands the action back (`match t.memory_guard(...)`).
+    pub fn memory_guard(&self, action: Action) -> Action {
+        let counted = match action {
+            Action::None => None,
+            Action::Spill => Some(GuardAction::Spill),
+            Action::LowerSampleRate => Some(GuardAction::LowerSampleRate),
+            Action::Restart => Some(GuardAction::Restart),
+        };
+        if let Some(action) = counted {
+            self.memory_guard
+                .get_or_create(&GuardLabels { action })
+                .inc();
+        }
+        action
+    }
+
+    /// An OK ack: how long the batch waited for it, and its size.
+    pub fn acked(&self, latency: std::time::Duration, profiles: usize, bytes: usize) {
+        self.ack_latency.observe(latency.as_secs_f64());
+        self.batch_profiles.observe(profiles as f64);
+        self.batch_bytes.observe(bytes as f64);
     }
 
     pub fn reject(&self, reason: RejectReason) {
@@ -210,9 +324,38 @@ impl Telemetry {
         now_ns().saturating_sub(self.started.load(Ordering::Relaxed)) / 1_000_000_000
     }
 
-    /// Registers every metric under the `apm_` prefix. Counters get `_total` from the client.
-    pub fn register(&self, reg: &mut Registry) {
+    /// Registers every metric: the agent's under the `apm_` prefix (counters get `_total` from
+    /// the client), plus `apm_build_info`, the PHP-facing controls, and the standard `process_*`
+    /// metrics. Every name is listed in docs/metrics.md (checked by tests/tests/observability.rs).
+    pub fn register(&self, reg: &mut Registry, ctx: ScrapeContext) {
+        reg.register_collector(Box::new(ProcessCollector));
         let r = reg.sub_registry_with_prefix("apm");
+        r.register_collector(Box::new(AgentCollector {
+            breaker_state: self.breaker_state.clone(),
+            ctx,
+        }));
+        r.register_with_unit(
+            "ack_latency",
+            "Time from sending a batch to the central listener's OK ack",
+            Unit::Seconds,
+            self.ack_latency.clone(),
+        );
+        r.register(
+            "batch_profiles",
+            "Profiles per batch acknowledged by the central listener",
+            self.batch_profiles.clone(),
+        );
+        r.register_with_unit(
+            "batch",
+            "Payload bytes per batch acknowledged by the central listener",
+            Unit::Bytes,
+            self.batch_bytes.clone(),
+        );
+        r.register(
+            "memory_guard_actions",
+            "Steps taken by the memory guard (RSS over limits.max_memory_mb), by action",
+            self.memory_guard.clone(),
+        );
         r.register(
             "received",
             "Valid profiles accepted at ingest",
@@ -289,16 +432,6 @@ impl Telemetry {
             self.spool_bytes.clone(),
         );
         r.register(
-            "breaker_state",
-            "Circuit breaker: 0 closed, 1 open, 2 half-open",
-            self.breaker_state.clone(),
-        );
-        r.register(
-            "agent_rss_bytes",
-            "The agent's resident memory",
-            self.agent_rss_bytes.clone(),
-        );
-        r.register(
             "dgram_queue_len",
             "Effective kernel queue length of the datagram socket",
             self.dgram_queue_len.clone(),
@@ -308,6 +441,236 @@ impl Telemetry {
             "Highest batch seq acknowledged",
             self.last_acked_seq.clone(),
         );
+    }
+}
+
+/// What `/metrics` reads besides the counters: the PHP control files and two configured limits.
+#[derive(Debug, Clone)]
+pub struct ScrapeContext {
+    pub php: Arc<PhpControl>,
+    /// `spool.max_bytes`.
+    pub spool_max_bytes: u64,
+    /// `limits.max_memory_mb` in bytes.
+    pub memory_limit_bytes: u64,
+}
+
+impl ScrapeContext {
+    pub fn new(cfg: &crate::config::Config, php: Arc<PhpControl>) -> Self {
+        Self {
+            php,
+            spool_max_bytes: cfg.spool.max_bytes,
+            memory_limit_bytes: cfg.limits.max_memory_mb * 1024 * 1024,
+        }
+    }
+}
+
+/// Values computed at scrape time: the breaker as a state set, the build, the PHP controls.
+#[derive(Debug)]
+struct AgentCollector {
+    breaker_state: Gauge,
+    ctx: ScrapeContext,
+}
+
+fn const_gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: V,
+) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    let m = enc.encode_descriptor(name, help, unit, g.metric_type())?;
+    g.encode(m)
+}
+
+/// A gauge family with one series per `(label, value)`, e.g. a state set (1 for the current).
+fn gauge_set(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, i64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (v, g) in values {
+        ConstGauge::new(*g).encode(m.encode_family(&[(label, *v)])?)?;
+    }
+    Ok(())
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let state = self.breaker_state.get();
+        gauge_set(
+            &mut enc,
+            "breaker_state",
+            "Circuit breaker state: 1 for the current state, 0 for the others",
+            "state",
+            &[
+                ("closed", i64::from(state == 0)),
+                ("open", i64::from(state == 1)),
+                ("half_open", i64::from(state == 2)),
+            ],
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "build_info",
+                "Always 1; the agent's version as a label",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(1i64)
+                .encode(m.encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?)?;
+        }
+        let php = &self.ctx.php;
+        const_gauge(
+            &mut enc,
+            "sample_rate",
+            "Sample rate handed to PHP (listener.php sends this share of requests)",
+            None,
+            php.sample_rate(),
+        )?;
+        let raised = php.kill_reasons();
+        let reasons: Vec<(&str, i64)> = KillReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), i64::from(raised.contains(&r.as_str()))))
+            .collect();
+        gauge_set(
+            &mut enc,
+            "kill_switch",
+            "1 while PHP's kill switch is raised for this reason (listener.php sends nothing)",
+            "reason",
+            &reasons,
+        )?;
+        const_gauge(
+            &mut enc,
+            "spool_max",
+            "Configured spool capacity (spool.max_bytes)",
+            Some(&Unit::Bytes),
+            self.ctx.spool_max_bytes,
+        )?;
+        const_gauge(
+            &mut enc,
+            "memory_limit",
+            "RSS over which the memory guard acts (limits.max_memory_mb)",
+            Some(&Unit::Bytes),
+            self.ctx.memory_limit_bytes,
+        )?;
+        Ok(())
+    }
+}
+
+/// The standard `process_*` metrics (as the Go and Python clients export them), read from
+/// `/proc/self` at each scrape: prometheus-client has no process collector of its own.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// The figures of `/proc/self/stat` that `process_*` needs.
+#[derive(Debug, Default, PartialEq)]
+struct ProcStat {
+    cpu_ticks: u64,
+    threads: u64,
+    start_ticks: u64,
+    vsize: u64,
+    rss_pages: u64,
+}
+
+/// Parses `/proc/<pid>/stat`; the fields are counted after the `)` closing the command name,
+/// which may itself contain spaces and parentheses.
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    // rest starts at field 3 (state); field N is at index N - 3.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        cpu_ticks: num(14)? + num(15)?,
+        threads: num(20)?,
+        start_ticks: num(22)?,
+        vsize: num(23)?,
+        rss_pages: num(24)?,
+    })
+}
+
+fn boot_time_s() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let Some(st) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|t| parse_stat(&t))
+        else {
+            return Ok(());
+        };
+        // SAFETY: sysconf only reads a system constant.
+        let (tck, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+                libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+            )
+        };
+        let cpu = ConstCounter::new(st.cpu_ticks as f64 / tck);
+        cpu.encode(enc.encode_descriptor(
+            "process_cpu",
+            "Total user and system CPU time spent",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?)?;
+        const_gauge(
+            &mut enc,
+            "process_resident_memory",
+            "Resident memory size (the agent's one RSS metric)",
+            Some(&Unit::Bytes),
+            st.rss_pages * page,
+        )?;
+        const_gauge(
+            &mut enc,
+            "process_virtual_memory",
+            "Virtual memory size",
+            Some(&Unit::Bytes),
+            st.vsize,
+        )?;
+        if let Some(btime) = boot_time_s() {
+            const_gauge(
+                &mut enc,
+                "process_start_time",
+                "Start time of the process since the Unix epoch",
+                Some(&Unit::Seconds),
+                btime as f64 + st.start_ticks as f64 / tck,
+            )?;
+        }
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        const_gauge(
+            &mut enc,
+            "process_open_fds",
+            "Open file descriptors",
+            None,
+            fds,
+        )?;
+        if let Ok((soft, _)) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        {
+            const_gauge(
+                &mut enc,
+                "process_max_fds",
+                "Maximum number of open file descriptors (RLIMIT_NOFILE soft limit)",
+                None,
+                soft,
+            )?;
+        }
+        const_gauge(
+            &mut enc,
+            "process_threads",
+            "OS threads in the process",
+            None,
+            st.threads,
+        )?;
+        Ok(())
     }
 }
 
@@ -328,4 +691,85 @@ pub fn self_rss_bytes() -> u64 {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map_or(0, |pages| pages * page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        // A command name with spaces and a ')' must not shift the fields.
+        let line = "42 (php-fpm: pool (www)) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 \
+                    5 0 12345 1000000 250 18446744073709551615";
+        let st = parse_stat(line).unwrap();
+        assert_eq!(
+            st,
+            ProcStat {
+                cpu_ticks: 10,
+                threads: 5,
+                start_ticks: 12345,
+                vsize: 1_000_000,
+                rss_pages: 250,
+            }
+        );
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    fn scrape(t: &Telemetry, ctx: ScrapeContext) -> String {
+        let mut reg = Registry::default();
+        t.register(&mut reg, ctx);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        out
+    }
+
+    #[test]
+    fn scrape_follows_prometheus_conventions() {
+        let dir = tempfile::tempdir().unwrap();
+        let php = Arc::new(PhpControl::new(dir.path()).unwrap());
+        let ctx = ScrapeContext {
+            php: php.clone(),
+            spool_max_bytes: 1 << 30,
+            memory_limit_bytes: 256 << 20,
+        };
+        let t = Telemetry::new();
+        t.breaker_state.set(2);
+        php.raise(KillReason::Paused).unwrap();
+        php.set_sample_rate(0.5).unwrap();
+        t.acked(std::time::Duration::from_millis(3), 10, 5000);
+        t.memory_guard(Action::Spill);
+        let out = scrape(&t, ctx);
+        for want in [
+            r#"apm_breaker_state{state="closed"} 0"#,
+            r#"apm_breaker_state{state="open"} 0"#,
+            r#"apm_breaker_state{state="half_open"} 1"#,
+            concat!(
+                r#"apm_build_info{version=""#,
+                env!("CARGO_PKG_VERSION"),
+                r#""} 1"#
+            ),
+            "apm_sample_rate 0.5",
+            r#"apm_kill_switch{reason="paused"} 1"#,
+            r#"apm_kill_switch{reason="spool_high_water"} 0"#,
+            "apm_spool_max_bytes 1073741824",
+            "apm_memory_limit_bytes 268435456",
+            "apm_ack_latency_seconds_count 1",
+            r#"apm_ack_latency_seconds_bucket{le="0.004"} 1"#,
+            "apm_batch_profiles_sum 10.0",
+            "apm_batch_bytes_sum 5000.0",
+            r#"apm_memory_guard_actions_total{action="spill"} 1"#,
+            r#"apm_memory_guard_actions_total{action="restart"} 0"#,
+            r#"apm_dropped_total{reason="spool_full"} 0"#,
+            "# TYPE process_cpu_seconds counter",
+            "# TYPE process_resident_memory_bytes gauge",
+            "# TYPE process_start_time_seconds gauge",
+            "# TYPE process_open_fds gauge",
+            "# TYPE process_max_fds gauge",
+        ] {
+            assert!(out.contains(want), "missing `{want}` in:\n{out}");
+        }
+        assert!(!out.contains("_ns"), "a metric not in base units:\n{out}");
+        assert!(!out.contains("apm_agent_rss_bytes"), "{out}");
+    }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod bench_ebpf;
 mod bench_php;
 mod demo;
+mod dist;
 mod ebpf;
 mod live;
 mod setup;
@@ -51,6 +52,8 @@ enum Cmd {
     },
     /// Benchmarks (not tests): prints tables and writes docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// The Debian package target/dist/<name>_<version>_<arch>.deb (installs cargo-deb if missing).
+    Dist,
 }
 
 fn main() -> Result<()> {
@@ -88,6 +91,10 @@ fn main() -> Result<()> {
                 Some(secs) => fuzz_all(&root, secs),
                 None => Ok(()),
             }
+        }
+        Cmd::Dist => {
+            setup::ebpf()?;
+            dist::run(&root).map(|_| ())
         }
         Cmd::Bench(args) => {
             if !args.no_build {
@@ -210,6 +217,8 @@ fn test(root: &Path, no_lint: bool, rest: &[String]) -> Result<()> {
             .env("APM_EBPF_OBJECT", &obj)
             .args(["build", "--release", "--workspace", "--bins"]),
     )?;
+    // tests/tests/package.rs installs the package.
+    dist::package(root, &obj)?;
     let mut t = cargo();
     t.current_dir(root).env("APM_EBPF_OBJECT", &obj).args([
         "test",

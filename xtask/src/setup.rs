@@ -18,6 +18,14 @@ pub const ALL_PACKAGES: &[(&str, &str)] = &[
     ("libfcgi-bin", "cgi-fcgi, drives PHP-FPM in tests"),
     ("supervisor", "the supervisord integration test"),
     ("bpftrace", "the eBPF overhead benchmark's baseline"),
+    (
+        "prometheus",
+        "promtool: checks and unit-tests the alert rules, parses the dashboard's queries",
+    ),
+    (
+        "lintian",
+        "checks the Debian package built by `cargo xtask dist`",
+    ),
 ];
 
 /// What `cargo xtask run` needs for the real PHP demo.

@@ -91,7 +91,10 @@ impl Pipeline {
             monitor: CancellationToken::new(),
         };
         let mut registry = Registry::default();
-        deps.telemetry.register(&mut registry);
+        deps.telemetry.register(
+            &mut registry,
+            crate::telemetry::ScrapeContext::new(cfg, deps.php.clone()),
+        );
         // eBPF before ingest: profiles are stamped with their sender's RSS from the first one,
         // and readiness means "attached, or consciously skipped".
         let monitor = start_monitor(cfg, &deps, stop.monitor.clone()).await?;

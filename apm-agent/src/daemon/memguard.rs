@@ -33,7 +33,10 @@ impl Guard {
             tokio::select! { _ = tick.tick() => {}, () = stop.cancelled() => return false }
             let rss = crate::telemetry::self_rss_bytes();
             self.telemetry.agent_rss_bytes.set(rss as i64);
-            if self.act(ladder.check(rss, self.limit), rss) {
+            if self.act(
+                self.telemetry.memory_guard(ladder.check(rss, self.limit)),
+                rss,
+            ) {
                 return true;
             }
         }

@@ -1,6 +1,7 @@
 //! `/metrics` for the monitor: a collector that encodes the latest snapshot at each scrape, so
 //! series of exited workers disappear instead of lingering. Cardinality: socket x errno, at
-//! most 32 pools (+ `other`), at most `ebpf.max_listed_workers` per-worker series.
+//! most 32 pools (+ `other`); per-worker series (a `pid` label) only with `ebpf.worker_metrics`,
+//! at most `ebpf.max_listed_workers` of them.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
 
 use super::{Shared, State};
 
@@ -18,6 +20,8 @@ pub struct PoolStats {
     pub pool: String,
     pub processes: u64,
     pub rss_bytes: u64,
+    /// RSS of the pool's largest process.
+    pub max_rss_bytes: u64,
     pub sends_ok: u64,
     pub sends_failed: u64,
     pub drops: u64,
@@ -80,6 +84,21 @@ impl prometheus_client::collector::Collector for Collector {
         let sh = &self.shared;
         let up = i64::from(sh.state == State::Running);
         gauge(&mut enc, "up", "1 while the eBPF programs are attached", up)?;
+        {
+            let mut m = enc.encode_descriptor(
+                "state",
+                "eBPF monitor state: 1 for the current one (degraded: wanted but cannot run)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, on) in [
+                ("running", sh.state == State::Running),
+                ("degraded", matches!(sh.state, State::Degraded(_))),
+                ("disabled", matches!(sh.state, State::Disabled(_))),
+            ] {
+                ConstGauge::new(i64::from(on)).encode(m.encode_family(&[("state", name)])?)?;
+            }
+        }
         if up == 0 {
             return Ok(());
         }
@@ -130,12 +149,15 @@ impl prometheus_client::collector::Collector for Collector {
             }
         }
         let st = &s.host[SockKind::Stream as usize].c;
-        counter(
-            &mut enc,
-            "stream_wait_ns",
-            "Time PHP waited between an EAGAIN on the stream socket and the retry that succeeded",
-            st.blocked_ns,
-        )?;
+        {
+            let c = ConstCounter::new(st.blocked_ns as f64 / 1e9);
+            c.encode(enc.encode_descriptor(
+                "stream_wait",
+                "Time PHP waited between an EAGAIN on the stream socket and the retry that succeeded",
+                Some(&Unit::Seconds),
+                c.metric_type(),
+            )?)?;
+        }
         counter(
             &mut enc,
             "drops",
@@ -153,18 +175,6 @@ impl prometheus_client::collector::Collector for Collector {
             "unaccounted_alarm",
             "1 while kernel and agent datagram counts disagree beyond what the queue can hold",
             i64::from(s.alarm),
-        )?;
-        gauge(
-            &mut enc,
-            "sample_rate",
-            "Sample rate handed to PHP",
-            s.sample_rate,
-        )?;
-        gauge(
-            &mut enc,
-            "agent_rss_bytes",
-            "The agent's RSS as the kernel reports it",
-            s.agent_rss,
         )?;
         {
             let mut m = enc.encode_descriptor(
@@ -191,6 +201,11 @@ impl prometheus_client::collector::Collector for Collector {
             ("pool_rss_bytes", "RSS of a pool's processes", |p| {
                 p.rss_bytes
             }),
+            (
+                "pool_max_worker_rss_bytes",
+                "RSS of a pool's largest process",
+                |p| p.max_rss_bytes,
+            ),
         ] {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for p in &s.pools {
@@ -211,7 +226,7 @@ impl prometheus_client::collector::Collector for Collector {
                 }
             }
         }
-        {
+        if sh.cfg.worker_metrics {
             let mut m = enc.encode_descriptor(
                 "worker_rss_bytes",
                 "RSS of the largest PHP workers (at most ebpf.max_listed_workers series)",
@@ -261,6 +276,7 @@ mod tests {
             pool: "www".into(),
             processes: 2,
             rss_bytes: 100,
+            max_rss_bytes: 1000,
             sends_ok: 7,
             sends_failed: 3,
             drops: 3,
@@ -275,6 +291,7 @@ mod tests {
         }
         let cfg = crate::config::EbpfConfig {
             max_listed_workers: 5,
+            worker_metrics: true,
             ..Default::default()
         };
         let shared = Arc::new(Shared {
@@ -285,6 +302,7 @@ mod tests {
             snap: arc_swap::ArcSwap::from_pointee(snap),
             php,
         });
+        let (shared_snap, shared_php) = (shared.snap.load_full(), shared.php.clone());
         let mut reg = prometheus_client::registry::Registry::default();
         reg.sub_registry_with_prefix("apm_ebpf")
             .register_collector(Box::new(Collector::new(shared)));
@@ -303,5 +321,26 @@ mod tests {
             5,
             "{out}"
         );
+        assert!(out.contains(r#"apm_ebpf_pool_max_worker_rss_bytes{pool="www"} 1000"#));
+        assert!(
+            out.contains(r#"apm_ebpf_state{state="running"} 1"#),
+            "{out}"
+        );
+
+        // By default no series carries a pid: PHP-FPM recycling workers must not churn series.
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.sub_registry_with_prefix("apm_ebpf")
+            .register_collector(Box::new(Collector::new(Arc::new(Shared {
+                cfg: crate::config::EbpfConfig::default(),
+                dgram: "/d".into(),
+                stream: "/s".into(),
+                snap: arc_swap::ArcSwap::from_pointee((*shared_snap).clone()),
+                php: shared_php,
+                state: State::Running,
+            }))));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(!out.contains("pid="), "{out}");
+        assert!(out.contains("apm_ebpf_pool_rss_bytes"), "{out}");
     }
 }

@@ -493,6 +493,7 @@ impl Poller {
             let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
             p.processes += 1;
             p.rss_bytes += w.rss_bytes;
+            p.max_rss_bytes = p.max_rss_bytes.max(w.rss_bytes);
             p.sends_ok += w.sends_ok;
             p.sends_failed += w.sends_failed.total();
             p.drops += w.drops;

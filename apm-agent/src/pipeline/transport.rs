@@ -401,12 +401,13 @@ impl Window<'_> {
             );
             return;
         };
-        let (batch, _) = self.inflight.remove(pos).expect("position is valid");
+        let (batch, sent) = self.inflight.remove(pos).expect("position is valid");
         let t = &self.t.telemetry;
         t.in_flight_batches.set(self.inflight.len() as i64);
         let outcome = match AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified) {
             AckStatus::Ok => {
                 backoff.reset();
+                t.acked(sent.elapsed(), batch.len(), batch.payload_bytes());
                 t.last_acked_seq.set(batch.seq as i64);
                 Outcome::Acked {
                     seq: batch.seq,
