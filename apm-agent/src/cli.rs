@@ -170,7 +170,14 @@ fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
 
 fn running_pid(cfg: &Config) -> Result<Option<u32>, String> {
     match probe(&cfg.control.pid_file) {
-        Ok(Probe::Running(i)) => Ok(Some(i.pid)),
+        Ok(Probe::Running(i)) if crate::daemon::pidfile::is_agent(i.pid) => Ok(Some(i.pid)),
+        Ok(Probe::Running(i)) => Err(format!(
+            "PID_MISMATCH: {} is locked and names PID {}, which is not an apm-agent: not \
+             signalling it (who holds the file? `fuser {}`)",
+            cfg.control.pid_file.display(),
+            i.pid,
+            cfg.control.pid_file.display()
+        )),
         Ok(Probe::RunningUnknown) => Err(format!(
             "PID_FILE_CORRUPTED: {} is locked by a running agent but unreadable",
             cfg.control.pid_file.display()
@@ -189,26 +196,30 @@ fn running_pid(cfg: &Config) -> Result<Option<u32>, String> {
 }
 
 fn status(cfg: &Config, json: bool) -> i32 {
-    match crate::control::request(&cfg.control.control_socket(), "status") {
-        Ok(v) => {
-            if json {
-                println!("{v}");
-            } else {
-                let g = |k: &str| v.get(k).cloned().unwrap_or_default();
-                println!(
-                    "running: pid {} up {}s; received {} rejected {} delivered {} dropped {}; breaker {}; spool {} batches / {} bytes; ebpf {}",
-                    g("pid"),
-                    g("uptime_s"),
-                    g("received"),
-                    g("rejected"),
-                    g("delivered"),
-                    v.pointer("/dropped/total").cloned().unwrap_or_default(),
-                    g("breaker"),
-                    g("spooled_batches"),
-                    g("spool_bytes"),
-                    v.pointer("/ebpf/enabled").cloned().unwrap_or_default()
-                );
-            }
+    let client = apm_control::Client::new(cfg.control.control_socket());
+    let answer = if json {
+        // The document as the agent sent it, every field.
+        client.request("status").map(|v| v.to_string())
+    } else {
+        client.status().map(|s| {
+            format!(
+                "running: pid {} up {}s; received {} rejected {} delivered {} dropped {}; breaker {}; spool {} batches / {} bytes; ebpf {}",
+                s.pid,
+                s.uptime_s,
+                s.received,
+                s.rejected,
+                s.delivered,
+                s.dropped_total(),
+                s.breaker,
+                s.spooled_batches,
+                s.spool_bytes,
+                if s.ebpf_enabled() { "on" } else { "off" }
+            )
+        })
+    };
+    match answer {
+        Ok(line) => {
+            println!("{line}");
             0
         }
         Err(e) => match running_pid(cfg) {
@@ -238,19 +249,15 @@ fn status(cfg: &Config, json: bool) -> i32 {
 }
 
 fn control_cmd(cfg: &Config, cmd: &str) -> i32 {
-    match crate::control::request(&cfg.control.control_socket(), cmd) {
-        Ok(v) if v.get("ok").and_then(|b| b.as_bool()) == Some(true) => {
-            println!(
-                "{}",
-                v.get("message").and_then(|m| m.as_str()).unwrap_or("ok")
-            );
+    let client =
+        apm_control::Client::new(cfg.control.control_socket()).timeout(Duration::from_secs(30));
+    match client.command(cmd) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message.as_deref().unwrap_or("ok"));
             0
         }
-        Ok(v) => {
-            eprintln!(
-                "error: {}",
-                v.get("error").and_then(|m| m.as_str()).unwrap_or("failed")
-            );
+        Ok(r) => {
+            eprintln!("error: {}", r.error.as_deref().unwrap_or("failed"));
             1
         }
         Err(e) if matches!(running_pid(cfg), Ok(None)) => {
@@ -402,8 +409,9 @@ fn wait_ready(
 
 fn restart(cfg: &Config, config_path: Option<&Path>, timeout: Option<u64>) -> i32 {
     let sock = cfg.control.control_socket();
-    let before = match crate::control::request(&sock, "status") {
-        Ok(v) => v,
+    let client = apm_control::Client::new(&sock).timeout(Duration::from_secs(30));
+    let before = match client.status() {
+        Ok(s) => s,
         Err(_) => {
             return match running_pid(cfg) {
                 Ok(None) => start(cfg, config_path, 30, None),
@@ -424,16 +432,10 @@ fn restart(cfg: &Config, config_path: Option<&Path>, timeout: Option<u64>) -> i3
             };
         }
     };
-    let restarts = before.get("restarts").and_then(|v| v.as_u64()).unwrap_or(0);
-    match crate::control::request(&sock, "restart") {
-        Ok(v) if v.get("ok").and_then(|b| b.as_bool()) == Some(true) => {}
-        Ok(v) => {
-            eprintln!(
-                "error: {}",
-                v.get("error")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("restart refused")
-            );
+    match client.command("restart") {
+        Ok(r) if r.ok => {}
+        Ok(r) => {
+            eprintln!("error: {}", r.error.as_deref().unwrap_or("restart refused"));
             return 1;
         }
         Err(e) => {
@@ -447,13 +449,10 @@ fn restart(cfg: &Config, config_path: Option<&Path>, timeout: Option<u64>) -> i3
     );
     let deadline = Instant::now() + wait;
     while Instant::now() < deadline {
-        if let Ok(v) = crate::control::request(&sock, "status")
-            && v.get("restarts").and_then(|r| r.as_u64()).unwrap_or(0) > restarts
+        if let Ok(s) = client.status()
+            && s.restarts > before.restarts
         {
-            println!(
-                "agent restarted in place (PID {})",
-                v.get("pid").cloned().unwrap_or_default()
-            );
+            println!("agent restarted in place (PID {})", s.pid);
             return 0;
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -4,13 +4,14 @@
 //! Control socket protocol: the client writes one command line (`status`, `reload`, `pause`,
 //! `resume`) and reads one JSON line back.
 
+use apm_control::{Reply, Status};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use prometheus_client::registry::Registry;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
@@ -39,54 +40,59 @@ pub struct StatusSource {
 }
 
 impl StatusSource {
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> Status {
         let t = &self.telemetry;
-        let mut rejected = serde_json::Map::new();
-        for r in RejectReason::ALL {
-            rejected.insert(r.as_str().into(), json!(t.rejected_of(r)));
-        }
-        let mut dropped = serde_json::Map::new();
-        for r in DropReason::ALL {
-            dropped.insert(r.as_str().into(), json!(t.dropped_of(r)));
-        }
-        dropped.insert("total".into(), json!(t.dropped_total()));
+        let rejected_by_reason = RejectReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), t.rejected_of(*r)))
+            .collect();
+        let mut dropped: std::collections::BTreeMap<String, u64> = DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), t.dropped_of(*r)))
+            .collect();
+        dropped.insert("total".into(), t.dropped_total());
         let by_socket = |socket| t.received.get_or_create(&SocketLabels { socket }).get();
-        json!({
-            "pid": std::process::id(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_s": t.uptime_s(),
-            "restarts": self.restarts,
-            "agent_id": self.agent_id,
-            "epoch": self.epoch,
-            "epoch_started_now": self.new_epoch,
-            "endpoint": self.endpoint,
-            "config_path": self.config_path.as_ref().map(|p| p.display().to_string()),
-            "received": t.received_total(),
-            "received_dgram": by_socket(Socket::Dgram),
-            "received_stream": by_socket(Socket::Stream),
-            "received_bytes": t.received_bytes.get(),
-            "rejected": t.rejected_total(),
-            "rejected_by_reason": rejected,
-            "delivered": t.delivered.get(),
-            "delivered_batches": t.delivered_batches.get(),
-            "last_acked_seq": t.last_acked_seq.get(),
-            "in_flight_batches": t.in_flight_batches.get(),
-            "memory_payload_bytes": t.memory_payload_bytes.get(),
-            "backpressure": t.backpressure.get() != 0,
-            "backpressure_episodes": t.backpressure_episodes.get(),
-            "send_failures": t.send_failures.get(),
-            "reconnects": t.reconnects.get(),
-            "spooled_batches": t.spooled_batches.get(),
-            "spool_bytes": t.spool_bytes.get(),
-            "dropped": dropped,
-            "breaker": (self.breaker)(),
-            "stream_connections": t.stream_connections.get(),
-            "queue_len": t.dgram_queue_len.get(),
-            "rss_bytes": crate::telemetry::self_rss_bytes(),
-            "sample_rate": self.php.sample_rate(),
-            "kill_switch": self.php.kill_reasons(),
-            "ebpf": (self.ebpf)(),
-        })
+        Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_s: t.uptime_s(),
+            restarts: self.restarts,
+            agent_id: self.agent_id.clone(),
+            epoch: self.epoch.clone(),
+            epoch_started_now: self.new_epoch,
+            endpoint: self.endpoint.clone(),
+            config_path: self.config_path.as_ref().map(|p| p.display().to_string()),
+            received: t.received_total(),
+            received_dgram: by_socket(Socket::Dgram),
+            received_stream: by_socket(Socket::Stream),
+            received_bytes: t.received_bytes.get(),
+            rejected: t.rejected_total(),
+            rejected_by_reason,
+            delivered: t.delivered.get(),
+            delivered_batches: t.delivered_batches.get(),
+            last_acked_seq: t.last_acked_seq.get(),
+            in_flight_batches: t.in_flight_batches.get(),
+            memory_payload_bytes: t.memory_payload_bytes.get(),
+            backpressure: t.backpressure.get() != 0,
+            backpressure_episodes: t.backpressure_episodes.get(),
+            send_failures: t.send_failures.get(),
+            reconnects: t.reconnects.get(),
+            spooled_batches: t.spooled_batches.get(),
+            spool_bytes: t.spool_bytes.get(),
+            dropped,
+            breaker: (self.breaker)().as_str().unwrap_or("closed").to_string(),
+            stream_connections: t.stream_connections.get(),
+            queue_len: t.dgram_queue_len.get(),
+            rss_bytes: crate::telemetry::self_rss_bytes(),
+            sample_rate: self.php.sample_rate(),
+            kill_switch: self
+                .php
+                .kill_reasons()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            ebpf: (self.ebpf)(),
+        }
     }
 }
 
@@ -147,10 +153,10 @@ async fn handle(
     source: &StatusSource,
     requests: &mpsc::Sender<ControlRequest>,
 ) -> Value {
-    let ok = |msg: &str| json!({"ok": true, "message": msg});
-    let err = |msg: String| json!({"ok": false, "error": msg});
+    let ok = |msg: &str| serde_json::to_value(Reply::ok(msg)).unwrap_or_default();
+    let err = |msg: String| serde_json::to_value(Reply::err(msg)).unwrap_or_default();
     match cmd {
-        "status" => source.status(),
+        "status" => serde_json::to_value(source.status()).unwrap_or_default(),
         "pause" => match source.php.raise(KillReason::Paused) {
             Ok(()) => ok("PHP kill switch raised: listener.php sends nothing until `resume`"),
             Err(e) => err(format!(
@@ -219,7 +225,11 @@ pub async fn serve_metrics(
                                     Err(e) => (500, "text/plain", e.to_string()),
                                 }
                             }
-                            "/status" => (200, "application/json", source.status().to_string()),
+                            "/status" => (
+                                200,
+                                "application/json",
+                                serde_json::to_string(&source.status()).unwrap_or_default(),
+                            ),
                             _ => (404, "text/plain", "try /metrics or /status\n".to_string()),
                         };
                         hyper::Response::builder()
@@ -235,15 +245,4 @@ pub async fn serve_metrics(
                 .await;
         });
     }
-}
-
-/// Client side: sends `cmd` to the control socket and returns the JSON reply.
-pub fn request(path: &std::path::Path, cmd: &str) -> std::io::Result<Value> {
-    use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(path)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    s.write_all(format!("{cmd}\n").as_bytes())?;
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

@@ -1,87 +1,13 @@
 //! Real processes on temporary directories, cleaned up by guards that implement `Drop`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// `target/release` (or wherever this test binary lives): the test executable is in `deps/`.
-/// `APM_TEST_BIN_DIR` points the tests at other binaries (an installed package, or an older
-/// build to show that a test fails there).
-pub fn bin_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("APM_TEST_BIN_DIR") {
-        return PathBuf::from(d);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
-}
-
-/// Path of a workspace binary; panics with the command to run when it is missing.
-pub fn bin(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
-    assert!(
-        p.exists(),
-        "{} not found: run `cargo build --release --bins` or `cargo xtask test`",
-        p.display()
-    );
-    p
-}
-
-/// True when the tests run in CI, where privileged tests must not skip.
-pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-/// A child process, SIGTERMed (then SIGKILLed) when dropped.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
-    }
-
-    /// SIGTERM, then wait up to `timeout`; returns the exit code (None if it had to be killed).
-    pub fn stop(&mut self, timeout: Duration) -> Option<i32> {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            return st.code();
-        }
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.wait(timeout)
-    }
-
-    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.stop(Duration::from_secs(10));
-        }
-    }
-}
+pub use apm_testkit::{Proc, bin, bin_dir, in_ci};
 
 /// `apm-listener` on a free loopback port, storing to `out`.
 pub struct Listener {
@@ -288,13 +214,9 @@ impl Agent {
     }
 }
 
+/// The raw status document of the agent behind control socket `sock`.
 pub fn status_at(sock: &Path) -> Option<Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"status\n").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
+    apm_testkit::status_json(sock)
 }
 
 pub fn u(v: &Value, ptr: &str) -> u64 {

@@ -28,9 +28,7 @@ pub struct TestMonitor {
     rt: tokio::runtime::Runtime,
 }
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
+use apm_testkit::in_ci;
 
 impl TestMonitor {
     /// Starts with `ebpf.enabled = "on"` and a 100 ms poll. `None` (after printing why) when

@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -31,10 +31,7 @@ pub fn demo_index() -> PathBuf {
     repo_root().join("php/demo/index.php")
 }
 
-/// Whether this is a CI run (`CI` set to anything but empty, `0` or `false`).
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
+pub use apm_testkit::in_ci;
 
 /// Finds the first of `names` in `PATH`, then in the sbin directories (php-fpm lives in
 /// `/usr/sbin`, which a non-login `PATH` may lack).
@@ -90,73 +87,10 @@ pub fn release_bin(name: &str) -> PathBuf {
     bin
 }
 
-/// A child process that is stopped when dropped: SIGTERM, up to 5 s to exit, then SIGKILL.
-pub struct ProcGuard {
-    pub name: String,
-    pub child: Child,
-}
+/// A child process stopped when dropped (the kit's one guard).
+pub type ProcGuard = apm_testkit::Proc;
 
-impl ProcGuard {
-    pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
-        Ok(Self {
-            name: name.to_string(),
-            child,
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Fails when the process has already exited (it should be serving).
-    pub fn check_running(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited early: {status}", self.name);
-        }
-        Ok(())
-    }
-
-    /// SIGTERM and wait up to `timeout`; SIGKILL after that. Returns the exit status.
-    pub fn stop(&mut self, timeout: Duration) -> io::Result<std::process::ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        self.child.wait()
-    }
-}
-
-impl Drop for ProcGuard {
-    fn drop(&mut self) {
-        let _ = self.stop(Duration::from_secs(5));
-    }
-}
-
-/// Waits until `cond` holds, polling every 20 ms; false on timeout.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+pub use apm_testkit::wait_until as wait_for;
 
 /// How to configure a php-fpm pool.
 #[derive(Debug, Clone)]
@@ -262,7 +196,20 @@ impl FpmPool {
                 read_lossy(&d.join("fpm.log"))
             );
         }
-        Ok(Self { proc, socket, dir })
+        let pool = Self { proc, socket, dir };
+        // `pm = static` forks its workers after the socket is up: a loaded machine may not have
+        // them all yet, and a test that counts per worker must see every one.
+        if !wait_for(Duration::from_secs(10), || {
+            pool.worker_pids().len() >= cfg.workers
+        }) {
+            bail!(
+                "php-fpm started {} of {} workers within 10 s; log:\n{}",
+                pool.worker_pids().len(),
+                cfg.workers,
+                pool.logs()
+            );
+        }
+        Ok(pool)
     }
 
     pub fn socket(&self) -> &Path {
@@ -693,12 +640,7 @@ pub fn split_frames(mut bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released: good enough for tests).
-pub fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+pub use apm_testkit::free_port;
 
 /// Percentile (0..=100) of already sorted values.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -162,6 +162,111 @@ fn start_then_restart_leaves_a_working_agent_that_holds_its_locks() {
     assert!(!alive(pid), "stop stops the agent it reports stopped");
 }
 
+/// `flock -n -x PATH sleep 30` as user `nobody`: a local user trying to squat one of the
+/// agent's lock files. Returns the holder when it got the lock.
+fn squat_as_nobody(path: &Path) -> Option<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new("flock")
+        .args(["-n", "-x"])
+        .arg(path)
+        .args(["sleep", "30"])
+        .uid(65534)
+        .gid(65534)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("flock(1) from util-linux");
+    std::thread::sleep(Duration::from_millis(300));
+    match c.try_wait().unwrap() {
+        Some(_) => None, // could not open or lock: exited at once
+        None => Some(c),
+    }
+}
+
+/// Issue 15.2: the PID file and the spool lock were created 0644, so any local user could open
+/// and `flock` them after an unclean stop: the next agent then could not start (spool locked:
+/// exit 78, never restarted by systemd). They are 0600 now, so `nobody` cannot even open them.
+#[test]
+fn a_local_user_cannot_squat_the_pid_file_or_the_spool_lock() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The test dir is 0700; let `nobody` reach the files so only their own mode protects them.
+    for d in [
+        dir.path().to_path_buf(),
+        dir.path().join("run"),
+        dir.path().join("spool"),
+    ] {
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut agent = Agent::start(dir.path(), "http://127.0.0.1:9", "off", "");
+    agent.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = agent.proc.wait(Duration::from_secs(5));
+    let pid_file = dir.path().join("run/agent.pid");
+    let spool_lock = dir.path().join("spool/spool.lock");
+    assert!(
+        pid_file.exists() && spool_lock.exists(),
+        "left behind by SIGKILL"
+    );
+    let mut squatters = Vec::new();
+    for f in [&pid_file, &spool_lock] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        if let Some(c) = squat_as_nobody(f) {
+            squatters.push(c);
+        }
+        assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", f.display());
+    }
+    let held = squatters.len();
+    for mut c in squatters {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(
+        held, 0,
+        "user nobody locked {held} of the agent's lock files"
+    );
+}
+
+/// Issue 15.2: `stop` signals the PID its PID file names, as root. It must make sure that PID
+/// is an apm-agent first: a stale file whose lock someone else holds names whatever process
+/// now has that number.
+#[test]
+fn stop_never_signals_a_process_that_is_not_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let mut victim = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid_file = dir.path().join("run/agent.pid");
+    std::fs::write(
+        &pid_file,
+        format!(
+            "{{\"pid\":{},\"startedAt\":\"2026-01-01T00:00:00Z\",\"version\":\"0.1.0\",\"configPath\":null}}\n",
+            victim.id()
+        ),
+    )
+    .unwrap();
+    // Someone (not an agent) holds the PID file's lock.
+    let mut holder = Command::new("flock")
+        .args(["-x"])
+        .arg(&pid_file)
+        .args(["sleep", "30"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let o = cli(&cfg, &["stop", "--timeout", "2"]);
+    let alive_after = victim.try_wait().unwrap().is_none();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        alive_after,
+        "stop signalled PID {} (not an agent): {}",
+        victim.id(),
+        text(&o)
+    );
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+}
+
 #[test]
 fn start_of_a_broken_config_fails_with_78_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -279,21 +384,17 @@ fn stale_pid_file_after_kill_9_is_handled() {
 
 #[test]
 fn stop_escalates_to_sigkill_when_sigterm_is_ignored() {
-    // A stand-in agent that holds the PID-file lock and ignores SIGTERM.
+    // A stand-in agent (tests/src/bin/apm-agent-standin.rs) that holds the PID-file lock and
+    // ignores SIGTERM.
     let dir = tempfile::tempdir().unwrap();
     let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
     let pidfile = dir.path().join("run/agent.pid");
     std::fs::create_dir_all(dir.path().join("run")).unwrap();
-    let script = format!(
-        "import fcntl,json,os,signal,sys,time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nf=open('{}','w')\nfcntl.flock(f, fcntl.LOCK_EX)\nf.write(json.dumps({{'pid':os.getpid(),'startedAt':'x','version':'0','configPath':None}}))\nf.flush()\nprint('locked', flush=True)\ntime.sleep(600)\n",
-        pidfile.display()
-    );
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
+    let mut child = Command::new(bin("apm-agent-standin"))
+        .arg(&pidfile)
         .stdout(Stdio::piped())
         .spawn()
-        .expect("python3");
+        .expect("apm-agent-standin");
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.take().unwrap()),

@@ -174,7 +174,7 @@ fn e2e(root: &Path, n: u64, size: usize) -> Result<E2e> {
         "apm-agent",
     )?;
     wait_ready(&dir.join("run"), &mut agent, &log)?;
-    let pid = agent.child.id();
+    let pid = agent.pid();
     let cpu0 = cpu_seconds(pid);
     let t = Instant::now();
     let tx = sender(dir.join("run/listener.sock"), n, size);
@@ -182,9 +182,7 @@ fn e2e(root: &Path, n: u64, size: usize) -> Result<E2e> {
     let deadline = Instant::now() + Duration::from_secs(300);
     while delivered < n {
         std::thread::sleep(Duration::from_millis(20));
-        delivered = control_status(&dir.join("run"))
-            .and_then(|s| s.get("delivered").and_then(|v| v.as_u64()))
-            .unwrap_or(0);
+        delivered = control_status(&dir.join("run")).map_or(0, |s| s.delivered);
         if Instant::now() > deadline {
             bail!(
                 "only {delivered} of {n} delivered after 300 s; see {}",
@@ -196,11 +194,9 @@ fn e2e(root: &Path, n: u64, size: usize) -> Result<E2e> {
     tx.join().ok();
     let cpu = cpu_seconds(pid) - cpu0;
     let peak = peak_rss_mib(pid);
-    let received = control_status(&dir.join("run"))
-        .and_then(|s| s.get("received").and_then(|v| v.as_u64()))
-        .unwrap_or(0);
-    agent.terminate(Duration::from_secs(30));
-    listener.terminate(Duration::from_secs(10));
+    let received = control_status(&dir.join("run")).map_or(0, |s| s.received);
+    let _ = agent.terminate(Duration::from_secs(30));
+    let _ = listener.terminate(Duration::from_secs(10));
     let stored = count_lines(&out);
     Ok(E2e {
         rate: n as f64 / el.as_secs_f64(),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::live::{ChildGuard, free_port, spawn};
+use apm_testkit::{Proc, free_port};
 
 const FPM: &str = "/usr/sbin/php-fpm8.2";
 const NGINX: &str = "/usr/sbin/nginx";
@@ -49,8 +49,8 @@ pub fn available() -> bool {
 
 pub struct Demo {
     // Declared in stop order: nginx first (no new requests), then PHP-FPM.
-    _nginx: ChildGuard,
-    _fpm: ChildGuard,
+    _nginx: Proc,
+    _fpm: Proc,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -81,7 +81,7 @@ impl Demo {
         if !app.is_file() {
             bail!("the demo app {} is missing", app.display());
         }
-        let fpm_port = free_port();
+        let fpm_port = free_port()?;
         let rt = run_dir.join("run");
         let listener_php = root.join("php/listener.php");
         std::fs::write(
@@ -113,15 +113,15 @@ impl Demo {
                 lp = listener_php.display()
             ),
         )?;
-        let fpm = spawn(
+        let fpm = Proc::spawn_group(
+            "php-fpm",
             Command::new(FPM)
                 .args(["-F", "-R", "-y"])
                 .arg(d.join("php-fpm.conf"))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(d.join("fpm.stderr"))?),
-            "php-fpm",
         )?;
-        let port = free_port();
+        let port = free_port()?;
         let ng = d.join("nginx");
         std::fs::write(
             ng.join("nginx.conf"),
@@ -152,7 +152,8 @@ impl Demo {
                 app = app.display(),
             ),
         )?;
-        let nginx = spawn(
+        let nginx = Proc::spawn_group(
+            "nginx",
             Command::new(NGINX)
                 .arg("-p")
                 .arg(&ng)
@@ -162,7 +163,6 @@ impl Demo {
                 .arg(ng.join("nginx.conf"))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(ng.join("stderr"))?),
-            "nginx",
         )?;
         let mut guards = (fpm, nginx);
         let deadline = Instant::now() + Duration::from_secs(15);

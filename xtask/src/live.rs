@@ -3,17 +3,16 @@
 //! and a live line of figures every second until Ctrl-C, then a summary that checks the
 //! listener stored every profile the agent received.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use anyhow::{Result, bail};
+use apm_testkit::{Proc, Status};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -37,50 +36,14 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// A child process that is terminated (TERM, then KILL) when dropped.
-pub struct ChildGuard {
-    pub child: Child,
-    pub name: &'static str,
-}
-
-impl ChildGuard {
-    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        if let Ok(Some(st)) = self.child.try_wait() {
-            return st.code();
-        }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("{} did not stop within {timeout:?}: killing it", self.name);
-        let _ = self.child.kill();
-        self.child.wait().ok().and_then(|s| s.code())
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.terminate(Duration::from_secs(15));
-    }
-}
-
 /// Spawns in its own process group, so the terminal's Ctrl-C reaches only xtask, which then
 /// stops the children in order.
-pub fn spawn(cmd: &mut Command, name: &'static str) -> Result<ChildGuard> {
-    cmd.process_group(0);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
-    Ok(ChildGuard { child, name })
+pub fn spawn(cmd: &mut Command, name: &'static str) -> Result<Proc> {
+    Ok(Proc::spawn_group(name, cmd)?)
 }
 
 /// Starts `apm-listener` on a free loopback port and returns it with its address.
-pub fn start_listener(bin: &Path, out: &Path, log: &Path) -> Result<(ChildGuard, String)> {
+pub fn start_listener(bin: &Path, out: &Path, log: &Path) -> Result<(Proc, String)> {
     let mut g = spawn(
         Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--out"])
@@ -115,11 +78,9 @@ pub fn start_listener(bin: &Path, out: &Path, log: &Path) -> Result<(ChildGuard,
     )
 }
 
+/// A loopback port that was free a moment ago (see `apm_testkit::free_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(9464)
+    apm_testkit::free_port().unwrap_or(9464)
 }
 
 /// Writes an agent config whose every path is under `dir`.
@@ -158,21 +119,17 @@ metrics_listen = "127.0.0.1:{metrics_port}"
     Ok(path)
 }
 
-pub fn control_status(runtime_dir: &Path) -> Option<Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(runtime_dir.join("control.sock")).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"status\n").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
+/// The agent's status, typed (`None` while it does not answer).
+pub fn control_status(runtime_dir: &Path) -> Option<Status> {
+    apm_testkit::status(runtime_dir)
 }
 
-pub fn wait_ready(runtime_dir: &Path, agent: &mut ChildGuard, log: &Path) -> Result<()> {
+pub fn wait_ready(runtime_dir: &Path, agent: &mut Proc, log: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let me = agent.child.id() as u64;
+    let me = agent.pid();
     while Instant::now() < deadline {
         if let Some(s) = control_status(runtime_dir) {
-            let pid = s.get("pid").and_then(Value::as_u64).unwrap_or(0);
+            let pid = s.pid;
             if pid == me {
                 return Ok(());
             }
@@ -267,10 +224,6 @@ impl Synthetic {
     }
 }
 
-fn g(v: &Value, ptr: &str) -> u64 {
-    v.pointer(ptr).and_then(Value::as_u64).unwrap_or(0)
-}
-
 pub fn count_lines(path: &Path) -> u64 {
     std::fs::File::open(path)
         .map(|f| BufReader::new(f).split(b'\n').count() as u64)
@@ -341,7 +294,7 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64);
     let mut first = true;
-    let mut status = Value::Null;
+    let mut status = Status::default();
     while !STOP.load(Ordering::SeqCst)
         && args
             .duration
@@ -352,7 +305,7 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
             eprintln!("agent not answering");
             continue;
         };
-        let recv = g(&s, "/received");
+        let recv = s.received;
         let rate = (recv - last.1) as f64 / last.0.elapsed().as_secs_f64();
         last = (Instant::now(), recv);
         if first {
@@ -373,37 +326,33 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
             );
             first = false;
         }
-        let ebpf_on = s
-            .pointer("/ebpf/enabled")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let ebpf_on = s.ebpf_enabled();
         println!(
             "{:>5} {:>8.0} {:>10} {:>10} {:>7} {:>7} | {:>10} {:>8} {:>7} {:>8}M | {:>7} {:>6}",
             started.elapsed().as_secs(),
             rate,
             recv,
-            g(&s, "/delivered"),
-            g(&s, "/rejected"),
-            g(&s, "/dropped/total"),
+            s.delivered,
+            s.rejected,
+            s.dropped_total(),
             if ebpf_on {
-                g(&s, "/ebpf/sends_ok").to_string()
+                s.ebpf_u64("/sends_ok").to_string()
             } else {
                 "off".into()
             },
             if ebpf_on {
-                g(&s, "/ebpf/sends_failed/eagain").to_string()
+                s.ebpf_u64("/sends_failed/eagain").to_string()
             } else {
                 "-".into()
             },
-            s.pointer("/ebpf/php_workers/count")
-                .or(s.pointer("/ebpf/php_workers"))
-                .and_then(Value::as_u64)
-                .map_or("-".into(), |n| n.to_string()),
-            g(&s, "/ebpf/php_workers_rss_bytes") / (1024 * 1024),
-            s.get("breaker")
-                .and_then(|b| b.as_str().or(b.get("state").and_then(Value::as_str)))
-                .unwrap_or("?"),
-            g(&s, "/spooled_batches"),
+            if ebpf_on {
+                s.ebpf_u64("/php_workers").to_string()
+            } else {
+                "-".into()
+            },
+            s.ebpf_u64("/php_workers_rss_bytes") / (1024 * 1024),
+            s.breaker,
+            s.spooled_batches,
         );
         status = s;
     }
@@ -428,9 +377,12 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
         status = s;
     }
     println!("\nstopping the agent (graceful drain) ...");
-    let code = agent.terminate(Duration::from_secs(30));
+    let code = agent
+        .terminate(Duration::from_secs(30))
+        .ok()
+        .and_then(|st| st.code());
     std::thread::sleep(Duration::from_millis(500));
-    listener.terminate(Duration::from_secs(10));
+    let _ = listener.terminate(Duration::from_secs(10));
     let stored = count_lines(&out);
     println!("agent exit code {code:?}");
     let load = if synth.is_some() {
@@ -440,9 +392,9 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
     };
     println!(
         "{load} | agent received {} rejected {} dropped {} | listener stored {stored}",
-        g(&status, "/received"),
-        g(&status, "/rejected"),
-        g(&status, "/dropped/total")
+        status.received,
+        status.rejected,
+        status.dropped_total()
     );
     println!("profiles: {}", out.display());
     Ok(())

@@ -66,19 +66,42 @@ fn classify(path: &Path, e: std::io::Error) -> PidFileError {
     }
 }
 
+/// Opens (creating) a lock file that only root may open: a local user who could open it could
+/// also `flock` it and keep the agent from starting. A file left wider by an older version is
+/// narrowed on the descriptor.
+pub fn open_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if file.metadata()?.permissions().mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Whether `pid` runs the apm-agent binary: `stop` and `kill` signal nothing else, whatever a
+/// PID file says.
+pub fn is_agent(pid: u32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("apm-agent"))
+    })
+}
+
 impl PidFile {
     pub fn acquire(path: &Path, config_path: Option<&Path>) -> Result<Self, PidFileError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| classify(path, e))?;
         }
         loop {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(|e| classify(path, e))?;
+            let file = open_private(path).map_err(|e| classify(path, e))?;
             let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(l) => l,
                 Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {

@@ -65,7 +65,7 @@ pub async fn serve(
             _ = s.term.recv() => { tracing::info!(signal = "TERM", "stopping"); return end(final_kind) }
             _ = s.int.recv() => { tracing::info!(signal = "INT", "stopping"); return end(final_kind) }
             _ = s.hup.recv() => { let _ = reload(cfg, config_path); }
-            _ = s.usr1.recv() => tracing::info!(status = %p.status.status(), "status dump"),
+            _ = s.usr1.recv() => tracing::info!(status = %serde_json::to_string(&p.status.status()).unwrap_or_default(), "status dump"),
             Some(()) = p.memory_restart.recv() => {
                 // Under systemd the fd store keeps the sockets and `Restart=always` starts us
                 // again; otherwise re-execute with the sockets handed over.

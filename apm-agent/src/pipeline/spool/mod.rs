@@ -250,11 +250,7 @@ enum Room {
 /// Takes the spool directory's lock: one agent per spool.
 fn lock(dir: &Path) -> Result<Flock<std::fs::File>, SpoolError> {
     let lock_path = dir.join(LOCK_FILE);
-    let lock_file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
+    let lock_file = crate::daemon::pidfile::open_private(&lock_path)
         .map_err(SpoolError::io("create", &lock_path))?;
     Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         if e == nix::errno::Errno::EWOULDBLOCK {
