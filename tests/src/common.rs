@@ -186,21 +186,23 @@ impl Agent {
 
     /// Waits until `pred(status)` holds; panics with the last status after `timeout`.
     pub fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let end = Instant::now() + timeout;
-        let mut last = Value::Null;
-        while Instant::now() < end {
-            if let Some(s) = self.status() {
-                if pred(&s) {
-                    return s;
-                }
-                last = s;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "timed out waiting for {what}; last status: {last:#}\nlog:\n{}",
-            self.log()
-        );
+        let last = std::cell::RefCell::new(Value::Null);
+        apm_testkit::poll(
+            timeout,
+            || {
+                let s = self.status()?;
+                let ok = pred(&s);
+                *last.borrow_mut() = s.clone();
+                ok.then_some(s)
+            },
+            || {
+                format!(
+                    "waiting for {what}; last status: {:#}\nlog:\n{}",
+                    last.borrow(),
+                    self.log()
+                )
+            },
+        )
     }
 
     /// Runs `apm-agent --config <config> ARGS` to completion.

@@ -8,7 +8,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apm_agent::config::{EbpfConfig, EbpfEnabled};
 use apm_agent::monitor::{CancellationToken, EbpfStatus, Monitor, MonitorParams};
@@ -91,20 +91,22 @@ impl TestMonitor {
         what: &str,
         pred: impl Fn(&EbpfStatus) -> bool,
     ) -> EbpfStatus {
-        let end = Instant::now() + timeout;
-        loop {
-            let s = self.status();
-            if pred(&s) {
-                return s;
-            }
-            if Instant::now() > end {
-                panic!(
-                    "timed out waiting for {what}; last status: {}",
-                    serde_json::to_string_pretty(&s).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let last = std::cell::RefCell::new(None);
+        apm_testkit::poll(
+            timeout,
+            || {
+                let s = self.status();
+                let ok = pred(&s);
+                *last.borrow_mut() = Some(s.clone());
+                ok.then_some(s)
+            },
+            || {
+                format!(
+                    "waiting for {what}; last status: {}",
+                    serde_json::to_string_pretty(&*last.borrow()).unwrap_or_default()
+                )
+            },
+        )
     }
 
     /// Counts `n` datagrams as received by the agent (the test plays the ingest stage).

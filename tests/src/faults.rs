@@ -20,8 +20,10 @@ pub fn profile_body(prefix: &str, i: u64, size: usize) -> String {
 
 /// A loopback address nobody listens on (yet): bind port 0, read it, close.
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").to_string()
+    format!(
+        "127.0.0.1:{}",
+        apm_testkit::free_port().expect("bind 127.0.0.1:0")
+    )
 }
 
 /// The lines of a listener's output file, parsed; a last line still being written (no `\n`)
@@ -72,19 +74,9 @@ pub fn unique_ids(ids: &[String]) -> HashSet<String> {
     set
 }
 
-/// Polls `f` every 50 ms until it returns `Some`; panics with `what` after `timeout`.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < end,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Polls `f` until it returns `Some`; panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    apm_testkit::poll(timeout, f, || format!("waiting for {what}"))
 }
 
 /// Waits until the listener's file holds at least `n` lines; returns the ids.

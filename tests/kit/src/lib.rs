@@ -146,6 +146,25 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Polls `f` every 50 ms until it returns `Some`; after `timeout` panics with the message
+/// `on_timeout` builds (the last state seen, a log).
+pub fn poll<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    on_timeout: impl FnOnce() -> String,
+) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= end {
+            panic!("timed out after {timeout:?}: {}", on_timeout());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago. Another process may take it before the
 /// caller binds it: where the program can, let it bind port 0 and report its address instead
 /// (`apm-listener --listen 127.0.0.1:0` prints it).
