@@ -436,13 +436,7 @@ impl Router {
         loop {
             match tokio::task::block_in_place(|| spool.append(&batch)) {
                 Ok(a) => {
-                    ProfilesDropped {
-                        reason: DropReason::SpoolFull,
-                        profiles: a.dropped.profiles,
-                        what: "spool full: profiles dropped as spool.on_full says",
-                        seq: Some(batch.seq),
-                    }
-                    .emit(&self.t);
+                    spool_full(&self.t, a.dropped.profiles, batch.seq);
                     return Ok(());
                 }
                 Err(e)
@@ -501,13 +495,7 @@ impl Router {
             let spool = &mut self.spool;
             match tokio::task::block_in_place(|| spool.append_taken(&batch)) {
                 Ok(a) => {
-                    ProfilesDropped {
-                        reason: DropReason::SpoolFull,
-                        profiles: a.dropped.profiles,
-                        what: "spool full: profiles dropped as spool.on_full says",
-                        seq: Some(batch.seq),
-                    }
-                    .emit(&self.t);
+                    spool_full(&self.t, a.dropped.profiles, batch.seq);
                     match a.id {
                         // The spool owns it; keep a memory copy only to send it now.
                         Some(id) if open || to_disk => self.requeue(id, batch.seq),
@@ -685,6 +673,17 @@ impl Router {
         }
         .emit(&self.t);
     }
+}
+
+/// Counts what `spool.on_full` dropped to make room for batch `seq`.
+fn spool_full(t: &Telemetry, profiles: u64, seq: u64) {
+    ProfilesDropped {
+        reason: DropReason::SpoolFull,
+        profiles,
+        what: "spool full: profiles dropped as spool.on_full says",
+        seq: Some(seq),
+    }
+    .emit(t);
 }
 
 /// Maps spool open errors that an operator must fix to configuration errors.
