@@ -70,15 +70,18 @@ pub enum DropReason {
     MemoryLimit,
     /// Still in memory when the shutdown timeout ran out and the spool could not take it.
     Shutdown,
+    /// In a spool record found corrupt or cut off (torn tail) when the spool was opened.
+    SpoolCorrupt,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         Self::SpoolFull,
         Self::SpoolError,
         Self::RejectedByCentral,
         Self::MemoryLimit,
         Self::Shutdown,
+        Self::SpoolCorrupt,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -87,6 +90,7 @@ impl DropReason {
             Self::RejectedByCentral => "rejected_by_central",
             Self::MemoryLimit => "memory_limit",
             Self::Shutdown => "shutdown",
+            Self::SpoolCorrupt => "spool_corrupt",
         }
     }
 }

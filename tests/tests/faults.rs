@@ -475,6 +475,11 @@ fn damaged_spool_is_recovered_and_the_rest_delivered() {
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_exactly(&stored_ids(&listener.out), &expect, "after spool damage");
+    // Issue 11.5: what the damage cost is counted where operators look, not only logged.
+    let lost = (flipped.ids.len() + torn.ids.len()) as u64;
+    let s = agent.status().expect("status");
+    assert_eq!(u(&s, "/dropped/spool_corrupt"), lost, "{s}");
+    assert_eq!(u(&s, "/dropped/total"), lost, "{s}");
     let log = agent.log();
     assert_eq!(log_field(&log, "spool opened", "corrupt"), Some(1), "{log}");
     assert_eq!(

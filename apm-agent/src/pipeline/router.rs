@@ -126,6 +126,13 @@ pub struct Router {
 impl Router {
     pub fn new(d: RouterDeps) -> Self {
         let now = Instant::now();
+        ProfilesDropped {
+            reason: DropReason::SpoolCorrupt,
+            profiles: d.spool.stats().corrupt_profiles,
+            what: "spool records found corrupt or cut off at open: their profiles are lost",
+            seq: None,
+        }
+        .emit(&d.telemetry);
         Self {
             t: d.telemetry,
             budget: d.memory_budget,

@@ -84,10 +84,12 @@ pub fn encode_record(seq: u64, profiles: u32, body: &[u8]) -> Vec<u8> {
 pub enum ReadAt {
     /// A valid record; its body is in the caller's buffer.
     Record(RecordHeader),
-    /// The header or the body runs past the end of the file.
-    Torn,
-    /// Bad magic, implausible length or checksum mismatch.
-    Bad,
+    /// The header or the body runs past the end of the file (with the header when it was
+    /// readable: its profile count is what the tail held).
+    Torn(Option<RecordHeader>),
+    /// Bad magic, implausible length or checksum mismatch (with the header when its magic and
+    /// length were plausible).
+    Bad(Option<RecordHeader>),
 }
 
 /// Reads the record at `off` of a file of `file_len` bytes into `body`, checking its crc.
@@ -98,20 +100,20 @@ pub fn read_record_at(
     body: &mut Vec<u8>,
 ) -> io::Result<ReadAt> {
     if off + RECORD_HEADER_LEN > file_len {
-        return Ok(ReadAt::Torn);
+        return Ok(ReadAt::Torn(None));
     }
     let mut hb = [0u8; RECORD_HEADER_LEN as usize];
     file.read_exact_at(&mut hb, off)?;
     let Some(h) = RecordHeader::parse(&hb) else {
-        return Ok(ReadAt::Bad);
+        return Ok(ReadAt::Bad(None));
     };
     if off + h.total_len() > file_len {
-        return Ok(ReadAt::Torn);
+        return Ok(ReadAt::Torn(Some(h)));
     }
     body.resize(h.len as usize, 0);
     file.read_exact_at(body, off + RECORD_HEADER_LEN)?;
     if record_crc(&hb, body) != h.crc {
-        return Ok(ReadAt::Bad);
+        return Ok(ReadAt::Bad(Some(h)));
     }
     Ok(ReadAt::Record(h))
 }
@@ -190,7 +192,7 @@ mod tests {
             let (_t, f) = file_with(&bad);
             let r = read_record_at(&f, 0, bad.len() as u64, &mut body).unwrap();
             assert!(
-                matches!(r, ReadAt::Bad | ReadAt::Torn),
+                matches!(r, ReadAt::Bad(_) | ReadAt::Torn(_)),
                 "bit {bit} flipped went unnoticed"
             );
         }
@@ -202,7 +204,10 @@ mod tests {
         let (_t, f) = file_with(&rec);
         let mut body = Vec::new();
         for len in 0..rec.len() as u64 {
-            assert_eq!(read_record_at(&f, 0, len, &mut body).unwrap(), ReadAt::Torn);
+            assert!(matches!(
+                read_record_at(&f, 0, len, &mut body).unwrap(),
+                ReadAt::Torn(_)
+            ));
         }
     }
 

@@ -159,6 +159,9 @@ pub struct SpoolStats {
     pub dropped_profiles: u64,
     /// Records skipped because their checksum (or body) was bad.
     pub corrupt_records: u64,
+    /// Profiles lost at open in records that were corrupt or cut off (a torn tail), from
+    /// their headers; a record whose header is unreadable adds 0 here (see `corrupt_records`).
+    pub corrupt_profiles: u64,
     /// Bytes cut off torn tails (segments and ack log).
     pub torn_bytes: u64,
     /// Files moved to `quarantine/`.
@@ -487,7 +490,14 @@ impl Spool {
                     }
                     off += h.total_len();
                 }
-                bad => match self.skip_or_truncate(&file, &path, off, len, bad)? {
+                bad => match self.skip_or_truncate(
+                    &file,
+                    &path,
+                    off,
+                    len,
+                    bad,
+                    acked.contains(&off),
+                )? {
                     Some(next) => {
                         seg.holes.insert(off, next);
                         off = next;
@@ -520,7 +530,11 @@ impl Spool {
         off: u64,
         len: u64,
         bad: ReadAt,
+        acked: bool,
     ) -> Result<Option<u64>, SpoolError> {
+        if let (ReadAt::Bad(Some(h)) | ReadAt::Torn(Some(h)), false) = (&bad, acked) {
+            self.stats.corrupt_profiles += u64::from(h.profiles);
+        }
         let next = format::find_next_valid(file, off, len, &mut self.body)
             .map_err(SpoolError::io("read", path))?;
         if let Some(next) = next {
@@ -529,7 +543,7 @@ impl Spool {
                 "corrupt spool record skipped");
             return Ok(Some(next));
         }
-        if bad == ReadAt::Bad {
+        if matches!(bad, ReadAt::Bad(_)) {
             self.stats.corrupt_records += 1;
             warn!(path = %path.display(), offset = off, bytes = len - off,
                 "corrupt record at the end of a spool segment truncated");
