@@ -37,6 +37,8 @@ pub struct StatusSource {
     pub breaker: Section,
     /// Restarts by re-exec since the process started (`apm-agent restart`).
     pub restarts: u64,
+    /// The stages' heartbeats and reported failures.
+    pub live: Arc<crate::pipeline::liveness::Liveness>,
 }
 
 impl StatusSource {
@@ -81,6 +83,7 @@ impl StatusSource {
             spool_bytes: t.spool_bytes.get(),
             dropped,
             breaker: (self.breaker)().as_str().unwrap_or("closed").to_string(),
+            stage_failures: self.live.failures(),
             stream_connections: t.stream_connections.get(),
             queue_len: t.dgram_queue_len.get(),
             rss_bytes: crate::telemetry::self_rss_bytes(),

@@ -51,6 +51,9 @@ pub struct Status {
     pub dropped: BTreeMap<String, u64>,
     /// `closed`, `open` or `half_open`.
     pub breaker: String,
+    /// Stages that cannot do their work now (and keep trying), with the reason; empty when
+    /// every stage works. The watchdog is withheld while one is listed.
+    pub stage_failures: BTreeMap<String, String>,
     pub stream_connections: i64,
     pub queue_len: i64,
     pub rss_bytes: u64,

@@ -679,3 +679,69 @@ fn lost_state_dir_with_a_configured_agent_id_loses_nothing() {
         "a lost state dir starts a new epoch, shown in status: {epochs:?}"
     );
 }
+
+/// Issue 11.2: when the seq reservation could not be written (state volume full), the batcher
+/// returned, ingest stopped reading for good, and status still said all was well. Now the
+/// batcher waits and retries (the kernel queue and PHP's EAGAIN push back meanwhile), status
+/// names the failing stage, and once the volume has room again everything is delivered once.
+#[test]
+fn a_full_state_volume_is_reported_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let _mnt = match Tmpfs::mount(&state, "256k") {
+        Ok(m) => m,
+        Err(e) if !apm_tests::common::in_ci() => {
+            println!("skipped: cannot mount a tmpfs here: {e}");
+            return;
+        }
+        Err(e) => panic!("cannot mount a tmpfs (CI runs as root): {e}"),
+    };
+    let listener = Listener::start(dir.path(), &[]);
+    // One profile per batch: 4096 batches use up the seq block reserved at start.
+    let cfg = format!("{FAST}[batch]\nmax_items = 1\n");
+    let agent = Agent::start(dir.path(), &listener.endpoint(), "off", &cfg);
+    let first = Sender::start(SendPlan {
+        count: 1000,
+        ..plan(&agent, "a", 100, 0, false)
+    })
+    .join();
+    wait_settled(&agent, 1000, Duration::from_secs(60));
+    // Fill the state volume.
+    let filler = state.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    let second = Sender::start(SendPlan {
+        count: 4000,
+        ..plan(&agent, "b", 100, 0, false)
+    })
+    .join();
+    let s = agent.wait_for(
+        Duration::from_secs(30),
+        "the batch stage reported failing",
+        |s| s.pointer("/stage_failures/batch").is_some(),
+    );
+    assert!(
+        u(&s, "/delivered") < 5000,
+        "the reservation was needed: {s}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let s = wait_settled(&agent, 5000, Duration::from_secs(60));
+    assert_eq!(u(&s, "/delivered"), 5000, "{s}");
+    assert!(
+        s["stage_failures"]
+            .as_object()
+            .is_some_and(|m| m.is_empty()),
+        "recovered: {s}"
+    );
+    let mut expected = first.ok_ids("a");
+    expected.extend(second.ok_ids("b"));
+    assert_eq!(expected.len(), 5000, "blocking sends are all accepted");
+    assert_exactly(
+        &stored_ids(&listener.out),
+        &expected,
+        "across the full state volume",
+    );
+    agent.assert_no_panic();
+}

@@ -19,6 +19,7 @@ use crate::daemon::memguard::Guard;
 use crate::events::ProfilesDropped;
 use crate::monitor::{Monitor, MonitorParams};
 use crate::phpctl::PhpControl;
+use crate::pipeline::batch::BatchStage;
 use crate::pipeline::breaker::CircuitBreaker;
 use crate::pipeline::ingest::{self, Ingest, Sockets, StopKind, StopSignal};
 use crate::pipeline::liveness::Liveness;
@@ -57,7 +58,7 @@ pub struct Pipeline {
 
 struct Tasks {
     ingest: JoinHandle<Result<Option<Sockets>, ingest::IngestError>>,
-    batch: JoinHandle<Result<(), crate::state::StateError>>,
+    batch: JoinHandle<()>,
     router: JoinHandle<Vec<Batch>>,
     transport: JoinHandle<()>,
     control: JoinHandle<std::io::Result<()>>,
@@ -103,7 +104,7 @@ impl Pipeline {
         let live = Arc::new(Liveness::default());
         let router = router(cfg, &deps, live.clone(), spill.clone())?;
         let transport = transport(cfg, &deps, &monitor)?;
-        let status = status_source(cfg, &deps, &monitor);
+        let status = status_source(cfg, &deps, &monitor, live.clone());
         let (tasks, requests) = spawn_stages(
             cfg,
             deps,
@@ -174,10 +175,8 @@ impl Pipeline {
             // deduplicates anything that was in flight).
             stop.deadline.cancel();
         }
-        match tasks.batch.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "batcher failed"),
-            Err(e) => tracing::error!(error = %e, "batcher task failed"),
-            _ => {}
+        if let Err(e) = tasks.batch.await {
+            tracing::error!(error = %e, "batcher task failed");
         }
         let left = tasks.router.await.unwrap_or_default();
         stop.deadline.cancel();
@@ -278,7 +277,12 @@ fn transport(cfg: &Config, deps: &Deps, monitor: &Arc<Monitor>) -> Result<Transp
     )?)
 }
 
-fn status_source(cfg: &Config, deps: &Deps, monitor: &Arc<Monitor>) -> StatusSource {
+fn status_source(
+    cfg: &Config,
+    deps: &Deps,
+    monitor: &Arc<Monitor>,
+    live: Arc<Liveness>,
+) -> StatusSource {
     let m = monitor.clone();
     let t = deps.telemetry.clone();
     StatusSource {
@@ -298,6 +302,7 @@ fn status_source(cfg: &Config, deps: &Deps, monitor: &Arc<Monitor>) -> StatusSou
             })
         }),
         restarts: deps.restarts,
+        live,
     }
 }
 
@@ -338,11 +343,15 @@ async fn spawn_stages(
     };
     let ingest = tokio::spawn(ingest.run(ch.profiles.0, stop.ingest.clone()));
     let batch = tokio::spawn(crate::pipeline::batch::run(
-        cfg.batch.clone(),
-        deps.seqs,
+        BatchStage {
+            cfg: cfg.batch.clone(),
+            seqs: deps.seqs,
+            live: parts.live.clone(),
+            telemetry: deps.telemetry.clone(),
+            deadline: stop.deadline.clone(),
+        },
         ch.profiles.1,
         ch.batches.0,
-        parts.live.clone(),
     ));
     let router = tokio::spawn(parts.router.run(RouterIo {
         input: ch.batches.1,

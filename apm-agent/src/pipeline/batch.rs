@@ -3,12 +3,19 @@
 //! `batch.max_age` old (the timer starts with the first item, so an idle agent does not tick).
 //! Sealing assigns the batch its persistent sequence number.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::BatchConfig;
+use crate::events::ProfilesDropped;
+use crate::pipeline::liveness::{Liveness, Stage};
 use crate::pipeline::model::{Batch, Profile};
-use crate::state::{SeqAllocator, StateError};
+use crate::state::SeqAllocator;
+use crate::telemetry::{DropReason, Telemetry};
 
 /// Accumulates profiles under the three limits. Pure logic; the task below drives it.
 #[derive(Debug)]
@@ -71,28 +78,36 @@ impl Batcher {
     }
 }
 
+/// What the batch stage works with beside its input and output.
+pub struct BatchStage {
+    pub cfg: BatchConfig,
+    pub seqs: SeqAllocator,
+    pub live: Arc<Liveness>,
+    pub telemetry: Arc<Telemetry>,
+    /// Cancelled when the shutdown timeout has run out: stop waiting for the state volume.
+    pub deadline: CancellationToken,
+}
+
 /// The batch stage: runs until its input closes (ingest finished draining), then seals what is
 /// left and returns.
 pub async fn run(
-    cfg: BatchConfig,
-    mut seqs: SeqAllocator,
+    mut st: BatchStage,
     mut input: mpsc::Receiver<crate::pipeline::ingest::Chunk>,
     out: mpsc::Sender<Batch>,
-    live: std::sync::Arc<crate::pipeline::liveness::Liveness>,
-) -> Result<(), StateError> {
-    let mut b = Batcher::new(cfg);
+) {
+    let mut b = Batcher::new(st.cfg.clone());
     let mut beat = tokio::time::interval(crate::pipeline::liveness::BEAT);
     loop {
         let deadline = b.deadline();
         let chunk = tokio::select! {
             _ = beat.tick() => {
-                live.beat(crate::pipeline::liveness::Stage::Batch);
+                st.live.beat(Stage::Batch);
                 continue;
             }
             c = input.recv() => c,
             () = async { sleep_until(deadline.unwrap()).await }, if deadline.is_some() => {
                 if let Some(items) = b.take() {
-                    seal(&mut seqs, items, &out).await?;
+                    st.seal(items, &out).await;
                 }
                 continue;
             }
@@ -102,30 +117,69 @@ pub async fn run(
         // The chunk's share of the ingest queue budget is released once it is consumed.
         for p in chunk.profiles {
             if let Some(items) = b.push(p, now) {
-                seal(&mut seqs, items, &out).await?;
+                st.seal(items, &out).await;
             }
         }
     }
     if let Some(items) = b.take() {
-        seal(&mut seqs, items, &out).await?;
+        st.seal(items, &out).await;
     }
-    Ok(())
 }
 
-async fn seal(
-    seqs: &mut SeqAllocator,
-    profiles: Vec<Profile>,
-    out: &mpsc::Sender<Batch>,
-) -> Result<(), StateError> {
-    let batch = Batch {
-        seq: seqs.allocate()?,
-        epoch: seqs.epoch(),
-        profiles,
-    };
-    if out.send(batch).await.is_err() {
-        tracing::error!("router gone: batch not forwarded");
+impl BatchStage {
+    async fn seal(&mut self, profiles: Vec<Profile>, out: &mpsc::Sender<Batch>) {
+        let Some(seq) = self.allocate().await else {
+            ProfilesDropped {
+                reason: DropReason::Shutdown,
+                profiles: profiles.len() as u64,
+                what: "the seq state could still not be written at the shutdown deadline: batch dropped",
+                seq: None,
+            }
+            .emit(&self.telemetry);
+            return;
+        };
+        let batch = Batch {
+            seq,
+            epoch: self.seqs.epoch(),
+            profiles,
+        };
+        if out.send(batch).await.is_err() {
+            tracing::error!("router gone: batch not forwarded");
+        }
     }
-    Ok(())
+
+    /// The next seq. When its reservation cannot be written (the state volume is full or
+    /// read-only), waits and retries rather than end the stage: the profiles in hand stay here,
+    /// ingest's queue and then the kernel queue push back on PHP (EAGAIN, counted by the eBPF
+    /// monitor), status shows the failure and the watchdog is withheld, until the volume works.
+    /// `None` once the shutdown deadline has passed.
+    async fn allocate(&mut self) -> Option<u64> {
+        let mut wait = Duration::from_millis(100);
+        let mut failing = false;
+        loop {
+            match self.seqs.allocate() {
+                Ok(seq) => {
+                    if failing {
+                        tracing::info!("seq state written again: batching resumes");
+                        self.live.recover(Stage::Batch);
+                    }
+                    return Some(seq);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "cannot reserve batch seqs: batching waits until the state volume works (PHP sees backpressure meanwhile)");
+                    }
+                    failing = true;
+                    self.live.fail(Stage::Batch, e.to_string());
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.deadline.cancelled() => return None,
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -180,13 +234,14 @@ mod tests {
         let seqs = SeqAllocator::open(dir.path()).unwrap();
         let (tx, rx) = crate::pipeline::ingest::profile_queue(1 << 20);
         let (otx, mut orx) = mpsc::channel(4);
-        let task = tokio::spawn(run(
-            cfg(100, 1 << 20, 500),
+        let stage = BatchStage {
+            cfg: cfg(100, 1 << 20, 500),
             seqs,
-            rx,
-            otx,
-            Default::default(),
-        ));
+            live: Arc::default(),
+            telemetry: Telemetry::new(),
+            deadline: CancellationToken::new(),
+        };
+        let task = tokio::spawn(run(stage, rx, otx));
         // Idle: nothing ticks.
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(orx.try_recv().is_err());
@@ -207,6 +262,6 @@ mod tests {
         drop(tx);
         let last = orx.recv().await.unwrap();
         assert_eq!(last.seq, b.seq + 1);
-        task.await.unwrap().unwrap();
+        task.await.unwrap();
     }
 }

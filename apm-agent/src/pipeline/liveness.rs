@@ -2,7 +2,13 @@
 //! arm next to its real work), so a stage that is stuck — blocked in a call, dead-locked,
 //! panicked — stops beating, the agent stops pinging `WATCHDOG=1`, and systemd restarts it. An
 //! idle pipeline still beats: idle is healthy, stuck is not.
+//!
+//! A stage that cannot do its work but can wait for it to become possible (its state volume is
+//! full) reports a failure here: status shows it under `stage_failures`, the watchdog is
+//! withheld while it lasts, and the stage clears it once it works again.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -26,6 +32,7 @@ pub const BEAT: Duration = Duration::from_millis(500);
 pub struct Liveness {
     origin: Instant,
     beats: [AtomicU64; 3],
+    failures: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Default for Liveness {
@@ -33,8 +40,13 @@ impl Default for Liveness {
         Self {
             origin: Instant::now(),
             beats: Default::default(),
+            failures: Mutex::default(),
         }
     }
+}
+
+fn name(s: Stage) -> &'static str {
+    STAGES[s as usize].1
 }
 
 impl Liveness {
@@ -42,7 +54,31 @@ impl Liveness {
         self.beats[s as usize].store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Stages whose last beat is older than `max_age`.
+    /// `s` cannot do its work now, for `why`; it keeps trying.
+    pub fn fail(&self, s: Stage, why: String) {
+        self.lock().insert(name(s), why);
+    }
+
+    /// `s` works again.
+    pub fn recover(&self, s: Stage) {
+        self.lock().remove(name(s));
+    }
+
+    /// The failing stages and why (empty when all work).
+    pub fn failures(&self) -> BTreeMap<String, String> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), v.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stages whose last beat is older than `max_age`, or that report a failure.
     pub fn stale(&self, max_age: Duration) -> Vec<&'static str> {
         let now = self.origin.elapsed().as_millis() as u64;
         STAGES
@@ -50,6 +86,7 @@ impl Liveness {
             .filter(|(s, _)| {
                 now.saturating_sub(self.beats[*s as usize].load(Ordering::Relaxed))
                     > max_age.as_millis() as u64
+                    || self.lock().contains_key(name(*s))
             })
             .map(|(_, n)| *n)
             .collect()
@@ -71,5 +108,19 @@ mod tests {
         l.beat(Stage::Ingest);
         l.beat(Stage::Router);
         assert_eq!(l.stale(Duration::from_millis(30)), vec!["batch"]);
+    }
+
+    #[test]
+    fn a_failing_stage_is_reported_until_it_recovers() {
+        let l = Liveness::default();
+        l.fail(Stage::Batch, "disk full".into());
+        assert_eq!(
+            l.failures().get("batch").map(String::as_str),
+            Some("disk full")
+        );
+        l.beat(Stage::Batch);
+        assert!(l.stale(Duration::from_secs(60)).contains(&"batch"));
+        l.recover(Stage::Batch);
+        assert!(l.failures().is_empty());
     }
 }
