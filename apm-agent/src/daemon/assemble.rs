@@ -51,6 +51,8 @@ pub struct Pipeline {
     pub requests: mpsc::Receiver<ControlRequest>,
     /// The memory guard asks for a restart here.
     pub memory_restart: mpsc::Receiver<()>,
+    /// A stage that ended before the stop names itself here.
+    pub died: mpsc::UnboundedReceiver<&'static str>,
     monitor: Arc<Monitor>,
     tasks: Tasks,
     stop: Stops,
@@ -105,6 +107,7 @@ impl Pipeline {
         let router = router(cfg, &deps, live.clone(), spill.clone())?;
         let transport = transport(cfg, &deps, &monitor)?;
         let status = status_source(cfg, &deps, &monitor, live.clone());
+        let (died_tx, died) = mpsc::unbounded_channel();
         let (tasks, requests) = spawn_stages(
             cfg,
             deps,
@@ -117,6 +120,7 @@ impl Pipeline {
                 registry,
             },
             &stop,
+            &died_tx,
         )
         .await?;
         let memory_restart = spawn_memguard(cfg, &status, spill, stop.control.clone());
@@ -126,6 +130,7 @@ impl Pipeline {
             live,
             requests,
             memory_restart,
+            died,
             monitor,
             tasks,
             stop,
@@ -322,6 +327,7 @@ async fn spawn_stages(
     monitor: &Arc<Monitor>,
     parts: StageParts,
     stop: &Stops,
+    died: &mpsc::UnboundedSender<&'static str>,
 ) -> Result<(Tasks, mpsc::Receiver<ControlRequest>), StartError> {
     let ch = Channels {
         // Bounded by bytes: this queue is outside the router's memory budget (ingest/queue.rs).
@@ -341,25 +347,36 @@ async fn spawn_stages(
         rss: Some(rss_lookup),
         live: parts.live.clone(),
     };
-    let ingest = tokio::spawn(ingest.run(ch.profiles.0, stop.ingest.clone()));
-    let batch = tokio::spawn(crate::pipeline::batch::run(
-        BatchStage {
-            cfg: cfg.batch.clone(),
-            seqs: deps.seqs,
-            live: parts.live.clone(),
-            telemetry: deps.telemetry.clone(),
+    let watch = Watch {
+        stopping: stop.ingest.token(),
+        died: died.clone(),
+    };
+    let ingest = watch.spawn("ingest", ingest.run(ch.profiles.0, stop.ingest.clone()));
+    let batch = watch.spawn(
+        "batch",
+        crate::pipeline::batch::run(
+            BatchStage {
+                cfg: cfg.batch.clone(),
+                seqs: deps.seqs,
+                live: parts.live.clone(),
+                telemetry: deps.telemetry.clone(),
+                deadline: stop.deadline.clone(),
+            },
+            ch.profiles.1,
+            ch.batches.0,
+        ),
+    );
+    let router = watch.spawn(
+        "router",
+        parts.router.run(RouterIo {
+            input: ch.batches.1,
+            to_transport: ch.wire.0,
+            outcomes: outcome_rx,
             deadline: stop.deadline.clone(),
-        },
-        ch.profiles.1,
-        ch.batches.0,
-    ));
-    let router = tokio::spawn(parts.router.run(RouterIo {
-        input: ch.batches.1,
-        to_transport: ch.wire.0,
-        outcomes: outcome_rx,
-        deadline: stop.deadline.clone(),
-    }));
-    let transport = tokio::spawn(
+        }),
+    );
+    let transport = watch.spawn(
+        "transport",
         parts
             .transport
             .run(ch.wire.1, outcome_tx, stop.deadline.clone()),
@@ -374,6 +391,34 @@ async fn spawn_stages(
         control,
     };
     Ok((tasks, requests))
+}
+
+/// Spawns the stages so that one that ends before the stop was asked for is not silent: its
+/// name goes to the daemon, which stops the agent with an error (a supervisor restarts it).
+struct Watch {
+    stopping: CancellationToken,
+    died: mpsc::UnboundedSender<&'static str>,
+}
+
+impl Watch {
+    fn spawn<T: Send + 'static>(
+        &self,
+        stage: &'static str,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> JoinHandle<T> {
+        let (stopping, died) = (self.stopping.clone(), self.died.clone());
+        tokio::spawn(async move {
+            let out = fut.await;
+            if !stopping.is_cancelled() {
+                tracing::error!(
+                    stage,
+                    "pipeline stage ended before the stop: stopping the agent"
+                );
+                let _ = died.send(stage);
+            }
+            out
+        })
+    }
 }
 
 /// The control socket (status, reload, restart) and, when configured, `/metrics`.
@@ -440,4 +485,24 @@ fn spawn_memguard(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stage_that_ends_before_the_stop_is_reported_and_one_that_ends_after_is_not() {
+        let (died_tx, mut died) = mpsc::unbounded_channel();
+        let stopping = CancellationToken::new();
+        let watch = Watch {
+            stopping: stopping.clone(),
+            died: died_tx,
+        };
+        watch.spawn("batch", async {}).await.unwrap();
+        assert_eq!(died.try_recv().ok(), Some("batch"));
+        stopping.cancel();
+        watch.spawn("router", async {}).await.unwrap();
+        assert!(died.try_recv().is_err(), "ended after the stop: expected");
+    }
 }

@@ -125,6 +125,14 @@ fn finish(
         ]);
     }
     drop(pid);
+    if let Some(stage) = ending.stage_died {
+        tracing::error!(
+            stage,
+            code = exit::FAILURE,
+            "stopped because a pipeline stage ended on its own"
+        );
+        return Ok(exit::FAILURE);
+    }
     if ending.memory_restart {
         tracing::warn!(
             code = memguard::EXIT_MEMORY,

@@ -21,6 +21,8 @@ pub struct Ending {
     pub kind: StopKind,
     /// The memory guard asked for this stop.
     pub memory_restart: bool,
+    /// A stage ended on its own: the agent stops with an error.
+    pub stage_died: Option<&'static str>,
 }
 
 /// The installed signal handlers.
@@ -59,6 +61,7 @@ pub async fn serve(
     let end = |kind| Ending {
         kind,
         memory_restart: false,
+        stage_died: None,
     };
     loop {
         tokio::select! {
@@ -70,7 +73,10 @@ pub async fn serve(
                 // Under systemd the fd store keeps the sockets and `Restart=always` starts us
                 // again; otherwise re-execute with the sockets handed over.
                 let kind = if fd_store { final_kind } else { StopKind::Handover };
-                return Ending { kind, memory_restart: true };
+                return Ending { kind, memory_restart: true, stage_died: None };
+            }
+            Some(stage) = p.died.recv() => {
+                return Ending { kind: final_kind, memory_restart: false, stage_died: Some(stage) };
             }
             Some(req) = p.requests.recv() => match req {
                 ControlRequest::Reload(reply) => { let _ = reply.send(reload(cfg, config_path)); }
