@@ -67,8 +67,9 @@ impl DgramReceiver {
     }
 
     /// Reads what is queued (up to `batch` datagrams) without blocking. `WouldBlock` when the
-    /// queue is empty.
-    pub fn recv(&mut self, fd: RawFd, now_ns: u64) -> io::Result<RecvOutcome> {
+    /// queue is empty. `shut`: reading was shut down (`SHUT_RD`), so an empty queue reads as
+    /// end of input.
+    pub fn recv(&mut self, fd: RawFd, now_ns: u64, shut: bool) -> io::Result<RecvOutcome> {
         for i in 0..self.batch {
             self.iovs[i] = libc::iovec {
                 iov_base: self.slots[i * self.slot..].as_mut_ptr().cast(),
@@ -105,9 +106,11 @@ impl DgramReceiver {
             let len = self.hdrs[i].msg_len as usize;
             let flags = self.hdrs[i].msg_hdr.msg_flags;
             let cred = read_cred(&self.hdrs[i].msg_hdr);
-            if len == 0 && cred.is_none() {
+            if shut && len == 0 && cred.is_none() {
                 // After shutdown(SHUT_RD) an empty queue reads as zero-length "datagrams"
-                // without credentials: that is end of input, not a sender's empty datagram.
+                // without credentials: that is end of input. Before it, a zero-length datagram
+                // is a sender's (queued before SO_PASSCRED if it has no credentials): rejected
+                // as empty below, never taken for the end.
                 out.eof = true;
                 break;
             }
@@ -119,7 +122,7 @@ impl DgramReceiver {
             let start = i * self.slot;
             match validate_profile(&self.slots[start..start + len], self.max_payload) {
                 Ok(()) => {
-                    let (pid, uid) = cred.unwrap_or((0, 0));
+                    let (pid, uid) = cred.unwrap_or((UNKNOWN_ID, UNKNOWN_ID));
                     valid.push((start, len, pid, uid));
                     total += len;
                 }
@@ -149,6 +152,10 @@ impl DgramReceiver {
     }
 }
 
+/// The pid and uid of a profile whose sender the kernel did not name (no credentials): not 0,
+/// which is root.
+pub const UNKNOWN_ID: u32 = u32::MAX;
+
 /// The sender's (pid, uid) from an SCM_CREDENTIALS control message.
 fn read_cred(h: &libc::msghdr) -> Option<(u32, u32)> {
     // SAFETY: the control buffer was filled by the kernel for this header; CMSG_* walk it within
@@ -158,7 +165,9 @@ fn read_cred(h: &libc::msghdr) -> Option<(u32, u32)> {
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS {
                 let cred: libc::ucred = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
-                return Some((cred.pid as u32, cred.uid));
+                // A datagram queued before SO_PASSCRED was on reads as pid 0 with the overflow
+                // uid: the kernel did not record its sender.
+                return (cred.pid > 0).then_some((cred.pid as u32, cred.uid));
             }
             c = libc::CMSG_NXTHDR(h, c);
         }
@@ -195,7 +204,7 @@ mod tests {
         s.send_to(br#"{"id":2}"#, &p).unwrap();
         s.send_to(&vec![b' '; 300], &p).unwrap();
         let mut rx = DgramReceiver::new(8, 200);
-        let out = rx.recv(r.as_raw_fd(), 5).unwrap();
+        let out = rx.recv(r.as_raw_fd(), 5, false).unwrap();
         assert_eq!(out.datagrams, 5);
         assert_eq!(out.profiles.len(), 2);
         assert_eq!(&out.profiles[0].payload[..], br#"{"id":1}"#);
@@ -210,8 +219,34 @@ mod tests {
                 RejectReason::Oversize
             ]
         );
-        let e = rx.recv(r.as_raw_fd(), 5).unwrap_err();
+        let e = rx.recv(r.as_raw_fd(), 5, false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    /// Issue 15.6: a datagram queued before `SO_PASSCRED` was on carries no credentials. An
+    /// empty one used to read as end of input, which stopped datagram ingest for good; and a
+    /// profile without credentials was stamped uid 0 (root).
+    #[test]
+    fn an_empty_datagram_without_credentials_is_not_end_of_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.sock");
+        let r = UnixDatagram::bind(&p).unwrap();
+        let s = UnixDatagram::unbound().unwrap();
+        s.send_to(b"", &p).unwrap();
+        s.send_to(br#"{"id":"before"}"#, &p).unwrap();
+        nix::sys::socket::setsockopt(&r, nix::sys::socket::sockopt::PassCred, &true).unwrap();
+        s.send_to(br#"{"id":"after"}"#, &p).unwrap();
+        let mut rx = DgramReceiver::new(8, 1024);
+        let out = rx.recv(r.as_raw_fd(), 0, false).unwrap();
+        assert!(!out.eof, "an empty datagram is not end of input");
+        assert_eq!(out.rejected, vec![RejectReason::Empty]);
+        assert_eq!(out.profiles.len(), 2);
+        assert_eq!(
+            (out.profiles[0].pid, out.profiles[0].uid),
+            (UNKNOWN_ID, UNKNOWN_ID),
+            "no credentials: unknown, not root"
+        );
+        assert_eq!(out.profiles[1].uid, nix::unistd::getuid().as_raw());
     }
 
     #[test]
@@ -224,13 +259,13 @@ mod tests {
         // Senders are refused once reading is shut down.
         assert!(s.send_to(b"{}", &p).is_err());
         let mut rx = DgramReceiver::new(2, 1024);
-        let a = rx.recv(r.as_raw_fd(), 0).unwrap();
+        let a = rx.recv(r.as_raw_fd(), 0, true).unwrap();
         assert_eq!((a.profiles.len(), a.eof), (2, false));
-        let b = rx.recv(r.as_raw_fd(), 0).unwrap();
+        let b = rx.recv(r.as_raw_fd(), 0, true).unwrap();
         assert_eq!(b.profiles.len(), 1);
         // The drained queue then reads as end of input (or would-block), never as more data.
         if !b.eof {
-            match rx.recv(r.as_raw_fd(), 0) {
+            match rx.recv(r.as_raw_fd(), 0, true) {
                 Ok(c) => assert!(c.eof && c.profiles.is_empty() && c.datagrams == 0),
                 Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
             }

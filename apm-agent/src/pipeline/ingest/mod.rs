@@ -238,6 +238,8 @@ async fn run_dgram(
     let mut rx = dgram::DgramReceiver::new(p.batch, p.max_payload);
     let fd = sock.as_raw_fd();
     let mut draining = false;
+    // Reading was shut down (a final stop): an empty queue then reads as end of input.
+    let mut shut = false;
     let mut beat = tokio::time::interval(crate::pipeline::liveness::BEAT);
     loop {
         if !draining {
@@ -255,6 +257,7 @@ async fn run_dgram(
                         }
                         StopKind::Final => {
                             let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+                            shut = true;
                             tracing::info!("datagram socket shut for reading; draining the kernel queue");
                         }
                         StopKind::KeepSocket => tracing::info!("draining the kernel queue; the socket stays open in the fd store"),
@@ -266,9 +269,9 @@ async fn run_dgram(
             }
         }
         let res = if draining {
-            rx.recv(fd, now_ns())
+            rx.recv(fd, now_ns(), shut)
         } else {
-            sock.try_io(Interest::READABLE, || rx.recv(fd, now_ns()))
+            sock.try_io(Interest::READABLE, || rx.recv(fd, now_ns(), false))
         };
         match res {
             Ok(o) => {

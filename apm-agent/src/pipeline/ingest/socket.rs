@@ -124,14 +124,15 @@ pub fn bind_dgram(
         )
     };
     let socket = UnixDatagram::from(fd);
+    // SCM_CREDENTIALS on every datagram (the sender's pid and uid), on before the socket can
+    // be reached: a datagram queued earlier would carry none.
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)
+        .map_err(|e| IngestError::io("SO_PASSCRED", path, e.into()))?;
     let addr = nix::sys::socket::UnixAddr::new(path)
         .map_err(|e| IngestError::io("socket address", path, e.into()))?;
     nix::sys::socket::bind(socket.as_raw_fd(), &addr)
         .map_err(|e| IngestError::io("bind", path, e.into()))?;
     set_mode_group(path, mode, group)?;
-    // SCM_CREDENTIALS on every datagram: the sender's pid and uid.
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::PassCred, &true)
-        .map_err(|e| IngestError::io("SO_PASSCRED", path, e.into()))?;
     Ok(BoundDgram { socket, queue_len })
 }
 

@@ -65,8 +65,9 @@ impl Conn {
         let (pid, uid) = self
             .stream
             .peer_cred()
-            .map(|c| (c.pid().unwrap_or(0) as u32, c.uid()))
-            .unwrap_or((0, 0));
+            .ok()
+            .and_then(|c| Some((u32::try_from(c.pid()?).ok()?, c.uid())))
+            .unwrap_or((super::dgram::UNKNOWN_ID, super::dgram::UNKNOWN_ID));
         let mut buf = BytesMut::with_capacity(8 * 1024);
         let mut shutting_down = false;
         loop {
