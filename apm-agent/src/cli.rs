@@ -15,11 +15,20 @@ use crate::daemon::pidfile::{Probe, probe};
 
 pub const EXIT_NOT_RUNNING: i32 = 3;
 
+/// The exit codes, as `--help` and the man page list them.
+const EXIT_CODES: &str = "Exit codes:
+  0   success
+  1   failure (the message says why; a runtime condition: a supervisor may retry)
+  3   not running (status, stop, kill, reload, pause, resume)
+  75  memory self-restart under systemd (limits.max_memory_mb; Restart=always starts it again)
+  78  configuration error, naming the key (supervisors do not restart on it)";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "apm-agent",
     version,
-    about = "Bitville APM agent: PHP-FPM profiles to the central listener, watched by eBPF"
+    about = "Bitville APM agent: PHP-FPM profiles to the central listener, watched by eBPF",
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     /// Configuration file (TOML); every key has a default.
@@ -52,6 +61,7 @@ pub enum Command {
     /// re-executes itself, handing its sockets over (datagrams sent meanwhile wait in the kernel
     /// queue). Starts the agent when none runs.
     Restart {
+        /// Seconds to wait for the restarted agent (default: limits.shutdown_timeout + 30).
         #[arg(long)]
         timeout: Option<u64>,
     },
@@ -59,6 +69,7 @@ pub enum Command {
     Reload,
     /// Show whether the agent runs and what it has done (exit 3 when not running).
     Status {
+        /// Print the whole status document as one JSON object (the fields of DESIGN.md).
         #[arg(long)]
         json: bool,
     },
@@ -563,6 +574,37 @@ fn kill(cfg: &Config) -> i32 {
         Err(m) => {
             eprintln!("error: {m}");
             1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_command_and_flag_has_help_and_the_exit_codes_are_listed() {
+        let mut cmd = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                missing.push(sub.get_name().to_string());
+            }
+            for a in sub.get_arguments() {
+                if a.get_help().is_none() && a.get_id() != "help" {
+                    missing.push(format!("{} --{}", sub.get_name(), a.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "without help text: {missing:?}");
+        let help = cmd.render_long_help().to_string();
+        for code in ["0 ", "1 ", "3 ", "75 ", "78 "] {
+            assert!(
+                help.contains(&format!("\n  {code}")),
+                "exit code {code}missing:\n{help}"
+            );
         }
     }
 }
