@@ -111,11 +111,9 @@ pub enum ControlRequest {
 /// Binds the control socket (before readiness is announced, so `start` can rely on it).
 pub fn bind_control(path: &std::path::Path) -> std::io::Result<UnixListener> {
     let _ = crate::pipeline::ingest::socket::remove_stale(path, false);
-    let listener = UnixListener::bind(path)?;
-    // Only root (and the agent's user) may steer the agent.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // Only root (and the agent's user) may steer the agent: created 0600, never chmodded by
+    // path afterwards.
+    crate::pipeline::ingest::socket::bind_with_mode(0o600, || UnixListener::bind(path))
 }
 
 pub async fn serve_control(

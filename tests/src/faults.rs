@@ -264,7 +264,9 @@ impl Tmpfs {
     pub fn mount(dir: &Path, size: &str) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            // 0755 like a real state or spool volume: the agent refuses a directory that every
+            // user may write (a bare tmpfs is 1777).
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
             .arg(dir)
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;

@@ -267,6 +267,44 @@ fn stop_never_signals_a_process_that_is_not_the_agent() {
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// Issue 15.5: root writes state, flag files and spool records in these directories; one that
+/// other users can write lets them plant what root then trusts or overwrites.
+#[test]
+fn a_directory_other_users_can_write_is_refused_with_78() {
+    use std::os::unix::fs::PermissionsExt;
+    for (key, sub) in [
+        ("control.runtime_dir", "run"),
+        ("control.state_dir", "state"),
+        ("spool.dir", "spool"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
+        let d = dir.path().join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut child = Command::new(bin("apm-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{key}: the agent started with a directory every user can write");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(78), "{key}: {err}");
+        assert!(err.contains(key), "{key}: {err}");
+    }
+}
+
 #[test]
 fn start_of_a_broken_config_fails_with_78_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();

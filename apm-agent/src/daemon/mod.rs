@@ -71,11 +71,16 @@ fn acquire(
         Some(fd) => PidFile::adopt(fd, &cfg.control.pid_file)?,
         None => PidFile::acquire(&cfg.control.pid_file, config_path.as_deref())?,
     };
-    for dir in [&cfg.control.runtime_dir, &cfg.control.state_dir] {
+    for (key, dir) in [
+        ("control.runtime_dir", &cfg.control.runtime_dir),
+        ("control.state_dir", &cfg.control.state_dir),
+        ("spool.dir", &cfg.spool.dir),
+    ] {
         std::fs::create_dir_all(dir).map_err(|source| StartError::Dir {
             path: dir.clone(),
             source,
         })?;
+        refuse_shared_dir(key, dir)?;
     }
     let php =
         PhpControl::new(&cfg.control.runtime_dir).map_err(|source| StartError::PhpControl {
@@ -98,6 +103,31 @@ fn acquire(
         restarts: inherited.restarts,
     };
     Ok((pid, deps, fd_store))
+}
+
+/// Root writes state, PHP's flag files and spool records in these directories: one that other
+/// users can write would let them plant files (or links) that root then trusts or overwrites.
+fn refuse_shared_dir(key: &'static str, dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)
+        .map_err(|source| StartError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o002 != 0 {
+        return Err(StartError::Config(crate::config::ConfigError::Invalid {
+            key,
+            reason: format!(
+                "{} is writable by every user (mode {:o}); give the agent a directory only root \
+                 can write (`chmod o-w`, or another path)",
+                dir.display(),
+                mode & 0o7777
+            ),
+        }));
+    }
+    Ok(())
 }
 
 /// After the pipeline has stopped: re-execute on a handover, remove the sockets on a final

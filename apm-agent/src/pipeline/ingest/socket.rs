@@ -1,10 +1,11 @@
 //! Creating the receiving sockets the way a daemon should: remove a stale socket file (never one a
-//! live agent is bound to), bind, then set mode and group; give the datagram socket the
+//! live agent is bound to), bind with the mode already set through the umask, then change the
+//! group without following symlinks; give the datagram socket the
 //! configured kernel queue length by raising `net.unix.max_dgram_qlen` just around its creation.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -47,15 +48,39 @@ fn prepare_parent(path: &Path) -> Result<(), IngestError> {
     Ok(())
 }
 
-fn set_mode_group(path: &Path, mode: u32, group: Option<&str>) -> Result<(), IngestError> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| IngestError::io("chmod", path, e))?;
-    if let Some(g) = group {
-        let grp = nix::unistd::Group::from_name(g)
-            .map_err(|e| IngestError::io("look up group", path, e.into()))?
-            .ok_or_else(|| IngestError::UnknownGroup(g.to_string()))?;
-        nix::unistd::chown(path, None, Some(grp.gid))
-            .map_err(|e| IngestError::io("chown", path, e.into()))?;
+/// Binds with the file created at `mode` already: the umask is narrowed around `bind` (a
+/// chmod by path afterwards could be redirected through a symlink swapped in meanwhile).
+/// Serialised, since the umask is the process's.
+pub(crate) fn bind_with_mode<T>(mode: u32, bind: impl FnOnce() -> T) -> T {
+    use nix::sys::stat::{Mode, umask};
+    static UMASK_LOCK: Mutex<()> = Mutex::new(());
+    let _g = UMASK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let old = umask(Mode::from_bits_truncate(!mode & 0o777));
+    let out = bind();
+    umask(old);
+    out
+}
+
+/// Gives the socket file to `group` without following a symlink: if the path was swapped for
+/// one, only the link changes group, never its target.
+fn set_group(path: &Path, group: Option<&str>) -> Result<(), IngestError> {
+    let Some(g) = group else {
+        return Ok(());
+    };
+    let grp = nix::unistd::Group::from_name(g)
+        .map_err(|e| IngestError::io("look up group", path, e.into()))?
+        .ok_or_else(|| IngestError::UnknownGroup(g.to_string()))?;
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        None,
+        Some(grp.gid),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| IngestError::io("chown", path, e.into()))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| IngestError::io("inspect", path, e))?;
+    if !meta.file_type().is_socket() {
+        return Err(IngestError::NotASocket(path.to_path_buf()));
     }
     Ok(())
 }
@@ -130,9 +155,9 @@ pub fn bind_dgram(
         .map_err(|e| IngestError::io("SO_PASSCRED", path, e.into()))?;
     let addr = nix::sys::socket::UnixAddr::new(path)
         .map_err(|e| IngestError::io("socket address", path, e.into()))?;
-    nix::sys::socket::bind(socket.as_raw_fd(), &addr)
+    bind_with_mode(mode, || nix::sys::socket::bind(socket.as_raw_fd(), &addr))
         .map_err(|e| IngestError::io("bind", path, e.into()))?;
-    set_mode_group(path, mode, group)?;
+    set_group(path, group)?;
     Ok(BoundDgram { socket, queue_len })
 }
 
@@ -144,10 +169,11 @@ pub fn bind_stream(
 ) -> Result<UnixListener, IngestError> {
     prepare_parent(path)?;
     remove_stale(path, false)?;
-    let l = UnixListener::bind(path).map_err(|e| IngestError::io("bind", path, e))?;
+    let l = bind_with_mode(mode, || UnixListener::bind(path))
+        .map_err(|e| IngestError::io("bind", path, e))?;
     l.set_nonblocking(true)
         .map_err(|e| IngestError::io("set nonblocking", path, e))?;
-    set_mode_group(path, mode, group)?;
+    set_group(path, group)?;
     Ok(l)
 }
 
@@ -172,6 +198,8 @@ pub fn unlink(paths: &[PathBuf]) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -187,6 +215,30 @@ mod tests {
         let err = bind_dgram(&p, 0o660, None, 64).err().unwrap();
         assert!(matches!(err, IngestError::InUse(_)), "{err}");
         drop(live);
+    }
+
+    /// Issue 15.5: the mode and group were set by path after `bind`, as root: a user who can
+    /// write the socket's directory could swap in a symlink and have root chmod any file.
+    #[test]
+    fn a_planted_symlink_at_the_socket_path_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = dir.path().join("a.sock");
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        let _ = set_group(&p, Some("root"));
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the symlink's target was chmodded");
+    }
+
+    #[test]
+    fn the_socket_is_created_with_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.sock");
+        let _s = bind_dgram(&p, 0o620, None, 64).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o620);
     }
 
     #[test]
