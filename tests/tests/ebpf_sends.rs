@@ -172,6 +172,7 @@ fn ebpf_concurrent_senders_lose_no_increment() {
         })
     };
     let dgram = m.dgram.clone();
+    let per = apm_tests::scaled(5000) as u32;
     let outcomes: Vec<Outcome> = std::thread::scope(|sc| {
         let hs: Vec<_> = senders
             .iter()
@@ -180,7 +181,7 @@ fn ebpf_concurrent_senders_lose_no_increment() {
                 let d = dgram.clone();
                 // The last sender uses 4 threads of one process.
                 let threads = if i == 2 { 4 } else { 1 };
-                sc.spawn(move || s.send(&d, 5000, 128, AddrStyle::Php, threads))
+                sc.spawn(move || s.send(&d, per, 128, AddrStyle::Php, threads))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -193,12 +194,12 @@ fn ebpf_concurrent_senders_lose_no_increment() {
         total.add(o);
     }
     assert_eq!(got, total.ok, "receiver ground truth");
-    assert_eq!(total.ok + total.failed(), 5000 * 6);
+    assert_eq!(total.ok + total.failed(), u64::from(per) * 6);
     m.agent_received(got);
     let s = m.wait_for(
         WAIT,
         "all sends counted, by the kernel and the agent",
-        |s| s.sends_ok + s.sends_failed.total() == 5000 * 6 && s.unaccounted == 0,
+        |s| s.sends_ok + s.sends_failed.total() == u64::from(per) * 6 && s.unaccounted == 0,
     );
     assert_eq!(s.sends_ok, total.ok);
     assert_eq!(s.sends_failed, errnos(&total));
@@ -291,16 +292,17 @@ fn ebpf_exit_reports_the_sends_of_every_thread() {
     let rx = UnixDatagram::bind(&m.dgram).unwrap();
     let mut total = Outcome::default();
     // Four threads that exit after sending, then the main thread itself.
-    let o = child.send(&m.dgram, 300, 64, AddrStyle::Php, 4);
+    let per = apm_tests::scaled(300) as u32;
+    let o = child.send(&m.dgram, per, 64, AddrStyle::Php, 4);
     total.add(&o);
     let (n, _) = drain(&rx);
-    let o = child.send(&m.dgram, 300, 64, AddrStyle::Php, 1);
+    let o = child.send(&m.dgram, per, 64, AddrStyle::Php, 1);
     total.add(&o);
     let (n2, _) = drain(&rx);
     assert_eq!(n + n2, total.ok, "receiver ground truth");
-    assert_eq!(total.ok + total.failed(), 300 * 5);
+    assert_eq!(total.ok + total.failed(), u64::from(per) * 5);
     let s = m.wait_for(WAIT, "the live process's sends", |s| {
-        worker(s, pid).is_some_and(|w| w.sends_ok + w.sends_failed.total() == 300 * 5)
+        worker(s, pid).is_some_and(|w| w.sends_ok + w.sends_failed.total() == u64::from(per) * 5)
     });
     let w = worker(&s, pid).unwrap();
     assert_eq!((w.sends_ok, w.sends_failed), (total.ok, errnos(&total)));
