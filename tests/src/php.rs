@@ -262,7 +262,13 @@ impl FpmPool {
                 read_lossy(&d.join("fpm.log"))
             );
         }
-        Ok(Self { proc, socket, dir })
+        let pool = Self { proc, socket, dir };
+        // `pm = static` forks the workers after the socket is up: on a slow machine (the VM
+        // tier's emulated CPUs) some are not there yet when the socket is.
+        wait_for(Duration::from_secs(10), || {
+            pool.worker_pids().len() >= cfg.workers
+        });
+        Ok(pool)
     }
 
     pub fn socket(&self) -> &Path {
