@@ -80,6 +80,27 @@ impl prometheus_client::collector::Collector for Collector {
         let sh = &self.shared;
         let up = i64::from(sh.state == State::Running);
         gauge(&mut enc, "up", "1 while the eBPF programs are attached", up)?;
+        {
+            let state = match sh.state {
+                State::Running => "running",
+                State::Degraded(_) => "degraded",
+                State::Disabled(_) => "disabled",
+            };
+            let labels = [
+                ("state", state),
+                ("kernel", sh.kernel.as_str()),
+                ("failed_program", sh.failed_program.unwrap_or("")),
+                ("exit_mode", sh.exit_mode),
+            ];
+            let g = ConstGauge::new(1i64);
+            let mut m = enc.encode_descriptor(
+                "info",
+                "The monitor's state on this kernel (failed_program: why it is not running)",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m.encode_family(&labels)?)?;
+        }
         if up == 0 {
             return Ok(());
         }
@@ -279,6 +300,9 @@ mod tests {
         };
         let shared = Arc::new(Shared {
             state: State::Running,
+            kernel: "6.1.0-test".into(),
+            failed_program: None,
+            exit_mode: "signal_live",
             cfg,
             dgram: "/d".into(),
             stream: "/s".into(),
@@ -291,6 +315,10 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
         assert!(out.contains("apm_ebpf_up 1"), "{out}");
+        assert!(
+            out.contains(r#"apm_ebpf_info{state="running",kernel="6.1.0-test",failed_program="",exit_mode="signal_live"} 1"#),
+            "{out}"
+        );
         assert!(
             out.contains(r#"apm_ebpf_sends_total{socket="dgram",result="ok"} 7"#),
             "{out}"

@@ -13,6 +13,7 @@ mod loader;
 mod metrics;
 mod poll;
 pub mod procfs;
+mod tracefs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -72,6 +73,19 @@ pub enum MonitorError {
     },
     #[error("cannot watch the eBPF event ring buffer: {0}")]
     Io(std::io::Error),
+    #[error("{0}: the eBPF programs were not built for this kernel's tracepoints")]
+    Layout(String),
+}
+
+impl MonitorError {
+    /// The program that failed to load or attach, if that is what failed.
+    pub fn program(&self) -> Option<&'static str> {
+        match self {
+            Self::Program { name, .. } | Self::Attach { name, .. } => Some(name),
+            Self::MissingProgram(name) => Some(name),
+            _ => None,
+        }
+    }
 }
 
 /// Everything the monitor needs from the agent.
@@ -151,6 +165,16 @@ impl ErrnoCounts {
             enoent: e[5],
             other: e[6],
         }
+    }
+
+    pub fn add(&mut self, o: &Self) {
+        self.eagain += o.eagain;
+        self.enobufs += o.enobufs;
+        self.emsgsize += o.emsgsize;
+        self.epipe += o.epipe;
+        self.econnrefused += o.econnrefused;
+        self.enoent += o.enoent;
+        self.other += o.other;
     }
 
     pub fn total(&self) -> u64 {
@@ -251,6 +275,15 @@ pub struct EbpfStatus {
     /// Why it is not running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The program that failed to load or attach, when that is why it is not running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_program: Option<&'static str>,
+    /// The running kernel's release (`uname -r`).
+    pub kernel: String,
+    /// How a process's last thread is recognised at exit: `group_dead` (the tracepoint's
+    /// field, 6.16+), `signal_live` (BTF) or `leader` (the leader thread's exit); empty when
+    /// not running.
+    pub exit_mode: &'static str,
     /// Successful sends to both sockets.
     pub sends_ok: u64,
     /// Failed sends (and failed connects) to both sockets, by errno.
@@ -332,6 +365,9 @@ impl Default for Snapshot {
 
 struct Shared {
     state: State,
+    kernel: String,
+    failed_program: Option<&'static str>,
+    exit_mode: &'static str,
     cfg: EbpfConfig,
     dgram: PathBuf,
     stream: PathBuf,
@@ -364,18 +400,39 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         None => Err(MonitorError::NotBuilt),
         Some(obj) => loader::load(obj, &kcfg, p.cfg.max_processes, &shutdown),
     };
+    let kernel = loader::kernel_release();
     let loaded = match loaded {
         Ok(l) => l,
         Err(e) if p.cfg.enabled == EbpfEnabled::Auto => {
             tracing::warn!(
+                kernel = %kernel,
+                program = e.program().unwrap_or("-"),
                 error = %e,
-                "eBPF monitor unavailable; running without kernel-seen drops and worker memory"
+                "eBPF monitor unavailable on this kernel; running without kernel-seen drops and \
+                 worker memory"
             );
-            return Ok(Monitor::inactive(p, State::Degraded(e.to_string())));
+            let program = e.program();
+            let mut m = Monitor::inactive(p, State::Degraded(format!("kernel {kernel}: {e}")));
+            if let Some(sh) = Arc::get_mut(&mut m.shared) {
+                sh.failed_program = program;
+            }
+            return Ok(m);
         }
-        Err(e) => return Err(e),
+        Err(e) => {
+            tracing::error!(
+                kernel = %kernel,
+                program = e.program().unwrap_or("-"),
+                error = %e,
+                "eBPF monitor cannot start (ebpf.enabled = \"on\")"
+            );
+            return Err(e);
+        }
     };
+    let exit_mode = exit_mode_str(loaded.exit_mode);
     tracing::info!(
+        kernel = %kernel,
+        exit_mode,
+        comm = if loaded.comm_btf { "btf" } else { "helper" },
         programs = PROGRAMS.len(),
         dgram = %p.dgram_socket.display(),
         stream = %p.stream_socket.display(),
@@ -385,6 +442,9 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
     let rss = RssTable::default();
     let shared = Arc::new(Shared {
         state: State::Running,
+        kernel,
+        failed_program: None,
+        exit_mode,
         cfg: p.cfg.clone(),
         dgram: p.dgram_socket.clone(),
         stream: p.stream_socket.clone(),
@@ -413,6 +473,14 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         rss,
         task: Mutex::new(Some(task)),
     })
+}
+
+fn exit_mode_str(m: apm_common::ExitMode) -> &'static str {
+    match m {
+        apm_common::ExitMode::GroupDead => "group_dead",
+        apm_common::ExitMode::SignalLive => "signal_live",
+        apm_common::ExitMode::Leader => "leader",
+    }
 }
 
 fn validate(c: &EbpfConfig) -> Result<(), MonitorError> {
@@ -448,6 +516,9 @@ impl Monitor {
         Self {
             shared: Arc::new(Shared {
                 state,
+                kernel: loader::kernel_release(),
+                failed_program: None,
+                exit_mode: "",
                 cfg: p.cfg,
                 dgram: p.dgram_socket,
                 stream: p.stream_socket,
@@ -489,6 +560,9 @@ impl Monitor {
             enabled: sh.state == State::Running,
             state,
             reason,
+            failed_program: sh.failed_program,
+            kernel: sh.kernel.clone(),
+            exit_mode: sh.exit_mode,
             sends_ok: all.ok,
             sends_failed: ErrnoCounts::from_err(&all.err),
             bytes: all.bytes,
