@@ -303,6 +303,7 @@ mod tests {
             kernel: "6.1.0-test".into(),
             failed_program: None,
             exit_mode: "signal_live",
+            comm_source: "btf",
             cfg,
             dgram: "/d".into(),
             stream: "/s".into(),

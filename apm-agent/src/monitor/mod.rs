@@ -284,6 +284,10 @@ pub struct EbpfStatus {
     /// field, 6.16+), `signal_live` (BTF) or `leader` (the leader thread's exit); empty when
     /// not running.
     pub exit_mode: &'static str,
+    /// How the programs read the process name: `btf` (two loads from the task) or `helper`
+    /// (`bpf_get_current_comm`, kernels that refuse BTF task reads in tracepoints); empty when
+    /// not running.
+    pub comm_source: &'static str,
     /// Successful sends to both sockets.
     pub sends_ok: u64,
     /// Failed sends (and failed connects) to both sockets, by errno.
@@ -368,6 +372,7 @@ struct Shared {
     kernel: String,
     failed_program: Option<&'static str>,
     exit_mode: &'static str,
+    comm_source: &'static str,
     cfg: EbpfConfig,
     dgram: PathBuf,
     stream: PathBuf,
@@ -445,6 +450,7 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         kernel,
         failed_program: None,
         exit_mode,
+        comm_source: if loaded.comm_btf { "btf" } else { "helper" },
         cfg: p.cfg.clone(),
         dgram: p.dgram_socket.clone(),
         stream: p.stream_socket.clone(),
@@ -519,6 +525,7 @@ impl Monitor {
                 kernel: loader::kernel_release(),
                 failed_program: None,
                 exit_mode: "",
+                comm_source: "",
                 cfg: p.cfg,
                 dgram: p.dgram_socket,
                 stream: p.stream_socket,
@@ -563,6 +570,7 @@ impl Monitor {
             failed_program: sh.failed_program,
             kernel: sh.kernel.clone(),
             exit_mode: sh.exit_mode,
+            comm_source: sh.comm_source,
             sends_ok: all.ok,
             sends_failed: ErrnoCounts::from_err(&all.err),
             bytes: all.bytes,
