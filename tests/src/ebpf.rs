@@ -64,16 +64,19 @@ impl TestMonitor {
             php: php.clone(),
         };
         match rt.block_on(apm_agent::monitor::start(params, shutdown.clone())) {
-            Ok(monitor) => Some(Self {
-                monitor,
-                dir,
-                dgram,
-                stream,
-                telemetry,
-                php,
-                shutdown,
-                rt,
-            }),
+            Ok(monitor) => {
+                record_facts(&monitor.status());
+                Some(Self {
+                    monitor,
+                    dir,
+                    dgram,
+                    stream,
+                    telemetry,
+                    php,
+                    shutdown,
+                    rt,
+                })
+            }
             Err(e) if in_ci() => panic!("{test}: eBPF must load in CI (root): {e}"),
             Err(e) => {
                 eprintln!("SKIPPED {test}: eBPF unavailable here: {e}");
@@ -118,6 +121,22 @@ impl TestMonitor {
                 socket: Socket::Dgram,
             })
             .inc_by(n);
+    }
+}
+
+/// The VM tier's record of how the monitor runs on the guest's kernel (`APM_VM_FACTS`: a file
+/// the tier reads back for its summary).
+fn record_facts(s: &EbpfStatus) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("APM_VM_FACTS") else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "exit_mode={} comm_source={}", s.exit_mode, s.comm_source);
     }
 }
 

@@ -158,6 +158,9 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// How long php-fpm may take to listen and fork its workers.
+const FPM_START: Duration = Duration::from_secs(30);
+
 /// How to configure a php-fpm pool.
 #[derive(Debug, Clone)]
 pub struct FpmConfig {
@@ -250,14 +253,15 @@ impl FpmPool {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut proc = ProcGuard::spawn("php-fpm", &mut cmd)?;
-        let up = wait_for(Duration::from_secs(10), || {
+        // 30 s: php-fpm loading its extensions over the VM tier's 9p root took over 10 s once.
+        let up = wait_for(FPM_START, || {
             socket.exists() || proc.check_running().is_err()
         });
         proc.check_running()
             .with_context(|| format!("php-fpm log:\n{}", read_lossy(&d.join("fpm.log"))))?;
         if !up {
             bail!(
-                "php-fpm did not listen on {} within 10 s; log:\n{}",
+                "php-fpm did not listen on {} within {FPM_START:?}; log:\n{}",
                 socket.display(),
                 read_lossy(&d.join("fpm.log"))
             );
@@ -265,9 +269,7 @@ impl FpmPool {
         let pool = Self { proc, socket, dir };
         // `pm = static` forks the workers after the socket is up: on a slow machine (the VM
         // tier's emulated CPUs) some are not there yet when the socket is.
-        wait_for(Duration::from_secs(10), || {
-            pool.worker_pids().len() >= cfg.workers
-        });
+        wait_for(FPM_START, || pool.worker_pids().len() >= cfg.workers);
         Ok(pool)
     }
 

@@ -46,8 +46,8 @@ enum Cmd {
         /// first fuzz build takes several minutes, so it is not part of the default run).
         #[arg(long, value_name = "SECONDS")]
         fuzz: Option<u64>,
-        /// Skip the VM tier (the eBPF ground-truth tests inside Debian's 6.1 and 6.12 kernels
-        /// under qemu, ~15 min under TCG); CI runs it.
+        /// Skip the VM tier (the eBPF ground-truth tests inside Debian's 6.1, 6.12 and 5.10
+        /// kernels under qemu: about 4 min under TCG here, plus the first download); CI runs it.
         #[arg(long)]
         no_vm: bool,
         #[command(flatten)]

@@ -1,6 +1,6 @@
 //! The VM tier of `cargo xtask test`: the privileged eBPF ground-truth tests run inside Debian's
-//! own kernels (6.1, 6.12; 5.10 on request) booted under qemu, against the test binaries and
-//! release binaries built on the host.
+//! own kernels (Debian 12's 6.1 and 6.12, Debian 11's 5.10) booted under qemu, against the test
+//! binaries and release binaries built on the host.
 //!
 //! - qemu, kmod (depmod) and busybox-static come from Debian; virtme-ng (PyPI) from a venv under
 //!   `target/vm/venv`: it boots a kernel image with the host's root filesystem shared read-only
@@ -66,13 +66,14 @@ pub const SERIES: &[Series] = &[
 ];
 
 /// The series `cargo xtask test` boots by default.
-pub const DEFAULT_SERIES: &[&str] = &["6.1", "6.12"];
+pub const DEFAULT_SERIES: &[&str] = &["6.1", "6.12", "5.10"];
 
 /// Test binaries (integration test targets of `apm-tests`) run in the guest, with the exact test
 /// names to run (empty: all of them).
 const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("ebpf_sends", &[]),
     ("ebpf_php", &[]),
+    ("ebpf_rss", &[]),
     (
         "php_fpm_e2e",
         &["php_fpm_profiles_arrive_once_and_match_kernel_counts_per_worker"],
@@ -84,7 +85,7 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(12 * 60);
 
 #[derive(clap::Args, Clone)]
 pub struct VmArgs {
-    /// Kernel series to boot (repeatable): 6.1, 6.12, 5.10. Default: 6.1 and 6.12.
+    /// Kernel series to boot (repeatable): 6.1, 6.12, 5.10. Default: all three.
     #[arg(long = "kernel", value_name = "SERIES")]
     pub kernels: Vec<String>,
     /// `tcg`, `kvm`, or `auto` (KVM where it was seen to run a guest, else TCG).
@@ -145,8 +146,8 @@ pub fn run(root: &Path, obj: &Path, args: &VmArgs) -> Result<()> {
     let mut timings = Vec::new();
     for k in &kernels {
         let t = Instant::now();
-        let results = run_guest(root, &dir, &vng_bin, k, accel, &bins, args)?;
-        timings.push((k.version.clone(), t.elapsed()));
+        let (results, facts) = run_guest(root, &dir, &vng_bin, k, accel, &bins, args)?;
+        timings.push((k.version.clone(), t.elapsed(), facts));
         for (test, o) in results {
             table.entry(test).or_default().insert(k.version.clone(), o);
         }
@@ -160,10 +161,10 @@ pub fn run(root: &Path, obj: &Path, args: &VmArgs) -> Result<()> {
         args.scale,
         started.elapsed().as_secs_f64()
     );
-    for (v, d) in &timings {
+    for (v, d, facts) in &timings {
         let _ = writeln!(
             report,
-            "  {v}: {:.0} s (boot, tests, power-off)",
+            "  {v}: {:.0} s (boot, tests, power-off); monitor: {facts}",
             d.as_secs_f64()
         );
     }
@@ -632,7 +633,7 @@ fn guest_script(root: &Path, out: &Path, bins: &[(String, PathBuf)], args: &VmAr
     let _ = writeln!(s, "export PATH='{path}' HOME=/tmp RUST_BACKTRACE=1");
     let _ = writeln!(
         s,
-        "export APM_TEST_SCALE='{}' APM_VM_KERNEL=\"$(uname -r)\"",
+        "export APM_TEST_SCALE='{}' APM_VM_FACTS=\"$out/facts.txt\"",
         args.scale
     );
     // The guest exists to run these tests: one that cannot load eBPF must fail, not skip.
@@ -681,7 +682,7 @@ fn run_guest(
     accel: Accel,
     bins: &[(String, PathBuf)],
     args: &VmArgs,
-) -> Result<Vec<(String, Outcome)>> {
+) -> Result<(Vec<(String, Outcome)>, String)> {
     let out = dir.join("run").join(&k.version);
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
@@ -732,7 +733,20 @@ fn run_guest(
             eprintln!("{}", failures_of(&log));
         }
     }
-    Ok(results)
+    // How the monitor ran there (exit mode, comm source), as the tests' monitors reported it.
+    let mut facts: Vec<String> = std::fs::read_to_string(out.join("facts.txt"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    facts.sort();
+    facts.dedup();
+    let facts = if facts.is_empty() {
+        "never started".to_string()
+    } else {
+        facts.join("; ")
+    };
+    Ok((results, facts))
 }
 
 /// `test NAME ... ok|FAILED` lines of libtest's output. A test started but never finished
@@ -803,7 +817,7 @@ mod tests {
 
     #[test]
     fn natural_order_of_kernel_packages() {
-        let mut v = vec![
+        let mut v = [
             "linux-image-6.1.0-9-amd64",
             "linux-image-6.1.0-57-amd64",
             "linux-image-6.1.0-10-amd64",
