@@ -417,7 +417,8 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
                  worker memory"
             );
             let program = e.program();
-            let mut m = Monitor::inactive(p, State::Degraded(format!("kernel {kernel}: {e}")));
+            let reason = short_reason(&format!("kernel {kernel}: {e}"));
+            let mut m = Monitor::inactive(p, State::Degraded(reason));
             if let Some(sh) = Arc::get_mut(&mut m.shared) {
                 sh.failed_program = program;
             }
@@ -479,6 +480,19 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         rss,
         task: Mutex::new(Some(task)),
     })
+}
+
+/// A reason short enough for `status --json`: a verifier log runs to thousands of lines, and
+/// its end says what was refused (the whole error is in the start-up log).
+fn short_reason(r: &str) -> String {
+    const MAX: usize = 2000;
+    if r.len() <= MAX {
+        return r.to_string();
+    }
+    let head = r.lines().next().unwrap_or("");
+    let head = &head[..head.floor_char_boundary(400)];
+    let tail = &r[r.ceil_char_boundary(r.len() - 1500)..];
+    format!("{head} [...] {tail}")
 }
 
 fn exit_mode_str(m: apm_common::ExitMode) -> &'static str {
@@ -709,6 +723,19 @@ mod tests {
             },
             dir,
         )
+    }
+
+    #[test]
+    fn long_reasons_keep_their_start_and_end() {
+        let log = format!(
+            "kernel 6.1: verifier said\n{}R2 min value is negative",
+            "x\n".repeat(5000)
+        );
+        let r = short_reason(&log);
+        assert!(r.len() < 2100, "{}", r.len());
+        assert!(r.starts_with("kernel 6.1: verifier said"));
+        assert!(r.ends_with("R2 min value is negative"));
+        assert_eq!(short_reason("short"), "short");
     }
 
     #[tokio::test]
