@@ -271,6 +271,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_program_the_kernel_refused_shows_with_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let php = Arc::new(crate::phpctl::PhpControl::new(dir.path()).unwrap());
+        let shared = Arc::new(Shared {
+            state: State::Degraded("kernel 6.1.0-test: cannot load eBPF program".into()),
+            kernel: "6.1.0-test".into(),
+            failed_program: Some("enter_sendto"),
+            exit_mode: "",
+            comm_source: "",
+            cfg: crate::config::EbpfConfig::default(),
+            dgram: "/d".into(),
+            stream: "/s".into(),
+            snap: arc_swap::ArcSwap::from_pointee(super::super::Snapshot::default()),
+            php,
+        });
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.sub_registry_with_prefix("apm_ebpf")
+            .register_collector(Box::new(Collector::new(shared)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(out.contains("apm_ebpf_up 0"), "{out}");
+        assert!(
+            out.contains(r#"apm_ebpf_info{state="degraded",kernel="6.1.0-test",failed_program="enter_sendto",exit_mode=""} 1"#),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn scrape_renders_bounded_series() {
         let dir = tempfile::tempdir().unwrap();
         let php = Arc::new(crate::phpctl::PhpControl::new(dir.path()).unwrap());
