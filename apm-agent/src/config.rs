@@ -818,12 +818,24 @@ mod deploy_file {
     use super::*;
 
     /// deploy/agent.toml documents every key at its default: it must parse to exactly the
-    /// defaults, and name every key the defaults have.
+    /// defaults, and name every key the defaults have. One deliberate difference: the shipped
+    /// file restricts the sockets to the PHP-FPM group (`0660`, `www-data`), while an agent
+    /// run without a file keeps `0666` (a group that may not exist must not stop it).
     #[test]
     fn deploy_agent_toml_matches_the_defaults() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.toml");
         let text = std::fs::read_to_string(path).unwrap();
-        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+        let mut shipped = Config::from_toml(&text).unwrap();
+        assert_eq!(
+            (
+                shipped.ingest.socket_mode.as_str(),
+                shipped.ingest.socket_group.as_deref()
+            ),
+            ("0660", Some("www-data"))
+        );
+        shipped.ingest.socket_mode = Config::default().ingest.socket_mode;
+        shipped.ingest.socket_group = None;
+        assert_eq!(shipped, Config::default());
         let defaults = toml::Table::try_from(Config::default()).unwrap();
         for (section, table) in &defaults {
             assert!(

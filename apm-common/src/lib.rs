@@ -293,6 +293,106 @@ pub struct ConnInfo {
 }
 const _: () = assert!(size_of::<ConnInfo>() == 16);
 
+/// Tracepoint record layouts. The programs read fields at constant offsets (the verifier only
+/// accepts constant context offsets); the agent checks every one of them against the running
+/// kernel's `events/<category>/<event>/format` in tracefs before loading, so a kernel that moved
+/// or dropped a field is refused by name instead of read as zeros or garbage.
+pub mod tp {
+    /// Syscall tracepoints: 8 bytes of common fields, the syscall number, then one 8-byte slot
+    /// per argument from offset 16.
+    pub const ARG0: usize = 16;
+    pub const ARG1: usize = 24;
+    pub const ARG2: usize = 32;
+    pub const SENDTO_ADDR: usize = 48;
+    pub const SENDTO_ADDRLEN: usize = 56;
+    pub const EXIT_RET: usize = 16;
+    pub const RSS_MM_ID: usize = 8;
+    pub const RSS_CURR: usize = 12;
+    pub const RSS_MEMBER: usize = 16;
+    pub const RSS_SIZE: usize = 24;
+    pub const EXIT_COMM: usize = 8;
+    /// `sched_process_exit`'s `group_dead`, only in kernels from 6.16 on; older ones need the
+    /// task's `signal->live` instead (see `ExitMode`).
+    pub const EXIT_GROUP_DEAD: usize = 32;
+
+    /// One field a program reads: where, and how wide.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Field {
+        pub category: &'static str,
+        pub event: &'static str,
+        pub name: &'static str,
+        pub offset: usize,
+        pub size: usize,
+    }
+
+    const fn f(
+        category: &'static str,
+        event: &'static str,
+        name: &'static str,
+        offset: usize,
+        size: usize,
+    ) -> Field {
+        Field {
+            category,
+            event,
+            name,
+            offset,
+            size,
+        }
+    }
+
+    /// Every field the programs read, except the optional `group_dead`.
+    pub const FIELDS: &[Field] = &[
+        f("syscalls", "sys_enter_sendto", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_sendto", "addr", SENDTO_ADDR, 8),
+        f(
+            "syscalls",
+            "sys_enter_sendto",
+            "addr_len",
+            SENDTO_ADDRLEN,
+            8,
+        ),
+        f("syscalls", "sys_enter_sendmsg", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_sendmsg", "msg", ARG1, 8),
+        f("syscalls", "sys_enter_write", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_connect", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_connect", "uservaddr", ARG1, 8),
+        f("syscalls", "sys_enter_connect", "addrlen", ARG2, 8),
+        f("syscalls", "sys_enter_close", "fd", ARG0, 8),
+        f("syscalls", "sys_exit_sendto", "ret", EXIT_RET, 8),
+        f("syscalls", "sys_exit_sendmsg", "ret", EXIT_RET, 8),
+        f("syscalls", "sys_exit_write", "ret", EXIT_RET, 8),
+        f("syscalls", "sys_exit_connect", "ret", EXIT_RET, 8),
+        f("kmem", "rss_stat", "mm_id", RSS_MM_ID, 4),
+        f("kmem", "rss_stat", "curr", RSS_CURR, 4),
+        f("kmem", "rss_stat", "member", RSS_MEMBER, 4),
+        f("kmem", "rss_stat", "size", RSS_SIZE, 8),
+        f("sched", "sched_process_exit", "comm", EXIT_COMM, 16),
+    ];
+
+    /// The optional field: used when the kernel has it exactly here.
+    pub const GROUP_DEAD: Field = f(
+        "sched",
+        "sched_process_exit",
+        "group_dead",
+        EXIT_GROUP_DEAD,
+        1,
+    );
+}
+
+/// How `sched_process_exit` tells the last thread of a process (`EXIT_MODE` global).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitMode {
+    /// The record's `group_dead` field (kernels 6.16+).
+    GroupDead = 0,
+    /// `current->signal->live == 0`, read through BTF (the kernel decrements it before the
+    /// tracepoint; offsets from `/sys/kernel/btf/vmlinux`).
+    SignalLive = 1,
+    /// Neither: the thread-group leader's exit stands for the process's.
+    Leader = 2,
+}
+
 /// `kmem/rss_stat` members (the tracepoint's `member` field).
 pub const RSS_FILE: usize = 0;
 pub const RSS_ANON: usize = 1;

@@ -30,8 +30,9 @@ use core::mem::MaybeUninit;
 
 use apm_common::{
     ConnInfo, ConnKey, DropEvent, EAGAIN_RET, EXIT_HAD_RSS, EXIT_HAD_SENDS, EventHeader, EventKind,
-    ExitEvent, HostSends, MonitorConfig, OP_CONNECT, OP_SEND, ProcSends, RSS_MEMBERS, RssEntry,
-    RssEvent, SA_UN_LEN, SA_WORDS, SendCounters, SockKind, ThreadSends, err_index, lat_bucket,
+    ExitEvent, ExitMode, HostSends, MonitorConfig, OP_CONNECT, OP_SEND, ProcSends, RSS_MEMBERS,
+    RssEntry, RssEvent, SA_UN_LEN, SA_WORDS, SendCounters, SockKind, ThreadSends, err_index,
+    lat_bucket,
 };
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::{
@@ -103,22 +104,29 @@ static ZERO_RSS: RssEntry = RssEntry {
     _pad: 0,
     comm: [0; 16],
 };
+/// `match_addr`'s buffer: 128 bytes, all that a 7-bit length can ask for.
+const SA_BUF_WORDS: usize = 16;
+const _: () = assert!(SA_BUF_WORDS >= SA_WORDS);
 const SENDS_WORDS: usize = size_of::<[SendCounters; apm_common::SOCK_KINDS]>() / 8;
 
-// Tracepoint field offsets (from /sys/kernel/tracing/events/*/format; stable ABI of the
-// syscall tracepoints: 8 bytes of common fields + syscall nr, then one u64 per argument).
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const SENDTO_ADDR: usize = 48;
-const SENDTO_ADDRLEN: usize = 56;
-const EXIT_RET: usize = 16;
-const RSS_MM_ID: usize = 8;
-const RSS_CURR: usize = 12;
-const RSS_MEMBER: usize = 16;
-const RSS_SIZE: usize = 24;
-const EXIT_COMM: usize = 8;
-const EXIT_GROUP_DEAD: usize = 32;
+// Tracepoint field offsets: `apm_common::tp`, checked against the running kernel's tracefs by the
+// agent before it loads anything.
+use apm_common::tp::{
+    ARG0, ARG1, ARG2, EXIT_COMM, EXIT_GROUP_DEAD, EXIT_RET, RSS_CURR, RSS_MEMBER, RSS_MM_ID,
+    RSS_SIZE, SENDTO_ADDR, SENDTO_ADDRLEN,
+};
+
+/// How `process_exit` recognises the last thread of a process (`apm_common::ExitMode`), set by
+/// the agent at load from the tracepoint's format and the kernel's BTF (`.rodata`: the verifier
+/// sees a constant and only checks the path taken).
+#[unsafe(no_mangle)]
+static EXIT_MODE: Global<u32> = Global::new(0);
+
+/// `ExitMode::SignalLive`: offsets of `task_struct.signal` and `signal_struct.live` from BTF.
+#[unsafe(no_mangle)]
+static TASK_SIGNAL_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SIGNAL_LIVE_OFFSET: Global<u32> = Global::new(0);
 
 /// Re-arm the RSS threshold event only after falling 1/8 below it, so a worker hovering at the
 /// threshold does not emit one event per page fault.
@@ -230,17 +238,23 @@ fn match_addr(cfg: &MonitorConfig, addr: u64, addr_len: u64) -> Option<u32> {
     if addr == 0 || !addr_len_possible(cfg, addr_len) {
         return None;
     }
-    let n = (addr_len as u32) & 0x7f; // <= 110; the mask spells the bound out for the verifier
-    let mut sa = MaybeUninit::<[u64; SA_WORDS]>::uninit();
-    // SAFETY: reads n <= 110 bytes of user memory into a 112-byte buffer; bytes past n stay
+    // <= 110 after the check above, but LLVM drops a mask it can prove redundant, and the
+    // verifiers of 6.1 and older lose the bound when the value is spilled to the stack and
+    // reloaded ("R2 min value is negative"): the volatile read makes the mask, applied right
+    // before the call, one LLVM must keep. The buffer has room for everything the mask allows.
+    // SAFETY: reading a local.
+    let n = (unsafe { core::ptr::read_volatile(&addr_len) } as u32) & 0x7f;
+    let mut buf = MaybeUninit::<[u64; SA_BUF_WORDS]>::uninit();
+    // SAFETY: reads n <= 127 bytes of user memory into a 128-byte buffer; bytes past n stay
     // uninitialised and `matches` masks them out.
     let r =
-        unsafe { bpf_probe_read_user(sa.as_mut_ptr().cast::<c_void>(), n, addr as *const c_void) };
+        unsafe { bpf_probe_read_user(buf.as_mut_ptr().cast::<c_void>(), n, addr as *const c_void) };
     if r != 0 {
         return None;
     }
-    // SAFETY: see above; every byte `matches` looks at unmasked was written.
-    let sa = unsafe { sa.assume_init_ref() };
+    // SAFETY: see above; every byte `matches` looks at unmasked was written. The first
+    // SA_WORDS words of the buffer are the sockaddr_un.
+    let sa = unsafe { &*buf.as_ptr().cast::<[u64; SA_WORDS]>() };
     if cfg.sock[SockKind::Dgram as usize].matches(sa, addr_len) {
         Some(SockKind::Dgram as u32)
     } else if cfg.sock[SockKind::Stream as usize].matches(sa, addr_len) {
@@ -722,11 +736,34 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Whether the exiting thread is its process's last one.
+#[inline(always)]
+fn group_dead(ctx: &TracePointContext, id: u64) -> bool {
+    let mode = EXIT_MODE.load();
+    if mode == ExitMode::GroupDead as u32 {
+        return field::<u8>(ctx, EXIT_GROUP_DEAD) != 0;
+    }
+    if mode == ExitMode::SignalLive as u32 {
+        let (so, lo) = (TASK_SIGNAL_OFFSET.load(), SIGNAL_LIVE_OFFSET.load());
+        // SAFETY: BTF-typed loads the verifier checks against the kernel's types (and makes
+        // fault-safe): current->signal, then signal->live.counter. do_exit() decrements `live`
+        // before this tracepoint, so 0 means no thread of the process is left.
+        let live = unsafe {
+            let task = bpf_get_current_task_btf().cast::<u8>();
+            let sig = task.add(so as usize).cast::<*const u8>().read_volatile();
+            sig.add(lo as usize).cast::<i32>().read_volatile()
+        };
+        return live == 0;
+    }
+    // No BTF: the thread-group leader's exit stands for the process's.
+    (id as u32) == (id >> 32) as u32
+}
+
 fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
     let id = pid_tgid();
     let tgid = (id >> 32) as u32;
     // A thread of a process that lives on: its counters move to the process's.
-    if field::<u8>(ctx, EXIT_GROUP_DEAD) == 0 {
+    if !group_dead(ctx, id) {
         return fold_thread(id, tgid);
     }
     // The last thread retires the process.
@@ -748,25 +785,35 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
             ctx.as_ptr().cast::<u8>().add(EXIT_COMM).cast::<u64>(),
             2,
         );
+        // Without `group_dead`, threads exiting together (exit_group) may each find `live` at 0
+        // and get here: whoever removes a shared entry reports it, so nothing counts twice (the
+        // agent merges such exit events of one pid).
+        // Copied, then removed: when the removal fails another thread took the entry first.
         if let Some(r) = RSS.get_ptr(tgid) {
-            had |= EXIT_HAD_RSS;
             (*p).peak_rss = (*r).peak;
             (*p).last_rss = (*r).rss();
             (*p).rss_seen = (*r).seen;
-            let _ = MM_OWNER.remove((*r).mm_id);
+            let mm_id = (*r).mm_id;
+            if RSS.remove(tgid).is_ok() {
+                had |= EXIT_HAD_RSS;
+                let _ = MM_OWNER.remove(mm_id);
+            } else {
+                zero_rss(p);
+            }
         } else {
-            // Volatile: plain stores here get merged into a memset call.
-            (&raw mut (*p).peak_rss).write_volatile(0);
-            (&raw mut (*p).last_rss).write_volatile(0);
-            (&raw mut (*p).rss_seen).write_volatile(0);
+            zero_rss(p);
         }
         if let Some(s) = PROC_SENDS.get_ptr(tgid) {
-            had |= EXIT_HAD_SENDS;
             copy_words(
                 (&raw mut (*p).sends).cast::<u64>(),
                 (&raw const (*s).sock).cast::<u64>(),
                 SENDS_WORDS,
             );
+            if PROC_SENDS.remove(tgid).is_ok() {
+                had |= EXIT_HAD_SENDS;
+            } else {
+                zero_words((&raw mut (*p).sends).cast::<u64>(), SENDS_WORDS);
+            }
         } else {
             zero_words((&raw mut (*p).sends).cast::<u64>(), SENDS_WORDS);
         }
@@ -787,12 +834,22 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
         ev.discard(0);
         return None;
     }
-    // Removed before the event is visible: the agent never sees the entry after the event.
-    let _ = RSS.remove(tgid);
-    let _ = PROC_SENDS.remove(tgid);
+    // Removed before the event is visible: the agent never sees an entry after its event.
     let _ = SENDS.remove(id);
     ev.submit(0);
     Some(())
+}
+
+/// Clears the RSS part of an exit event.
+#[inline(always)]
+unsafe fn zero_rss(p: *mut ExitEvent) {
+    // SAFETY: p is a reserved ring-buffer record. Volatile: plain stores here get merged into a
+    // memset call.
+    unsafe {
+        (&raw mut (*p).peak_rss).write_volatile(0);
+        (&raw mut (*p).last_rss).write_volatile(0);
+        (&raw mut (*p).rss_seen).write_volatile(0);
+    }
 }
 
 /// A thread exits while its process lives on: its counters are added to the process's

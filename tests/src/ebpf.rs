@@ -62,16 +62,19 @@ impl TestMonitor {
             php: php.clone(),
         };
         match rt.block_on(apm_agent::monitor::start(params, shutdown.clone())) {
-            Ok(monitor) => Some(Self {
-                monitor,
-                dir,
-                dgram,
-                stream,
-                telemetry,
-                php,
-                shutdown,
-                rt,
-            }),
+            Ok(monitor) => {
+                record_facts(&monitor.status());
+                Some(Self {
+                    monitor,
+                    dir,
+                    dgram,
+                    stream,
+                    telemetry,
+                    php,
+                    shutdown,
+                    rt,
+                })
+            }
             Err(e) if in_ci() => panic!("{test}: eBPF must load in CI (root): {e}"),
             Err(e) => {
                 eprintln!("SKIPPED {test}: eBPF unavailable here: {e}");
@@ -121,6 +124,22 @@ impl TestMonitor {
     }
 }
 
+/// The VM tier's record of how the monitor runs on the guest's kernel (`APM_VM_FACTS`: a file
+/// the tier reads back for its summary).
+fn record_facts(s: &EbpfStatus) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("APM_VM_FACTS") else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "exit_mode={} comm_source={}", s.exit_mode, s.comm_source);
+    }
+}
+
 impl Drop for TestMonitor {
     fn drop(&mut self) {
         self.shutdown.cancel();
@@ -159,6 +178,7 @@ const OP_ALLOC: u32 = 2;
 const OP_FREE: u32 = 3;
 const OP_QUIT: u32 = 4;
 const OP_RENAME: u32 = 5;
+const OP_SEND_STAY: u32 = 6;
 
 /// How the sender spells the address: PHP passes `2 + strlen(path)`; C code often passes the
 /// whole `sockaddr_un` with a NUL after the path.
@@ -304,6 +324,25 @@ impl Sender {
         self.request(c)
     }
 
+    /// Like `send` with `threads` threads, which stay alive (blocked) after sending, so that
+    /// `quit` ends them all at once (exit_group), as a process killed with live threads.
+    pub fn send_and_stay(&self, path: &Path, count: u32, len: usize, threads: u32) -> Outcome {
+        use std::os::unix::ffi::OsStrExt;
+        let p = path.as_os_str().as_bytes();
+        assert!(p.len() < 108 && len <= PAYLOAD_MAX);
+        let mut c = Cmd {
+            op: OP_SEND_STAY,
+            count,
+            len: len as u32,
+            style: 0,
+            threads: threads.clamp(1, STAY_MAX as u32),
+            path_len: p.len() as u32,
+            path: [0; 108],
+        };
+        c.path[..p.len()].copy_from_slice(p);
+        self.request(c)
+    }
+
     /// Maps and touches `mb` MiB of anonymous memory.
     pub fn alloc(&self, mb: u32) {
         self.request(Cmd {
@@ -389,6 +428,31 @@ extern "C" fn send_thread(arg: *mut libc::c_void) -> *mut libc::c_void {
     std::ptr::null_mut()
 }
 
+/// Threads of `OP_SEND_STAY`: they send, say so, and block until the process exits.
+const STAY_MAX: usize = 8;
+
+struct StayJob {
+    cmd: Cmd,
+    out: Outcome,
+    done: std::sync::atomic::AtomicBool,
+}
+
+extern "C" fn stay_thread(arg: *mut libc::c_void) -> *mut libc::c_void {
+    let job = arg.cast::<StayJob>();
+    // SAFETY: job points into child_loop's `stay`, which outlives the thread's use of it; the
+    // command loop reads `out` only after `done` (release/acquire).
+    unsafe {
+        (*job).out = send_batch(&(*job).cmd);
+        (*job)
+            .done
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+    loop {
+        // SAFETY: blocks until a signal; the process's exit ends the thread.
+        unsafe { libc::pause() };
+    }
+}
+
 fn send_batch(c: &Cmd) -> Outcome {
     let mut o = Outcome::default();
     // SAFETY (whole function): raw socket calls on a sockaddr_un built on the stack.
@@ -432,6 +496,21 @@ fn send_batch(c: &Cmd) -> Outcome {
 
 fn child_loop(cmd_fd: i32, res_fd: i32) {
     let mut mapped: (*mut libc::c_void, usize) = (std::ptr::null_mut(), 0);
+    // On the stack, not allocated: the child of a multi-threaded process must not malloc.
+    let mut stay: [StayJob; STAY_MAX] = std::array::from_fn(|_| StayJob {
+        cmd: Cmd {
+            op: 0,
+            count: 0,
+            len: 0,
+            style: 0,
+            threads: 0,
+            path_len: 0,
+            path: [0; 108],
+        },
+        out: Outcome::default(),
+        done: std::sync::atomic::AtomicBool::new(false),
+    });
+    let mut stay_used = false;
     loop {
         let mut c = Cmd {
             op: 0,
@@ -474,6 +553,31 @@ fn child_loop(cmd_fd: i32, res_fd: i32) {
                 for (i, job) in jobs.iter().enumerate().take(n) {
                     // SAFETY: joining the threads created above.
                     unsafe { libc::pthread_join(tids[i], std::ptr::null_mut()) };
+                    out.add(&job.out);
+                }
+            }
+            OP_SEND_STAY if !stay_used => {
+                stay_used = true;
+                let n = (c.threads as usize).min(STAY_MAX);
+                for job in stay.iter_mut().take(n) {
+                    job.cmd = c;
+                    let mut tid: libc::pthread_t = 0;
+                    // SAFETY: `stay` lives until child_loop returns, right before the process
+                    // exits; the thread never touches its job after setting `done`.
+                    unsafe {
+                        libc::pthread_create(
+                            &mut tid,
+                            std::ptr::null(),
+                            stay_thread,
+                            (job as *mut StayJob).cast(),
+                        );
+                    }
+                }
+                for job in stay.iter().take(n) {
+                    while !job.done.load(std::sync::atomic::Ordering::Acquire) {
+                        // SAFETY: plain sleep.
+                        unsafe { libc::usleep(1000) };
+                    }
                     out.add(&job.out);
                 }
             }

@@ -266,7 +266,13 @@ impl Tmpfs {
         let out = std::process::Command::new("mount")
             // 0755 like a real state or spool volume: the agent refuses a directory that every
             // user may write (a bare tmpfs is 1777).
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;

@@ -92,6 +92,9 @@ pub type ProcGuard = apm_testkit::Proc;
 
 pub use apm_testkit::wait_until as wait_for;
 
+/// How long php-fpm may take to listen and fork its workers.
+const FPM_START: Duration = Duration::from_secs(30);
+
 /// How to configure a php-fpm pool.
 #[derive(Debug, Clone)]
 pub struct FpmConfig {
@@ -184,14 +187,15 @@ impl FpmPool {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let mut proc = ProcGuard::spawn("php-fpm", &mut cmd)?;
-        let up = wait_for(Duration::from_secs(10), || {
+        // 30 s: php-fpm loading its extensions over the VM tier's 9p root took over 10 s once.
+        let up = wait_for(FPM_START, || {
             socket.exists() || proc.check_running().is_err()
         });
         proc.check_running()
             .with_context(|| format!("php-fpm log:\n{}", read_lossy(&d.join("fpm.log"))))?;
         if !up {
             bail!(
-                "php-fpm did not listen on {} within 10 s; log:\n{}",
+                "php-fpm did not listen on {} within {FPM_START:?}; log:\n{}",
                 socket.display(),
                 read_lossy(&d.join("fpm.log"))
             );
@@ -199,11 +203,9 @@ impl FpmPool {
         let pool = Self { proc, socket, dir };
         // `pm = static` forks its workers after the socket is up: a loaded machine may not have
         // them all yet, and a test that counts per worker must see every one.
-        if !wait_for(Duration::from_secs(10), || {
-            pool.worker_pids().len() >= cfg.workers
-        }) {
+        if !wait_for(FPM_START, || pool.worker_pids().len() >= cfg.workers) {
             bail!(
-                "php-fpm started {} of {} workers within 10 s; log:\n{}",
+                "php-fpm started {} of {} workers within {FPM_START:?}; log:\n{}",
                 pool.worker_pids().len(),
                 cfg.workers,
                 pool.logs()

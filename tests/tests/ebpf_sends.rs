@@ -172,6 +172,7 @@ fn ebpf_concurrent_senders_lose_no_increment() {
         })
     };
     let dgram = m.dgram.clone();
+    let per = apm_tests::scaled(5000) as u32;
     let outcomes: Vec<Outcome> = std::thread::scope(|sc| {
         let hs: Vec<_> = senders
             .iter()
@@ -180,7 +181,7 @@ fn ebpf_concurrent_senders_lose_no_increment() {
                 let d = dgram.clone();
                 // The last sender uses 4 threads of one process.
                 let threads = if i == 2 { 4 } else { 1 };
-                sc.spawn(move || s.send(&d, 5000, 128, AddrStyle::Php, threads))
+                sc.spawn(move || s.send(&d, per, 128, AddrStyle::Php, threads))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -193,12 +194,12 @@ fn ebpf_concurrent_senders_lose_no_increment() {
         total.add(o);
     }
     assert_eq!(got, total.ok, "receiver ground truth");
-    assert_eq!(total.ok + total.failed(), 5000 * 6);
+    assert_eq!(total.ok + total.failed(), u64::from(per) * 6);
     m.agent_received(got);
     let s = m.wait_for(
         WAIT,
         "all sends counted, by the kernel and the agent",
-        |s| s.sends_ok + s.sends_failed.total() == 5000 * 6 && s.unaccounted == 0,
+        |s| s.sends_ok + s.sends_failed.total() == u64::from(per) * 6 && s.unaccounted == 0,
     );
     assert_eq!(s.sends_ok, total.ok);
     assert_eq!(s.sends_failed, errnos(&total));
@@ -291,16 +292,17 @@ fn ebpf_exit_reports_the_sends_of_every_thread() {
     let rx = UnixDatagram::bind(&m.dgram).unwrap();
     let mut total = Outcome::default();
     // Four threads that exit after sending, then the main thread itself.
-    let o = child.send(&m.dgram, 300, 64, AddrStyle::Php, 4);
+    let per = apm_tests::scaled(300) as u32;
+    let o = child.send(&m.dgram, per, 64, AddrStyle::Php, 4);
     total.add(&o);
     let (n, _) = drain(&rx);
-    let o = child.send(&m.dgram, 300, 64, AddrStyle::Php, 1);
+    let o = child.send(&m.dgram, per, 64, AddrStyle::Php, 1);
     total.add(&o);
     let (n2, _) = drain(&rx);
     assert_eq!(n + n2, total.ok, "receiver ground truth");
-    assert_eq!(total.ok + total.failed(), 300 * 5);
+    assert_eq!(total.ok + total.failed(), u64::from(per) * 5);
     let s = m.wait_for(WAIT, "the live process's sends", |s| {
-        worker(s, pid).is_some_and(|w| w.sends_ok + w.sends_failed.total() == 300 * 5)
+        worker(s, pid).is_some_and(|w| w.sends_ok + w.sends_failed.total() == u64::from(per) * 5)
     });
     let w = worker(&s, pid).unwrap();
     assert_eq!((w.sends_ok, w.sends_failed), (total.ok, errnos(&total)));
@@ -322,5 +324,63 @@ fn ebpf_exit_reports_the_sends_of_every_thread() {
         worker(&s, pid).is_none(),
         "forgotten after exit: {:?}",
         s.workers
+    );
+}
+
+/// A process that exits with live threads (exit_group: its threads die together, as when a
+/// PHP-FPM worker is killed): every send of every thread is reported once, across the exit
+/// event(s) and anything the agent's sweep retires. On kernels without the tracepoint's
+/// `group_dead` several dying threads may each take themselves for the last one.
+#[test]
+fn ebpf_exit_with_live_threads_counts_every_send_once() {
+    let Some(m) = TestMonitor::start("ebpf_exit_with_live_threads_counts_every_send_once", |_| {})
+    else {
+        return;
+    };
+    let child = Sender::spawn("php-fpm8.2");
+    let pid = child.pid();
+    let rx = UnixDatagram::bind(&m.dgram).unwrap();
+    let per = apm_tests::scaled(300) as u32;
+    let mut total = Outcome::default();
+    // Four threads that send and stay alive, then the main thread.
+    total.add(&child.send_and_stay(&m.dgram, per, 64, 4));
+    let (n, _) = drain(&rx);
+    total.add(&child.send(&m.dgram, per, 64, AddrStyle::Php, 1));
+    let (n2, _) = drain(&rx);
+    assert_eq!(n + n2, total.ok, "receiver ground truth");
+    assert_eq!(total.ok + total.failed(), u64::from(per) * 5);
+    m.agent_received(n + n2);
+
+    child.quit();
+    let sum = |s: &EbpfStatus| {
+        let mut ok = 0;
+        let mut failed = ErrnoCounts::default();
+        for e in s.recent_exits.iter().filter(|e| e.pid == pid) {
+            ok += e.sends_ok;
+            failed.add(&e.sends_failed);
+        }
+        (ok, failed)
+    };
+    let want = (total.ok, errnos(&total));
+    let s = m.wait_for(WAIT, "every send of the process reported at exit", |s| {
+        sum(s) == want && worker(s, pid).is_none()
+    });
+    // Nothing arrives late and counts twice.
+    std::thread::sleep(Duration::from_millis(1500));
+    let s2 = m.status();
+    assert_eq!(sum(&s2), want, "{:?}", s2.recent_exits);
+    assert!(
+        s2.recent_exits
+            .iter()
+            .filter(|e| e.pid == pid && !e.swept)
+            .count()
+            <= 1,
+        "one exit from the kernel (parts merged): {:?}",
+        s.recent_exits
+    );
+    assert_eq!(
+        (s2.sends_ok, s2.sends_failed),
+        want,
+        "host totals: only this child sent"
     );
 }

@@ -26,7 +26,10 @@ use apm_tests::common::{Agent, Listener, u};
 use apm_tests::php::{self, FcgiRequest, FpmConfig, FpmPool, Outcome};
 use serde_json::Value;
 
-const RATE: f64 = 300.0;
+/// Requests per second (scaled down in the VM tier: `APM_TEST_SCALE`).
+fn rate() -> f64 {
+    300.0 * apm_tests::scale()
+}
 /// Adaptive sampling would lower the rate PHP reads and skip profiles the tests expect; a short
 /// poll makes the kernel figures current soon after the load stops.
 const AGENT_EXTRA: &str = "[ebpf]\nadaptive_sampling = false\npoll_interval = \"100ms\"\n";
@@ -264,9 +267,9 @@ fn php_fpm_profiles_arrive_once_and_match_kernel_counts_per_worker() {
     let workers = pool.worker_pids();
     assert_eq!(workers.len(), 4, "worker pids: {workers:?}");
 
-    let total = (RATE * 11.0) as u64;
+    let total = (rate() * 11.0) as u64;
     let t = Instant::now();
-    let outcomes = php::drive(pool.socket(), RATE, total, 8, |i| {
+    let outcomes = php::drive(pool.socket(), rate(), total, 8, |i| {
         FcgiRequest::get(&php::demo_mix(i).0)
     });
     let took = t.elapsed();
@@ -356,11 +359,11 @@ fn php_fpm_agent_stop_costs_php_only_the_dropped_profiles_counted_by_the_kernel(
     let workers = pool.worker_pids();
     assert_eq!(workers.len(), 4, "worker pids: {workers:?}");
 
-    let total = (RATE * 12.0) as u64;
+    let total = (rate() * 12.0) as u64;
     let begin = Instant::now();
     let (outcomes, agent, down, up) = std::thread::scope(|scope| {
         let drive = scope.spawn(|| {
-            php::drive(pool.socket(), RATE, total, 8, |i| {
+            php::drive(pool.socket(), rate(), total, 8, |i| {
                 FcgiRequest::get(&php::demo_mix(i).0)
             })
         });
@@ -386,7 +389,7 @@ fn php_fpm_agent_stop_costs_php_only_the_dropped_profiles_counted_by_the_kernel(
     let answered = check_responses(&outcomes, &pool);
     assert_eq!(answered.values().sum::<u64>(), total);
     // Fast: the requests made while the agent was down are not slower than those before.
-    let at = |o: &Outcome| Duration::from_secs_f64(o.index as f64 / RATE);
+    let at = |o: &Outcome| Duration::from_secs_f64(o.index as f64 / rate());
     let before = latency_summary(
         outcomes
             .iter()

@@ -9,6 +9,7 @@ mod dist;
 mod ebpf;
 mod live;
 mod setup;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,10 +47,19 @@ enum Cmd {
         /// first fuzz build takes several minutes, so it is not part of the default run).
         #[arg(long, value_name = "SECONDS")]
         fuzz: Option<u64>,
+        /// Skip the VM tier (the eBPF ground-truth tests inside Debian's 6.1, 6.12 and 5.10
+        /// kernels under qemu: about 4 min under TCG here, plus the first download); CI runs it.
+        #[arg(long)]
+        no_vm: bool,
+        #[command(flatten)]
+        vm: vm::VmArgs,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         rest: Vec<String>,
     },
+    /// Only the VM tier of `cargo xtask test`: boots each kernel under qemu and runs the eBPF
+    /// ground-truth tests inside it against the binaries built here.
+    TestVm(vm::VmArgs),
     /// Benchmarks (not tests): prints tables and writes docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
     /// The Debian package target/dist/<name>_<version>_<arch>.deb (installs cargo-deb if missing).
@@ -84,9 +94,25 @@ fn main() -> Result<()> {
         Cmd::Test {
             no_lint,
             fuzz,
+            no_vm,
+            vm,
             rest,
         } => {
-            test(&root, no_lint, &rest)?;
+            let host = test(&root, no_lint, &rest);
+            // The VM tier runs even when a host test failed: both verdicts are worth having.
+            let vm = if no_vm {
+                eprintln!("xtask: VM tier skipped (--no-vm)");
+                Ok(())
+            } else {
+                setup::ebpf()
+                    .and_then(|()| build_ebpf(&root))
+                    .and_then(|obj| vm::run(&root, &obj, &vm))
+            };
+            match (host, vm) {
+                (Ok(()), Ok(())) => {}
+                (Err(e), Ok(())) | (Ok(()), Err(e)) => return Err(e),
+                (Err(h), Err(v)) => bail!("{h:#}\n{v:#}"),
+            }
             match fuzz {
                 Some(secs) => fuzz_all(&root, secs),
                 None => Ok(()),
@@ -95,6 +121,12 @@ fn main() -> Result<()> {
         Cmd::Dist => {
             setup::ebpf()?;
             dist::run(&root).map(|_| ())
+        }
+        Cmd::TestVm(args) => {
+            setup::ebpf()?;
+            let obj = build_ebpf(&root)?;
+            build_release(&root, &obj)?;
+            vm::run(&root, &obj, &args)
         }
         Cmd::Bench(args) => {
             if !args.no_build {
@@ -153,12 +185,17 @@ fn build_ebpf(root: &Path) -> Result<PathBuf> {
 
 fn build_all(root: &Path) -> Result<()> {
     let obj = build_ebpf(root)?;
-    run_cmd(
-        cargo()
-            .current_dir(root)
-            .env("APM_EBPF_OBJECT", &obj)
-            .args(["build", "--release", "--workspace", "--bins"]),
-    )
+    build_release(root, &obj)
+}
+
+/// The release binaries (the agent embeds `obj`), which the integration tests start.
+fn build_release(root: &Path, obj: &Path) -> Result<()> {
+    run_cmd(cargo().current_dir(root).env("APM_EBPF_OBJECT", obj).args([
+        "build",
+        "--release",
+        "--workspace",
+        "--bins",
+    ]))
 }
 
 /// Runs every fuzz target of `apm-agent/fuzz` for `secs` seconds each.

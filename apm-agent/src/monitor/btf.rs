@@ -10,6 +10,7 @@ const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
+const KIND_PTR: u32 = 2;
 
 /// Offset in bytes of `task_struct.comm`, when the running kernel's BTF has it as a 16-byte
 /// array at an 8-aligned offset (what the programs' two 8-byte loads need).
@@ -37,54 +38,102 @@ fn trailing(kind: u32, vlen: usize) -> usize {
     }
 }
 
-/// Byte offset of member `member` of struct `st`, which must be an array of `len` elements.
-/// Little-endian BTF only (the hosts the agent runs on).
-fn member_offset(d: &[u8], st: &str, member: &str, len: u32) -> Option<u32> {
-    if u16_at(d, 0)? != BTF_MAGIC {
-        return None;
+/// The type section of a BTF blob: where each type id starts.
+struct Btf<'a> {
+    d: &'a [u8],
+    strs: usize,
+    /// Type ids start at 1; `starts[id]` is where that type's header is.
+    starts: Vec<usize>,
+}
+
+impl<'a> Btf<'a> {
+    /// Little-endian BTF only (the hosts the agent runs on).
+    fn parse(d: &'a [u8]) -> Option<Self> {
+        if u16_at(d, 0)? != BTF_MAGIC {
+            return None;
+        }
+        let hdr_len = u32_at(d, 4)? as usize;
+        let type_off = u32_at(d, 8)? as usize;
+        let type_len = u32_at(d, 12)? as usize;
+        let str_off = u32_at(d, 16)? as usize;
+        let types = hdr_len.checked_add(type_off)?;
+        let strs = hdr_len.checked_add(str_off)?;
+        let mut starts = vec![0usize];
+        let mut p = types;
+        let end = types.checked_add(type_len)?;
+        while p + 12 <= end {
+            starts.push(p);
+            let info = u32_at(d, p + 4)?;
+            p += 12 + trailing((info >> 24) & 0x1f, (info & 0xffff) as usize);
+        }
+        Some(Self { d, strs, starts })
     }
-    let hdr_len = u32_at(d, 4)? as usize;
-    let type_off = u32_at(d, 8)? as usize;
-    let type_len = u32_at(d, 12)? as usize;
-    let str_off = u32_at(d, 16)? as usize;
-    let types = hdr_len.checked_add(type_off)?;
-    let strs = hdr_len.checked_add(str_off)?;
-    let name = |off: u32| -> Option<&[u8]> {
-        let s = d.get(strs + off as usize..)?;
+
+    fn name(&self, off: u32) -> Option<&'a [u8]> {
+        let s = self.d.get(self.strs + off as usize..)?;
         Some(&s[..s.iter().position(|&b| b == 0)?])
-    };
-    // Type ids start at 1; remember where each starts to resolve the member's type.
-    let mut starts = vec![0usize];
-    let mut found: Option<(u32, u32)> = None; // (member type id, bit offset)
-    let mut p = types;
-    let end = types.checked_add(type_len)?;
-    while p + 12 <= end {
-        starts.push(p);
-        let name_off = u32_at(d, p)?;
-        let info = u32_at(d, p + 4)?;
-        let kind = (info >> 24) & 0x1f;
-        let vlen = (info & 0xffff) as usize;
-        let bitfields = info >> 31 != 0;
-        if found.is_none() && kind == KIND_STRUCT && name(name_off)? == st.as_bytes() {
-            for i in 0..vlen {
+    }
+
+    /// (type id, bit offset) of member `member` of the first struct named `st`.
+    fn member(&self, st: &str, member: &str) -> Option<(u32, u32)> {
+        for &p in &self.starts[1..] {
+            let info = u32_at(self.d, p + 4)?;
+            if (info >> 24) & 0x1f != KIND_STRUCT || self.name(u32_at(self.d, p)?)? != st.as_bytes()
+            {
+                continue;
+            }
+            let bitfields = info >> 31 != 0;
+            for i in 0..(info & 0xffff) as usize {
                 let m = p + 12 + 12 * i;
-                if name(u32_at(d, m)?)? == member.as_bytes() {
-                    let off = u32_at(d, m + 8)?;
+                if self.name(u32_at(self.d, m)?)? == member.as_bytes() {
+                    let off = u32_at(self.d, m + 8)?;
                     let bits = if bitfields { off & 0x00ff_ffff } else { off };
-                    found = Some((u32_at(d, m + 4)?, bits));
+                    return Some((u32_at(self.d, m + 4)?, bits));
                 }
             }
+            return None;
         }
-        p += 12 + trailing(kind, vlen);
+        None
     }
-    let (ty, bits) = found?;
-    let at = *starts.get(ty as usize)?;
-    let info = u32_at(d, at + 4)?;
+
+    fn kind(&self, ty: u32) -> Option<u32> {
+        let at = *self.starts.get(ty as usize)?;
+        Some((u32_at(self.d, at + 4)? >> 24) & 0x1f)
+    }
+}
+
+/// Byte offset of member `member` of struct `st`, which must be an array of `len` elements.
+fn member_offset(d: &[u8], st: &str, member: &str, len: u32) -> Option<u32> {
+    let btf = Btf::parse(d)?;
+    let (ty, bits) = btf.member(st, member)?;
+    let at = *btf.starts.get(ty as usize)?;
     // ARRAY: { elem type, index type, nelems } after the header.
-    if (info >> 24) & 0x1f != KIND_ARRAY || u32_at(d, at + 20)? != len || !bits.is_multiple_of(8) {
+    if btf.kind(ty)? != KIND_ARRAY || u32_at(d, at + 20)? != len || !bits.is_multiple_of(8) {
         return None;
     }
     Some(bits / 8)
+}
+
+/// Offsets of `task_struct.signal` (a pointer) and of `signal_struct.live` (an `atomic_t`),
+/// 4-aligned and non-zero, for the exit program's `current->signal->live` read.
+fn signal_live_offsets(d: &[u8]) -> Option<(u32, u32)> {
+    let btf = Btf::parse(d)?;
+    let (sig_ty, sig_bits) = btf.member("task_struct", "signal")?;
+    if btf.kind(sig_ty)? != KIND_PTR || !sig_bits.is_multiple_of(64) || sig_bits == 0 {
+        return None;
+    }
+    let (_, live_bits) = btf.member("signal_struct", "live")?;
+    if !live_bits.is_multiple_of(32) {
+        return None;
+    }
+    Some((sig_bits / 8, live_bits / 8))
+}
+
+/// `(task_struct.signal, signal_struct.live)` byte offsets on the running kernel, when its BTF
+/// has them.
+pub fn signal_live() -> Option<(u32, u32)> {
+    let data = std::fs::read(Path::new(VMLINUX)).ok()?;
+    signal_live_offsets(&data)
 }
 
 #[cfg(test)]
@@ -104,6 +153,8 @@ mod tests {
             task_comm_offset(),
             Some(off).filter(|o| o.is_multiple_of(8))
         );
+        let (signal, live) = signal_live_offsets(&data).expect("task_struct.signal->live");
+        assert!(signal > 0 && live < 4096, "{signal} {live}");
     }
 
     #[test]

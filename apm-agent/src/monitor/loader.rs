@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use apm_common::{MonitorConfig, SockKind};
+use apm_common::{ExitMode, MonitorConfig, SockKind};
 use aya::maps::{Array, MapData, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
@@ -77,6 +77,41 @@ pub fn ensure_tracefs() -> Result<(), MonitorError> {
 pub struct Loaded {
     pub bpf: Ebpf,
     pub events: AsyncFd<RingBuf<MapData>>,
+    /// How the exit program recognises a process's last thread on this kernel.
+    pub exit_mode: ExitMode,
+    /// The process name is read through BTF (else with `bpf_get_current_comm`).
+    pub comm_btf: bool,
+}
+
+/// What the programs are told about the running kernel through `.rodata` globals.
+#[derive(Debug, Clone, Copy)]
+struct KernelFacts {
+    /// `task_struct.comm`; 0: use `bpf_get_current_comm`.
+    comm_offset: u32,
+    exit_mode: ExitMode,
+    /// `task_struct.signal`, `signal_struct.live` (for `ExitMode::SignalLive`).
+    signal: (u32, u32),
+}
+
+impl KernelFacts {
+    /// The same without BTF-typed task reads (kernels that refuse them for tracepoints).
+    fn without_btf(self) -> Self {
+        Self {
+            comm_offset: 0,
+            exit_mode: match self.exit_mode {
+                ExitMode::SignalLive => ExitMode::Leader,
+                m => m,
+            },
+            signal: (0, 0),
+        }
+    }
+}
+
+/// The running kernel's release (`uname -r`), for messages.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// What the programs need to know, as the `CONFIG` map value.
@@ -140,18 +175,31 @@ pub fn load(
         nix::sys::resource::RLIM_INFINITY,
     );
     ensure_tracefs()?;
+    // Every field the programs read, where they read it, before anything loads.
+    let layout = super::tracefs::check_layouts().map_err(MonitorError::Layout)?;
     // 0 (no BTF for it): the programs call `bpf_get_current_comm` instead.
     let comm_offset = super::btf::task_comm_offset().unwrap_or(0);
-    match load_with(object, kcfg, max_processes, shutdown, comm_offset) {
+    let signal = super::btf::signal_live();
+    let facts = KernelFacts {
+        comm_offset,
+        exit_mode: match (layout.has_group_dead, signal) {
+            (true, _) => ExitMode::GroupDead,
+            (false, Some(_)) if comm_offset != 0 => ExitMode::SignalLive,
+            (false, _) => ExitMode::Leader,
+        },
+        signal: signal.unwrap_or((0, 0)),
+    };
+    match load_with(object, kcfg, max_processes, shutdown, facts) {
         // A kernel with BTF but without `bpf_get_current_task_btf` for tracepoints (before
         // 5.11): the helper it has instead.
         Err(MonitorError::Program { name, source }) if comm_offset != 0 => {
-            tracing::debug!(
+            tracing::warn!(
                 program = name,
                 error = %source,
-                "reading comm through BTF refused; using bpf_get_current_comm"
+                "reading the task through BTF refused; using bpf_get_current_comm (and the \
+                 thread-group leader's exit for the process's, if the kernel lacks group_dead)"
             );
-            load_with(object, kcfg, max_processes, shutdown, 0)
+            load_with(object, kcfg, max_processes, shutdown, facts.without_btf())
         }
         r => r,
     }
@@ -162,7 +210,7 @@ fn load_with(
     kcfg: &MonitorConfig,
     max_processes: u32,
     shutdown: &CancellationToken,
-    comm_offset: u32,
+    facts: KernelFacts,
 ) -> Result<Loaded, MonitorError> {
     let p = max_processes.max(64);
     // Only pay for aya-log records somebody will see (target `apm_ebpf` at debug).
@@ -172,9 +220,12 @@ fn load_with(
         2
     };
     tracing::debug!(
-        comm_offset,
-        "task_struct.comm offset (0: bpf_get_current_comm)"
+        comm_offset = facts.comm_offset,
+        exit_mode = ?facts.exit_mode,
+        signal = ?facts.signal,
+        "kernel facts for the programs (comm offset 0: bpf_get_current_comm)"
     );
+    let exit_mode = facts.exit_mode as u32;
     let mut bpf = EbpfLoader::new()
         .map_max_entries("PROC_SENDS", p)
         .map_max_entries("RSS", p)
@@ -182,7 +233,10 @@ fn load_with(
         .map_max_entries("CONNS", p.saturating_mul(4))
         .map_max_entries("SENDS", p)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
-        .override_global("TASK_COMM_OFFSET", &comm_offset, true)
+        .override_global("TASK_COMM_OFFSET", &facts.comm_offset, true)
+        .override_global("EXIT_MODE", &exit_mode, true)
+        .override_global("TASK_SIGNAL_OFFSET", &facts.signal.0, true)
+        .override_global("SIGNAL_LIVE_OFFSET", &facts.signal.1, true)
         .load(object)
         .map_err(MonitorError::Load)?;
 
@@ -222,14 +276,21 @@ fn load_with(
         Err(e) => tracing::debug!(error = %e, "no eBPF log buffer"),
     }
 
-    let r = configure_and_attach(bpf, kcfg);
+    let r = configure_and_attach(bpf, kcfg).map(|(bpf, events)| Loaded {
+        bpf,
+        events,
+        exit_mode: facts.exit_mode,
+        comm_btf: facts.comm_offset != 0,
+    });
     if r.is_err() {
         log_stop.cancel();
     }
     r
 }
 
-fn configure_and_attach(mut bpf: Ebpf, kcfg: &MonitorConfig) -> Result<Loaded, MonitorError> {
+type Attached = (Ebpf, AsyncFd<RingBuf<MapData>>);
+
+fn configure_and_attach(mut bpf: Ebpf, kcfg: &MonitorConfig) -> Result<Attached, MonitorError> {
     {
         let map = bpf
             .map_mut("CONFIG")
@@ -271,5 +332,5 @@ fn configure_and_attach(mut bpf: Ebpf, kcfg: &MonitorConfig) -> Result<Loaded, M
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
     let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| MonitorError::Io(e.into_parts().1))?;
-    Ok(Loaded { bpf, events })
+    Ok((bpf, events))
 }

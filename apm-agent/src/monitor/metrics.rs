@@ -99,6 +99,27 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstGauge::new(i64::from(on)).encode(m.encode_family(&[("state", name)])?)?;
             }
         }
+        {
+            let state = match sh.state {
+                State::Running => "running",
+                State::Degraded(_) => "degraded",
+                State::Disabled(_) => "disabled",
+            };
+            let labels = [
+                ("state", state),
+                ("kernel", sh.kernel.as_str()),
+                ("failed_program", sh.failed_program.unwrap_or("")),
+                ("exit_mode", sh.exit_mode),
+            ];
+            let g = ConstGauge::new(1i64);
+            let mut m = enc.encode_descriptor(
+                "info",
+                "The monitor's state on this kernel (failed_program: why it is not running)",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m.encode_family(&labels)?)?;
+        }
         if up == 0 {
             return Ok(());
         }
@@ -265,6 +286,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_program_the_kernel_refused_shows_with_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let php = Arc::new(crate::phpctl::PhpControl::new(dir.path()).unwrap());
+        let shared = Arc::new(Shared {
+            state: State::Degraded("kernel 6.1.0-test: cannot load eBPF program".into()),
+            kernel: "6.1.0-test".into(),
+            failed_program: Some("enter_sendto"),
+            exit_mode: "",
+            comm_source: "",
+            cfg: crate::config::EbpfConfig::default(),
+            dgram: "/d".into(),
+            stream: "/s".into(),
+            snap: arc_swap::ArcSwap::from_pointee(super::super::Snapshot::default()),
+            php,
+        });
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.sub_registry_with_prefix("apm_ebpf")
+            .register_collector(Box::new(Collector::new(shared)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        assert!(out.contains("apm_ebpf_up 0"), "{out}");
+        assert!(
+            out.contains(r#"apm_ebpf_info{state="degraded",kernel="6.1.0-test",failed_program="enter_sendto",exit_mode=""} 1"#),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn scrape_renders_bounded_series() {
         let dir = tempfile::tempdir().unwrap();
         let php = Arc::new(crate::phpctl::PhpControl::new(dir.path()).unwrap());
@@ -296,6 +345,10 @@ mod tests {
         };
         let shared = Arc::new(Shared {
             state: State::Running,
+            kernel: "6.1.0-test".into(),
+            failed_program: None,
+            exit_mode: "signal_live",
+            comm_source: "btf",
             cfg,
             dgram: "/d".into(),
             stream: "/s".into(),
@@ -309,6 +362,10 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
         assert!(out.contains("apm_ebpf_up 1"), "{out}");
+        assert!(
+            out.contains(r#"apm_ebpf_info{state="running",kernel="6.1.0-test",failed_program="",exit_mode="signal_live"} 1"#),
+            "{out}"
+        );
         assert!(
             out.contains(r#"apm_ebpf_sends_total{socket="dgram",result="ok"} 7"#),
             "{out}"
@@ -337,6 +394,10 @@ mod tests {
                 snap: arc_swap::ArcSwap::from_pointee((*shared_snap).clone()),
                 php: shared_php,
                 state: State::Running,
+                kernel: "6.1.0-test".into(),
+                failed_program: None,
+                exit_mode: "signal_live",
+                comm_source: "btf",
             }))));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();

@@ -13,6 +13,7 @@ mod metrics;
 mod poll;
 pub mod procfs;
 pub mod sampling;
+mod tracefs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -72,6 +73,19 @@ pub enum MonitorError {
     },
     #[error("cannot watch the eBPF event ring buffer: {0}")]
     Io(std::io::Error),
+    #[error("{0}: the eBPF programs were not built for this kernel's tracepoints")]
+    Layout(String),
+}
+
+impl MonitorError {
+    /// The program that failed to load or attach, if that is what failed.
+    pub fn program(&self) -> Option<&'static str> {
+        match self {
+            Self::Program { name, .. } | Self::Attach { name, .. } => Some(name),
+            Self::MissingProgram(name) => Some(name),
+            _ => None,
+        }
+    }
 }
 
 /// Everything the monitor needs from the agent.
@@ -151,6 +165,16 @@ impl ErrnoCounts {
             enoent: e[5],
             other: e[6],
         }
+    }
+
+    pub fn add(&mut self, o: &Self) {
+        self.eagain += o.eagain;
+        self.enobufs += o.enobufs;
+        self.emsgsize += o.emsgsize;
+        self.epipe += o.epipe;
+        self.econnrefused += o.econnrefused;
+        self.enoent += o.enoent;
+        self.other += o.other;
     }
 
     pub fn total(&self) -> u64 {
@@ -251,6 +275,19 @@ pub struct EbpfStatus {
     /// Why it is not running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The program that failed to load or attach, when that is why it is not running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_program: Option<&'static str>,
+    /// The running kernel's release (`uname -r`).
+    pub kernel: String,
+    /// How a process's last thread is recognised at exit: `group_dead` (the tracepoint's
+    /// field, 6.16+), `signal_live` (BTF) or `leader` (the leader thread's exit); empty when
+    /// not running.
+    pub exit_mode: &'static str,
+    /// How the programs read the process name: `btf` (two loads from the task) or `helper`
+    /// (`bpf_get_current_comm`, kernels that refuse BTF task reads in tracepoints); empty when
+    /// not running.
+    pub comm_source: &'static str,
     /// Successful sends to both sockets.
     pub sends_ok: u64,
     /// Failed sends (and failed connects) to both sockets, by errno.
@@ -332,6 +369,10 @@ impl Default for Snapshot {
 
 struct Shared {
     state: State,
+    kernel: String,
+    failed_program: Option<&'static str>,
+    exit_mode: &'static str,
+    comm_source: &'static str,
     cfg: EbpfConfig,
     dgram: PathBuf,
     stream: PathBuf,
@@ -364,18 +405,40 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         None => Err(MonitorError::NotBuilt),
         Some(obj) => loader::load(obj, &kcfg, p.cfg.max_processes, &shutdown),
     };
+    let kernel = loader::kernel_release();
     let loaded = match loaded {
         Ok(l) => l,
         Err(e) if p.cfg.enabled == EbpfEnabled::Auto => {
             tracing::warn!(
+                kernel = %kernel,
+                program = e.program().unwrap_or("-"),
                 error = %e,
-                "eBPF monitor unavailable; running without kernel-seen drops and worker memory"
+                "eBPF monitor unavailable on this kernel; running without kernel-seen drops and \
+                 worker memory"
             );
-            return Ok(Monitor::inactive(p, State::Degraded(e.to_string())));
+            let program = e.program();
+            let reason = short_reason(&format!("kernel {kernel}: {e}"));
+            let mut m = Monitor::inactive(p, State::Degraded(reason));
+            if let Some(sh) = Arc::get_mut(&mut m.shared) {
+                sh.failed_program = program;
+            }
+            return Ok(m);
         }
-        Err(e) => return Err(e),
+        Err(e) => {
+            tracing::error!(
+                kernel = %kernel,
+                program = e.program().unwrap_or("-"),
+                error = %e,
+                "eBPF monitor cannot start (ebpf.enabled = \"on\")"
+            );
+            return Err(e);
+        }
     };
+    let exit_mode = exit_mode_str(loaded.exit_mode);
     tracing::info!(
+        kernel = %kernel,
+        exit_mode,
+        comm = if loaded.comm_btf { "btf" } else { "helper" },
         programs = PROGRAMS.len(),
         dgram = %p.dgram_socket.display(),
         stream = %p.stream_socket.display(),
@@ -385,6 +448,10 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
     let rss = RssTable::default();
     let shared = Arc::new(Shared {
         state: State::Running,
+        kernel,
+        failed_program: None,
+        exit_mode,
+        comm_source: if loaded.comm_btf { "btf" } else { "helper" },
         cfg: p.cfg.clone(),
         dgram: p.dgram_socket.clone(),
         stream: p.stream_socket.clone(),
@@ -413,6 +480,27 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         rss,
         task: Mutex::new(Some(task)),
     })
+}
+
+/// A reason short enough for `status --json`: a verifier log runs to thousands of lines, and
+/// its end says what was refused (the whole error is in the start-up log).
+fn short_reason(r: &str) -> String {
+    const MAX: usize = 2000;
+    if r.len() <= MAX {
+        return r.to_string();
+    }
+    let head = r.lines().next().unwrap_or("");
+    let head = &head[..head.floor_char_boundary(400)];
+    let tail = &r[r.ceil_char_boundary(r.len() - 1500)..];
+    format!("{head} [...] {tail}")
+}
+
+fn exit_mode_str(m: apm_common::ExitMode) -> &'static str {
+    match m {
+        apm_common::ExitMode::GroupDead => "group_dead",
+        apm_common::ExitMode::SignalLive => "signal_live",
+        apm_common::ExitMode::Leader => "leader",
+    }
 }
 
 fn validate(c: &EbpfConfig) -> Result<(), MonitorError> {
@@ -451,6 +539,10 @@ impl Monitor {
         Self {
             shared: Arc::new(Shared {
                 state,
+                kernel: loader::kernel_release(),
+                failed_program: None,
+                exit_mode: "",
+                comm_source: "",
                 cfg: p.cfg,
                 dgram: p.dgram_socket,
                 stream: p.stream_socket,
@@ -492,6 +584,10 @@ impl Monitor {
             enabled: sh.state == State::Running,
             state,
             reason,
+            failed_program: sh.failed_program,
+            kernel: sh.kernel.clone(),
+            exit_mode: sh.exit_mode,
+            comm_source: sh.comm_source,
             sends_ok: all.ok,
             sends_failed: ErrnoCounts::from_err(&all.err),
             bytes: all.bytes,
@@ -630,6 +726,19 @@ mod tests {
             },
             dir,
         )
+    }
+
+    #[test]
+    fn long_reasons_keep_their_start_and_end() {
+        let log = format!(
+            "kernel 6.1: verifier said\n{}R2 min value is negative",
+            "x\n".repeat(5000)
+        );
+        let r = short_reason(&log);
+        assert!(r.len() < 2100, "{}", r.len());
+        assert!(r.starts_with("kernel 6.1: verifier said"));
+        assert!(r.ends_with("R2 min value is negative"));
+        assert_eq!(short_reason("short"), "short");
     }
 
     #[tokio::test]

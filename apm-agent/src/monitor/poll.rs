@@ -29,6 +29,9 @@ const RECENT_EXITS: usize = 64;
 const MAX_POOLS: usize = 32;
 /// Polls in a row with nothing moving and datagrams still unaccounted before alarming.
 const SETTLE_POLLS: u32 = 3;
+/// A second exit event of one pid within this time is part of the first (see `merge_target`).
+const EXIT_MERGE_NS: u64 = 1_000_000_000;
+
 /// Stale `CONNS` entries of dead processes are swept every this many polls.
 const CONN_SWEEP_EVERY: u64 = 10;
 
@@ -76,6 +79,8 @@ pub(super) struct Poller {
     recent_exits: VecDeque<ExitStatus>,
     /// Sends of exited processes by pool, so per-pool counters never go down.
     retired: BTreeMap<String, [u64; 2]>,
+    /// Kernel time of the latest exit event per pid, for a second event of the same exit.
+    exit_ts: HashMap<u32, u64>,
     last: IntervalStatus,
     last_inputs: sampling::Interval,
 }
@@ -166,6 +171,7 @@ impl Poller {
             events: EventCounts::default(),
             recent_exits: VecDeque::new(),
             retired: BTreeMap::new(),
+            exit_ts: HashMap::new(),
             last: IntervalStatus::default(),
             last_inputs: sampling::Interval::default(),
         }
@@ -562,7 +568,7 @@ impl Poller {
                 pid = tgid,
                 "retired an exited process whose exit event was lost"
             );
-            self.retire(st);
+            self.retire(st, None);
         }
     }
 
@@ -583,15 +589,41 @@ impl Poller {
         }
     }
 
-    fn retire(&mut self, st: ExitStatus) {
+    /// Records an exit; `ts_ns`: the kernel's exit event time (`None`: retired by the sweep).
+    fn retire(&mut self, st: ExitStatus, ts_ns: Option<u64>) {
         let key = bounded_retired(&self.retired, &st.pool);
         let r = self.retired.entry(key).or_default();
         r[0] += st.sends_ok;
         r[1] += st.sends_failed.total();
+        if let Some(prev) = self.merge_target(&st, ts_ns) {
+            prev.sends_ok += st.sends_ok;
+            prev.sends_failed.add(&st.sends_failed);
+            prev.bytes += st.bytes;
+            prev.peak_rss_bytes = prev.peak_rss_bytes.max(st.peak_rss_bytes);
+            prev.last_rss_bytes = prev.last_rss_bytes.max(st.last_rss_bytes);
+            return;
+        }
         if self.recent_exits.len() == RECENT_EXITS {
             self.recent_exits.pop_front();
         }
         self.recent_exits.push_back(st);
+    }
+
+    /// The exit already reported for pid `st.pid` that `st` is part of, if the kernel reported
+    /// it less than a second before (`ts_ns`). Kernels without the tracepoint's `group_dead`
+    /// recognise the last thread by `signal->live == 0`, which threads exiting together
+    /// (exit_group) may all see: each then reports what it removed (nothing twice), and the
+    /// parts make one exit here.
+    fn merge_target(&mut self, st: &ExitStatus, ts_ns: Option<u64>) -> Option<&mut ExitStatus> {
+        let ts = ts_ns?;
+        self.exit_ts
+            .retain(|_, t| ts.saturating_sub(*t) < EXIT_MERGE_NS);
+        // An earlier exit event of this pid within the window, or none to merge with.
+        self.exit_ts.insert(st.pid, ts)?;
+        self.recent_exits
+            .iter_mut()
+            .rev()
+            .find(|e| e.pid == st.pid && !e.swept)
     }
 
     pub(super) fn on_event(&mut self, data: &[u8]) {
@@ -665,7 +697,7 @@ impl Poller {
             sends_failed = st.sends_failed.total(),
             "PHP process exited"
         );
-        self.retire(st);
+        self.retire(st, Some(ev.hdr.ts_ns));
     }
 
     /// After a burst of events: republish so status shows them without waiting for a poll,
