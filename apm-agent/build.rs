@@ -22,51 +22,47 @@ fn main() {
     let explicit = std::env::var_os("APM_EBPF_OBJECT")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
-    let candidates: Vec<PathBuf> = match &explicit {
-        Some(p) => vec![p.clone()],
-        None => {
-            let mut c = Vec::new();
-            if let Some(t) = std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
-                let t = PathBuf::from(t);
-                c.push(if t.is_absolute() { t } else { root.join(t) }.join(REL));
-            }
-            // OUT_DIR is <target>/[<triple>/]<profile>/build/<pkg>-<hash>/out: one of its
-            // ancestors is the target dir, whatever --target-dir said.
-            if let Some(out) = std::env::var_os("OUT_DIR") {
-                c.extend(
-                    Path::new(&out)
-                        .ancestors()
-                        .skip(3)
-                        .take(3)
-                        .map(|a| a.join(REL)),
-                );
-            }
-            c.push(root.join("target").join(REL));
-            c
+    let candidates: Vec<PathBuf> = if let Some(p) = &explicit {
+        vec![p.clone()]
+    } else {
+        let mut c = Vec::new();
+        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
+            let t = PathBuf::from(t);
+            c.push(if t.is_absolute() { t } else { root.join(t) }.join(REL));
         }
+        // OUT_DIR is <target>/[<triple>/]<profile>/build/<pkg>-<hash>/out: one of its
+        // ancestors is the target dir, whatever --target-dir said.
+        if let Some(out) = std::env::var_os("OUT_DIR") {
+            c.extend(
+                Path::new(&out)
+                    .ancestors()
+                    .skip(3)
+                    .take(3)
+                    .map(|a| a.join(REL)),
+            );
+        }
+        c.push(root.join("target").join(REL));
+        c
     };
 
-    match candidates.iter().find(|p| p.is_file()) {
-        Some(obj) => {
-            println!("cargo::rustc-cfg=apm_ebpf");
-            println!("cargo::rustc-env=APM_EBPF_OBJECT_PATH={}", obj.display());
-            println!("cargo::rerun-if-changed={}", obj.display());
-        }
-        None => {
-            // The place `cargo xtask build-ebpf` writes to: $CARGO_TARGET_DIR or <root>/target.
-            let want = match (&explicit, std::env::var_os("CARGO_TARGET_DIR")) {
-                (None, None) => candidates.last().cloned().unwrap_or_default(),
-                _ => candidates.first().cloned().unwrap_or_default(),
-            };
-            println!(
-                "cargo::warning=eBPF object not found at {}: apm-agent builds without eBPF \
-                 (kernel-seen drops and worker memory disabled). Run `cargo xtask build-ebpf` \
-                 and build again.",
-                want.display()
-            );
-            // A missing path counts as changed, so the next build picks the object up as soon
-            // as it exists.
-            println!("cargo::rerun-if-changed={}", want.display());
-        }
+    if let Some(obj) = candidates.iter().find(|p| p.is_file()) {
+        println!("cargo::rustc-cfg=apm_ebpf");
+        println!("cargo::rustc-env=APM_EBPF_OBJECT_PATH={}", obj.display());
+        println!("cargo::rerun-if-changed={}", obj.display());
+    } else {
+        // The place `cargo xtask build-ebpf` writes to: $CARGO_TARGET_DIR or <root>/target.
+        let want = match (&explicit, std::env::var_os("CARGO_TARGET_DIR")) {
+            (None, None) => candidates.last().cloned().unwrap_or_default(),
+            _ => candidates.first().cloned().unwrap_or_default(),
+        };
+        println!(
+            "cargo::warning=eBPF object not found at {}: apm-agent builds without eBPF \
+             (kernel-seen drops and worker memory disabled). Run `cargo xtask build-ebpf` \
+             and build again.",
+            want.display()
+        );
+        // A missing path counts as changed, so the next build picks the object up as soon
+        // as it exists.
+        println!("cargo::rerun-if-changed={}", want.display());
     }
 }

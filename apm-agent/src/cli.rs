@@ -355,8 +355,7 @@ fn spawn_detached(
         .stdin(std::process::Stdio::null())
         .stdout(
             log.try_clone()
-                .map(std::process::Stdio::from)
-                .unwrap_or(std::process::Stdio::null()),
+                .map_or(std::process::Stdio::null(), std::process::Stdio::from),
         )
         .stderr(log);
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -494,7 +493,7 @@ fn alive(pid: u32) -> bool {
     let state = stat
         .rsplit_once(')')
         .and_then(|(_, r)| r.split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
+    !matches!(state, Some("Z" | "X") | None)
 }
 
 fn stop(cfg: &Config, timeout: Option<u64>) -> i32 {

@@ -80,7 +80,7 @@ impl Default for IngestConfig {
             max_payload_bytes: 1024 * 1024, // xhprof call graphs of big requests fit
             recv_batch: 64,  // datagrams per recvmmsg: amortises the syscall, bounds latency
             max_stream_connections: 256, // one per busy worker of a large pool
-            stream_idle_timeout: Duration::from_secs(60), // PHP closes after each profile
+            stream_idle_timeout: Duration::from_mins(1), // PHP closes after each profile
         }
     }
 }
@@ -188,7 +188,7 @@ impl Default for BreakerConfig {
         Self {
             failure_threshold: 5, // a few transient errors do not divert traffic to disk
             retry_timeout: Duration::from_secs(1),
-            max_retry_timeout: Duration::from_secs(60), // a dead listener is probed once a minute
+            max_retry_timeout: Duration::from_mins(1), // a dead listener is probed once a minute
             probe_timeout: Duration::from_secs(10),
         }
     }

@@ -58,7 +58,10 @@ impl PhpControl {
     }
 
     pub fn raise(&self, reason: KillReason) -> std::io::Result<()> {
-        let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self
+            .reasons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if r.insert(reason) {
             tracing::warn!(reason = reason.as_str(), "PHP kill switch raised");
             self.write_kill_switch(&r)?;
@@ -67,7 +70,10 @@ impl PhpControl {
     }
 
     pub fn lower(&self, reason: KillReason) -> std::io::Result<()> {
-        let mut r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self
+            .reasons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if r.remove(&reason) {
             tracing::info!(
                 reason = reason.as_str(),
@@ -80,12 +86,18 @@ impl PhpControl {
     }
 
     pub fn kill_reasons(&self) -> Vec<&'static str> {
-        let r = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self
+            .reasons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         r.iter().map(|k| k.as_str()).collect()
     }
 
     pub fn sample_rate(&self) -> f64 {
-        *self.sample_rate.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .sample_rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sets the sample rate PHP reads (clamped to 0.0..=1.0).
@@ -95,7 +107,10 @@ impl PhpControl {
         } else {
             1.0
         };
-        let mut cur = self.sample_rate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self
+            .sample_rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *cur = rate;
         write_atomic(&self.sample_rate_path(), format!("{rate:.4}\n").as_bytes())
     }

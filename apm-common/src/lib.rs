@@ -572,6 +572,10 @@ impl SockMatch {
     /// past `addr_len` may be garbage) name this path the way the kernel resolves it: the path
     /// is the bytes after the family up to the first NUL or `addr_len`.
     #[inline(always)]
+    #[expect(
+        clippy::verbose_bit_mask,
+        reason = "the shift-and-mask form is what the eBPF verifier bounds; keep it as written"
+    )]
     pub fn matches(&self, sa: &[u64; SA_WORDS], addr_len: u64) -> bool {
         let min = self.min_addr_len();
         if self.nwords == 0 || addr_len < min || addr_len > SA_UN_LEN {
@@ -706,7 +710,10 @@ impl MonitorConfig {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{
+        ConnInfo, ConnKey, HostSends, Inflight, MonitorConfig, ProcSends, RssEntry, SendCounters,
+        ThreadSends,
+    };
     // SAFETY: all are #[repr(C)], Copy, made only of integers, with no implicit padding (the
     // size asserts above pin the layouts), so any byte pattern is a valid value.
     unsafe impl aya::Pod for SendCounters {}

@@ -186,7 +186,7 @@ mod tests {
         // Ranges are disjoint and never adjacent (i.e. maximally merged).
         let r = ranges(&s);
         for w in r.windows(2) {
-            assert!(w[0].1 + 1 < w[1].0, "{:?} not merged", w);
+            assert!(w[0].1 + 1 < w[1].0, "{w:?} not merged");
         }
     }
 }

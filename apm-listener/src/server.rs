@@ -121,7 +121,7 @@ impl Listener {
             batches = rec.batches,
             lines = rec.lines,
             agents = seen.len(),
-            ranges = seen.values().map(|s| s.range_count()).sum::<usize>(),
+            ranges = seen.values().map(super::intervals::IntervalSet::range_count).sum::<usize>(),
             foreign_lines = rec.foreign_lines,
             broken_batches = rec.broken_batches,
             truncated_bytes = rec.truncated_bytes,

@@ -64,13 +64,12 @@ impl Collector for CollectorService {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let peer = request
             .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "unknown".into());
+            .map_or_else(|| "unknown".into(), |a| a.to_string());
         if let Some(expected) = &self.shared.expected_auth {
             let given = request
                 .metadata()
                 .get("authorization")
-                .map(|v| v.as_bytes())
+                .map(tonic::metadata::MetadataValue::as_bytes)
                 .unwrap_or_default();
             if !same_secret(given, expected.as_bytes()) {
                 self.shared.stats.unauthenticated.fetch_add(1, Relaxed);

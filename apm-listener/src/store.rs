@@ -210,8 +210,8 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
             from = file_len,
             to = good_end,
             torn_line,
-            series = open.as_ref().map(|b| b.series.as_str()).unwrap_or(""),
-            seq = open.as_ref().map(|b| b.seq).unwrap_or(0),
+            series = open.as_ref().map_or("", |b| b.series.as_str()),
+            seq = open.as_ref().map_or(0, |b| b.seq),
             "truncating the torn tail of the output file: that batch was never acked and will be resent"
         );
         file.set_len(good_end)

@@ -246,7 +246,7 @@ fn read_exact(fd: i32, buf: &mut [u8]) -> bool {
 
 fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a plain repr(C) struct of integers.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref::<T>(v).cast::<u8>(), size_of::<T>()) }
 }
 
 impl Sender {
@@ -399,7 +399,7 @@ impl Sender {
         write_all(self.cmd.as_raw_fd(), as_bytes(&c));
         let mut st = 0;
         // SAFETY: our own child.
-        unsafe { libc::waitpid(self.pid, &mut st, 0) };
+        unsafe { libc::waitpid(self.pid, &raw mut st, 0) };
         self.reaped = true;
     }
 }
@@ -543,7 +543,7 @@ fn child_loop(cmd_fd: i32, res_fd: i32) {
                     // SAFETY: jobs[i] outlives the thread, joined below.
                     unsafe {
                         libc::pthread_create(
-                            &mut tids[i],
+                            &raw mut tids[i],
                             std::ptr::null(),
                             send_thread,
                             (&raw mut jobs[i]).cast(),
@@ -566,10 +566,10 @@ fn child_loop(cmd_fd: i32, res_fd: i32) {
                     // exits; the thread never touches its job after setting `done`.
                     unsafe {
                         libc::pthread_create(
-                            &mut tid,
+                            &raw mut tid,
                             std::ptr::null(),
                             stay_thread,
-                            (job as *mut StayJob).cast(),
+                            std::ptr::from_mut::<StayJob>(job).cast(),
                         );
                     }
                 }

@@ -195,8 +195,8 @@ fn send_loop(plan: &SendPlan, stop: &AtomicBool, accepted: &AtomicU64) -> SendRe
             fd,
             libc::SOL_SOCKET,
             libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
     // SAFETY: a zeroed sockaddr_un is valid; the path is copied in below.
@@ -231,7 +231,7 @@ fn send_loop(plan: &SendPlan, stop: &AtomicBool, accepted: &AtomicU64) -> SendRe
                 body.as_ptr().cast(),
                 body.len(),
                 flags,
-                (&addr as *const libc::sockaddr_un).cast(),
+                (&raw const addr).cast(),
                 alen,
             )
         };

@@ -49,11 +49,10 @@ pub fn find_program(names: &[&str]) -> Option<PathBuf> {
 /// it, so its absence is a failure), a printed reason and `None` elsewhere (the caller skips).
 pub fn require<T>(what: &str, v: Option<T>) -> Option<T> {
     if v.is_none() {
-        if in_ci() {
-            panic!(
-                "{what} is missing in CI: the project's setup (`cargo xtask setup`) installs it"
-            );
-        }
+        assert!(
+            !in_ci(),
+            "{what} is missing in CI: the project's setup (`cargo xtask setup`) installs it"
+        );
         eprintln!("SKIPPED: {what} is not installed (install php8.2-cli php8.2-fpm libfcgi-bin)");
     }
     v

@@ -34,7 +34,7 @@ fn one_hundred_thousand_from_four_processes_arrive_exactly_once() {
     for r in &reports {
         assert_eq!(r["sent"], 25000, "blocking sends never fail: {r}");
     }
-    let st = agent.wait_for(Duration::from_secs(120), "100k delivered", |s| {
+    let st = agent.wait_for(Duration::from_mins(2), "100k delivered", |s| {
         u(s, "/delivered") >= 100_000
     });
     assert_eq!(u(&st, "/received"), 100_000);
@@ -198,7 +198,7 @@ fn status_json_and_check_config_from_the_cli() {
     ] {
         assert!(v.get(key).is_some(), "status --json has `{key}`: {v}");
     }
-    assert_eq!(v["pid"].as_u64(), Some(agent.proc.pid() as u64));
+    assert_eq!(v["pid"].as_u64(), Some(u64::from(agent.proc.pid())));
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[ingest]\nqueue_len = \"many\"\n").unwrap();
     let out = std::process::Command::new(apm_tests::common::bin("apm-agent"))

@@ -63,7 +63,7 @@ fn architecture_doc_names_only_code_that_exists() {
             continue; // outside backticks
         }
         // Paths of the repository.
-        if tok.ends_with(".rs") || tok.ends_with('/') {
+        if Path::new(tok).extension().is_some_and(|e| e == "rs") || tok.ends_with('/') {
             let found = [
                 root().join(tok),
                 root().join("apm-agent/src").join(tok),

@@ -30,7 +30,7 @@ fn ebpf_php_socket_sendto_is_counted_like_php_saw_it() {
     let Some(php) = php() else { return };
     // Nobody reads: the first sends fill the queue, the rest fail with EAGAIN.
     let rx = UnixDatagram::bind(&m.dgram).unwrap();
-    let script = r#"
+    let script = r"
         $s = socket_create(AF_UNIX, SOCK_DGRAM, 0);
         $ok = 0; $bytes = 0; $eagain = 0; $other = 0;
         for ($i = 0; $i < 50; $i++) {
@@ -40,7 +40,7 @@ fn ebpf_php_socket_sendto_is_counted_like_php_saw_it() {
             } else { $ok++; $bytes += $r; }
         }
         echo json_encode(['ok' => $ok, 'bytes' => $bytes, 'eagain' => $eagain, 'other' => $other]);
-    "#;
+    ";
     let out = Command::new(&php)
         .args(["-r", script])
         .arg(&m.dgram)

@@ -18,9 +18,10 @@ fn assert_rss_matches(m: &TestMonitor, pid: u32, what: &str) -> u64 {
         if proc_rss > 0 && ours.abs_diff(proc_rss) <= PAGE {
             return ours;
         }
-        if Instant::now() > end {
-            panic!("{what}: monitor RSS {ours} vs /proc VmRSS {proc_rss} (more than a page apart)");
-        }
+        assert!(
+            Instant::now() <= end,
+            "{what}: monitor RSS {ours} vs /proc VmRSS {proc_rss} (more than a page apart)"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

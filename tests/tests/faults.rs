@@ -248,7 +248,7 @@ fn sigterm_with_listener_down_spools_then_everything_arrives_once() {
 
     let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
     let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
-    let ids = wait_stored(&listener.out, ok.len(), Duration::from_secs(60));
+    let ids = wait_stored(&listener.out, ok.len(), Duration::from_mins(1));
     assert_exactly(&ids, &ok, "after a shutdown that spooled");
     agent.wait_for(Duration::from_secs(20), "spool drained", |s| {
         u(s, "/spooled_batches") == 0
@@ -333,7 +333,7 @@ fn sigkill_50_times_in_write_ahead_mode_loses_only_the_in_memory_window() {
         spooled_at_kill.iter().filter(|&&n| n > 0).count() > KILLS / 4,
         "kills found records on disk often enough to test something: {spooled_at_kill:?}"
     );
-    agent.wait_for(Duration::from_secs(60), "spool drained", |s| {
+    agent.wait_for(Duration::from_mins(1), "spool drained", |s| {
         u(s, "/spooled_batches") == 0 && u(s, "/memory_payload_bytes") == 0
     });
     let lines = stored_lines(&listener.out);
@@ -567,7 +567,7 @@ fn disk_full_drops_oldest_counts_it_and_recovers() {
     });
     // And the listener is back.
     let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
-    let st = wait_settled(&agent, received, Duration::from_secs(60));
+    let st = wait_settled(&agent, received, Duration::from_mins(1));
     let ids = stored_ids(&listener.out);
     let got = unique_ids(&ids);
     assert_eq!(u(&st, "/delivered"), ids.len() as u64, "{st}");
@@ -614,7 +614,7 @@ fn spool_full_drop_newest_accounts_for_every_profile() {
         u(s, "/received") == 4000 && u(s, "/dropped/spool_full") > 0
     });
     let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
-    let st = wait_settled(&agent, 4000, Duration::from_secs(60));
+    let st = wait_settled(&agent, 4000, Duration::from_mins(1));
     std::thread::sleep(Duration::from_millis(500));
     let st2 = agent.status().unwrap();
     for k in ["/received", "/delivered", "/dropped/total"] {
@@ -663,7 +663,7 @@ fn lost_state_dir_with_a_configured_agent_id_loses_nothing() {
             "{prefix}: blocking sends all accepted"
         );
         expected.extend(report.ok_ids(prefix));
-        let s = wait_settled(&agent, 5000, Duration::from_secs(60));
+        let s = wait_settled(&agent, 5000, Duration::from_mins(1));
         assert_eq!(u(&s, "/delivered"), 5000, "{prefix}: {s}");
         epochs.push(s["epoch"].clone());
         assert_eq!(agent.proc.stop(Duration::from_secs(20)), Some(0));
@@ -705,7 +705,7 @@ fn a_full_state_volume_is_reported_and_nothing_is_lost() {
         ..plan(&agent, "a", 100, 0, false)
     })
     .join();
-    wait_settled(&agent, 1000, Duration::from_secs(60));
+    wait_settled(&agent, 1000, Duration::from_mins(1));
     // Fill the state volume.
     let filler = state.join("filler");
     let mut f = std::fs::File::create(&filler).unwrap();
@@ -727,12 +727,12 @@ fn a_full_state_volume_is_reported_and_nothing_is_lost() {
         "the reservation was needed: {s}"
     );
     std::fs::remove_file(&filler).unwrap();
-    let s = wait_settled(&agent, 5000, Duration::from_secs(60));
+    let s = wait_settled(&agent, 5000, Duration::from_mins(1));
     assert_eq!(u(&s, "/delivered"), 5000, "{s}");
     assert!(
         s["stage_failures"]
             .as_object()
-            .is_some_and(|m| m.is_empty()),
+            .is_some_and(serde_json::Map::is_empty),
         "recovered: {s}"
     );
     let mut expected = first.ok_ids("a");

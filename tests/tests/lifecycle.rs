@@ -70,7 +70,7 @@ fn restart_under_load_drops_nothing() {
     assert_eq!(st["restarts"], 2, "restarted twice in place");
     assert_eq!(
         st["pid"].as_u64(),
-        Some(pid as u64),
+        Some(u64::from(pid)),
         "same PID after re-exec"
     );
     // Counters restart with the image; the listener's file is the ground truth.

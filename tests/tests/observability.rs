@@ -349,7 +349,7 @@ fn dashboard_queries() -> Vec<String> {
                     match (k.as_str(), v) {
                         ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
                         ("query", serde_json::Value::String(s)) if s.contains("apm_") => {
-                            out.push(s.clone())
+                            out.push(s.clone());
                         }
                         _ => walk(v, out),
                     }

@@ -37,7 +37,7 @@ fn alive(pid: u32) -> bool {
     let state = stat
         .rsplit_once(')')
         .and_then(|(_, r)| r.split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
+    !matches!(state, Some("Z" | "X") | None)
 }
 
 #[test]

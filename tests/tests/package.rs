@@ -278,13 +278,12 @@ fn debian_package_installs_runs_and_purges() {
     let curl = format!(
         "curl -s http://127.0.0.1:{port}/metrics | grep -E '^apm_(build_info|delivered_total|ebpf_up)'"
     );
-    match out(Command::new("sh").args(["-c", "command -v curl"])).0 {
-        true => {
-            let lines = ok(Command::new("sh").args(["-c", &curl]));
-            assert_eq!(lines.lines().count(), 3, "{lines}");
-            assert!(lines.contains("apm_delivered_total 25"), "{lines}");
-        }
-        false => println!("curl not installed: `{curl}` not run"),
+    if out(Command::new("sh").args(["-c", "command -v curl"])).0 {
+        let lines = ok(Command::new("sh").args(["-c", &curl]));
+        assert_eq!(lines.lines().count(), 3, "{lines}");
+        assert!(lines.contains("apm_delivered_total 25"), "{lines}");
+    } else {
+        println!("curl not installed: `{curl}` not run");
     }
     let scrape = metrics(port);
     assert!(

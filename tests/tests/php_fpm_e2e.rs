@@ -37,7 +37,9 @@ const AGENT_EXTRA: &str = "[ebpf]\nadaptive_sampling = false\npoll_interval = \"
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn tempdir(prefix: &str) -> tempfile::TempDir {
@@ -374,7 +376,7 @@ fn php_fpm_agent_stop_costs_php_only_the_dropped_profiles_counted_by_the_kernel(
         let stopped = begin.elapsed();
         println!(
             "agent stopped at {down:?} (exit took {:?}); sockets left: dgram {} stream {}",
-            stopped - down,
+            stopped.checked_sub(down).unwrap(),
             d.join("run/listener.sock").exists(),
             d.join("run/listener-stream.sock").exists()
         );

@@ -55,7 +55,7 @@ fn slow_listener_gets_backpressure_not_spooling_or_drops() {
         eagain > 0,
         "the sender outran the listener, so some sends were refused"
     );
-    let st = agent.wait_for(Duration::from_secs(60), "all accepted delivered", |s| {
+    let st = agent.wait_for(Duration::from_mins(1), "all accepted delivered", |s| {
         u(s, "/received") == accepted
             && u(s, "/delivered") == accepted
             && u(s, "/memory_payload_bytes") == 0

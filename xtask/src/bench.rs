@@ -179,7 +179,7 @@ fn e2e(root: &Path, n: u64, size: usize) -> Result<E2e> {
     let t = Instant::now();
     let tx = sender(dir.join("run/listener.sock"), n, size);
     let mut delivered = 0;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_mins(5);
     while delivered < n {
         std::thread::sleep(Duration::from_millis(20));
         delivered = control_status(&dir.join("run")).map_or(0, |s| s.delivered);
@@ -219,7 +219,7 @@ fn replace_section(doc: &str, name: &str, body: &str) -> String {
 pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     let host = format!(
         "{} cores, kernel {}, {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim(),
@@ -307,17 +307,17 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if want("spool") {
         eprintln!("bench: spool write/replay vs the disk ...");
         sections.push(("spool", spool(root, &host)?));
-        println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("ebpf") {
         eprintln!("bench: eBPF overhead per send ...");
         sections.push(("ebpf", crate::bench_ebpf::run(root)?));
-        println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("php") {
         eprintln!("bench: PHP overhead of listener.php ...");
         sections.push(("php", crate::bench_php::run(root)?));
-        println!("{}", sections.last().map(|s| s.1.as_str()).unwrap_or(""));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if !args.no_write {
         let path = root.join("docs/BENCHMARKS.md");
@@ -352,7 +352,7 @@ fn spool(root: &Path, host: &str) -> Result<String> {
         v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0)
     };
     let (dw1, dw2) = (f(&v, "disk_write_mb_s"), f(&v, "disk_write_after_mb_s"));
-    let dw = (dw1 + dw2) / 2.0;
+    let dw = f64::midpoint(dw1, dw2);
     let mut t = format!(
         "Measured by `cargo xtask bench` (256 MiB per run, in `.run/bench-spool`; {host}).\n\n\
          Disk, same volume, same run: sequential write (1 MiB writes + one fdatasync) **{dw1:.0} MB/s** \

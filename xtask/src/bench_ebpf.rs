@@ -49,7 +49,7 @@ fn median(v: &mut [f64]) -> f64 {
     match n {
         0 => f64::NAN,
         _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        _ => f64::midpoint(v[n / 2 - 1], v[n / 2]),
     }
 }
 
@@ -289,31 +289,33 @@ fn section(v: &Value) -> String {
                         e.get("config").and_then(Value::as_str) == Some(cfg)
                             && e.get("sender").and_then(Value::as_str) == Some(sender)
                     })
-                    .map(|e| {
-                        let progs = e
-                            .get("programs")
-                            .and_then(Value::as_object)
-                            .map(|p| {
-                                p.iter()
-                                    .filter(|(n, _)| n.contains("send"))
-                                    .map(|(n, x)| {
-                                        format!(
-                                            "{n} {:.0}",
-                                            x.get("ns_per_run")
-                                                .and_then(Value::as_f64)
-                                                .unwrap_or(0.0)
-                                        )
-                                    })
-                                    .collect::<Vec<_>>()
-                                    .join(" + ")
-                            })
-                            .unwrap_or_default();
-                        format!(
-                            "{:.0} ({progs})",
-                            e.get("ns_per_send").and_then(Value::as_f64).unwrap_or(0.0)
-                        )
-                    })
-                    .unwrap_or_else(|| "–".into())
+                    .map_or_else(
+                        || "–".into(),
+                        |e| {
+                            let progs = e
+                                .get("programs")
+                                .and_then(Value::as_object)
+                                .map(|p| {
+                                    p.iter()
+                                        .filter(|(n, _)| n.contains("send"))
+                                        .map(|(n, x)| {
+                                            format!(
+                                                "{n} {:.0}",
+                                                x.get("ns_per_run")
+                                                    .and_then(Value::as_f64)
+                                                    .unwrap_or(0.0)
+                                            )
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join(" + ")
+                                })
+                                .unwrap_or_default();
+                            format!(
+                                "{:.0} ({progs})",
+                                e.get("ns_per_send").and_then(Value::as_f64).unwrap_or(0.0)
+                            )
+                        },
+                    )
             };
             if cfg != "none" {
                 md.push_str(&format!("| {label} | {} | {} |\n", f("php"), f("other")));

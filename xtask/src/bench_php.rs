@@ -268,7 +268,7 @@ pub fn run(root: &Path) -> Result<String> {
          in µs. Added = variant minus `plain` at the same size. Load average before/after: \
          {load_before} / {load_after} ({} CPUs).\n\n",
         php_version(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     md += "| variant | profile (bytes sent, median) | median | p99 | added median | added p99 | profile received, median |\n";
     md += "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n";
@@ -337,9 +337,10 @@ fn median_usize(v: &mut [usize]) -> usize {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "?".into(),
+        |s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
 
 fn php_version() -> String {

@@ -112,7 +112,7 @@ pub fn ensure_toolchain() -> Result<()> {
     let lib = sysroot.join("lib");
     let libllvm = std::fs::read_dir(&lib)
         .with_context(|| format!("cannot list {}", lib.display()))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.path())
         .find(|p| {
             p.file_name()

@@ -225,9 +225,7 @@ impl Synthetic {
 }
 
 pub fn count_lines(path: &Path) -> u64 {
-    std::fs::File::open(path)
-        .map(|f| BufReader::new(f).split(b'\n').count() as u64)
-        .unwrap_or(0)
+    std::fs::File::open(path).map_or(0, |f| BufReader::new(f).split(b'\n').count() as u64)
 }
 
 pub fn run(root: &Path, args: RunArgs) -> Result<()> {

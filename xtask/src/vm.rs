@@ -82,7 +82,7 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
 
 /// Longest a guest may take (boot, tests, power-off) before it is killed: about 70 s is usual
 /// under TCG here, and three of them must stay within the tier's 15 minutes.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const GUEST_TIMEOUT: Duration = Duration::from_mins(5);
 
 #[derive(clap::Args, Clone)]
 pub struct VmArgs {
@@ -128,7 +128,7 @@ pub fn run(root: &Path, obj: &Path, args: &VmArgs) -> Result<()> {
     crate::setup::packages(VM_PACKAGES)?;
     let vng_bin = ensure_virtme_ng(&dir)?;
     let names: Vec<String> = if args.kernels.is_empty() {
-        DEFAULT_SERIES.iter().map(|s| s.to_string()).collect()
+        DEFAULT_SERIES.iter().map(ToString::to_string).collect()
     } else {
         args.kernels.clone()
     };
@@ -399,9 +399,10 @@ fn ensure_kernel(dir: &Path, s: &Series) -> Result<KernelImage> {
         .flatten()
         .map(|e| e.path())
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&format!("{pkg}_"))
+                    && Path::new(n).extension().is_some_and(|e| e == "deb")
+            })
         })
         .with_context(|| format!("apt-get download left no {pkg}_*.deb in {}", debs.display()))?;
     let dest = kdir.join(&version);
@@ -547,7 +548,7 @@ fn choose_accel(dir: &Path, vng_bin: &Path, k: &KernelImage, want: &str) -> Resu
     let marker = probe.join("booted");
     let mut c = vng(vng_bin, k, Accel::Kvm, &probe, "512M");
     c.arg(format!("echo ok > {}", marker.display()));
-    let _ = run_with_timeout(c, &probe.join("console.log"), Duration::from_secs(60));
+    let _ = run_with_timeout(c, &probe.join("console.log"), Duration::from_mins(1));
     let ok = marker.is_file();
     std::fs::write(&cache, if ok { "ok\n" } else { "fails\n" })?;
     say(if ok {
@@ -644,26 +645,25 @@ fn guest_script(root: &Path, out: &Path, bins: &[(String, PathBuf)], args: &VmAr
         let filters = GUEST_TESTS
             .iter()
             .find(|(t, _)| t == name)
-            .map(|(_, f)| *f)
-            .unwrap_or(&[]);
+            .map_or(&[][..], |(_, f)| *f);
         let mut cmd = format!("'{}' --test-threads=1", exe.display());
         let picked: Vec<&str> = filters
             .iter()
             .copied()
             .filter(|f| args.only.is_empty() || args.only.iter().any(|o| f.contains(o.as_str())))
             .collect();
-        if !filters.is_empty() {
+        if filters.is_empty() {
+            for o in &args.only {
+                // Without --exact, libtest's filters are substrings.
+                let _ = write!(cmd, " '{o}'");
+            }
+        } else {
             if picked.is_empty() {
                 continue;
             }
             cmd.push_str(" --exact");
             for f in picked {
                 let _ = write!(cmd, " '{f}'");
-            }
-        } else {
-            for o in &args.only {
-                // Without --exact, libtest's filters are substrings.
-                let _ = write!(cmd, " '{o}'");
             }
         }
         let _ = writeln!(
@@ -783,12 +783,11 @@ fn parse_libtest(log: &str) -> Vec<(String, Outcome)> {
 
 /// The failure sections of a libtest log (or its tail), for the terminal.
 fn failures_of(log: &str) -> String {
-    match log.find("\nfailures:\n") {
-        Some(i) => log[i..].chars().take(12_000).collect(),
-        None => {
-            let lines: Vec<&str> = log.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        }
+    if let Some(i) = log.find("\nfailures:\n") {
+        log[i..].chars().take(12_000).collect()
+    } else {
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
 

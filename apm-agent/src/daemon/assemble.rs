@@ -404,7 +404,7 @@ impl Watch {
     fn spawn<T: Send + 'static>(
         &self,
         stage: &'static str,
-        fut: impl std::future::Future<Output = T> + Send + 'static,
+        fut: impl Future<Output = T> + Send + 'static,
     ) -> JoinHandle<T> {
         let (stopping, died) = (self.stopping.clone(), self.died.clone());
         tokio::spawn(async move {

@@ -158,15 +158,16 @@ pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> StartError {
     );
     // SAFETY: the runtime is about to be replaced; no other thread reads the environment now.
     unsafe { std::env::set_var(INHERIT_ENV, v) };
-    let exe = std::fs::read_link("/proc/self/exe")
-        .map(|p| {
+    let exe = std::fs::read_link("/proc/self/exe").map_or_else(
+        |_| PathBuf::from("apm-agent"),
+        |p| {
             PathBuf::from(
                 p.to_string_lossy()
                     .trim_end_matches(" (deleted)")
                     .to_string(),
             )
-        })
-        .unwrap_or_else(|_| PathBuf::from("apm-agent"));
+        },
+    );
     let args: Vec<std::ffi::CString> = std::env::args_os()
         .map(|a| std::ffi::CString::new(a.into_encoded_bytes()).unwrap_or_default())
         .collect();

@@ -131,10 +131,10 @@ impl PidFile {
             if !old.trim().is_empty() {
                 match serde_json::from_str::<PidInfo>(&old) {
                     Ok(info) => {
-                        tracing::warn!(path = %path.display(), stale_pid = info.pid, "stale PID file (that agent is not running): replaced")
+                        tracing::warn!(path = %path.display(), stale_pid = info.pid, "stale PID file (that agent is not running): replaced");
                     }
                     Err(_) => {
-                        tracing::warn!(path = %path.display(), "PID_FILE_CORRUPTED: unreadable PID file replaced")
+                        tracing::warn!(path = %path.display(), "PID_FILE_CORRUPTED: unreadable PID file replaced");
                     }
                 }
             }
@@ -264,10 +264,10 @@ mod tests {
         let p = dir.path().join("agent.pid");
         std::fs::write(
             &p,
-            r#"{"pid":999999,"startedAt":"x","version":"0","configPath":null}"#,
+            r#"{"pid":999_999,"startedAt":"x","version":"0","configPath":null}"#,
         )
         .unwrap();
-        assert!(matches!(probe(&p).unwrap(), Probe::Stale(Some(i)) if i.pid == 999999));
+        assert!(matches!(probe(&p).unwrap(), Probe::Stale(Some(i)) if i.pid == 999_999));
         let held = PidFile::acquire(&p, Some(Path::new("/etc/a.toml"))).unwrap();
         let info: PidInfo = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         assert_eq!(info.pid, std::process::id());

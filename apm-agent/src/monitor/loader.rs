@@ -109,9 +109,10 @@ impl KernelFacts {
 
 /// The running kernel's release (`uname -r`), for messages.
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into())
+    nix::sys::utsname::uname().map_or_else(
+        |_| "unknown".into(),
+        |u| u.release().to_string_lossy().into_owned(),
+    )
 }
 
 /// What the programs need to know, as the `CONFIG` map value.
@@ -269,7 +270,7 @@ fn load_with(
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the eBPF log buffer; eBPF logs off")
+                    tracing::warn!(error = %e, "cannot watch the eBPF log buffer; eBPF logs off");
                 }
             }
         }

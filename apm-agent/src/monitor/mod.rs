@@ -81,8 +81,9 @@ impl MonitorError {
     /// The program that failed to load or attach, if that is what failed.
     pub fn program(&self) -> Option<&'static str> {
         match self {
-            Self::Program { name, .. } | Self::Attach { name, .. } => Some(name),
-            Self::MissingProgram(name) => Some(name),
+            Self::Program { name, .. } | Self::Attach { name, .. } | Self::MissingProgram(name) => {
+                Some(name)
+            }
             _ => None,
         }
     }
@@ -646,7 +647,11 @@ impl Monitor {
 
     /// Waits for the monitor task to end after the shutdown token fired (programs detached).
     pub async fn join(&self) {
-        let t = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let t = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(t) = t {
             let _ = t.await;
         }

@@ -466,22 +466,25 @@ impl Poller {
         let (next, decision) = sampling::next(&self.ctl_params, self.ctl, &iv);
         if next.rate != self.ctl.rate {
             match self.php.set_sample_rate(next.rate) {
-                Ok(()) => match decision {
-                    Decision::Lower(why) => tracing::warn!(
-                        from = self.ctl.rate,
-                        to = next.rate,
-                        why = why.as_str(),
-                        drops = iv.dgram_drops,
-                        sends = iv.dgram_sends,
-                        p99_ns = iv.p99_ns,
-                        "lowering the PHP sample rate"
-                    ),
-                    _ => tracing::info!(
-                        from = self.ctl.rate,
-                        to = next.rate,
-                        "raising the PHP sample rate"
-                    ),
-                },
+                Ok(()) => {
+                    if let Decision::Lower(why) = decision {
+                        tracing::warn!(
+                            from = self.ctl.rate,
+                            to = next.rate,
+                            why = why.as_str(),
+                            drops = iv.dgram_drops,
+                            sends = iv.dgram_sends,
+                            p99_ns = iv.p99_ns,
+                            "lowering the PHP sample rate"
+                        );
+                    } else {
+                        tracing::info!(
+                            from = self.ctl.rate,
+                            to = next.rate,
+                            "raising the PHP sample rate"
+                        );
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, path = %self.php.sample_rate_path().display(),
                         "cannot write the sample rate");
@@ -561,7 +564,7 @@ impl Poller {
                 .map(|e| procfs::comm_str(&e.comm))
                 .or_else(|| b.as_ref().map(|b| b.comm.clone()))
                 .unwrap_or_default();
-            let pool = b.map(|b| b.pool).unwrap_or_else(|| comm.clone());
+            let pool = b.map_or_else(|| comm.clone(), |b| b.pool);
             let st = exit_status(tgid, comm, pool, e.as_ref(), sends.as_ref(), true);
             self.events.swept_exits += 1;
             tracing::debug!(
@@ -673,8 +676,7 @@ impl Poller {
         let pool = self
             .baselines
             .remove(&tgid)
-            .map(|b| b.pool)
-            .unwrap_or_else(|| comm.clone());
+            .map_or_else(|| comm.clone(), |b| b.pool);
         let mut sends = ProcSends::ZERO;
         sends.sock = ev.sends;
         let rss = (ev.had & EXIT_HAD_RSS != 0).then_some(RssEntry {

@@ -120,12 +120,11 @@ fn check_with(
     }
     let g = &tp::GROUP_DEAD;
     let exit = fields_of(g.category, g.event)?;
-    let has_group_dead = match exit.iter().find(|f| f.name == g.name) {
-        None => false,
-        Some(_) => {
-            check_field(g, &exit)?;
-            true
-        }
+    let has_group_dead = if exit.iter().find(|f| f.name == g.name).is_none() {
+        false
+    } else {
+        check_field(g, &exit)?;
+        true
     };
     Ok(Layout { has_group_dead })
 }

@@ -307,14 +307,13 @@ impl CircuitBreaker {
 
     fn persist(&self, now: Instant) {
         let Some(path) = &self.path else { return };
-        let open_until_unix_ms = match self.state {
-            BreakerState::Closed => 0,
-            _ => {
-                let remaining = self.open_until.saturating_duration_since(now);
-                (SystemTime::now() + remaining)
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64)
-            }
+        let open_until_unix_ms = if self.state == BreakerState::Closed {
+            0
+        } else {
+            let remaining = self.open_until.saturating_duration_since(now);
+            (SystemTime::now() + remaining)
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
         };
         let p = Persisted {
             state: self.state,

@@ -119,7 +119,7 @@ mod tests {
             Some("disk full")
         );
         l.beat(Stage::Batch);
-        assert!(l.stale(Duration::from_secs(60)).contains(&"batch"));
+        assert!(l.stale(Duration::from_mins(1)).contains(&"batch"));
         l.recover(Stage::Batch);
         assert!(l.failures().is_empty());
     }

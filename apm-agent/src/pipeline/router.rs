@@ -363,14 +363,11 @@ impl Router {
                 Some(Outcome::Returned { batch, .. }) => {
                     let f = self.inflight.remove(&batch.seq);
                     self.held -= f.map_or(0, |f| f.bytes);
-                    match f.and_then(|f| f.id) {
-                        Some(id) => {
-                            self.spool.requeue(id);
-                        }
-                        None => {
-                            self.held += batch.payload_bytes();
-                            self.retry.push_back((batch, None));
-                        }
+                    if let Some(id) = f.and_then(|f| f.id) {
+                        self.spool.requeue(id);
+                    } else {
+                        self.held += batch.payload_bytes();
+                        self.retry.push_back((batch, None));
                     }
                 }
                 Some(Outcome::Rejected { batch, .. }) => self.settle_rejected(batch),
@@ -515,7 +512,7 @@ impl Router {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: keeping the batch in memory")
+                    tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: keeping the batch in memory");
                 }
             }
         } else if open || to_disk {
@@ -633,22 +630,21 @@ impl Router {
         let f = self.inflight.remove(&batch.seq);
         let bytes = f.map_or(batch.payload_bytes(), |f| f.bytes);
         self.held -= bytes;
-        match f.and_then(|f| f.id) {
-            Some(id) => self.requeue(id, batch.seq),
-            None => {
-                if self.breaker.state() != BreakerState::Closed
-                    && self.spool_append(batch.clone()).is_ok()
-                {
-                    return;
-                }
-                self.held += bytes;
-                let pos = self
-                    .retry
-                    .iter()
-                    .position(|(b, _)| b.seq > batch.seq)
-                    .unwrap_or(self.retry.len());
-                self.retry.insert(pos, (batch, None));
+        if let Some(id) = f.and_then(|f| f.id) {
+            self.requeue(id, batch.seq);
+        } else {
+            if self.breaker.state() != BreakerState::Closed
+                && self.spool_append(batch.clone()).is_ok()
+            {
+                return;
             }
+            self.held += bytes;
+            let pos = self
+                .retry
+                .iter()
+                .position(|(b, _)| b.seq > batch.seq)
+                .unwrap_or(self.retry.len());
+            self.retry.insert(pos, (batch, None));
         }
     }
 

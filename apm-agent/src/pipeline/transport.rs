@@ -74,7 +74,9 @@ pub enum Outcome {
 /// Sorts gRPC statuses once: retriable ones lead to a reconnect, final ones are still retried
 /// (the data is never thrown away) but logged as errors an operator must fix.
 pub fn is_retriable(code: tonic::Code) -> bool {
-    use tonic::Code::*;
+    use tonic::Code::{
+        Aborted, Cancelled, DeadlineExceeded, Internal, ResourceExhausted, Unavailable, Unknown,
+    };
     matches!(
         code,
         Unavailable

@@ -158,9 +158,11 @@ pub fn poll<T>(
         if let Some(v) = f() {
             return v;
         }
-        if Instant::now() >= end {
-            panic!("timed out after {timeout:?}: {}", on_timeout());
-        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {timeout:?}: {}",
+            on_timeout()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -29,5 +29,5 @@ fn main() {
     .expect("write the PID file");
     lock.flush().expect("flush");
     println!("locked");
-    std::thread::sleep(std::time::Duration::from_secs(600));
+    std::thread::sleep(std::time::Duration::from_mins(10));
 }

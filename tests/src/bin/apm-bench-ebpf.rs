@@ -145,7 +145,7 @@ fn thread_cpu_ns() -> u128 {
         tv_nsec: 0,
     };
     // SAFETY: valid timespec out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
@@ -408,7 +408,7 @@ tracepoint:syscalls:sys_exit_sendto
 fn bt_value(line: &str, name: &str) -> Option<u64> {
     let rest = line.strip_prefix(name)?;
     let rest = match rest.strip_prefix('[') {
-        Some(r) => &r[r.find("]")? + 1..],
+        Some(r) => &r[r.find(']')? + 1..],
         None => rest,
     };
     rest.strip_prefix(": ")?.trim().parse().ok()
@@ -463,7 +463,7 @@ fn attach_bpftrace(
     // attached: only a counted send proves both programs are in place.
     // SIGUSR1 (print the maps) kills bpftrace before it installs its handler, which it has
     // done once it says it is attaching.
-    let end = Instant::now() + Duration::from_secs(60);
+    let end = Instant::now() + Duration::from_mins(1);
     loop {
         match bt.lines.recv_timeout(Duration::from_millis(200)) {
             Ok(l) if l.starts_with("Attaching") => break,
@@ -733,7 +733,7 @@ fn bench(
         "php_comm": PHP_COMM,
         "other_comm": OTHER_COMM,
         "kernel": osrelease.trim(),
-        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "bpftrace": bpftrace_version,
         "bpftrace_script": bpftrace_script(&dgram.to_string_lossy()),
         "bpftrace_min_script": bpftrace_min_script(&dgram.to_string_lossy()),

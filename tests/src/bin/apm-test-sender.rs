@@ -80,7 +80,7 @@ fn main() {
                     body.as_ptr().cast(),
                     body.len(),
                     flags,
-                    (&addr as *const libc::sockaddr_un).cast(),
+                    (&raw const addr).cast(),
                     alen,
                 )
             };

@@ -51,8 +51,7 @@ impl DgramReceiver {
         // by MSG_TRUNC rather than silently cut.
         let slot = max_payload.min(MAX_DGRAM_SLOT) + 1;
         // SAFETY: CMSG_SPACE is a pure size computation.
-        let cmsg_space =
-            unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32) } as usize;
+        let cmsg_space = unsafe { libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) } as usize;
         Self {
             slot,
             batch,
@@ -78,7 +77,7 @@ impl DgramReceiver {
             let h = &mut self.hdrs[i].msg_hdr;
             h.msg_name = std::ptr::null_mut();
             h.msg_namelen = 0;
-            h.msg_iov = &mut self.iovs[i];
+            h.msg_iov = &raw mut self.iovs[i];
             h.msg_iovlen = 1;
             h.msg_control = self.cmsgs[i * self.cmsg_space..].as_mut_ptr().cast();
             h.msg_controllen = self.cmsg_space as _;

@@ -170,7 +170,7 @@ impl Ingest {
         let queue_len = self.sockets.queue_len;
         self.telemetry
             .dgram_queue_len
-            .set(self.sockets.queue_len as i64);
+            .set(i64::from(self.sockets.queue_len));
         let dgram = tokio::net::UnixDatagram::from_std(self.sockets.dgram)
             .map_err(|e| IngestError::io("register", &self.cfg.socket, e))?;
         let listener = tokio::net::UnixListener::from_std(self.sockets.stream)
@@ -206,16 +206,18 @@ impl Ingest {
         if stop.kind() != StopKind::Handover {
             return Ok(None);
         }
-        match (a.map(|s| s.into_std()), b.map(|l| l.into_std())) {
-            (Some(Ok(dgram)), Some(Ok(stream))) => Ok(Some(Sockets {
+        if let (Some(Ok(dgram)), Some(Ok(stream))) = (
+            a.map(tokio::net::UnixDatagram::into_std),
+            b.map(tokio::net::UnixListener::into_std),
+        ) {
+            Ok(Some(Sockets {
                 dgram,
                 stream,
                 queue_len,
-            })),
-            _ => {
-                tracing::error!("cannot hand the ingest sockets over");
-                Ok(None)
-            }
+            }))
+        } else {
+            tracing::error!("cannot hand the ingest sockets over");
+            Ok(None)
         }
     }
 }

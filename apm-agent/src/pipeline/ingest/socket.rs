@@ -54,7 +54,9 @@ fn prepare_parent(path: &Path) -> Result<(), IngestError> {
 pub(crate) fn bind_with_mode<T>(mode: u32, bind: impl FnOnce() -> T) -> T {
     use nix::sys::stat::{Mode, umask};
     static UMASK_LOCK: Mutex<()> = Mutex::new(());
-    let _g = UMASK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = UMASK_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let old = umask(Mode::from_bits_truncate(!mode & 0o777));
     let out = bind();
     umask(old);
@@ -116,7 +118,9 @@ pub fn bind_dgram(
     prepare_parent(path)?;
     remove_stale(path, true)?;
     let (fd, queue_len) = {
-        let _g = QLEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = QLEN_LOCK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let old = read_qlen().ok();
         let raised = match old {
             Some(o) if o != want => match write_qlen(want) {

@@ -119,13 +119,10 @@ impl Conn {
                 self.stream.read_buf(&mut buf).await
             } else {
                 tokio::select! {
-                    r = tokio::time::timeout(self.idle, self.stream.read_buf(&mut buf)) => match r {
-                        Ok(r) => r,
-                        Err(_) => {
-                            tracing::debug!(pid, "stream connection idle: closing");
-                            if !buf.is_empty() { ProfileRejected { reason: RejectReason::TornFrame, pid: Some(pid) }.emit(&self.telemetry); }
-                            return;
-                        }
+                    r = tokio::time::timeout(self.idle, self.stream.read_buf(&mut buf)) => if let Ok(r) = r { r } else {
+                        tracing::debug!(pid, "stream connection idle: closing");
+                        if !buf.is_empty() { ProfileRejected { reason: RejectReason::TornFrame, pid: Some(pid) }.emit(&self.telemetry); }
+                        return;
                     },
                     () = shutdown.cancelled() => {
                         // Refuse new bytes, then read what the kernel already accepted.

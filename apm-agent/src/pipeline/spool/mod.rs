@@ -251,7 +251,7 @@ enum Room {
 }
 
 /// Takes the spool directory's lock: one agent per spool.
-fn lock(dir: &Path) -> Result<Flock<std::fs::File>, SpoolError> {
+fn lock(dir: &Path) -> Result<Flock<File>, SpoolError> {
     let lock_path = dir.join(LOCK_FILE);
     let lock_file = crate::daemon::pidfile::open_private(&lock_path)
         .map_err(SpoolError::io("create", &lock_path))?;
@@ -416,7 +416,7 @@ impl Spool {
         let qdir = self.dir.join(QUARANTINE_DIR);
         let name = path
             .file_name()
-            .map(|n| n.to_os_string())
+            .map(std::ffi::OsStr::to_os_string)
             .unwrap_or_default();
         let mut target = qdir.join(&name);
         let mut n = 1;
@@ -464,7 +464,7 @@ impl Spool {
             // Created, then crashed before its header was complete: nothing in it.
             self.stats.torn_bytes += len;
             info!(path = %path.display(), bytes = len, "empty spool segment removed");
-            return self.remove_file(&path);
+            return Self::remove_file(&path);
         }
         let mut seg = Segment {
             size: len,
@@ -490,23 +490,17 @@ impl Spool {
                     }
                     off += h.total_len();
                 }
-                bad => match self.skip_or_truncate(
-                    &file,
-                    &path,
-                    off,
-                    len,
-                    bad,
-                    acked.contains(&off),
-                )? {
-                    Some(next) => {
+                bad => {
+                    if let Some(next) =
+                        self.skip_or_truncate(&file, &path, off, len, bad, acked.contains(&off))?
+                    {
                         seg.holes.insert(off, next);
                         off = next;
-                    }
-                    None => {
+                    } else {
                         seg.size = off;
                         break;
                     }
-                },
+                }
             }
         }
         drop(file);
@@ -514,7 +508,7 @@ impl Spool {
             if records > 0 || !seg.holes.is_empty() {
                 info!(path = %path.display(), records, "spool segment fully acked or empty: removed");
             }
-            return self.remove_file(&path);
+            return Self::remove_file(&path);
         }
         self.segments.insert(id, seg);
         Ok(())
@@ -525,7 +519,7 @@ impl Spool {
     /// nothing valid follows.
     fn skip_or_truncate(
         &mut self,
-        file: &std::fs::File,
+        file: &File,
         path: &Path,
         off: u64,
         len: u64,
@@ -558,7 +552,7 @@ impl Spool {
         Ok(None)
     }
 
-    fn remove_file(&mut self, path: &Path) -> Result<(), SpoolError> {
+    fn remove_file(path: &Path) -> Result<(), SpoolError> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SpoolError::io("remove", path)(e)),
             _ => Ok(()),
@@ -864,18 +858,18 @@ impl Spool {
             let mut body = std::mem::take(&mut self.body);
             let read = format::read_record_at(self.reader(id.segment)?, id.offset, size, &mut body)
                 .map_err(SpoolError::io("read", &path))?;
-            let header = match read {
-                ReadAt::Record(h) => h,
-                _ => {
-                    self.body = body;
-                    self.damaged_at_read(id)?;
-                    continue;
-                }
+            let header = if let ReadAt::Record(h) = read {
+                h
+            } else {
+                self.body = body;
+                self.damaged_at_read(id)?;
+                continue;
             };
             let bytes = header.total_len();
             match Batch::decode_record(Bytes::from(body)) {
                 Ok(batch)
-                    if batch.seq == header.seq && batch.len() as u64 == header.profiles as u64 =>
+                    if batch.seq == header.seq
+                        && batch.len() as u64 == u64::from(header.profiles) =>
                 {
                     self.in_flight.insert(
                         id,

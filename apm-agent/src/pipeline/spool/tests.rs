@@ -415,7 +415,7 @@ fn a_record_larger_than_a_segment_gets_its_own_and_too_large_is_an_error() {
     let mut s = Spool::open(&cfg(dir.path())).unwrap();
     s.append(&batch(1, 1, 100)).unwrap();
     let big = s.append(&batch(2, 1, 10_000)).unwrap().id.unwrap();
-    assert_eq!(big.offset, format::SEGMENT_HEADER_LEN);
+    assert_eq!(big.offset, SEGMENT_HEADER_LEN);
     let err = s.append(&batch(3, 1, 2 << 20)).unwrap_err();
     assert!(matches!(err, SpoolError::RecordTooLarge { .. }), "{err}");
     assert_eq!(seqs(&drain(&mut s)), vec![1, 2]);
@@ -712,12 +712,11 @@ mod model {
                 Op::Ack(k) | Op::Requeue(k) if !m.in_flight.is_empty() => {
                     let seq = *m.in_flight.iter().nth(k % m.in_flight.len()).unwrap();
                     m.in_flight.remove(&seq);
-                    let (id, n, orphan) = match m.orphans.remove(&seq) {
-                        Some((id, n)) => (id, n, true),
-                        None => {
-                            let r = &m.recs[&seq];
-                            (r.id, r.batch.len() as u64, false)
-                        }
+                    let (id, n, orphan) = if let Some((id, n)) = m.orphans.remove(&seq) {
+                        (id, n, true)
+                    } else {
+                        let r = &m.recs[&seq];
+                        (r.id, r.batch.len() as u64, false)
                     };
                     if matches!(op, Op::Ack(_)) {
                         assert!(s.ack(id).unwrap());
