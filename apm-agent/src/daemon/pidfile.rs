@@ -264,7 +264,7 @@ mod tests {
         let p = dir.path().join("agent.pid");
         std::fs::write(
             &p,
-            r#"{"pid":999_999,"startedAt":"x","version":"0","configPath":null}"#,
+            r#"{"pid":999999,"startedAt":"x","version":"0","configPath":null}"#,
         )
         .unwrap();
         assert!(matches!(probe(&p).unwrap(), Probe::Stale(Some(i)) if i.pid == 999_999));
