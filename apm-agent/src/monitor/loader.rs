@@ -2,8 +2,11 @@
 
 use std::path::Path;
 
-use apm_common::{ExitMode, MonitorConfig, SockKind};
-use aya::maps::{Array, MapData, RingBuf};
+use apm_common::{
+    ConnInfo, ConnKey, ExitMode, HostSends, MonitorConfig, ProcSends, RssEntry, SockKind,
+    ThreadSends,
+};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use tokio::io::Interest;
@@ -75,12 +78,43 @@ pub fn ensure_tracefs() -> Result<(), MonitorError> {
 }
 
 pub struct Loaded {
+    /// Keeps the programs attached.
     pub bpf: Ebpf,
+    pub maps: Maps,
     pub events: AsyncFd<RingBuf<MapData>>,
     /// How the exit program recognises a process's last thread on this kernel.
     pub exit_mode: ExitMode,
     /// The process name is read through BTF (else with `bpf_get_current_comm`).
     pub comm_btf: bool,
+}
+
+/// The maps the poller reads, taken out of the object once at load with their types checked:
+/// a missing or mistyped map is a load error, never a poll that silently reads nothing.
+pub struct Maps {
+    pub host_sends: PerCpuArray<MapData, HostSends>,
+    pub rss: BpfHashMap<MapData, u32, RssEntry>,
+    pub proc_sends: BpfHashMap<MapData, u32, ProcSends>,
+    pub sends: BpfHashMap<MapData, u64, ThreadSends>,
+    pub conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
+}
+
+impl Maps {
+    fn take(bpf: &mut Ebpf) -> Result<Self, MonitorError> {
+        fn typed<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+            bpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, MonitorError> {
+            let map = bpf.take_map(name).ok_or(MonitorError::MissingMap(name))?;
+            T::try_from(map).map_err(|source| MonitorError::Map { name, source })
+        }
+        Ok(Self {
+            host_sends: typed(bpf, "HOST_SENDS")?,
+            rss: typed(bpf, "RSS")?,
+            proc_sends: typed(bpf, "PROC_SENDS")?,
+            sends: typed(bpf, "SENDS")?,
+            conns: typed(bpf, "CONNS")?,
+        })
+    }
 }
 
 /// What the programs are told about the running kernel through `.rodata` globals.
@@ -277,8 +311,9 @@ fn load_with(
         Err(e) => tracing::debug!(error = %e, "no eBPF log buffer"),
     }
 
-    let r = configure_and_attach(bpf, kcfg).map(|(bpf, events)| Loaded {
+    let r = configure_and_attach(bpf, kcfg).map(|(bpf, maps, events)| Loaded {
         bpf,
+        maps,
         events,
         exit_mode: facts.exit_mode,
         comm_btf: facts.comm_offset != 0,
@@ -289,7 +324,7 @@ fn load_with(
     r
 }
 
-type Attached = (Ebpf, AsyncFd<RingBuf<MapData>>);
+type Attached = (Ebpf, Maps, AsyncFd<RingBuf<MapData>>);
 
 fn configure_and_attach(mut bpf: Ebpf, kcfg: &MonitorConfig) -> Result<Attached, MonitorError> {
     {
@@ -333,5 +368,6 @@ fn configure_and_attach(mut bpf: Ebpf, kcfg: &MonitorConfig) -> Result<Attached,
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd lives.
     let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| MonitorError::Io(e.into_parts().1))?;
-    Ok((bpf, events))
+    let maps = Maps::take(&mut bpf)?;
+    Ok((bpf, maps, events))
 }

@@ -463,7 +463,7 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         php: p.php.clone(),
     });
     let poller = poll::Poller::new(
-        loaded.bpf,
+        (loaded.bpf, loaded.maps),
         shared.clone(),
         rss.clone(),
         p.telemetry,

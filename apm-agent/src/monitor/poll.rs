@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apm_common::{
-    ConnInfo, ConnKey, EXIT_HAD_RSS, ErrKind, EventHeader, EventKind, ExitEvent, HostSends,
-    ProcSends, RSS_ANON, RSS_FILE, RSS_MEMBERS, RSS_SHMEM, RssEntry, RssEvent, SockKind,
-    ThreadSends,
+    ConnKey, EXIT_HAD_RSS, ErrKind, EventHeader, EventKind, ExitEvent, HostSends, ProcSends,
+    RSS_ANON, RSS_FILE, RSS_MEMBERS, RSS_SHMEM, RssEntry, RssEvent, SockKind,
 };
 use aya::Ebpf;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
+use super::loader::Maps;
 use super::metrics::PoolStats;
 use super::sampling::{self, ControlParams, ControlState, Decision};
 use super::{
@@ -55,7 +55,9 @@ struct KernelSends {
 }
 
 pub(super) struct Poller {
-    bpf: Ebpf,
+    /// Keeps the programs attached for as long as the poller runs.
+    _bpf: Ebpf,
+    maps: Maps,
     shared: Arc<Shared>,
     rss_table: RssTable,
     telemetry: Arc<Telemetry>,
@@ -134,7 +136,7 @@ pub(super) async fn run(
 
 impl Poller {
     pub(super) fn new(
-        bpf: Ebpf,
+        (bpf, maps): (Ebpf, Maps),
         shared: Arc<Shared>,
         rss_table: RssTable,
         telemetry: Arc<Telemetry>,
@@ -150,7 +152,8 @@ impl Poller {
         let agent_base = agent_count(&telemetry);
         let rate = php.sample_rate();
         Self {
-            bpf,
+            _bpf: bpf,
+            maps,
             shared,
             rss_table,
             telemetry,
@@ -179,14 +182,8 @@ impl Poller {
 
     fn read_host(&self) -> [HostSends; 2] {
         let mut out = [HostSends::ZERO; 2];
-        let Some(map) = self.bpf.map("HOST_SENDS") else {
-            return out;
-        };
-        let Ok(arr) = PerCpuArray::<&MapData, HostSends>::try_from(map) else {
-            return out;
-        };
         for (i, slot) in out.iter_mut().enumerate() {
-            if let Ok(vals) = arr.get(&(i as u32), 0) {
+            if let Ok(vals) = self.maps.host_sends.get(&(i as u32), 0) {
                 for v in vals.iter() {
                     slot.add(v);
                 }
@@ -196,32 +193,22 @@ impl Poller {
     }
 
     fn read_rss(&self) -> Vec<(u32, RssEntry)> {
-        let Some(map) = self.bpf.map("RSS") else {
-            return Vec::new();
-        };
-        let Ok(m) = BpfHashMap::<&MapData, u32, RssEntry>::try_from(map) else {
-            return Vec::new();
-        };
         // Entries can vanish mid-iteration (exit, LRU): skip those errors.
-        m.iter().filter_map(Result::ok).collect()
+        self.maps.rss.iter().filter_map(Result::ok).collect()
     }
 
     fn read_sends(&self) -> KernelSends {
-        let mut ks = KernelSends::default();
-        if let Some(map) = self.bpf.map("PROC_SENDS")
-            && let Ok(m) = BpfHashMap::<&MapData, u32, ProcSends>::try_from(map)
-        {
-            ks.procs = m.iter().filter_map(Result::ok).collect();
-        }
-        if let Some(map) = self.bpf.map("SENDS")
-            && let Ok(m) = BpfHashMap::<&MapData, u64, ThreadSends>::try_from(map)
-        {
-            ks.threads = m
+        let mut ks = KernelSends {
+            procs: self.maps.proc_sends.iter().filter_map(Result::ok).collect(),
+            threads: self
+                .maps
+                .sends
                 .iter()
                 .filter_map(Result::ok)
                 .map(|(k, v)| (k, v.sends))
-                .collect();
-        }
+                .collect(),
+            ..KernelSends::default()
+        };
         for (tgid, s) in &ks.procs {
             ks.by_tgid.entry(*tgid).or_insert(ProcSends::ZERO).add(s);
         }
@@ -525,32 +512,21 @@ impl Poller {
         for &tgid in dead {
             let mut removed = false;
             let mut sends: Option<ProcSends> = None;
-            if let Some(map) = self.bpf.map_mut("RSS")
-                && let Ok(mut m) = BpfHashMap::<&mut MapData, u32, RssEntry>::try_from(map)
-            {
-                removed |= m.remove(&tgid).is_ok();
-            }
-            if let Some(map) = self.bpf.map_mut("PROC_SENDS")
-                && let Ok(mut m) = BpfHashMap::<&mut MapData, u32, ProcSends>::try_from(map)
-                && m.remove(&tgid).is_ok()
-            {
+            removed |= self.maps.rss.remove(&tgid).is_ok();
+            if self.maps.proc_sends.remove(&tgid).is_ok() {
                 removed = true;
                 if let Some(s) = ks.procs.get(&tgid) {
                     sends.get_or_insert(ProcSends::ZERO).add(s);
                 }
             }
-            if let Some(map) = self.bpf.map_mut("SENDS")
-                && let Ok(mut m) = BpfHashMap::<&mut MapData, u64, ThreadSends>::try_from(map)
+            for (id, s) in ks
+                .threads
+                .iter()
+                .filter(|(id, _)| (id >> 32) as u32 == tgid)
             {
-                for (id, s) in ks
-                    .threads
-                    .iter()
-                    .filter(|(id, _)| (id >> 32) as u32 == tgid)
-                {
-                    if m.remove(id).is_ok() {
-                        removed = true;
-                        sends.get_or_insert(ProcSends::ZERO).add(s);
-                    }
+                if self.maps.sends.remove(id).is_ok() {
+                    removed = true;
+                    sends.get_or_insert(ProcSends::ZERO).add(s);
                 }
             }
             // Not removed by us: the kernel's exit handler got there first and its event is
@@ -576,12 +552,7 @@ impl Poller {
     }
 
     fn sweep_conns(&mut self) {
-        let Some(map) = self.bpf.map_mut("CONNS") else {
-            return;
-        };
-        let Ok(mut m) = BpfHashMap::<&mut MapData, ConnKey, ConnInfo>::try_from(map) else {
-            return;
-        };
+        let m = &mut self.maps.conns;
         let stale: Vec<ConnKey> = m
             .keys()
             .filter_map(Result::ok)
