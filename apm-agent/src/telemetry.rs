@@ -360,6 +360,12 @@ impl Telemetry {
             "Steps taken by the memory guard (RSS over limits.max_memory_mb), by action",
             self.memory_guard.clone(),
         );
+        self.register_counters(r);
+        self.register_gauges(r);
+    }
+
+    /// The pipeline's counters (`_total`).
+    fn register_counters(&self, r: &mut Registry) {
         r.register(
             "received",
             "Valid profiles accepted at ingest",
@@ -400,6 +406,10 @@ impl Telemetry {
             "Connections made to the central listener",
             self.reconnects.clone(),
         );
+    }
+
+    /// The pipeline's gauges: what is held, where, and how the agent pushes back.
+    fn register_gauges(&self, r: &mut Registry) {
         r.register(
             "in_flight_batches",
             "Batches sent and not yet acknowledged",

@@ -460,8 +460,9 @@ fn ebpf_degraded_is_reported_in_status_and_metrics() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // `nobody` must reach the binary (the checkout may be private) and write the directories.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // `nobody` must reach the binary (the checkout may be private) and own the directories it
+    // writes (the agent refuses directories every user may write).
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = dir.path().join("apm-agent");
     std::fs::copy(apm_tests::common::bin("apm-agent"), &exe).unwrap();
     let listener = Listener::start(dir.path(), &[]);
@@ -472,10 +473,10 @@ fn ebpf_degraded_is_reported_in_status_and_metrics() {
         "auto",
         &format!("[control]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
     );
-    std::fs::create_dir_all(dir.path().join("run")).unwrap();
-    for d in ["run", "."] {
-        std::fs::set_permissions(dir.path().join(d), std::fs::Permissions::from_mode(0o777))
-            .unwrap();
+    for d in ["run", "state", "spool"] {
+        let p = dir.path().join(d);
+        std::fs::create_dir_all(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
     }
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let child = Command::new("setpriv")

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
 
-use super::{Shared, State};
+use super::{Shared, Snapshot, State};
 
 /// Per-pool aggregate of live processes (plus exited ones for the send counters).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,186 +82,208 @@ fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let sh = &self.shared;
-        let up = i64::from(sh.state == State::Running);
-        gauge(&mut enc, "up", "1 while the eBPF programs are attached", up)?;
-        {
-            let mut m = enc.encode_descriptor(
-                "state",
-                "eBPF monitor state: 1 for the current one (degraded: wanted but cannot run)",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (name, on) in [
-                ("running", sh.state == State::Running),
-                ("degraded", matches!(sh.state, State::Degraded(_))),
-                ("disabled", matches!(sh.state, State::Disabled(_))),
-            ] {
-                ConstGauge::new(i64::from(on)).encode(m.encode_family(&[("state", name)])?)?;
-            }
-        }
-        {
-            let state = match sh.state {
-                State::Running => "running",
-                State::Degraded(_) => "degraded",
-                State::Disabled(_) => "disabled",
-            };
-            let labels = [
-                ("state", state),
-                ("kernel", sh.kernel.as_str()),
-                ("failed_program", sh.failed_program.unwrap_or("")),
-                ("exit_mode", sh.exit_mode),
-            ];
-            let g = ConstGauge::new(1i64);
-            let mut m = enc.encode_descriptor(
-                "info",
-                "The monitor's state on this kernel (failed_program: why it is not running)",
-                None,
-                g.metric_type(),
-            )?;
-            g.encode(m.encode_family(&labels)?)?;
-        }
-        if up == 0 {
+        encode_state(sh, &mut enc)?;
+        if sh.state != State::Running {
             return Ok(());
         }
         let s = sh.snap.load();
-        let kinds = [SockKind::Dgram, SockKind::Stream];
-
-        {
-            let mut m = enc.encode_descriptor(
-                "sends",
-                "Kernel-seen sends by PHP to the agent's sockets, by socket and result",
-                None,
-                MetricType::Counter,
-            )?;
-            for k in kinds {
-                let h = &s.host[k as usize];
-                let labels = [("socket", sock_label(k)), ("result", "ok")];
-                ConstCounter::new(h.c.ok).encode(m.encode_family(&labels)?)?;
-                for e in ErrKind::ALL {
-                    let labels = [("socket", sock_label(k)), ("result", e.as_str())];
-                    ConstCounter::new(h.c.err[e as usize]).encode(m.encode_family(&labels)?)?;
-                }
-            }
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "send_bytes",
-                "Bytes of successful kernel-seen sends, by socket",
-                None,
-                MetricType::Counter,
-            )?;
-            for k in kinds {
-                let labels = [("socket", sock_label(k))];
-                ConstCounter::new(s.host[k as usize].c.bytes).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "send_latency_seconds",
-                "Time spent in the send syscalls (log2 buckets)",
-                None,
-                MetricType::Histogram,
-            )?;
-            for k in kinds {
-                let labels = [("socket", sock_label(k))];
-                let (sum, count, buckets) = histogram(&s.host[k as usize]);
-                m.encode_family(&labels)?
-                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-            }
-        }
-        let st = &s.host[SockKind::Stream as usize].c;
-        {
-            let c = ConstCounter::new(st.blocked_ns as f64 / 1e9);
-            c.encode(enc.encode_descriptor(
-                "stream_wait",
-                "Time PHP waited between an EAGAIN on the stream socket and the retry that succeeded",
-                Some(&Unit::Seconds),
-                c.metric_type(),
-            )?)?;
-        }
-        counter(
-            &mut enc,
-            "drops",
-            "Profiles lost before the agent: failed datagram sends, failed stream sends but EAGAIN",
-            super::drops_of(&s.host[0].c, st),
-        )?;
-        gauge(
-            &mut enc,
-            "unaccounted_datagrams",
-            "Datagrams the kernel accepted that the agent has not received or rejected yet",
-            s.unaccounted,
-        )?;
-        gauge(
-            &mut enc,
-            "unaccounted_alarm",
-            "1 while kernel and agent datagram counts disagree beyond what the queue can hold",
-            i64::from(s.alarm),
-        )?;
-        {
-            let mut m = enc.encode_descriptor(
-                "events",
-                "Ring-buffer events by kind",
-                None,
-                MetricType::Counter,
-            )?;
-            for (kind, v) in [
-                ("worker_exit", s.events.worker_exits),
-                ("rss_over_threshold", s.events.rss_over_threshold),
-                ("drop_burst", s.events.drop_bursts),
-                ("swept_exit", s.events.swept_exits),
-            ] {
-                ConstCounter::new(v).encode(m.encode_family(&[("kind", kind)])?)?;
-            }
-        }
-        for (name, help, get) in [
-            (
-                "pool_processes",
-                "PHP processes watched, by pool",
-                (|p: &PoolStats| p.processes) as fn(&PoolStats) -> u64,
-            ),
-            ("pool_rss_bytes", "RSS of a pool's processes", |p| {
-                p.rss_bytes
-            }),
-            (
-                "pool_max_worker_rss_bytes",
-                "RSS of a pool's largest process",
-                |p| p.max_rss_bytes,
-            ),
-        ] {
-            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for p in &s.pools {
-                ConstGauge::new(get(p)).encode(m.encode_family(&[("pool", p.pool.as_str())])?)?;
-            }
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "pool_sends",
-                "Kernel-seen sends by pool and result (ok, failed), exited processes included",
-                None,
-                MetricType::Counter,
-            )?;
-            for p in &s.pools {
-                for (result, v) in [("ok", p.sends_ok), ("failed", p.sends_failed)] {
-                    let labels = [("pool", p.pool.as_str()), ("result", result)];
-                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
-                }
-            }
-        }
-        if sh.cfg.worker_metrics {
-            let mut m = enc.encode_descriptor(
-                "worker_rss_bytes",
-                "RSS of the largest PHP workers (at most ebpf.max_listed_workers series)",
-                None,
-                MetricType::Gauge,
-            )?;
-            for w in s.workers.iter().take(sh.cfg.max_listed_workers) {
-                let pid = w.pid.to_string();
-                let labels = [("pool", w.pool.as_str()), ("pid", pid.as_str())];
-                ConstGauge::new(w.rss_bytes).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+        encode_sends(&s, &mut enc)?;
+        encode_health(&s, &mut enc)?;
+        encode_pools(sh, &s, &mut enc)
     }
+}
+
+/// `up`, `state` and `info`: always there, whatever the monitor's state.
+fn encode_state(sh: &Shared, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let up = i64::from(sh.state == State::Running);
+    gauge(enc, "up", "1 while the eBPF programs are attached", up)?;
+    {
+        let mut m = enc.encode_descriptor(
+            "state",
+            "eBPF monitor state: 1 for the current one (degraded: wanted but cannot run)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, on) in [
+            ("running", sh.state == State::Running),
+            ("degraded", matches!(sh.state, State::Degraded(_))),
+            ("disabled", matches!(sh.state, State::Disabled(_))),
+        ] {
+            ConstGauge::new(i64::from(on)).encode(m.encode_family(&[("state", name)])?)?;
+        }
+    }
+    {
+        let state = match sh.state {
+            State::Running => "running",
+            State::Degraded(_) => "degraded",
+            State::Disabled(_) => "disabled",
+        };
+        let labels = [
+            ("state", state),
+            ("kernel", sh.kernel.as_str()),
+            ("failed_program", sh.failed_program.unwrap_or("")),
+            ("exit_mode", sh.exit_mode),
+        ];
+        let g = ConstGauge::new(1i64);
+        let mut m = enc.encode_descriptor(
+            "info",
+            "The monitor's state on this kernel (failed_program: why it is not running)",
+            None,
+            g.metric_type(),
+        )?;
+        g.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Kernel-seen sends by socket: counts by result, bytes, latency.
+fn encode_sends(s: &Snapshot, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let kinds = [SockKind::Dgram, SockKind::Stream];
+    {
+        let mut m = enc.encode_descriptor(
+            "sends",
+            "Kernel-seen sends by PHP to the agent's sockets, by socket and result",
+            None,
+            MetricType::Counter,
+        )?;
+        for k in kinds {
+            let h = &s.host[k as usize];
+            let labels = [("socket", sock_label(k)), ("result", "ok")];
+            ConstCounter::new(h.c.ok).encode(m.encode_family(&labels)?)?;
+            for e in ErrKind::ALL {
+                let labels = [("socket", sock_label(k)), ("result", e.as_str())];
+                ConstCounter::new(h.c.err[e as usize]).encode(m.encode_family(&labels)?)?;
+            }
+        }
+    }
+    {
+        let mut m = enc.encode_descriptor(
+            "send_bytes",
+            "Bytes of successful kernel-seen sends, by socket",
+            None,
+            MetricType::Counter,
+        )?;
+        for k in kinds {
+            let labels = [("socket", sock_label(k))];
+            ConstCounter::new(s.host[k as usize].c.bytes).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    {
+        let mut m = enc.encode_descriptor(
+            "send_latency_seconds",
+            "Time spent in the send syscalls (log2 buckets)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for k in kinds {
+            let labels = [("socket", sock_label(k))];
+            let (sum, count, buckets) = histogram(&s.host[k as usize]);
+            m.encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// Stream waits, drops, the kernel-vs-agent accounting and the ring-buffer events.
+fn encode_health(s: &Snapshot, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    let st = &s.host[SockKind::Stream as usize].c;
+    {
+        let c = ConstCounter::new(st.blocked_ns as f64 / 1e9);
+        c.encode(enc.encode_descriptor(
+            "stream_wait",
+            "Time PHP waited between an EAGAIN on the stream socket and the retry that succeeded",
+            Some(&Unit::Seconds),
+            c.metric_type(),
+        )?)?;
+    }
+    counter(
+        enc,
+        "drops",
+        "Profiles lost before the agent: failed datagram sends, failed stream sends but EAGAIN",
+        super::drops_of(&s.host[0].c, st),
+    )?;
+    gauge(
+        enc,
+        "unaccounted_datagrams",
+        "Datagrams the kernel accepted that the agent has not received or rejected yet",
+        s.unaccounted,
+    )?;
+    gauge(
+        enc,
+        "unaccounted_alarm",
+        "1 while kernel and agent datagram counts disagree beyond what the queue can hold",
+        i64::from(s.alarm),
+    )?;
+    {
+        let mut m = enc.encode_descriptor(
+            "events",
+            "Ring-buffer events by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, v) in [
+            ("worker_exit", s.events.worker_exits),
+            ("rss_over_threshold", s.events.rss_over_threshold),
+            ("drop_burst", s.events.drop_bursts),
+            ("swept_exit", s.events.swept_exits),
+        ] {
+            ConstCounter::new(v).encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Per pool figures, and per worker ones when `ebpf.worker_metrics` asks for them.
+fn encode_pools(sh: &Shared, s: &Snapshot, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    for (name, help, get) in [
+        (
+            "pool_processes",
+            "PHP processes watched, by pool",
+            (|p: &PoolStats| p.processes) as fn(&PoolStats) -> u64,
+        ),
+        ("pool_rss_bytes", "RSS of a pool's processes", |p| {
+            p.rss_bytes
+        }),
+        (
+            "pool_max_worker_rss_bytes",
+            "RSS of a pool's largest process",
+            |p| p.max_rss_bytes,
+        ),
+    ] {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for p in &s.pools {
+            ConstGauge::new(get(p)).encode(m.encode_family(&[("pool", p.pool.as_str())])?)?;
+        }
+    }
+    {
+        let mut m = enc.encode_descriptor(
+            "pool_sends",
+            "Kernel-seen sends by pool and result (ok, failed), exited processes included",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &s.pools {
+            for (result, v) in [("ok", p.sends_ok), ("failed", p.sends_failed)] {
+                let labels = [("pool", p.pool.as_str()), ("result", result)];
+                ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+            }
+        }
+    }
+    if sh.cfg.worker_metrics {
+        let mut m = enc.encode_descriptor(
+            "worker_rss_bytes",
+            "RSS of the largest PHP workers (at most ebpf.max_listed_workers series)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for w in s.workers.iter().take(sh.cfg.max_listed_workers) {
+            let pid = w.pid.to_string();
+            let labels = [("pool", w.pool.as_str()), ("pid", pid.as_str())];
+            ConstGauge::new(w.rss_bytes).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// (sum in seconds, count, per-bucket (upper bound in seconds, count)); the encoder makes the

@@ -54,6 +54,17 @@ struct KernelSends {
     procs: HashMap<u32, ProcSends>,
 }
 
+/// What one poll found in the maps, process by process.
+struct Census {
+    /// Live PHP processes, highest RSS first.
+    workers: Vec<WorkerStatus>,
+    /// RSS by pid, for the ingest stamp.
+    table: HashMap<u32, u64>,
+    agent_rss: u64,
+    seen_tgids: HashSet<u32>,
+    dead: Vec<u32>,
+}
+
 pub(super) struct Poller {
     /// Keeps the programs attached for as long as the poller runs.
     _bpf: Ebpf,
@@ -281,12 +292,60 @@ impl Poller {
         let ks = self.read_sends();
         let sends = &ks.by_tgid;
 
+        let Census {
+            workers,
+            table,
+            agent_rss,
+            seen_tgids,
+            dead,
+        } = self.census(&rss, sends);
+        self.rss_table.store(table);
+        self.sweep(&dead, &rss, &ks);
+        if self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
+            self.sweep_conns();
+        }
+        self.baselines
+            .retain(|t, _| seen_tgids.contains(t) || sends.contains_key(t));
+
+        let (php_workers, php_rss) = workers
+            .iter()
+            .filter(|w| w.pool != "master")
+            .fold((0u32, 0u64), |(n, r), w| (n + 1, r + w.rss_bytes));
+        let pools = self.pools(&workers);
+
+        self.account(host[SockKind::Dgram as usize].c.ok, agent);
+        (self.last, self.last_inputs) = self.interval(&host, dt);
+        self.control();
+        self.prev_host = host;
+
+        let snap = Snapshot {
+            host,
+            workers,
+            php_workers,
+            php_rss,
+            agent_rss,
+            pools,
+            unaccounted: self.prev_kernel_ok as i64 - self.prev_agent as i64,
+            alarm: self.alarm,
+            alarms_total: self.alarms_total,
+            last: self.last,
+            sample_rate: self.ctl.rate,
+            events: self.events,
+            recent_exits: self.recent_exits.iter().cloned().collect(),
+            polls: self.polls,
+        };
+        self.shared.snap.store(Arc::new(snap));
+    }
+
+    /// Every process the maps know: its RSS (completed from /proc where the kernel has not
+    /// reported a member yet) and its sends; the dead ones apart, for the sweep.
+    fn census(&mut self, rss: &[(u32, RssEntry)], sends: &HashMap<u32, ProcSends>) -> Census {
         let mut table = HashMap::with_capacity(rss.len());
         let mut workers: Vec<WorkerStatus> = Vec::with_capacity(rss.len().max(sends.len()));
         let mut agent_rss = 0;
         let mut seen_tgids: HashSet<u32> = HashSet::with_capacity(rss.len());
         let mut dead: Vec<u32> = Vec::new();
-        for (tgid, e) in &rss {
+        for (tgid, e) in rss {
             seen_tgids.insert(*tgid);
             let r = self.completed_rss(*tgid, e);
             table.insert(*tgid, r);
@@ -332,42 +391,13 @@ impl Poller {
             workers.push(w);
         }
         workers.sort_by(|a, b| b.rss_bytes.cmp(&a.rss_bytes).then(a.pid.cmp(&b.pid)));
-        self.rss_table.store(table);
-        self.sweep(&dead, &rss, &ks);
-        if self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
-            self.sweep_conns();
-        }
-        self.baselines
-            .retain(|t, _| seen_tgids.contains(t) || sends.contains_key(t));
-
-        let (php_workers, php_rss) = workers
-            .iter()
-            .filter(|w| w.pool != "master")
-            .fold((0u32, 0u64), |(n, r), w| (n + 1, r + w.rss_bytes));
-        let pools = self.pools(&workers);
-
-        self.account(host[SockKind::Dgram as usize].c.ok, agent);
-        (self.last, self.last_inputs) = self.interval(&host, dt);
-        self.control();
-        self.prev_host = host;
-
-        let snap = Snapshot {
-            host,
+        Census {
             workers,
-            php_workers,
-            php_rss,
+            table,
             agent_rss,
-            pools,
-            unaccounted: self.prev_kernel_ok as i64 - self.prev_agent as i64,
-            alarm: self.alarm,
-            alarms_total: self.alarms_total,
-            last: self.last,
-            sample_rate: self.ctl.rate,
-            events: self.events,
-            recent_exits: self.recent_exits.iter().cloned().collect(),
-            polls: self.polls,
-        };
-        self.shared.snap.store(Arc::new(snap));
+            seen_tgids,
+            dead,
+        }
     }
 
     /// Kernel-accepted datagrams vs what the agent took from the queue.
