@@ -435,6 +435,18 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
             return Err(e);
         }
     };
+    Ok(running(p, loaded, kernel, agent_tgid, shutdown))
+}
+
+/// The monitor once its programs are attached: shared state for status and metrics, and the
+/// poller's task.
+fn running(
+    p: MonitorParams,
+    loaded: loader::Loaded,
+    kernel: String,
+    agent_tgid: u32,
+    shutdown: CancellationToken,
+) -> Monitor {
     let exit_mode = exit_mode_str(loaded.exit_mode);
     tracing::info!(
         kernel = %kernel,
@@ -476,11 +488,11 @@ pub async fn start(p: MonitorParams, shutdown: CancellationToken) -> Result<Moni
         shutdown,
         p.cfg.poll_interval,
     ));
-    Ok(Monitor {
+    Monitor {
         shared,
         rss,
         task: Mutex::new(Some(task)),
-    })
+    }
 }
 
 /// A reason short enough for `status --json`: a verifier log runs to thousands of lines, and

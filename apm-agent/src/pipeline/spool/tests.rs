@@ -651,6 +651,88 @@ mod model {
         s.requeue_all();
     }
 
+    /// Appends `b` (taken: handed out at once, as the write-ahead does) to spool and model.
+    fn append(s: &mut Spool, m: &mut Model, c: &SpoolConfig, b: Batch, taken: bool) {
+        let seq = b.seq;
+        let a = if taken {
+            s.append_taken(&b).unwrap()
+        } else {
+            s.append(&b).unwrap()
+        };
+        m.received += b.len() as u64;
+        match a.id {
+            None => {
+                assert_eq!(c.on_full, SpoolFull::DropNewest);
+                assert_eq!(a.dropped.profiles, b.len() as u64);
+                m.drop_profiles(b.len() as u64);
+            }
+            Some(id) => {
+                let dropped = m.apply_segment_drops(&live(s));
+                assert_eq!(a.dropped.profiles, dropped);
+                if taken {
+                    m.in_flight.insert(seq);
+                }
+                m.recs.insert(
+                    seq,
+                    Rec {
+                        id,
+                        end: id.offset + a.bytes,
+                        batch: b,
+                    },
+                );
+            }
+        }
+        assert!(s.stats().bytes <= c.max_bytes);
+    }
+
+    /// Acks (or requeues) the `k`-th batch in flight, orphans included.
+    fn settle(s: &mut Spool, m: &mut Model, k: usize, ack: bool) {
+        let seq = *m.in_flight.iter().nth(k % m.in_flight.len()).unwrap();
+        m.in_flight.remove(&seq);
+        let (id, n, orphan) = if let Some((id, n)) = m.orphans.remove(&seq) {
+            (id, n, true)
+        } else {
+            let r = &m.recs[&seq];
+            (r.id, r.batch.len() as u64, false)
+        };
+        if ack {
+            assert!(s.ack(id).unwrap());
+            m.delivered += n;
+            m.recs.remove(&seq);
+        } else {
+            let d = s.requeue(id);
+            if orphan {
+                assert_eq!(d.profiles, n);
+                m.drop_profiles(n);
+            } else {
+                assert_eq!(d, Dropped::default());
+            }
+        }
+    }
+
+    /// A crash mid-write: the last segment cut at `frac` of its length; the records past the
+    /// cut are lost in the model.
+    fn tear_last_segment(dir: &Path, m: &mut Model, frac: f64) {
+        let Some(last) = seg_files(dir).pop() else {
+            return;
+        };
+        let len = std::fs::metadata(&last).unwrap().len();
+        let at = (len as f64 * frac) as u64;
+        let f = OpenOptions::new().write(true).open(&last).unwrap();
+        f.set_len(at).unwrap();
+        let name = last.file_name().unwrap().to_str().unwrap();
+        let segment = parse_segment_name(name).unwrap();
+        let torn: Vec<u64> = m
+            .recs
+            .iter()
+            .filter(|(_, r)| r.id.segment == segment && r.end > at)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in torn {
+            m.lost += m.recs.remove(&seq).unwrap().batch.len() as u64;
+        }
+    }
+
     fn run(ops: Vec<Op>, fsync: FsyncPolicy, on_full: SpoolFull) {
         let dir = tempfile::tempdir().unwrap();
         let c = SpoolConfig {
@@ -667,37 +749,14 @@ mod model {
             match op {
                 Op::Append { profiles, len } | Op::AppendTaken { profiles, len } => {
                     seq += 1;
-                    let b = batch(seq, profiles as usize, len as usize);
                     let taken = matches!(op, Op::AppendTaken { .. });
-                    let a = if taken {
-                        s.append_taken(&b).unwrap()
-                    } else {
-                        s.append(&b).unwrap()
-                    };
-                    m.received += b.len() as u64;
-                    match a.id {
-                        None => {
-                            assert_eq!(on_full, SpoolFull::DropNewest);
-                            assert_eq!(a.dropped.profiles, b.len() as u64);
-                            m.drop_profiles(b.len() as u64);
-                        }
-                        Some(id) => {
-                            let dropped = m.apply_segment_drops(&live(&s));
-                            assert_eq!(a.dropped.profiles, dropped);
-                            if taken {
-                                m.in_flight.insert(seq);
-                            }
-                            m.recs.insert(
-                                seq,
-                                Rec {
-                                    id,
-                                    end: id.offset + a.bytes,
-                                    batch: b,
-                                },
-                            );
-                        }
-                    }
-                    assert!(s.stats().bytes <= c.max_bytes);
+                    append(
+                        &mut s,
+                        &mut m,
+                        &c,
+                        batch(seq, profiles as usize, len as usize),
+                        taken,
+                    );
                 }
                 Op::Take => {
                     let want = m.pending_in_order().first().copied();
@@ -710,27 +769,7 @@ mod model {
                     }
                 }
                 Op::Ack(k) | Op::Requeue(k) if !m.in_flight.is_empty() => {
-                    let seq = *m.in_flight.iter().nth(k % m.in_flight.len()).unwrap();
-                    m.in_flight.remove(&seq);
-                    let (id, n, orphan) = if let Some((id, n)) = m.orphans.remove(&seq) {
-                        (id, n, true)
-                    } else {
-                        let r = &m.recs[&seq];
-                        (r.id, r.batch.len() as u64, false)
-                    };
-                    if matches!(op, Op::Ack(_)) {
-                        assert!(s.ack(id).unwrap());
-                        m.delivered += n;
-                        m.recs.remove(&seq);
-                    } else {
-                        let d = s.requeue(id);
-                        if orphan {
-                            assert_eq!(d.profiles, n);
-                            m.drop_profiles(n);
-                        } else {
-                            assert_eq!(d, Dropped::default());
-                        }
-                    }
+                    settle(&mut s, &mut m, k, matches!(op, Op::Ack(_)));
                 }
                 Op::Ack(_) | Op::Requeue(_) => {}
                 Op::RequeueAll => {
@@ -744,24 +783,8 @@ mod model {
                 Op::Crash(cut) => {
                     drop(s);
                     m.restart();
-                    if let Some(frac) = cut
-                        && let Some(last) = seg_files(dir.path()).pop()
-                    {
-                        let len = std::fs::metadata(&last).unwrap().len();
-                        let at = (len as f64 * frac) as u64;
-                        let f = OpenOptions::new().write(true).open(&last).unwrap();
-                        f.set_len(at).unwrap();
-                        let name = last.file_name().unwrap().to_str().unwrap();
-                        let segment = parse_segment_name(name).unwrap();
-                        let torn: Vec<u64> = m
-                            .recs
-                            .iter()
-                            .filter(|(_, r)| r.id.segment == segment && r.end > at)
-                            .map(|(s, _)| *s)
-                            .collect();
-                        for seq in torn {
-                            m.lost += m.recs.remove(&seq).unwrap().batch.len() as u64;
-                        }
+                    if let Some(frac) = cut {
+                        tear_last_segment(dir.path(), &mut m, frac);
                     }
                     s = Spool::open(&c).unwrap();
                     check_reopened(&mut s, &m);
