@@ -628,8 +628,17 @@ fn guest_script(root: &Path, out: &Path, bins: &[(String, PathBuf)], args: &VmAr
     let _ = writeln!(s, "out='{}'", out.display());
     s.push_str("exec >\"$out/guest.log\" 2>&1\n");
     s.push_str("echo \"kernel $(uname -r)\"\n");
-    // The 9p root refuses socket files; the guest's /tmp is the tests' scratch space.
+    // The 9p root refuses socket files; the guest's /tmp is the tests' scratch space. A checkout
+    // that itself lives under /tmp (a `mktemp -d` clone) would vanish under that tmpfs: keep the
+    // host's /tmp reachable (on devtmpfs, the one writable place before the tmpfs exists) and
+    // bind the checkout and the results folder back at their own paths.
+    s.push_str("keep=/dev/apm-host-tmp; mkdir -p \"$keep\" && mount --rbind /tmp \"$keep\"\n");
     s.push_str("mount -t tmpfs -o mode=1777,size=1G tmpfs /tmp || echo 'cannot mount /tmp'\n");
+    let _ = writeln!(
+        s,
+        "for p in '{}' \"$out\"; do case \"$p\" in /tmp/*) mkdir -p \"$p\" && mount --rbind \"$keep/${{p#/tmp/}}\" \"$p\";; esac; done",
+        root.display()
+    );
     s.push_str("[ -d /sys/kernel/tracing/events ] || mount -t tracefs nodev /sys/kernel/tracing\n");
     let path = std::env::var("PATH").unwrap_or_default();
     let _ = writeln!(s, "export PATH='{path}' HOME=/tmp RUST_BACKTRACE=1");
