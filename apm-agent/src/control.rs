@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::phpctl::{KillReason, PhpControl};
 use crate::telemetry::{DropReason, RejectReason, Socket, SocketLabels, Telemetry};
 
-/// Extra status sections supplied by other stages (eBPF monitor, breaker, spool).
+/// A status section another part supplies (the eBPF monitor's).
 pub type Section = Arc<dyn Fn() -> Value + Send + Sync>;
 
 #[derive(Clone)]
@@ -34,7 +34,6 @@ pub struct StatusSource {
     pub endpoint: String,
     pub config_path: Option<PathBuf>,
     pub ebpf: Section,
-    pub breaker: Section,
     /// Restarts by re-exec since the process started (`apm-agent restart`).
     pub restarts: u64,
     /// The stages' heartbeats and reported failures.
@@ -42,6 +41,15 @@ pub struct StatusSource {
 }
 
 impl StatusSource {
+    /// The breaker's state as status and the watchdog's line name it.
+    pub fn breaker(&self) -> &'static str {
+        match self.telemetry.breaker_state.get() {
+            1 => "open",
+            2 => "half_open",
+            _ => "closed",
+        }
+    }
+
     pub fn status(&self) -> Status {
         let t = &self.telemetry;
         let rejected_by_reason = RejectReason::ALL
@@ -82,7 +90,7 @@ impl StatusSource {
             spooled_batches: t.spooled_batches.get(),
             spool_bytes: t.spool_bytes.get(),
             dropped,
-            breaker: (self.breaker)().as_str().unwrap_or("closed").to_string(),
+            breaker: self.breaker().to_string(),
             stage_failures: self.live.failures(),
             stream_connections: t.stream_connections.get(),
             queue_len: t.dgram_queue_len.get(),

@@ -761,6 +761,20 @@ mod tests {
         assert_eq!(w.len, content.len() as u64);
     }
 
+    /// A writer on `path` with default options, after recovery (what recovery found too).
+    fn writer(path: &Path) -> (Writer, Recovery) {
+        let (file, seen, rec) = open(path).expect("open");
+        let w = Writer::new(
+            file,
+            path.to_path_buf(),
+            rec.len,
+            seen,
+            WriterOptions::default(),
+            Arc::new(Stats::default()),
+        );
+        (w, rec)
+    }
+
     /// The same agent id and seq under another epoch is new data (an agent that lost its seq
     /// state), and the series survive a restart of the listener.
     #[test]
@@ -772,30 +786,12 @@ mod tests {
             ..batch("a", seq, 1)
         };
         {
-            let (file, seen, rec) = open(&path).expect("open");
-            let stats = Arc::new(Stats::default());
-            let mut w = Writer::new(
-                file,
-                path.clone(),
-                rec.len,
-                seen,
-                WriterOptions::default(),
-                stats,
-            );
+            let (mut w, _) = writer(&path);
             let out = submit(&mut w, vec![in_epoch(0, 1), in_epoch(7, 1), in_epoch(8, 1)]);
             assert_eq!(out, vec![(1, Outcome::Stored); 3]);
         }
-        let (file, seen, rec) = open(&path).expect("reopen");
+        let (mut w, rec) = writer(&path);
         assert_eq!(rec.batches, 3);
-        let stats = Arc::new(Stats::default());
-        let mut w = Writer::new(
-            file,
-            path.clone(),
-            rec.len,
-            seen,
-            WriterOptions::default(),
-            stats,
-        );
         let out = submit(&mut w, vec![in_epoch(7, 1), in_epoch(9, 1), in_epoch(0, 1)]);
         assert_eq!(
             out,

@@ -200,6 +200,19 @@ struct Cmd {
     path: [u8; 108],
 }
 
+impl Cmd {
+    /// All zero, built without the allocator (the child of a multi-threaded process must not malloc).
+    const ZERO: Self = Cmd {
+        op: 0,
+        count: 0,
+        len: 0,
+        style: 0,
+        threads: 0,
+        path_len: 0,
+        path: [0; 108],
+    };
+}
+
 const PAYLOAD_MAX: usize = 1 << 18;
 static PAYLOAD: [u8; PAYLOAD_MAX] = [b'x'; PAYLOAD_MAX];
 
@@ -498,29 +511,13 @@ fn child_loop(cmd_fd: i32, res_fd: i32) {
     let mut mapped: (*mut libc::c_void, usize) = (std::ptr::null_mut(), 0);
     // On the stack, not allocated: the child of a multi-threaded process must not malloc.
     let mut stay: [StayJob; STAY_MAX] = std::array::from_fn(|_| StayJob {
-        cmd: Cmd {
-            op: 0,
-            count: 0,
-            len: 0,
-            style: 0,
-            threads: 0,
-            path_len: 0,
-            path: [0; 108],
-        },
+        cmd: Cmd::ZERO,
         out: Outcome::default(),
         done: std::sync::atomic::AtomicBool::new(false),
     });
     let mut stay_used = false;
     loop {
-        let mut c = Cmd {
-            op: 0,
-            count: 0,
-            len: 0,
-            style: 0,
-            threads: 0,
-            path_len: 0,
-            path: [0; 108],
-        };
+        let mut c = Cmd::ZERO;
         // SAFETY: Cmd is plain integers.
         let buf =
             unsafe { std::slice::from_raw_parts_mut((&raw mut c).cast::<u8>(), size_of::<Cmd>()) };

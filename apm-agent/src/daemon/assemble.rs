@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use prometheus_client::registry::Registry;
-use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -289,7 +288,6 @@ fn status_source(
     live: Arc<Liveness>,
 ) -> StatusSource {
     let m = monitor.clone();
-    let t = deps.telemetry.clone();
     StatusSource {
         telemetry: deps.telemetry.clone(),
         php: deps.php.clone(),
@@ -299,13 +297,6 @@ fn status_source(
         endpoint: cfg.central.endpoint.clone(),
         config_path: deps.config_path.clone(),
         ebpf: Arc::new(move || serde_json::to_value(m.status()).unwrap_or_default()),
-        breaker: Arc::new(move || {
-            json!(match t.breaker_state.get() {
-                1 => "open",
-                2 => "half_open",
-                _ => "closed",
-            })
-        }),
         restarts: deps.restarts,
         live,
     }

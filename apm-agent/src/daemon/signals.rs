@@ -111,7 +111,7 @@ pub async fn watchdog(live: Arc<Liveness>, source: StatusSource, stop: Cancellat
             t.delivered.get(),
             t.rejected_total(),
             t.dropped_total(),
-            (source.breaker)()
+            source.breaker()
         );
         let mut states = vec![sd_notify::NotifyState::Status(&line)];
         if let Some(p) = period {
