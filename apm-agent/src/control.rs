@@ -89,6 +89,7 @@ impl StatusSource {
             reconnects: t.reconnects.get(),
             spooled_batches: t.spooled_batches.get(),
             spool_bytes: t.spool_bytes.get(),
+            spool_capacity_bytes: t.spool_capacity_bytes.get(),
             dropped,
             breaker: self.breaker().to_string(),
             stage_failures: self.live.failures(),

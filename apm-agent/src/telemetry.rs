@@ -186,6 +186,8 @@ pub struct Telemetry {
     pub stream_connections: Gauge,
     pub spooled_batches: Gauge,
     pub spool_bytes: Gauge,
+    /// What the spool may hold now: `spool.max_bytes`, less while its volume is short of space.
+    pub spool_capacity_bytes: Gauge,
     /// 0 closed, 1 open, 2 half-open; exported as `apm_breaker_state{state}` (one series each).
     pub breaker_state: Gauge,
     /// Last RSS the memory guard read (for `host_stats`); `/metrics` exports
@@ -224,6 +226,7 @@ impl Default for Telemetry {
             stream_connections: Gauge::default(),
             spooled_batches: Gauge::default(),
             spool_bytes: Gauge::default(),
+            spool_capacity_bytes: Gauge::default(),
             breaker_state: Gauge::default(),
             agent_rss_bytes: Gauge::default(),
             dgram_queue_len: Gauge::default(),
@@ -444,6 +447,11 @@ impl Telemetry {
             "spool_bytes",
             "Bytes in the disk spool",
             self.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_capacity_bytes",
+            "What the disk spool may hold now: spool.max_bytes, less while its volume is short of free space",
+            self.spool_capacity_bytes.clone(),
         );
         r.register(
             "dgram_queue_len",

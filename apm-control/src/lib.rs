@@ -47,6 +47,10 @@ pub struct Status {
     pub reconnects: u64,
     pub spooled_batches: i64,
     pub spool_bytes: i64,
+    /// What the spool may hold now: `spool.max_bytes`, or less while its volume is short of
+    /// free space (the agent started anyway and grows back as space returns).
+    #[serde(default)]
+    pub spool_capacity_bytes: i64,
     /// Drops by reason, and `total`.
     pub dropped: BTreeMap<String, u64>,
     /// `closed`, `open` or `half_open`.

@@ -745,3 +745,149 @@ fn a_full_state_volume_is_reported_and_nothing_is_lost() {
     );
     agent.assert_no_panic();
 }
+
+/// Mounts a tmpfs for a test; outside CI a refused mount skips the test (and says so), in CI it
+/// fails it.
+fn tmpfs_or_skip(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+    match Tmpfs::mount(dir, size) {
+        Ok(m) => Some(m),
+        Err(e) if !apm_tests::common::in_ci() => {
+            println!("skipped: cannot mount a tmpfs here: {e}");
+            None
+        }
+        Err(e) => panic!("cannot mount a tmpfs (CI runs as root): {e}"),
+    }
+}
+
+/// Issue 11.3: a spool volume that is full *right now* at start used to be taken for a
+/// configuration error (exit 78, never restarted): a permanent outage. Now only a `max_bytes`
+/// larger than the whole volume is a configuration error; a volume short of free space starts
+/// with the capacity that fits, says so in `status --json` (`spool_capacity_bytes` below
+/// `spool_max_bytes`), delivers what it had spooled and what comes next.
+#[test]
+fn a_full_disk_at_restart_starts_with_what_fits_and_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let vol = dir.path().join("vol");
+    let Some(_mnt) = tmpfs_or_skip(&vol, "16m") else {
+        return;
+    };
+    let addr = free_addr();
+    let cfg = format!(
+        "{FAST}[spool]\ndir = \"{}\"\nmax_bytes = 12582912\nsegment_bytes = 262144\n",
+        vol.join("spool").display()
+    );
+    // Run 1, listener down: 2000 profiles end up in the spool.
+    let mut agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    let first = Sender::start(SendPlan {
+        count: 2000,
+        ..plan(&agent, "a", 500, 0, false)
+    })
+    .join();
+    assert_eq!(first.ok.len(), 2000, "blocking sends are all accepted");
+    agent.wait_for(Duration::from_secs(20), "all received", |s| {
+        u(s, "/received") == 2000
+    });
+    assert_eq!(agent.proc.stop(Duration::from_secs(20)), Some(0));
+    assert!(!spool_records(&vol.join("spool")).is_empty(), "spooled");
+    // Another tenant takes 10 MiB of the 16 MiB volume while the agent is down.
+    std::fs::write(vol.join("filler"), vec![0u8; 10 << 20]).unwrap();
+
+    // Run 2 starts (no exit 78), and says the spool is short of space.
+    let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    let s = agent.status().unwrap();
+    let cap = u(&s, "/spool_capacity_bytes");
+    assert!(
+        cap > 0 && cap < 12_582_912 - (4 << 20),
+        "capacity is what fits on the volume, not spool.max_bytes: {s}"
+    );
+    assert!(
+        agent.log().contains("spool.max_bytes does not fit"),
+        "said loudly in the log:\n{}",
+        agent.log()
+    );
+    let second = Sender::start(SendPlan {
+        count: 2000,
+        ..plan(&agent, "b", 500, 0, false)
+    })
+    .join();
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let mut expected = first.ok_ids("a");
+    expected.extend(second.ok_ids("b"));
+    let stored = wait_stored(&listener.out, expected.len(), Duration::from_mins(1));
+    let s = agent.wait_for(Duration::from_secs(20), "spool drained", |s| {
+        u(s, "/spooled_batches") == 0 && u(s, "/memory_payload_bytes") == 0
+    });
+    assert_eq!(u(&s, "/dropped/total"), 0, "{s}");
+    assert_exactly(
+        &stored,
+        &expected,
+        "spooled before the restart and sent after it",
+    );
+    agent.assert_no_panic();
+
+    // A max_bytes larger than the whole volume stays a configuration error, naming the key.
+    let big = format!(
+        "{FAST}[spool]\ndir = \"{}\"\nmax_bytes = 67108864\n",
+        vol.join("spool2").display()
+    );
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(other.join("run")).unwrap();
+    let config = Agent::write_config(&other, &endpoint(&addr), "off", &big);
+    let o = std::process::Command::new(apm_testkit::bin("apm-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert!(err.contains("spool.max_bytes"), "{err}");
+}
+
+/// Issue 11.3: a spool lock held by another process is a runtime condition (a predecessor still
+/// stopping, a stray process), not a configuration error: exit 1, which supervisors restart,
+/// not 78, which they never do; the message names the process that holds the lock. Once the
+/// holder lets go, the agent starts.
+#[test]
+fn a_spool_lock_held_by_another_process_is_retried_not_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(spool.join("spool.lock"))
+        .unwrap();
+    let mut holder = Proc::spawn(
+        "flock",
+        std::process::Command::new("flock")
+            // -o: the lock stays with flock itself, not with its `sleep`.
+            .args(["-x", "-o"])
+            .arg(spool.join("spool.lock"))
+            .args(["sleep", "600"]),
+    )
+    .unwrap();
+    drop(lock);
+    std::thread::sleep(Duration::from_millis(300));
+    let config = Agent::write_config(dir.path(), &endpoint(&free_addr()), "off", FAST);
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    let o = std::process::Command::new(apm_testkit::bin("apm-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "a runtime condition: {err}");
+    // `flock` holds the lock until its child exits: the holder is the flock process itself.
+    assert!(
+        err.contains(&format!("process {}", holder.pid())),
+        "names the holder (pid {}): {err}",
+        holder.pid()
+    );
+    holder.terminate(Duration::from_secs(5)).unwrap();
+    let agent = Agent::start_with(dir.path(), &config);
+    agent.assert_no_panic();
+}

@@ -420,6 +420,9 @@ impl Router {
         let st = self.spool.stats();
         self.t.spooled_batches.set(st.batches as i64);
         self.t.spool_bytes.set(st.bytes as i64);
+        self.t
+            .spool_capacity_bytes
+            .set(i64::try_from(self.spool.capacity()).unwrap_or(i64::MAX));
         let open = self.breaker.state() != BreakerState::Closed;
         let fill = self.spool.fill_pct();
         let high = f64::from(self.cfg.high_water_pct);
@@ -689,10 +692,9 @@ fn spool_full(t: &Telemetry, profiles: u64, seq: u64) {
     .emit(t);
 }
 
-/// Maps spool open errors that an operator must fix to configuration errors.
+/// Maps spool open errors that an operator must fix to configuration errors. A lock held by
+/// another process and a volume that is full right now are runtime conditions: a supervisor
+/// tries again (exit 1), and a full volume does not even stop the start.
 pub fn is_config_error(e: &SpoolError) -> bool {
-    matches!(
-        e,
-        SpoolError::InsufficientSpace { .. } | SpoolError::Locked { .. }
-    )
+    matches!(e, SpoolError::InsufficientSpace { .. })
 }

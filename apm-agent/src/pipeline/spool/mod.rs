@@ -52,17 +52,17 @@ pub enum SpoolError {
     #[error("spool: disk full while trying to {op} {path}; free space or lower spool.max_bytes")]
     DiskFull { op: &'static str, path: PathBuf },
     #[error(
-        "spool dir {dir} is locked by another process (is another apm-agent running with the same spool.dir?)"
+        "spool dir {dir} is locked by {} (is another apm-agent running with the same spool.dir, or an old one still stopping?); exiting so the supervisor tries again",
+        holder.map_or_else(|| "another process".to_string(), |p| format!("process {p}"))
     )]
-    Locked { dir: PathBuf },
+    Locked { dir: PathBuf, holder: Option<u32> },
     #[error(
-        "spool.max_bytes is {configured} bytes but the volume of spool.dir {dir} has only {free} bytes free (plus {used} already spooled); lower spool.max_bytes or free space"
+        "spool.max_bytes is {configured} bytes but the whole volume of spool.dir {dir} is only {total} bytes; lower spool.max_bytes or give the spool a larger volume"
     )]
     InsufficientSpace {
         dir: PathBuf,
         configured: u64,
-        free: u64,
-        used: u64,
+        total: u64,
     },
     #[error("spool: a record of {size} bytes cannot fit in spool.max_bytes = {max}")]
     RecordTooLarge { size: u64, max: u64 },
@@ -207,6 +207,9 @@ pub struct Spool {
     /// Requeued records behind the cursor, handed out again first.
     requeued: BTreeSet<RecordId>,
     bytes: u64,
+    /// What the spool may hold now: `max_bytes`, or less while its volume is short of free
+    /// space (see [`Spool::refresh_capacity`]).
+    capacity: u64,
     stats: SpoolStats,
     dirty: bool,
     last_sync: Instant,
@@ -250,6 +253,26 @@ enum Room {
     RefusedNewest,
 }
 
+/// The process holding a `flock` on `path`, from `/proc/locks` (for the error message).
+fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let want = format!(
+        "{:02x}:{:02x}:{ino}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    // "1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF"
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
+}
+
 /// Takes the spool directory's lock: one agent per spool.
 fn lock(dir: &Path) -> Result<Flock<File>, SpoolError> {
     let lock_path = dir.join(LOCK_FILE);
@@ -259,6 +282,7 @@ fn lock(dir: &Path) -> Result<Flock<File>, SpoolError> {
         if e == nix::errno::Errno::EWOULDBLOCK {
             SpoolError::Locked {
                 dir: dir.to_path_buf(),
+                holder: lock_holder(&lock_path),
             }
         } else {
             SpoolError::io("lock", &lock_path)(e.into())
@@ -288,7 +312,7 @@ fn open_acklog(dir: &Path) -> Result<(AckLog, acklog::Loaded, u64), SpoolError> 
 
 impl Spool {
     /// Opens (creating if needed) and recovers the spool in `cfg.dir`. Errors: the dir cannot be
-    /// created or read, another process holds it, or `max_bytes` exceeds the free space of its
+    /// created or read, another process holds it, or `max_bytes` exceeds the size of its whole
     /// volume ([`SpoolError::InsufficientSpace`]: a config error, exit 78).
     pub fn open(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
         let dir = cfg.dir.clone();
@@ -311,6 +335,7 @@ impl Spool {
             in_flight: BTreeMap::new(),
             requeued: BTreeSet::new(),
             bytes: 0,
+            capacity: cfg.max_bytes,
             stats: SpoolStats {
                 bad_ack_entries: loaded.bad_entries,
                 torn_bytes: loaded.torn_bytes,
@@ -348,6 +373,14 @@ impl Spool {
         spool.cursor.segment = spool.segments.keys().next().copied().unwrap_or(max_id + 1);
         spool.bytes = spool.segments.values().map(|s| s.size).sum();
         spool.check_space()?;
+        spool.refresh_capacity();
+        if spool.capacity < spool.cfg.max_bytes {
+            // A runtime condition, not a configuration error: start with what fits (and grow
+            // back to max_bytes as space returns) rather than stay down until someone looks.
+            warn!(dir = %dir.display(), max_bytes = spool.cfg.max_bytes, capacity = spool.capacity,
+                "spool.max_bytes does not fit the free space of the spool's volume now: \
+                 starting with a smaller spool; free space on the volume");
+        }
         spool.maybe_compact_ack_log();
         if let Err(e) = sync_dir(&dir) {
             warn!(dir = %dir.display(), error = %e, "cannot fsync spool dir");
@@ -389,23 +422,47 @@ impl Spool {
         Ok(found)
     }
 
-    /// `max_bytes` must fit the volume (free space plus what the spool already holds).
+    /// `max_bytes` must fit the whole volume: a configuration error otherwise. A volume that is
+    /// only full right now is not one ([`Spool::refresh_capacity`]).
     fn check_space(&self) -> Result<(), SpoolError> {
         let vfs = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| SpoolError::Io {
             op: "statvfs",
             path: self.dir.clone(),
             source: e.into(),
         })?;
-        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
-        if self.cfg.max_bytes > free.saturating_add(self.bytes) {
+        let total = u64::from(vfs.blocks()).saturating_mul(u64::from(vfs.fragment_size()));
+        if self.cfg.max_bytes > total {
             return Err(SpoolError::InsufficientSpace {
                 dir: self.dir.clone(),
                 configured: self.cfg.max_bytes,
-                free,
-                used: self.bytes,
+                total,
             });
         }
         Ok(())
+    }
+
+    /// Sets the capacity to what fits now: `max_bytes`, or what the spool holds plus the
+    /// volume's free space (less a reserve for the ack log) when that is smaller. Called at
+    /// open and whenever a record would not fit, so the capacity grows back as space returns.
+    fn refresh_capacity(&mut self) {
+        /// Left free on the volume for the ack log and the next segment's header.
+        const RESERVE: u64 = 256 * 1024;
+        let Ok(vfs) = nix::sys::statvfs::statvfs(&self.dir) else {
+            // Cannot tell: keep the configured size; a write that finds the disk full is
+            // handled where it happens (DiskFull).
+            self.capacity = self.cfg.max_bytes;
+            return;
+        };
+        let free = u64::from(vfs.blocks_available()).saturating_mul(u64::from(vfs.fragment_size()));
+        self.capacity = self
+            .cfg
+            .max_bytes
+            .min(self.bytes.saturating_add(free.saturating_sub(RESERVE)));
+    }
+
+    /// What the spool may hold now (`max_bytes` unless its volume is short of space).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     fn seg_path(&self, id: u64) -> PathBuf {
@@ -664,21 +721,29 @@ impl Spool {
     /// or refuses the new record.
     fn make_room(&mut self, size: u64) -> Result<Room, SpoolError> {
         let mut dropped = Dropped::default();
-        if self.bytes + size + SEGMENT_HEADER_LEN <= self.cfg.max_bytes {
+        if self.bytes + size + SEGMENT_HEADER_LEN <= self.capacity {
+            return Ok(Room::Made(dropped));
+        }
+        self.refresh_capacity();
+        if self.bytes + size + SEGMENT_HEADER_LEN <= self.capacity {
             return Ok(Room::Made(dropped));
         }
         if self.cfg.on_full == SpoolFull::DropNewest {
             return Ok(Room::RefusedNewest);
         }
-        while self.bytes + size + SEGMENT_HEADER_LEN > self.cfg.max_bytes {
+        while self.bytes + size + SEGMENT_HEADER_LEN > self.capacity {
             if self.segments.is_empty() {
-                // Cannot happen while `bytes` is the sum of the segments' sizes (the property
-                // test checks it after every operation); never spin.
-                error!(
-                    counted = self.bytes,
-                    "spool byte count without segments: reset"
-                );
-                self.bytes = 0;
+                // An empty spool on a volume with less free space than one record: the write
+                // finds the disk full (DiskFull) and the caller decides.
+                if self.bytes != 0 {
+                    // Cannot happen while `bytes` is the sum of the segments' sizes (the
+                    // property test checks it after every operation); never spin.
+                    error!(
+                        counted = self.bytes,
+                        "spool byte count without segments: reset"
+                    );
+                    self.bytes = 0;
+                }
                 break;
             }
             dropped += self.drop_oldest_segment()?;
@@ -1138,9 +1203,10 @@ impl Spool {
         self.stats().pending
     }
 
-    /// Spool fill in percent of `max_bytes` (for `spool.high_water_pct`).
+    /// Spool fill in percent of its capacity (for `spool.high_water_pct`): a spool short of
+    /// space raises the kill switch when *that* fills up.
     pub fn fill_pct(&self) -> f64 {
-        self.bytes as f64 * 100.0 / self.cfg.max_bytes as f64
+        self.bytes as f64 * 100.0 / self.capacity.max(1) as f64
     }
 
     pub fn dir(&self) -> &Path {

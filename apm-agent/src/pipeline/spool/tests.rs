@@ -323,7 +323,7 @@ fn a_second_opener_is_refused() {
 }
 
 #[test]
-fn max_bytes_beyond_the_free_space_is_refused_with_the_figures() {
+fn max_bytes_beyond_the_volume_is_refused_with_the_figures() {
     let dir = tempfile::tempdir().unwrap();
     let c = SpoolConfig {
         max_bytes: u64::MAX / 4,
@@ -331,13 +331,13 @@ fn max_bytes_beyond_the_free_space_is_refused_with_the_figures() {
     };
     let err = Spool::open(&c).unwrap_err();
     let SpoolError::InsufficientSpace {
-        configured, free, ..
+        configured, total, ..
     } = &err
     else {
         panic!("{err}")
     };
     assert_eq!(*configured, u64::MAX / 4);
-    assert!(*free > 0);
+    assert!(*total > 0);
     let msg = err.to_string();
     assert!(msg.contains(&dir.path().display().to_string()) && msg.contains("spool.max_bytes"));
 }
