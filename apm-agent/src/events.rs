@@ -245,4 +245,30 @@ mod tests {
         .emit(&t);
         assert_eq!(t.rejected_of(RejectReason::Empty), 1);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_connections_and_accept_errors_are_counted() {
+        let t = Telemetry::new();
+        for _ in 0..2 {
+            ConnectionRefused {
+                reason: ConnRefusal::FrameTimeout,
+                pid: Some(1),
+                uid: Some(65534),
+            }
+            .emit(&t);
+        }
+        assert_eq!(t.connections_refused_of(ConnRefusal::FrameTimeout), 2);
+        assert_eq!(t.connections_refused_of(ConnRefusal::PerUidLimit), 0);
+        let error = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let before = tokio::time::Instant::now();
+        AcceptFailed {
+            server: Server::Control,
+            error: &error,
+        }
+        .back_off(&t)
+        .await;
+        assert_eq!(before.elapsed(), ACCEPT_BACKOFF, "a pause, not a spin");
+        assert_eq!(t.accept_errors_of(Server::Control), 1);
+        assert_eq!(t.accept_errors_of(Server::Metrics), 0);
+    }
 }

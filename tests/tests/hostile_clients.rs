@@ -191,19 +191,21 @@ fn accept_loops_survive_descriptor_exhaustion() {
     // The control socket and the stream socket are tried while no descriptor is left.
     std::thread::sleep(Duration::from_secs(1));
     let _ = cli_status(&agent);
-    let _ = UnixStream::connect(agent.stream_socket());
+    let pending = UnixStream::connect(agent.stream_socket());
     std::thread::sleep(Duration::from_millis(500));
-    drop(idle);
+    drop((idle, pending));
 
     let st = apm_testkit::poll(
         Duration::from_secs(20),
         || cli_status(&agent),
         || format!("status --json never answered again\n{}", agent.log()),
     );
-    assert!(
-        u(&st, "/accept_errors/metrics") + u(&st, "/accept_errors/control") > 0,
-        "accept errors are counted: {st:#}"
-    );
+    for server in ["control", "metrics", "stream"] {
+        assert!(
+            u(&st, &format!("/accept_errors/{server}")) > 0,
+            "{server}'s accept errors are counted: {st:#}"
+        );
+    }
     let (code, body) = apm_testkit::poll(
         Duration::from_secs(10),
         || http_get(port, "/metrics"),
@@ -289,6 +291,11 @@ fn stalled_stream_clients_cannot_starve_a_real_sender() {
                 == 300
                 && u(s, "/stream_connections") == 0
         },
+    );
+    assert_eq!(
+        u(&st, "/connections_refused/per_uid_limit"),
+        300 - 256,
+        "over the default per-uid cap: refused at once: {st:#}"
     );
     assert!(
         u(&st, "/connections_refused/frame_timeout") > 0,
