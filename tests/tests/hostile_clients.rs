@@ -188,11 +188,12 @@ fn accept_loops_survive_descriptor_exhaustion() {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 
     let idle = idle_clients(port, 100);
-    // The control socket and the stream socket are tried while no descriptor is left.
-    std::thread::sleep(Duration::from_secs(1));
-    let _ = cli_status(&agent);
+    // The stream socket and the control socket are tried while no descriptor is left: well
+    // within the 5 s after which the metrics server drops the idle clients it holds.
+    std::thread::sleep(Duration::from_millis(300));
     let pending = UnixStream::connect(agent.stream_socket());
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = cli_status(&agent);
     drop((idle, pending));
 
     let st = apm_testkit::poll(
@@ -232,6 +233,14 @@ fn send_frame(path: &Path, id: &str) {
 /// the frame deadline) and counted by reason.
 #[test]
 fn stalled_stream_clients_cannot_starve_a_real_sender() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            !apm_testkit::in_ci(),
+            "needs root (to run a client as uid 65534)"
+        );
+        eprintln!("skipped: needs root (to run a client as uid 65534)");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let listener = Listener::start(dir.path(), &[]);
     let agent = Agent::start(dir.path(), &listener.endpoint(), "off", "");
