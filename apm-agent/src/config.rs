@@ -64,9 +64,18 @@ pub struct IngestConfig {
     pub recv_batch: usize,
     /// Concurrent stream connections accepted; more wait in the listen backlog.
     pub max_stream_connections: usize,
-    /// A stream connection idle this long is closed.
+    /// Concurrent stream connections of one peer uid (SO_PEERCRED); more are closed at once.
+    pub max_stream_connections_per_uid: usize,
+    /// A stream connection idle this long between frames is closed.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
+    /// A stream frame must be complete this long after its first byte, or its connection is
+    /// closed (time the agent itself was not reading does not count).
+    #[serde(with = "humantime_serde")]
+    pub stream_frame_timeout: Duration,
+    /// Bytes all incomplete stream frames together may hold; a frame larger than 8 KiB
+    /// reserves its declared length here before it is read.
+    pub stream_buffer_bytes: usize,
 }
 
 impl Default for IngestConfig {
@@ -79,8 +88,11 @@ impl Default for IngestConfig {
             queue_len: 2048, // ~2 s of a busy pool's profiles survive an agent hiccup
             max_payload_bytes: 1024 * 1024, // xhprof call graphs of big requests fit
             recv_batch: 64,  // datagrams per recvmmsg: amortises the syscall, bounds latency
-            max_stream_connections: 256, // one per busy worker of a large pool
+            max_stream_connections: 512, // two per-uid shares: a full pool beside one other uid
+            max_stream_connections_per_uid: 256, // one per busy worker of a large pool
             stream_idle_timeout: Duration::from_mins(1), // PHP closes after each profile
+            stream_frame_timeout: Duration::from_secs(10), // PHP writes a frame in one go
+            stream_buffer_bytes: 32 * 1024 * 1024, // 32 max-size frames in flight at once
         }
     }
 }
@@ -522,6 +534,25 @@ impl IngestConfig {
         if self.max_stream_connections == 0 {
             return Err(bad("ingest.max_stream_connections", "must be at least 1"));
         }
+        if !(1..=self.max_stream_connections).contains(&self.max_stream_connections_per_uid) {
+            return Err(bad(
+                "ingest.max_stream_connections_per_uid",
+                "must be between 1 and ingest.max_stream_connections",
+            ));
+        }
+        if self.stream_frame_timeout < Duration::from_millis(10) {
+            return Err(bad("ingest.stream_frame_timeout", "must be at least 10ms"));
+        }
+        // Semaphore permits are taken as u32; a budget under one largest frame would stall
+        // such a frame for ever.
+        if self.stream_buffer_bytes < self.max_payload_bytes + 4
+            || self.stream_buffer_bytes > 1024 * 1024 * 1024
+        {
+            return Err(bad(
+                "ingest.stream_buffer_bytes",
+                "must hold one frame of ingest.max_payload_bytes (plus its 4-byte header) and be at most 1 GiB",
+            ));
+        }
         Ok(())
     }
 }
@@ -779,6 +810,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ingest.socket_mode"), "{err}");
+    }
+
+    #[test]
+    fn stream_limits_parse_and_bad_ones_name_the_key() {
+        let cfg = Config::from_toml(
+            "[ingest]\nmax_stream_connections_per_uid = 8\nstream_frame_timeout = \"2s\"\nstream_buffer_bytes = 2000000\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.ingest.max_stream_connections_per_uid, 8);
+        assert_eq!(cfg.ingest.stream_frame_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.ingest.stream_buffer_bytes, 2_000_000);
+        for (text, key) in [
+            (
+                "[ingest]\nmax_stream_connections = 4\nmax_stream_connections_per_uid = 5\n",
+                "ingest.max_stream_connections_per_uid",
+            ),
+            (
+                "[ingest]\nstream_frame_timeout = \"1ms\"\n",
+                "ingest.stream_frame_timeout",
+            ),
+            (
+                "[ingest]\nstream_buffer_bytes = 1048576\n",
+                "ingest.stream_buffer_bytes",
+            ),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use apm_control::{Reply, Status};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -14,11 +15,14 @@ use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{AcceptFailed, ConnectionRefused};
 use crate::phpctl::{KillReason, PhpControl};
-use crate::telemetry::{DropReason, RejectReason, Socket, SocketLabels, Telemetry};
+use crate::telemetry::{
+    ConnRefusal, DropReason, RejectReason, Server, Socket, SocketLabels, Telemetry,
+};
 
 /// A status section another part supplies (the eBPF monitor's).
 pub type Section = Arc<dyn Fn() -> Value + Send + Sync>;
@@ -94,6 +98,18 @@ impl StatusSource {
             breaker: self.breaker().to_string(),
             stage_failures: self.live.failures(),
             stream_connections: t.stream_connections.get(),
+            connections_refused: {
+                let mut m: std::collections::BTreeMap<String, u64> = ConnRefusal::ALL
+                    .iter()
+                    .map(|r| (r.as_str().to_string(), t.connections_refused_of(*r)))
+                    .collect();
+                m.insert("total".into(), m.values().sum());
+                m
+            },
+            accept_errors: Server::ALL
+                .iter()
+                .map(|s| (s.as_str().to_string(), t.accept_errors_of(*s)))
+                .collect(),
             queue_len: t.dgram_queue_len.get(),
             rss_bytes: crate::telemetry::self_rss_bytes(),
             sample_rate: self.php.sample_rate(),
@@ -133,8 +149,14 @@ pub async fn serve_control(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => r?,
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(error) => {
+                    AcceptFailed { server: Server::Control, error: &error }.back_off(&source.telemetry).await;
+                    continue;
+                }
+            },
             () = shutdown.cancelled() => break,
         };
         let (source, requests) = (source.clone(), requests.clone());
@@ -203,6 +225,15 @@ async fn handle(
     }
 }
 
+/// At most this many `/metrics` connections are served at once; more are accepted and closed
+/// at once (counted as `metrics_limit`), so idle clients cannot take the agent's descriptors.
+/// A scraper and a curl or two need a handful.
+pub const METRICS_MAX_CONNECTIONS: usize = 32;
+/// A client must send its request headers within this time of connecting.
+pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No `/metrics` connection lives longer than this (one request each: no keep-alive).
+pub const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(15);
+
 /// Serves `/metrics` (Prometheus text) and `/status` (JSON) on `addr` until `shutdown`.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
@@ -210,49 +241,81 @@ pub async fn serve_metrics(
     source: StatusSource,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(error) => {
+                    AcceptFailed { server: Server::Metrics, error: &error }.back_off(&source.telemetry).await;
+                    continue;
+                }
+            },
             () = shutdown.cancelled() => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            ConnectionRefused {
+                reason: ConnRefusal::MetricsLimit,
+                pid: None,
+                uid: None,
+            }
+            .emit(&source.telemetry);
+            drop(stream);
+            continue;
         };
         let (registry, source) = (registry.clone(), source.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(
-                move |req: hyper::Request<hyper::body::Incoming>| {
+            let _slot = slot;
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (registry, source) = (registry.clone(), source.clone());
                     async move {
-                        let (code, ctype, body) = match req.uri().path() {
-                            "/metrics" => {
-                                let mut text = String::new();
-                                match prometheus_client::encoding::text::encode(
-                                    &mut text, &registry,
-                                ) {
-                                    Ok(()) => (
-                                        200,
-                                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                        text,
-                                    ),
-                                    Err(e) => (500, "text/plain", e.to_string()),
-                                }
-                            }
-                            "/status" => (
-                                200,
-                                "application/json",
-                                serde_json::to_string(&source.status()).unwrap_or_default(),
-                            ),
-                            _ => (404, "text/plain", "try /metrics or /status\n".to_string()),
-                        };
-                        hyper::Response::builder()
-                            .status(code)
-                            .header("content-type", ctype)
-                            .body(Full::new(Bytes::from(body)))
+                        Ok::<_, std::convert::Infallible>(respond(
+                            req.uri().path(),
+                            &registry,
+                            &source,
+                        ))
                     }
-                },
-            );
+                });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            // Without a timer hyper enforces no header timeout: an idle client would hold its
+            // descriptor for ever.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(io, svc);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_LIFETIME, conn).await;
         });
     }
+}
+
+/// The answer to one request on the metrics port.
+fn respond(path: &str, registry: &Registry, source: &StatusSource) -> hyper::Response<Full<Bytes>> {
+    let (code, ctype, body) = match path {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(e) => (500, "text/plain", e.to_string()),
+            }
+        }
+        "/status" => (
+            200,
+            "application/json",
+            serde_json::to_string(&source.status()).unwrap_or_default(),
+        ),
+        _ => (404, "text/plain", "try /metrics or /status\n".to_string()),
+    };
+    let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::OK);
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    resp
 }

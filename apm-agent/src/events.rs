@@ -6,7 +6,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::telemetry::{DropReason, RejectReason, Telemetry};
+use crate::telemetry::{
+    ConnRefusal, ConnRefusalLabels, DropReason, RejectReason, Server, ServerLabels, Telemetry,
+};
 
 /// One log line per reason at most this often; the counters see every event.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -73,6 +75,80 @@ impl ProfileRejected {
     }
 }
 
+/// A client connection the agent closed or refused (see [`ConnRefusal`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionRefused {
+    pub reason: ConnRefusal,
+    /// The peer, when the socket told us (Unix sockets).
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+}
+
+impl ConnectionRefused {
+    pub fn emit(self, t: &Telemetry) {
+        t.connections_refused
+            .get_or_create(&ConnRefusalLabels {
+                reason: self.reason,
+            })
+            .inc();
+        let slot = &REFUSAL_LOG[ConnRefusal::ALL
+            .iter()
+            .position(|r| *r == self.reason)
+            .unwrap_or(0)];
+        if let Some(unlogged) = slot.admit() {
+            tracing::warn!(
+                reason = self.reason.as_str(),
+                pid = self.pid,
+                uid = self.uid,
+                not_logged_since = unlogged,
+                total = t.connections_refused_of(self.reason),
+                "client connection closed by the agent"
+            );
+        }
+    }
+}
+
+/// An `accept(2)` that failed. The caller pauses [`ACCEPT_BACKOFF`] and tries again: no
+/// error ends an accept loop, since EMFILE and friends pass once descriptors are freed.
+#[derive(Debug)]
+pub struct AcceptFailed<'a> {
+    pub server: Server,
+    pub error: &'a std::io::Error,
+}
+
+/// The pause after a failed accept: long enough not to spin on EMFILE, short enough that a
+/// freed descriptor is used quickly.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+impl AcceptFailed<'_> {
+    pub fn emit(self, t: &Telemetry) {
+        t.accept_errors
+            .get_or_create(&ServerLabels {
+                server: self.server,
+            })
+            .inc();
+        let slot = &ACCEPT_LOG[Server::ALL
+            .iter()
+            .position(|s| *s == self.server)
+            .unwrap_or(0)];
+        if let Some(unlogged) = slot.admit() {
+            tracing::error!(
+                server = self.server.as_str(),
+                error = %self.error,
+                not_logged_since = unlogged,
+                total = t.accept_errors_of(self.server),
+                "accept failed (out of descriptors or memory?): retrying every {ACCEPT_BACKOFF:?}"
+            );
+        }
+    }
+
+    /// Counts, logs (rate-limited) and pauses before the next accept.
+    pub async fn back_off(self, t: &Telemetry) {
+        self.emit(t);
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+    }
+}
+
 /// The rate limit of one reason's log line: the time of its last line and how many events
 /// went unlogged since.
 struct LogSlot {
@@ -125,6 +201,9 @@ static DROP_LOG: [LogSlot; DropReason::ALL.len()] =
     [const { LogSlot::new() }; DropReason::ALL.len()];
 static REJECT_LOG: [LogSlot; RejectReason::ALL.len()] =
     [const { LogSlot::new() }; RejectReason::ALL.len()];
+static REFUSAL_LOG: [LogSlot; ConnRefusal::ALL.len()] =
+    [const { LogSlot::new() }; ConnRefusal::ALL.len()];
+static ACCEPT_LOG: [LogSlot; Server::ALL.len()] = [const { LogSlot::new() }; Server::ALL.len()];
 
 #[cfg(test)]
 mod tests {
@@ -165,5 +244,31 @@ mod tests {
         }
         .emit(&t);
         assert_eq!(t.rejected_of(RejectReason::Empty), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_connections_and_accept_errors_are_counted() {
+        let t = Telemetry::new();
+        for _ in 0..2 {
+            ConnectionRefused {
+                reason: ConnRefusal::FrameTimeout,
+                pid: Some(1),
+                uid: Some(65534),
+            }
+            .emit(&t);
+        }
+        assert_eq!(t.connections_refused_of(ConnRefusal::FrameTimeout), 2);
+        assert_eq!(t.connections_refused_of(ConnRefusal::PerUidLimit), 0);
+        let error = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let before = tokio::time::Instant::now();
+        AcceptFailed {
+            server: Server::Control,
+            error: &error,
+        }
+        .back_off(&t)
+        .await;
+        assert_eq!(before.elapsed(), ACCEPT_BACKOFF, "a pause, not a spin");
+        assert_eq!(t.accept_errors_of(Server::Control), 1);
+        assert_eq!(t.accept_errors_of(Server::Metrics), 0);
     }
 }

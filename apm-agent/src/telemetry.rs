@@ -95,6 +95,70 @@ impl DropReason {
     }
 }
 
+/// Why the agent closed or refused a client's connection (not the client's own EOF).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum ConnRefusal {
+    /// Stream socket: the peer's uid already held `ingest.max_stream_connections_per_uid`.
+    PerUidLimit,
+    /// Stream socket: a frame did not complete within `ingest.stream_frame_timeout` of its
+    /// first byte.
+    FrameTimeout,
+    /// Stream socket: a frame waited `ingest.stream_frame_timeout` for room in the shared
+    /// `ingest.stream_buffer_bytes` and got none.
+    BufferBudget,
+    /// `/metrics`: already serving its cap of connections.
+    MetricsLimit,
+}
+
+impl ConnRefusal {
+    pub const ALL: [ConnRefusal; 4] = [
+        Self::PerUidLimit,
+        Self::FrameTimeout,
+        Self::BufferBudget,
+        Self::MetricsLimit,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PerUidLimit => "per_uid_limit",
+            Self::FrameTimeout => "frame_timeout",
+            Self::BufferBudget => "buffer_budget",
+            Self::MetricsLimit => "metrics_limit",
+        }
+    }
+}
+
+/// The agent's servers, as the `server` label of accept errors.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Server {
+    /// The control socket (status, reload ...).
+    Control,
+    /// `/metrics` and `/status` over TCP.
+    Metrics,
+    /// The ingest stream socket.
+    Stream,
+}
+
+impl Server {
+    pub const ALL: [Server; 3] = [Self::Control, Self::Metrics, Self::Stream];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Control => "control",
+            Self::Metrics => "metrics",
+            Self::Stream => "stream",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnRefusalLabels {
+    pub reason: ConnRefusal,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: Server,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
     pub reason: RejectReason,
@@ -149,7 +213,14 @@ impl GuardAction {
     }
 }
 
-label_value!(RejectReason, DropReason, Socket, GuardAction);
+label_value!(
+    RejectReason,
+    DropReason,
+    Socket,
+    GuardAction,
+    ConnRefusal,
+    Server
+);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GuardLabels {
@@ -184,6 +255,10 @@ pub struct Telemetry {
     /// Times the router started pushing back.
     pub backpressure_episodes: Counter,
     pub stream_connections: Gauge,
+    /// Client connections the agent closed or refused, by reason.
+    pub connections_refused: Family<ConnRefusalLabels, Counter>,
+    /// `accept(2)` failures (EMFILE, ENFILE, ENOMEM ...) by server; each is retried after a pause.
+    pub accept_errors: Family<ServerLabels, Counter>,
     pub spooled_batches: Gauge,
     pub spool_bytes: Gauge,
     /// What the spool may hold now: `spool.max_bytes`, less while its volume is short of space.
@@ -224,6 +299,8 @@ impl Default for Telemetry {
             backpressure: Gauge::default(),
             backpressure_episodes: Counter::default(),
             stream_connections: Gauge::default(),
+            connections_refused: Family::default(),
+            accept_errors: Family::default(),
             spooled_batches: Gauge::default(),
             spool_bytes: Gauge::default(),
             spool_capacity_bytes: Gauge::default(),
@@ -253,6 +330,14 @@ impl Default for Telemetry {
         }
         for action in GuardAction::ALL {
             let _ = t.memory_guard.get_or_create(&GuardLabels { action });
+        }
+        for reason in ConnRefusal::ALL {
+            let _ = t
+                .connections_refused
+                .get_or_create(&ConnRefusalLabels { reason });
+        }
+        for server in Server::ALL {
+            let _ = t.accept_errors.get_or_create(&ServerLabels { server });
         }
         t
     }
@@ -327,6 +412,18 @@ impl Telemetry {
             .sum()
     }
 
+    pub fn connections_refused_of(&self, reason: ConnRefusal) -> u64 {
+        self.connections_refused
+            .get_or_create(&ConnRefusalLabels { reason })
+            .get()
+    }
+
+    pub fn accept_errors_of(&self, server: Server) -> u64 {
+        self.accept_errors
+            .get_or_create(&ServerLabels { server })
+            .get()
+    }
+
     pub fn uptime_s(&self) -> u64 {
         now_ns().saturating_sub(self.started.load(Ordering::Relaxed)) / 1_000_000_000
     }
@@ -398,6 +495,16 @@ impl Telemetry {
             "dropped",
             "Profiles lost after receipt, by reason",
             self.dropped.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Client connections the agent closed or refused, by reason",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "accept(2) failures (descriptors or memory exhausted), by server; retried after a pause",
+            self.accept_errors.clone(),
         );
         r.register(
             "send_failures",

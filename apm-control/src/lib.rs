@@ -59,6 +59,13 @@ pub struct Status {
     /// every stage works. The watchdog is withheld while one is listed.
     pub stage_failures: BTreeMap<String, String>,
     pub stream_connections: i64,
+    /// Client connections the agent closed or refused (`per_uid_limit`, `frame_timeout`,
+    /// `buffer_budget`, `metrics_limit`), and `total`.
+    #[serde(default)]
+    pub connections_refused: BTreeMap<String, u64>,
+    /// `accept(2)` failures by server (`control`, `metrics`, `stream`); each is retried.
+    #[serde(default)]
+    pub accept_errors: BTreeMap<String, u64>,
     pub queue_len: i64,
     pub rss_bytes: u64,
     /// The sample rate PHP reads.

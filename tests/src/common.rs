@@ -120,21 +120,31 @@ impl Agent {
     }
 
     pub fn start_with(dir: &Path, config: &Path) -> Self {
+        Self::start_customised(dir, config, |_| {})
+    }
+
+    /// Like [`Agent::start_with`], with `customise` applied to the command first (resource
+    /// limits in `pre_exec`, environment).
+    pub fn start_customised(
+        dir: &Path,
+        config: &Path,
+        customise: impl FnOnce(&mut Command),
+    ) -> Self {
         std::fs::create_dir_all(dir.join("run")).expect("run dir");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("agent.log"))
             .expect("agent log");
-        let child = Command::new(bin("apm-agent"))
-            .arg("--config")
+        let mut cmd = Command::new(bin("apm-agent"));
+        cmd.arg("--config")
             .arg(config)
             .arg("run")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start apm-agent");
+            .stderr(log);
+        customise(&mut cmd);
+        let child = cmd.spawn().expect("start apm-agent");
         let mut a = Self {
             proc: Proc {
                 child,

@@ -4,6 +4,12 @@
 //!
 //! apm-test-sender --socket PATH --count N --prefix ID [--size BYTES] [--nonblocking]
 //!                 [--comm NAME] [--stream] [--invalid-every K] [--rate PER_SECOND]
+//! apm-test-sender --socket PATH --stall N [--stall-declare LEN]
+//!
+//! `--stall` is a slow client: it opens N stream connections and writes one byte on each (with
+//! `--stall-declare`, every second one gets a whole header declaring LEN bytes and one byte of
+//! body instead), prints `{"ready": N}`, waits for a line on stdin, then prints
+//! `{"opened": N, "closed_by_peer": k, "uid": u}`: how many of them the agent had closed.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,6 +23,11 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let socket = arg(&args, "--socket").expect("--socket PATH");
+    if let Some(n) = arg(&args, "--stall") {
+        let declare: u32 = arg(&args, "--stall-declare").map_or(0, |v| v.parse().expect("len"));
+        stall(&socket, n.parse().expect("--stall N"), declare);
+        return;
+    }
     let count: u64 = arg(&args, "--count").map_or(1000, |v| v.parse().expect("--count"));
     let prefix = arg(&args, "--prefix").unwrap_or_else(|| format!("p{}", std::process::id()));
     let size: usize = arg(&args, "--size").map_or(200, |v| v.parse().expect("--size"));
@@ -118,4 +129,44 @@ fn profile(prefix: &str, i: u64, size: usize) -> Vec<u8> {
     v.extend(std::iter::repeat_n(b'x', pad));
     v.extend_from_slice(b"\"}");
     v
+}
+
+/// Holds `n` connections each stuck in the middle of a frame (see the module doc).
+fn stall(socket: &str, n: usize, declare: u32) {
+    use std::io::{BufRead, Read};
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect stream socket");
+        // The agent may already have closed it (a refused connection): EPIPE is expected then.
+        let _ = if declare > 0 && i % 2 == 1 {
+            let mut b = declare.to_be_bytes().to_vec();
+            b.push(b'{');
+            s.write_all(&b)
+        } else {
+            s.write_all(&[0])
+        };
+        conns.push(s);
+    }
+    println!("{}", serde_json::json!({"ready": n}));
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    let closed = conns
+        .iter_mut()
+        .filter(|s| {
+            s.set_nonblocking(true).expect("nonblocking");
+            let mut b = [0u8; 1];
+            match (&**s).read(&mut b) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        })
+        .count();
+    // The test may be gone already (it failed): no panic over a closed stdout.
+    let _ = writeln!(
+        std::io::stdout(),
+        "{}",
+        serde_json::json!({"opened": n, "closed_by_peer": closed, "uid": nix::unistd::getuid().as_raw()})
+    );
 }

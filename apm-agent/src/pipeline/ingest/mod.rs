@@ -18,8 +18,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IngestConfig;
-use crate::events::ProfileRejected;
-use crate::telemetry::{Socket, SocketLabels, Telemetry, now_ns};
+use crate::events::{AcceptFailed, ConnectionRefused, ProfileRejected};
+use crate::telemetry::{ConnRefusal, Server, Socket, SocketLabels, Telemetry, now_ns};
 
 pub use queue::{Chunk, ProfileSink, profile_queue};
 
@@ -334,6 +334,63 @@ async fn forward(
     Ok(())
 }
 
+/// Stream connections held per peer uid, so that one local user cannot take every slot.
+/// Root and the PHP-FPM workers' own uid cannot be told apart from an attacker running as
+/// them; `ingest.max_stream_connections_per_uid` is sized for a full PHP pool for that reason.
+struct UidSlots {
+    held: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
+    max: usize,
+}
+
+/// One connection's share of its uid's slots, given back on drop.
+struct UidSlot {
+    slots: Arc<UidSlots>,
+    uid: u32,
+}
+
+impl UidSlots {
+    fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(uid).or_default();
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            slots: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut held = self
+            .slots
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The peer's pid and uid (SO_PEERCRED), or [`dgram::UNKNOWN_ID`] for each.
+fn peer(stream: &tokio::net::UnixStream) -> (u32, u32) {
+    stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| Some((u32::try_from(c.pid()?).ok()?, c.uid())))
+        .unwrap_or((dgram::UNKNOWN_ID, dgram::UNKNOWN_ID))
+}
+
 async fn run_stream(
     listener: tokio::net::UnixListener,
     cfg: IngestConfig,
@@ -344,6 +401,11 @@ async fn run_stream(
 ) -> Option<tokio::net::UnixListener> {
     let shutdown = stop.token();
     let permits = Arc::new(Semaphore::new(cfg.max_stream_connections));
+    let uids = Arc::new(UidSlots {
+        held: std::sync::Mutex::default(),
+        max: cfg.max_stream_connections_per_uid,
+    });
+    let budget = Arc::new(Semaphore::new(cfg.stream_buffer_bytes));
     let mut conns = tokio::task::JoinSet::new();
     loop {
         // Wait for a connection slot first: extra clients wait in the listen backlog.
@@ -357,11 +419,25 @@ async fn run_stream(
         };
         match accepted {
             Ok((stream, _)) => {
+                let (pid, uid) = peer(&stream);
+                let Some(uid_slot) = uids.take(uid) else {
+                    ConnectionRefused {
+                        reason: ConnRefusal::PerUidLimit,
+                        pid: Some(pid),
+                        uid: Some(uid),
+                    }
+                    .emit(&telemetry);
+                    continue;
+                };
                 telemetry.stream_connections.inc();
                 let conn = stream::Conn {
                     stream,
+                    pid,
+                    uid,
                     max_payload: cfg.max_payload_bytes,
                     idle: cfg.stream_idle_timeout,
+                    frame_timeout: cfg.stream_frame_timeout,
+                    budget: budget.clone(),
                     telemetry: telemetry.clone(),
                     rss: rss.clone(),
                 };
@@ -369,12 +445,17 @@ async fn run_stream(
                 conns.spawn(async move {
                     conn.serve(out, sd).await;
                     t.stream_connections.dec();
+                    drop(uid_slot);
                     drop(permit);
                 });
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "stream accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(error) => {
+                AcceptFailed {
+                    server: Server::Stream,
+                    error: &error,
+                }
+                .back_off(&telemetry)
+                .await;
             }
         }
         while conns.try_join_next().is_some() {}
