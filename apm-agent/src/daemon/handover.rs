@@ -42,6 +42,13 @@ pub fn take_inherited() -> Inherited {
     };
     // SAFETY: called at start, before any other thread exists.
     unsafe { std::env::remove_var(INHERIT_ENV) };
+    let Ok(p) = parse_inherit(&v);
+    Inherited { ready: i.ready, ..p }
+}
+
+/// Parses `APM_INHERIT_FDS` (`dgram=N,stream=N,pidfile=N,qlen=N,restarts=N`).
+fn parse_inherit(v: &str) -> Result<Inherited, std::convert::Infallible> {
+    let mut i = Inherited::default();
     for kv in v.split(',') {
         let Some((k, v)) = kv.split_once('=') else {
             continue;
@@ -56,7 +63,7 @@ pub fn take_inherited() -> Inherited {
             _ => {}
         }
     }
-    i
+    Ok(i)
 }
 
 /// The receiving sockets: inherited from a previous image, kept by systemd across a restart,
@@ -175,5 +182,52 @@ pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> StartError {
     tracing::info!(exe = %exe.display(), "re-executing with the sockets handed over");
     match nix::unistd::execv(&exe_c, &args) {
         Err(source) => StartError::Reexec { exe, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue (security) 10: a descriptor number that is not one (negative, not a number, past
+    /// `i32::MAX` and wrapping to -1) must be refused, never taken as descriptor -1 or a
+    /// wrapped number.
+    #[test]
+    fn inherit_fds_values_that_are_not_descriptors_are_refused() {
+        let mut accepted = Vec::new();
+        for bad in [
+            "dgram=-1,stream=5",
+            "dgram=abc,stream=5",
+            "dgram=4294967295,stream=5",
+            "dgram=99999999999999999999,stream=5",
+            "dgram=4,stream=2147483648",
+            "dgram=1,stream=5",
+            "dgram=4,stream=5,pidfile=-3",
+            "dgram=4,stream=5,qlen=-1",
+            "dgram=4,stream=5,restarts=x",
+            "dgram=4,stream=5,bogus=1",
+            "dgram",
+        ] {
+            match parse_inherit(bad) {
+                Ok(i) => accepted.push(format!("{bad:?} -> {:?}/{:?}/{:?}", i.dgram, i.stream, i.pidfile)),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("APM_INHERIT_FDS"), "{bad:?}: {msg}");
+                }
+            }
+        }
+        assert!(accepted.is_empty(), "accepted: {accepted:#?}");
+    }
+
+    #[test]
+    fn inherit_fds_as_reexec_writes_them_are_read() {
+        let i = parse_inherit("dgram=4,stream=5,qlen=512,restarts=2,pidfile=7").unwrap();
+        assert_eq!(
+            (i.dgram, i.stream, i.pidfile, i.queue_len, i.restarts),
+            (Some(4), Some(5), Some(7), 512, 2)
+        );
+        // Without a PID file descriptor `reexec` leaves a trailing comma.
+        let i = parse_inherit("dgram=4,stream=5,qlen=10,restarts=1,").unwrap();
+        assert_eq!((i.dgram, i.stream, i.pidfile), (Some(4), Some(5), None));
     }
 }
