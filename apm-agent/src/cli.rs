@@ -159,7 +159,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
     // Before any thread exists: it clears the variables that name inherited descriptors.
-    let inherited = crate::daemon::handover::take_inherited();
+    let inherited = match crate::daemon::handover::take_inherited() {
+        Ok(i) => i,
+        Err(e) => {
+            // Only a previous image of this binary sets it: a bad value is a bug or tampering,
+            // and guessing which descriptor was meant is worse than not starting.
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
     crate::daemon::memguard::tune_allocator();
     init_logging(&cfg);
     let rt = match runtime() {

@@ -44,6 +44,17 @@ pub enum IngestError {
     InUse(PathBuf),
     #[error("group `{0}` (ingest.socket_group) does not exist")]
     UnknownGroup(String),
+    #[error(
+        "inherited descriptor {fd} for {path} is {found}, not {expected}: refusing to adopt it \
+         (a stale APM_INHERIT_FDS or systemd fd store entry? `systemctl clean --what=fdstore` \
+         or restart without it)"
+    )]
+    Inherited {
+        fd: i32,
+        path: PathBuf,
+        expected: &'static str,
+        found: String,
+    },
 }
 
 impl IngestError {
@@ -128,20 +139,26 @@ impl Sockets {
         queue_len: u32,
         cfg: &IngestConfig,
     ) -> Result<Self, IngestError> {
-        let d = socket::adopt_fd(dgram, &cfg.socket)?;
-        let s = socket::adopt_fd(stream, &cfg.stream_socket)?;
-        let dgram = std::os::unix::net::UnixDatagram::from(d);
-        let stream = std::os::unix::net::UnixListener::from(s);
-        for (fd, p) in [
-            (dgram.as_raw_fd(), &cfg.socket),
-            (stream.as_raw_fd(), &cfg.stream_socket),
-        ] {
-            nix::fcntl::fcntl(
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .map_err(|e| IngestError::io("set nonblocking", p, e.into()))?;
-        }
+        // Both are checked before either is taken: a refused pair leaves both descriptors to
+        // whoever handed them down.
+        socket::check_inherited(dgram, &cfg.socket, socket::Expect::Datagram)?;
+        socket::check_inherited(stream, &cfg.stream_socket, socket::Expect::StreamListener)?;
+        let dgram = std::os::unix::net::UnixDatagram::from(socket::adopt_fd(
+            dgram,
+            &cfg.socket,
+            socket::Expect::Datagram,
+        )?);
+        let stream = std::os::unix::net::UnixListener::from(socket::adopt_fd(
+            stream,
+            &cfg.stream_socket,
+            socket::Expect::StreamListener,
+        )?);
+        dgram
+            .set_nonblocking(true)
+            .map_err(|e| IngestError::io("set nonblocking", &cfg.socket, e))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| IngestError::io("set nonblocking", &cfg.stream_socket, e))?;
         tracing::info!(socket = %cfg.socket.display(), queue_len, "ingest sockets inherited: no datagram was dropped across the restart");
         Ok(Self {
             dgram,
@@ -404,39 +421,79 @@ mod tests {
         // Each case: (dgram fd, stream fd, what is wrong). The descriptors are leaked on
         // purpose: a refused one stays its owner's, and the old code closed them itself.
         let good_dgram = || {
-            let d = std::os::unix::net::UnixDatagram::bind(dir.path().join(format!(
-                "good-{}.sock",
-                rand::random::<u32>()
-            )))
+            let d = std::os::unix::net::UnixDatagram::bind(
+                dir.path()
+                    .join(format!("good-{}.sock", rand::random::<u32>())),
+            )
             .unwrap();
             d.into_raw_fd()
         };
         let good_stream = || {
-            std::os::unix::net::UnixListener::bind(dir.path().join(format!(
-                "good-{}.sock",
-                rand::random::<u32>()
-            )))
+            std::os::unix::net::UnixListener::bind(
+                dir.path()
+                    .join(format!("good-{}.sock", rand::random::<u32>())),
+            )
             .unwrap()
             .into_raw_fd()
         };
-        let file = || std::fs::File::create(dir.path().join("regular")).unwrap().into_raw_fd();
-        let tcp = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().into_raw_fd();
-        let udp = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap().into_raw_fd();
-        let unbound_unix_dgram = || std::os::unix::net::UnixDatagram::unbound().unwrap().into_raw_fd();
+        let file = || {
+            std::fs::File::create(dir.path().join("regular"))
+                .unwrap()
+                .into_raw_fd()
+        };
+        let tcp = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .into_raw_fd()
+        };
+        let udp = || {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .into_raw_fd()
+        };
+        let unbound_unix_dgram = || {
+            std::os::unix::net::UnixDatagram::unbound()
+                .unwrap()
+                .into_raw_fd()
+        };
         let not_listening = || {
             let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
             a.into_raw_fd()
         };
         let cases: Vec<(i32, i32, &str)> = vec![
             (good_dgram(), file(), "a regular file as the stream socket"),
-            (file(), good_stream(), "a regular file as the datagram socket"),
+            (
+                file(),
+                good_stream(),
+                "a regular file as the datagram socket",
+            ),
             (good_dgram(), tcp(), "a TCP listener as the stream socket"),
             (udp(), good_stream(), "a UDP socket as the datagram socket"),
-            (good_dgram(), good_dgram(), "a datagram socket as the stream socket"),
-            (good_stream(), good_stream(), "a stream listener as the datagram socket"),
-            (good_dgram(), not_listening(), "a connected, not listening, unix stream"),
-            (unbound_unix_dgram(), good_stream(), "an unbound datagram socket"),
-            (good_dgram(), 999_999, "a descriptor number that is not open"),
+            (
+                good_dgram(),
+                good_dgram(),
+                "a datagram socket as the stream socket",
+            ),
+            (
+                good_stream(),
+                good_stream(),
+                "a stream listener as the datagram socket",
+            ),
+            (
+                good_dgram(),
+                not_listening(),
+                "a connected, not listening, unix stream",
+            ),
+            (
+                unbound_unix_dgram(),
+                good_stream(),
+                "an unbound datagram socket",
+            ),
+            (
+                good_dgram(),
+                999_999,
+                "a descriptor number that is not open",
+            ),
         ];
         let mut adopted = Vec::new();
         for (d, s, what) in cases {
