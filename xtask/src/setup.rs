@@ -26,6 +26,14 @@ pub const ALL_PACKAGES: &[(&str, &str)] = &[
         "lintian",
         "checks the Debian package built by `cargo xtask dist`",
     ),
+    (
+        "systemd",
+        "systemd-analyze: the unit's `security` exposure and `verify` (tests/tests/systemd_unit.rs)",
+    ),
+    (
+        "util-linux",
+        "setpriv: runs the agent with exactly the unit's capabilities (tests/tests/systemd_unit.rs)",
+    ),
 ];
 
 /// What `cargo xtask run` needs for the real PHP demo.
