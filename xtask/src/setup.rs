@@ -27,6 +27,10 @@ pub const ALL_PACKAGES: &[(&str, &str)] = &[
         "checks the Debian package built by `cargo xtask dist`",
     ),
     (
+        "logrotate",
+        "checks and runs the package's logrotate file (tests/tests/package.rs)",
+    ),
+    (
         "systemd",
         "systemd-analyze: the unit's `security` exposure and `verify` (tests/tests/systemd_unit.rs)",
     ),
