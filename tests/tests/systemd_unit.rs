@@ -279,3 +279,176 @@ fn the_agent_loads_ebpf_with_exactly_the_units_capabilities() {
         log(&dir2)
     );
 }
+
+/// The syscalls in `systemd-analyze syscall-filter`'s listing of `set` (a `@group` expanded
+/// recursively, or a single call).
+fn expand(listing: &str, set: &str) -> std::collections::BTreeSet<String> {
+    if !set.starts_with('@') {
+        return [set.to_string()].into();
+    }
+    let mut out = std::collections::BTreeSet::new();
+    let mut inside = false;
+    let mut nested = Vec::new();
+    for line in listing.lines() {
+        if !line.starts_with(' ') {
+            inside = line.trim() == set;
+            continue;
+        }
+        let item = line.trim();
+        if inside && !item.is_empty() && !item.starts_with('#') {
+            if item.starts_with('@') {
+                nested.push(item.to_string());
+            } else {
+                out.insert(item.to_string());
+            }
+        }
+    }
+    for g in nested {
+        out.extend(expand(listing, &g));
+    }
+    out
+}
+
+/// Every system call the agent makes through a start with eBPF, receiving, `status`, `reload`,
+/// `SIGUSR1` and `stop` (traced with strace) is allowed by the unit's `SystemCallFilter=` lines;
+/// one that is not would fail with EPERM under systemd.
+#[test]
+fn every_syscall_the_agent_makes_is_in_the_units_filter() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!in_ci(), "needs root");
+        println!("SKIP (not root, not CI): needs root");
+        return;
+    }
+    if !have("systemd-analyze", "--version") || !have("strace", "-V") {
+        return;
+    }
+    let listing = String::from_utf8(
+        Command::new("systemd-analyze")
+            .arg("syscall-filter")
+            .output()
+            .expect("systemd-analyze syscall-filter")
+            .stdout,
+    )
+    .unwrap();
+    // Each `SystemCallFilter=` line in order: a list allows, a `~list` denies (the `~` applies
+    // to the whole line).
+    let unit = std::fs::read_to_string(unit_path()).unwrap();
+    let mut allowed = std::collections::BTreeSet::new();
+    for line in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        let (deny, list) = match line.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        for set in list.split_whitespace() {
+            for s in expand(&listing, set) {
+                if deny {
+                    allowed.remove(&s);
+                } else {
+                    allowed.insert(s);
+                }
+            }
+        }
+    }
+    assert!(
+        allowed.contains("bpf") && allowed.contains("read"),
+        "{allowed:?}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let config = Agent::write_config(dir, "http://127.0.0.1:1", "on", "");
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    let trace = dir.join("strace.out");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(bin("apm-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap());
+    let mut agent = Proc::spawn("strace apm-agent", &mut cmd).expect("strace");
+    let control = dir.join("run/control.sock");
+    let status = apm_testkit::poll(
+        Duration::from_secs(30),
+        || status_at(&control),
+        || format!("agent not ready:\n{}", log(dir)),
+    );
+    assert_eq!(status["ebpf"]["state"], "running", "{status:#}");
+    let report = sender_report(
+        Command::new(bin("apm-test-sender"))
+            .args([
+                "--socket",
+                &dir.join("run/listener.sock").display().to_string(),
+            ])
+            .args(["--count", "5", "--comm", "php-fpm8.2"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(u(&report, "/sent"), 5);
+    let cli = |args: &[&str]| {
+        let o = Command::new(bin("apm-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {o:?}");
+    };
+    apm_testkit::poll(
+        Duration::from_secs(10),
+        || (u(&status_at(&control)?, "/received") == 5).then_some(()),
+        || "5 profiles not received".into(),
+    );
+    cli(&["status", "--json"]);
+    cli(&["reload"]);
+    let pid = nix::unistd::Pid::from_raw(
+        serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(dir.join("run/agent.pid")).unwrap(),
+        )
+        .unwrap()["pid"]
+            .as_i64()
+            .unwrap() as i32,
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    cli(&["stop"]);
+    assert!(
+        agent.wait(Duration::from_secs(30)).is_some(),
+        "strace did not end"
+    );
+
+    // strace lines: `PID name(args) = ret`, `PID <... name resumed> ...`, signals, exits.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let rest = line.split_once(' ').map_or("", |(_, r)| r.trim_start());
+        let name = rest
+            .strip_prefix("<... ")
+            .unwrap_or(rest)
+            .split(['(', ' '])
+            .next()
+            .unwrap_or("");
+        if !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            used.insert(name.to_string());
+        }
+    }
+    assert!(
+        used.contains("bpf") && used.contains("perf_event_open"),
+        "{used:?}"
+    );
+    let refused: Vec<&String> = used.iter().filter(|s| !allowed.contains(*s)).collect();
+    assert!(
+        refused.is_empty(),
+        "system calls the unit's SystemCallFilter refuses: {refused:?}"
+    );
+}

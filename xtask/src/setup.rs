@@ -35,6 +35,10 @@ pub const ALL_PACKAGES: &[(&str, &str)] = &[
         "systemd-analyze: the unit's `security` exposure and `verify` (tests/tests/systemd_unit.rs)",
     ),
     (
+        "strace",
+        "traces the agent's system calls against the unit's filter (tests/tests/systemd_unit.rs)",
+    ),
+    (
         "util-linux",
         "setpriv: runs the agent with exactly the unit's capabilities (tests/tests/systemd_unit.rs)",
     ),
