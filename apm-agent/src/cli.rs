@@ -4,6 +4,7 @@
 //! LOCK_FAILED, START_FAILED, STOP_FAILED, PID_FILE_CORRUPTED) and say how to fix the cause.
 
 use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -47,7 +48,7 @@ pub enum Command {
         /// Give up waiting for readiness after this many seconds.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
-        /// Where the background agent's log goes (default: <runtime_dir>/agent.log).
+        /// Where the background agent's log goes (default: /var/log/bitville-apm/agent.log).
         #[arg(long)]
         log_file: Option<PathBuf>,
     },
@@ -128,19 +129,68 @@ pub fn main() -> i32 {
 fn init_logging(cfg: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&cfg.control.log_level));
+    let journald = stderr_is_journal(
+        std::env::var("JOURNAL_STREAM").ok().as_deref(),
+        stderr_dev_ino(),
+    );
+    // Under systemd (stderr is the journal's stream): native journal entries, with the level
+    // as the entry's PRIORITY and each tracing field as a journal field (`journalctl -p warning`,
+    // `journalctl SPOOL_DIR=...`). `log_format = "text"`/`"json"` keep stderr as asked.
+    if journald && cfg.control.log_format == LogFormat::Auto {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                use tracing_subscriber::layer::SubscriberExt;
+                use tracing_subscriber::util::SubscriberInitExt;
+                tracing_subscriber::registry()
+                    .with(filter)
+                    .with(layer.with_syslog_identifier("apm-agent".into()))
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("warning: cannot reach the journal ({e}); logging to stderr"),
+        }
+    }
     // Colours only on a terminal: log files and the journal get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    // Under systemd the journal stamps each line itself.
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     match cfg.control.log_format {
         LogFormat::Json => builder.json().init(),
+        // The journal stamps each line itself.
         LogFormat::Auto if journald => builder.without_time().with_ansi(false).init(),
         LogFormat::Auto | LogFormat::Text => builder.init(),
     }
+}
+
+/// The device and inode of stderr, as `JOURNAL_STREAM` names them.
+fn stderr_dev_ino() -> Option<(u64, u64)> {
+    let st = nix::sys::stat::fstat(std::io::stderr()).ok()?;
+    Some((st.st_dev, st.st_ino))
+}
+
+/// Whether stderr is systemd's journal stream: `JOURNAL_STREAM` ("DEVICE:INODE", decimal)
+/// names stderr itself. The variable alone is not enough: every process a service starts
+/// inherits it, with its stderr often redirected elsewhere (systemd.exec(5)).
+fn stderr_is_journal(journal_stream: Option<&str>, stderr: Option<(u64, u64)>) -> bool {
+    let (Some(v), Some((dev, ino))) = (journal_stream, stderr) else {
+        return false;
+    };
+    v.split_once(':')
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+        == Some((dev, ino))
+}
+
+/// Where `apm-agent start` sends the background agent's output unless `--log-file` says
+/// otherwise; the package creates the directory and rotates the file
+/// (deploy/logrotate/bitville-apm-agent, `copytruncate`: the file is opened for appending, so
+/// the agent's next line after a truncation lands at the new start).
+pub const START_LOG: &str = "/var/log/bitville-apm/agent.log";
+
+/// `start`'s log file: `--log-file`, else [`START_LOG`].
+fn start_log_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.unwrap_or_else(|| PathBuf::from(START_LOG))
 }
 
 /// One worker thread unless `TOKIO_WORKER_THREADS` says otherwise. The pipeline is a chain of
@@ -159,7 +209,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
     // Before any thread exists: it clears the variables that name inherited descriptors.
-    let inherited = crate::daemon::handover::take_inherited();
+    let inherited = match crate::daemon::handover::take_inherited() {
+        Ok(i) => i,
+        Err(e) => {
+            // Only a previous image of this binary sets it: a bad value is a bug or tampering,
+            // and guessing which descriptor was meant is worse than not starting.
+            eprintln!("error: {e}");
+            return 1;
+        }
+    };
     crate::daemon::memguard::tune_allocator();
     init_logging(&cfg);
     let rt = match runtime() {
@@ -299,13 +357,18 @@ fn start(cfg: &Config, config_path: Option<&Path>, timeout: u64, log_file: Optio
         }
         Ok(None) => {}
     }
-    let log_path = log_file.unwrap_or_else(|| cfg.control.runtime_dir.join("agent.log"));
+    let log_path = start_log_path(log_file);
     if let Some(d) = log_path.parent() {
-        let _ = std::fs::create_dir_all(d);
+        // Logs can name paths and peers: not for every local user.
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(d);
     }
     let log = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o640)
         .open(&log_path)
     {
         Ok(f) => f,
@@ -605,5 +668,40 @@ mod tests {
                 "exit code {code}missing:\n{help}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod logging_tests {
+    use super::*;
+
+    /// Operators issue 5: `JOURNAL_STREAM` is inherited by everything a service starts (a
+    /// shell, `apm-agent start` run from a unit, supervisord under systemd): only when stderr is
+    /// the very stream it names (systemd.exec(5): "device:inode" of stderr) is it the journal.
+    #[test]
+    fn the_journal_is_used_only_when_stderr_is_the_stream_it_names() {
+        // 8:1234 is the journal's stream; stderr is that socket.
+        assert!(stderr_is_journal(Some("8:1234"), Some((8, 1234))));
+        // stderr redirected to a file by whoever started us: plain text.
+        assert!(!stderr_is_journal(Some("8:1234"), Some((8, 99))));
+        assert!(!stderr_is_journal(Some("9:1234"), Some((8, 1234))));
+        // No variable, or garbage in it, or no stderr: plain text.
+        assert!(!stderr_is_journal(None, Some((8, 1234))));
+        assert!(!stderr_is_journal(Some("garbage"), Some((8, 1234))));
+        assert!(!stderr_is_journal(Some("8:1234"), None));
+    }
+
+    /// Operators issue 5: `start` logged to `<runtime_dir>/agent.log` (a tmpfs, lost at reboot,
+    /// never rotated); it logs where the package's logrotate file looks.
+    #[test]
+    fn start_logs_to_var_log_unless_told_otherwise() {
+        assert_eq!(
+            start_log_path(None),
+            Path::new("/var/log/bitville-apm/agent.log")
+        );
+        assert_eq!(
+            start_log_path(Some("/tmp/x.log".into())),
+            Path::new("/tmp/x.log")
+        );
     }
 }

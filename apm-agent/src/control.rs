@@ -319,3 +319,29 @@ fn respond(path: &str, registry: &Registry, source: &StatusSource) -> hyper::Res
     );
     resp
 }
+
+#[cfg(test)]
+mod socket_mode_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    /// docs/security.md: only root may steer the agent (status, reload, pause, restart).
+    #[tokio::test]
+    async fn the_control_socket_is_for_root_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("control.sock");
+        let _l = super::bind_control(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    /// docs/security.md: `/metrics` (and `/status`) are not served to the network by default.
+    #[test]
+    fn metrics_listen_defaults_to_loopback() {
+        let addr: std::net::SocketAddr = crate::config::Config::default()
+            .control
+            .metrics_listen
+            .parse()
+            .unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+    }
+}

@@ -23,6 +23,26 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// Borrows a descriptor number handed down by another process (`APM_INHERIT_FDS`,
+/// `LISTEN_FDS`, `APM_READY_FD`) so it can be inspected before anything takes ownership of it.
+/// `None` when the number is negative or not open: `BorrowedFd` must never be -1 or closed.
+///
+/// # Safety
+/// Nothing may close `fd` while the returned borrow lives. Inherited descriptors are examined
+/// at start, on the one thread that owns them, so this holds there.
+pub unsafe fn borrow_inherited<'a>(fd: std::os::fd::RawFd) -> Option<std::os::fd::BorrowedFd<'a>> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: F_GETFD reads the descriptor's flags and touches no memory; a closed number is
+    // EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is not -1 and is open (just checked); the caller keeps it open meanwhile.
+    Some(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+}
+
 /// fsyncs a directory, so the entries created or renamed in it are on disk.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()

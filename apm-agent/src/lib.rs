@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod monitor;
 pub mod phpctl;
 pub mod pipeline;

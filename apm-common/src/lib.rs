@@ -717,13 +717,21 @@ mod pod {
     // SAFETY: all are #[repr(C)], Copy, made only of integers, with no implicit padding (the
     // size asserts above pin the layouts), so any byte pattern is a valid value.
     unsafe impl aya::Pod for SendCounters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ProcSends {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for HostSends {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Inflight {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ThreadSends {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ConnInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for RssEntry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for MonitorConfig {}
 }
 

@@ -468,7 +468,8 @@ extern "C" fn stay_thread(arg: *mut libc::c_void) -> *mut libc::c_void {
 
 fn send_batch(c: &Cmd) -> Outcome {
     let mut o = Outcome::default();
-    // SAFETY (whole function): raw socket calls on a sockaddr_un built on the stack.
+    // SAFETY: raw socket calls on a descriptor this function creates and closes, with a
+    // sockaddr_un built on the stack and buffers that live across each call.
     unsafe {
         let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {

@@ -17,6 +17,15 @@ fn cli(config: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `apm-agent start` with its log in the test's directory (the default is /var/log).
+fn start(config: &Path) -> std::process::Output {
+    let log = config.parent().expect("config dir").join("run/agent.log");
+    cli(
+        config,
+        &["start", "--log-file", log.to_str().expect("utf-8 path")],
+    )
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -52,7 +61,7 @@ fn start_status_stop_and_exit_codes() {
     let o = cli(&cfg, &["stop"]);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     // start returns once ready.
-    let o = cli(&cfg, &["start"]);
+    let o = start(&cfg);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         status_at(&dir.path().join("run/control.sock")).is_some(),
@@ -60,7 +69,7 @@ fn start_status_stop_and_exit_codes() {
     );
     let pid = pid_of(dir.path());
     // A second start is refused, naming the running PID.
-    let o = cli(&cfg, &["start"]);
+    let o = start(&cfg);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         text(&o).contains("ALREADY_RUNNING") && text(&o).contains(&pid.to_string()),
@@ -99,6 +108,52 @@ fn start_status_stop_and_exit_codes() {
     );
 }
 
+/// Operators issue 5: `start` logs to a file that logrotate rotates with `copytruncate`
+/// (deploy/logrotate/bitville-apm-agent). The log file is the ground truth here: it is created
+/// with its directory, not world-readable, and appended to, so after a truncation the next line
+/// lands at the start of the file, not after a hole of NUL bytes as long as the old file.
+#[test]
+fn start_logs_to_its_file_and_survives_copytruncate() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let cfg = Agent::write_config(dir.path(), &listener.endpoint(), "off", "");
+    let log = dir.path().join("logs/apm/agent.log");
+    let o = cli(&cfg, &["start", "--log-file", log.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let pid = pid_of(dir.path());
+    let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
+    assert!(
+        size() > 0,
+        "start's agent wrote nothing to {}",
+        log.display()
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&log), 0o640);
+    assert_eq!(mode(log.parent().unwrap()), 0o750);
+    // What logrotate's copytruncate does after copying the file away.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert!(cli(&cfg, &["reload"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while size() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing logged after the truncation"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = std::fs::read(&log).unwrap();
+    assert_ne!(after[0], 0, "a hole before the first line after truncation");
+    let o = cli(&cfg, &["stop"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!alive(pid));
+}
+
 /// Issue 15.1: `start` then `restart` used to leave a broken agent: the re-executed image found
 /// `APM_READY_FD` still set and wrote "ready" into, then closed, whatever descriptor it held
 /// under that number (tokio's I/O driver), so its workers panicked, ingest died and the spool
@@ -113,7 +168,7 @@ fn start_then_restart_leaves_a_working_agent_that_holds_its_locks() {
         "off",
         "[batch]\nmax_age = \"50ms\"\n",
     );
-    let o = cli(&cfg, &["start"]);
+    let o = start(&cfg);
     assert!(o.status.success(), "{}", text(&o));
     let pid = pid_of(dir.path());
     let o = cli(&cfg, &["restart"]);
@@ -314,7 +369,7 @@ fn start_of_a_broken_config_fails_with_78_and_the_reason() {
         "off",
         "[batch]\nmax_items = 0\n",
     );
-    let o = cli(&cfg, &["start"]);
+    let o = start(&cfg);
     assert_eq!(o.status.code(), Some(78), "{}", text(&o));
     assert!(text(&o).contains("batch.max_items"), "{}", text(&o));
     // A start failure after the config check names the cause from the child's log: here the
@@ -322,7 +377,7 @@ fn start_of_a_broken_config_fails_with_78_and_the_reason() {
     let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
     std::fs::create_dir_all(dir.path().join("run")).unwrap();
     std::fs::write(dir.path().join("run/listener.sock"), "not a socket").unwrap();
-    let o = cli(&cfg, &["start"]);
+    let o = start(&cfg);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         text(&o).contains("START_FAILED") && text(&o).contains("not a socket"),
@@ -398,7 +453,7 @@ fn two_runs_racing_exactly_one_wins() {
 fn stale_pid_file_after_kill_9_is_handled() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = Agent::write_config(dir.path(), "http://127.0.0.1:9", "off", "");
-    assert!(cli(&cfg, &["start"]).status.success());
+    assert!(start(&cfg).status.success());
     let pid = pid_of(dir.path());
     let o = cli(&cfg, &["kill"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -414,7 +469,7 @@ fn stale_pid_file_after_kill_9_is_handled() {
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("stale PID file"), "{}", text(&o));
     // The stale socket file is also left; start replaces both.
-    let o = cli(&cfg, &["start"]);
+    let o = start(&cfg);
     assert!(o.status.success(), "{}", text(&o));
     assert_ne!(pid_of(dir.path()), pid);
     assert!(cli(&cfg, &["stop"]).status.success());

@@ -14,6 +14,7 @@ use apm_tests::common::{Proc, bin_dir, in_ci, sender, sender_report, status_at, 
 
 const PACKAGE: &str = "bitville-apm-agent";
 const CONFIG: &str = "/etc/bitville-apm/agent.toml";
+const START_LOG: &str = "/var/log/bitville-apm/agent.log";
 
 /// Everything the package or the agent it runs may create; none may exist before or after.
 const FOOTPRINT: &[&str] = &[
@@ -29,7 +30,11 @@ const FOOTPRINT: &[&str] = &[
     "/var/lib/systemd/deb-systemd-helper-enabled/bitville-apm-agent.service.dsh-also",
     "/var/lib/bitville-apm",
     "/run/bitville-apm",
+    "/var/log/bitville-apm",
+    "/etc/logrotate.d/bitville-apm-agent",
 ];
+
+const LOGROTATE: &str = "/etc/logrotate.d/bitville-apm-agent";
 
 fn skip_or_fail(why: &str) {
     assert!(!in_ci(), "{why}");
@@ -124,7 +129,7 @@ fn debian_package_installs_runs_and_purges() {
     if !nix::unistd::geteuid().is_root() {
         return skip_or_fail("installing a package needs root (CI runs the tests as root)");
     }
-    for tool in ["dpkg", "lintian"] {
+    for tool in ["dpkg", "lintian", "logrotate"] {
         if !out(Command::new("sh").args(["-c", &format!("command -v {tool}")])).0 {
             return skip_or_fail(&format!(
                 "{tool} not found: `cargo xtask setup` installs it"
@@ -196,6 +201,33 @@ fn debian_package_installs_runs_and_purges() {
         )
         .is_ok(),
         "postinst enables the unit (deb-systemd-helper)"
+    );
+    // `apm-agent start`'s log (operators issue 5): its directory, and a logrotate file
+    // (a conffile) that logrotate accepts and that rotates the log for real (copytruncate).
+    assert!(conffiles.contains(LOGROTATE), "conffiles: {conffiles}");
+    let logdir = std::fs::metadata("/var/log/bitville-apm").unwrap();
+    assert_eq!(logdir.permissions().mode() & 0o777, 0o750);
+    let rotate_state = tempfile::tempdir().unwrap();
+    let state_file = rotate_state.path().join("status");
+    ok(Command::new("logrotate")
+        .arg("-d")
+        .arg("-s")
+        .arg(&state_file)
+        .arg(LOGROTATE));
+    std::fs::write(START_LOG, "a line before the rotation\n").unwrap();
+    ok(Command::new("logrotate")
+        .arg("-f")
+        .arg("-s")
+        .arg(&state_file)
+        .arg(LOGROTATE));
+    assert_eq!(
+        std::fs::read_to_string(format!("{START_LOG}.1")).unwrap(),
+        "a line before the rotation\n"
+    );
+    assert_eq!(
+        std::fs::metadata(START_LOG).unwrap().len(),
+        0,
+        "copytruncate"
     );
 
     // The installed binaries, against the installed configuration.

@@ -208,15 +208,20 @@ fn fuzz_all(root: &Path, secs: u64) -> Result<()> {
     }
     let dir = root.join("apm-agent/fuzz");
     for target in ["validate_profile", "stream_frames", "spool_recovery"] {
-        run_cmd(setup::nightly_cargo(&dir).args([
-            "fuzz",
-            "run",
-            "-O",
-            target,
-            "--",
-            &format!("-max_total_time={secs}"),
-            "-max_len=4096",
-        ]))?;
+        // New inputs go to the first corpus directory (scratch, under the fuzz crate's
+        // target/); the committed seeds (corpus/<target>/) are read only, so a fuzz run leaves
+        // the checkout clean. A crash lands in artifacts/<target>/: commit it into
+        // corpus/<target>/ and apm-agent/tests/fuzz_corpus.rs replays it from then on.
+        let scratch = dir.join("target/corpus").join(target);
+        std::fs::create_dir_all(&scratch)?;
+        let seeds = dir.join("corpus").join(target);
+        run_cmd(
+            setup::nightly_cargo(&dir)
+                .args(["fuzz", "run", "-O", target])
+                .arg(&scratch)
+                .arg(&seeds)
+                .args(["--", &format!("-max_total_time={secs}"), "-max_len=4096"]),
+        )?;
     }
     Ok(())
 }

@@ -26,6 +26,22 @@ pub const ALL_PACKAGES: &[(&str, &str)] = &[
         "lintian",
         "checks the Debian package built by `cargo xtask dist`",
     ),
+    (
+        "logrotate",
+        "checks and runs the package's logrotate file (tests/tests/package.rs)",
+    ),
+    (
+        "systemd",
+        "systemd-analyze: the unit's `security` exposure and `verify` (tests/tests/systemd_unit.rs)",
+    ),
+    (
+        "strace",
+        "traces the agent's system calls against the unit's filter (tests/tests/systemd_unit.rs)",
+    ),
+    (
+        "util-linux",
+        "setpriv: runs the agent with exactly the unit's capabilities (tests/tests/systemd_unit.rs)",
+    ),
 ];
 
 /// What `cargo xtask run` needs for the real PHP demo.

@@ -29,34 +29,87 @@ pub struct Inherited {
     pub ready: Option<OwnedFd>,
 }
 
+/// A malformed `APM_INHERIT_FDS`. Only a previous image of this binary writes it, so anything
+/// else is refused outright: a wrong number taken for a descriptor would make the agent read
+/// from (and later close) whatever that number is.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("{INHERIT_ENV}: `{0}` is not key=value")]
+    Malformed(String),
+    #[error("{INHERIT_ENV}: unknown key `{0}`")]
+    UnknownKey(String),
+    #[error("{INHERIT_ENV}: {key}={value:?} is not a descriptor number (3 to {max})", max = i32::MAX)]
+    BadFd { key: String, value: String },
+    #[error("{INHERIT_ENV}: {key}={value:?} is not a number")]
+    BadNumber { key: String, value: String },
+    #[error("{INHERIT_ENV}: `{0}` given twice")]
+    Duplicate(String),
+}
+
 /// Reads and clears what was handed down (`APM_INHERIT_FDS`, `APM_READY_FD`). Call it first
 /// thing, before any thread runs: clearing the variables is what keeps a re-executed image from
 /// taking a descriptor number it no longer owns for one it was given.
-pub fn take_inherited() -> Inherited {
-    let mut i = Inherited {
-        ready: take_ready_fd(),
-        ..Inherited::default()
-    };
+pub fn take_inherited() -> Result<Inherited, HandoverError> {
+    let ready = take_ready_fd();
     let Ok(v) = std::env::var(INHERIT_ENV) else {
-        return i;
+        return Ok(Inherited {
+            ready,
+            ..Inherited::default()
+        });
     };
-    // SAFETY: called at start, before any other thread exists.
+    // SAFETY: called at start, before any other thread exists (`std::env::remove_var`'s
+    // requirement: no concurrent access to the environment).
     unsafe { std::env::remove_var(INHERIT_ENV) };
-    for kv in v.split(',') {
-        let Some((k, v)) = kv.split_once('=') else {
-            continue;
+    Ok(Inherited {
+        ready,
+        ..parse_inherit(&v)?
+    })
+}
+
+/// Parses `APM_INHERIT_FDS` as [`reexec`] writes it (`dgram=N,stream=N,qlen=N,restarts=N,`
+/// then `pidfile=N` or nothing). Strict: every entry is a known key given once; a descriptor
+/// is a decimal in 3..=i32::MAX (never stdio, never -1 or a value that wraps to it).
+fn parse_inherit(v: &str) -> Result<Inherited, HandoverError> {
+    let mut i = Inherited::default();
+    let mut seen: Vec<&str> = Vec::new();
+    for kv in v.split(',').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| HandoverError::Malformed(kv.to_string()))?;
+        if seen.contains(&k) {
+            return Err(HandoverError::Duplicate(k.to_string()));
+        }
+        seen.push(k);
+        let fd = || {
+            strict_decimal::<i32>(v)
+                .filter(|&n| n > 2)
+                .ok_or_else(|| HandoverError::BadFd {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
         };
-        let n = v.parse::<u64>().ok();
+        let number = || HandoverError::BadNumber {
+            key: k.to_string(),
+            value: v.to_string(),
+        };
         match k {
-            "dgram" => i.dgram = n.map(|n| n as i32),
-            "stream" => i.stream = n.map(|n| n as i32),
-            "pidfile" => i.pidfile = n.map(|n| n as i32),
-            "qlen" => i.queue_len = n.unwrap_or(0) as u32,
-            "restarts" => i.restarts = n.unwrap_or(0),
-            _ => {}
+            "dgram" => i.dgram = Some(fd()?),
+            "stream" => i.stream = Some(fd()?),
+            "pidfile" => i.pidfile = Some(fd()?),
+            "qlen" => i.queue_len = strict_decimal(v).ok_or_else(number)?,
+            "restarts" => i.restarts = strict_decimal(v).ok_or_else(number)?,
+            _ => return Err(HandoverError::UnknownKey(k.to_string())),
         }
     }
-    i
+    Ok(i)
+}
+
+/// Digits only (no sign, no spaces), within the type's range.
+fn strict_decimal<T: std::str::FromStr>(v: &str) -> Option<T> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
 }
 
 /// The receiving sockets: inherited from a previous image, kept by systemd across a restart,
@@ -64,23 +117,33 @@ pub fn take_inherited() -> Inherited {
 pub fn sockets(cfg: &Config, inherited: &Inherited) -> Result<Sockets, StartError> {
     Ok(match (inherited.dgram, inherited.stream) {
         (Some(d), Some(s)) => Sockets::adopt(d, s, inherited.queue_len, &cfg.ingest)?,
-        _ => match systemd_stored(cfg) {
+        _ => match systemd_stored(cfg)? {
             Some(s) => s,
             None => Sockets::bind(&cfg.ingest, cfg.socket_mode())?,
         },
     })
 }
 
-/// Sockets systemd kept for us in its fd store across a restart (`FDSTORE=1`).
-fn systemd_stored(cfg: &Config) -> Option<Sockets> {
-    let fds: Vec<(i32, String)> = sd_notify::listen_fds_with_names().ok()?.collect();
-    let d = fds.iter().find(|(_, n)| n == "dgram")?.0;
-    let s = fds.iter().find(|(_, n)| n == "stream")?.0;
+/// Sockets systemd kept for us in its fd store across a restart (`FDSTORE=1`). `None` when it
+/// kept none; an error when what it hands us is not our sockets (checked by
+/// [`Sockets::adopt`]): binding afresh would fail on the live path anyway, and a clear error
+/// says why.
+fn systemd_stored(cfg: &Config) -> Result<Option<Sockets>, StartError> {
+    let Ok(fds) = sd_notify::listen_fds_with_names() else {
+        return Ok(None);
+    };
+    let fds: Vec<(i32, String)> = fds.collect();
+    let (Some(d), Some(s)) = (
+        fds.iter().find(|(_, n)| n == "dgram"),
+        fds.iter().find(|(_, n)| n == "stream"),
+    ) else {
+        return Ok(None);
+    };
     let qlen = std::fs::read_to_string(cfg.control.state_dir.join("queue_len"))
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    Sockets::adopt(d, s, qlen, &cfg.ingest).ok()
+    Ok(Some(Sockets::adopt(d.0, s.0, qlen, &cfg.ingest)?))
 }
 
 /// Under systemd, gives the sockets to its fd store so they outlive `systemctl restart`.
@@ -110,15 +173,16 @@ fn take_ready_fd() -> Option<OwnedFd> {
     let v = std::env::var(READY_ENV).ok()?;
     // SAFETY: called at start, before any other thread exists.
     unsafe { std::env::remove_var(READY_ENV) };
-    let fd = v.parse::<i32>().ok().filter(|&fd| fd > 2)?;
+    let fd = strict_decimal::<i32>(&v).filter(|&fd| fd > 2)?;
     // Only a pipe: a stale or forged number must not make us write into (and close) an
     // unrelated descriptor.
-    // SAFETY: fstat only reads the descriptor table; an unused number is EBADF.
-    let st = nix::sys::stat::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).ok()?;
+    // SAFETY: called at start on the only thread; the borrow ends before anything could close it.
+    let b = unsafe { crate::fsutil::borrow_inherited(fd) }?;
+    let st = nix::sys::stat::fstat(b).ok()?;
     if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
         return None;
     }
-    // SAFETY: the number is open (fstat succeeded) and is the pipe `apm-agent start` handed us;
+    // SAFETY: the number is an open pipe (checked above) that `apm-agent start` handed us;
     // nothing else in this process owns it, and the variable naming it is gone.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -144,7 +208,9 @@ pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> StartError {
     let d = sockets.dgram.into_raw_fd();
     let s = sockets.stream.into_raw_fd();
     for fd in [Some(d), Some(s), pidfd].into_iter().flatten() {
-        // SAFETY: plain fcntl on descriptors we own.
+        // SAFETY: fcntl on integers touches no memory of ours; these descriptors are ours
+        // (just released from their owners above, and the PID file's lock), so changing their
+        // flags cannot affect anyone else's.
         unsafe {
             let f = libc::fcntl(fd, libc::F_GETFD);
             libc::fcntl(fd, libc::F_SETFD, f & !libc::FD_CLOEXEC);
@@ -156,7 +222,8 @@ pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> StartError {
         restarts + 1,
         pidfd.map(|p| format!("pidfile={p}")).unwrap_or_default()
     );
-    // SAFETY: the runtime is about to be replaced; no other thread reads the environment now.
+    // SAFETY: the runtime is about to be replaced by exec; `set_var` needs no concurrent access
+    // to the environment, and the runtime's threads are idle (the pipeline was stopped).
     unsafe { std::env::set_var(INHERIT_ENV, v) };
     let exe = std::fs::read_link("/proc/self/exe").map_or_else(
         |_| PathBuf::from("apm-agent"),
@@ -175,5 +242,55 @@ pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> StartError {
     tracing::info!(exe = %exe.display(), "re-executing with the sockets handed over");
     match nix::unistd::execv(&exe_c, &args) {
         Err(source) => StartError::Reexec { exe, source },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue (security) 10: a descriptor number that is not one (negative, not a number, past
+    /// `i32::MAX` and wrapping to -1) must be refused, never taken as descriptor -1 or a
+    /// wrapped number.
+    #[test]
+    fn inherit_fds_values_that_are_not_descriptors_are_refused() {
+        let mut accepted = Vec::new();
+        for bad in [
+            "dgram=-1,stream=5",
+            "dgram=abc,stream=5",
+            "dgram=4294967295,stream=5",
+            "dgram=99999999999999999999,stream=5",
+            "dgram=4,stream=2147483648",
+            "dgram=1,stream=5",
+            "dgram=4,stream=5,pidfile=-3",
+            "dgram=4,stream=5,qlen=-1",
+            "dgram=4,stream=5,restarts=x",
+            "dgram=4,stream=5,bogus=1",
+            "dgram",
+        ] {
+            match parse_inherit(bad) {
+                Ok(i) => accepted.push(format!(
+                    "{bad:?} -> {:?}/{:?}/{:?}",
+                    i.dgram, i.stream, i.pidfile
+                )),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("APM_INHERIT_FDS"), "{bad:?}: {msg}");
+                }
+            }
+        }
+        assert!(accepted.is_empty(), "accepted: {accepted:#?}");
+    }
+
+    #[test]
+    fn inherit_fds_as_reexec_writes_them_are_read() {
+        let i = parse_inherit("dgram=4,stream=5,qlen=512,restarts=2,pidfile=7").unwrap();
+        assert_eq!(
+            (i.dgram, i.stream, i.pidfile, i.queue_len, i.restarts),
+            (Some(4), Some(5), Some(7), 512, 2)
+        );
+        // Without a PID file descriptor `reexec` leaves a trailing comma.
+        let i = parse_inherit("dgram=4,stream=5,qlen=10,restarts=1,").unwrap();
+        assert_eq!((i.dgram, i.stream, i.pidfile), (Some(4), Some(5), None));
     }
 }

@@ -174,7 +174,23 @@ impl PidFile {
     /// belongs to the inherited open file description, so re-locking it succeeds at once.
     pub fn adopt(fd: i32, path: &Path) -> Result<Self, PidFileError> {
         use std::os::fd::FromRawFd;
-        // SAFETY: the previous image passed this descriptor to us and nobody else uses it.
+        // A regular file or nothing: a wrong number must not be locked, then closed, as ours.
+        // SAFETY: called at start on the only thread; the borrow ends before anything could
+        // close the descriptor.
+        let regular = unsafe { crate::fsutil::borrow_inherited(fd) }
+            .and_then(|b| nix::sys::stat::fstat(b).ok())
+            .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        if !regular {
+            return Err(classify(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("inherited descriptor {fd} is not an open regular file"),
+                ),
+            ));
+        }
+        // SAFETY: an open regular file (checked above) that the previous image handed us;
+        // nothing else in this process owns it and the variable naming it is gone.
         let file = unsafe { File::from_raw_fd(fd) };
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| classify(path, e.into()))?;

@@ -67,8 +67,12 @@ fn main() {
             sent += 1;
         }
     } else {
+        // SAFETY: socket(2) takes integers only.
         let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         assert!(fd >= 0, "socket");
+        // The address length below must not pass the struct the kernel copies it from.
+        assert!(socket.len() < 108, "socket path too long for sockaddr_un");
+        // SAFETY: sockaddr_un is a plain C struct for which all-zero is valid.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         addr.sun_family = libc::AF_UNIX as u16;
         for (d, s) in addr.sun_path.iter_mut().zip(socket.as_bytes()) {
@@ -85,6 +89,8 @@ fn main() {
             } else {
                 profile(&prefix, i, size)
             };
+            // SAFETY: `body` and `addr` outlive the call and the lengths given are theirs
+            // (`alen` <= size_of::<sockaddr_un>(): the path fits sun_path, asserted above).
             let r = unsafe {
                 libc::sendto(
                     fd,
@@ -110,6 +116,7 @@ fn main() {
                 }
             }
         }
+        // SAFETY: `fd` is the socket created above, closed once.
         unsafe { libc::close(fd) };
     }
     let errors: serde_json::Map<String, serde_json::Value> = errors

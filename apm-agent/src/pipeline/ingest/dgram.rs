@@ -37,8 +37,11 @@ pub struct DgramReceiver {
     slots: Vec<u8>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
-    cmsgs: Vec<u8>,
-    cmsg_space: usize,
+    /// Control buffers, `cmsg_words` headers' worth per slot. Typed as `cmsghdr` so each slot
+    /// starts aligned for one: `CMSG_FIRSTHDR` hands back a pointer into it that is read as a
+    /// `cmsghdr`, and a `Vec<u8>` only promises byte alignment.
+    cmsgs: Vec<libc::cmsghdr>,
+    cmsg_words: usize,
 }
 
 // SAFETY: the raw pointers inside `iovs`/`hdrs` only ever point into this struct's own buffers
@@ -52,16 +55,20 @@ impl DgramReceiver {
         let slot = max_payload.min(MAX_DGRAM_SLOT) + 1;
         // SAFETY: CMSG_SPACE is a pure size computation.
         let cmsg_space = unsafe { libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) } as usize;
+        let cmsg_words = cmsg_space.div_ceil(size_of::<libc::cmsghdr>());
         Self {
             slot,
             batch,
             max_payload,
             slots: vec![0; slot * batch],
-            // SAFETY: iovec and mmsghdr are plain C structs for which all-zero is valid.
+            // SAFETY: iovec, mmsghdr and cmsghdr are plain C structs (integers and pointers)
+            // for which all-zero is a valid value.
             iovs: vec![unsafe { std::mem::zeroed() }; batch],
+            // SAFETY: as above.
             hdrs: vec![unsafe { std::mem::zeroed() }; batch],
-            cmsgs: vec![0; cmsg_space * batch],
-            cmsg_space,
+            // SAFETY: as above.
+            cmsgs: vec![unsafe { std::mem::zeroed() }; cmsg_words * batch],
+            cmsg_words,
         }
     }
 
@@ -79,12 +86,14 @@ impl DgramReceiver {
             h.msg_namelen = 0;
             h.msg_iov = &raw mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = self.cmsgs[i * self.cmsg_space..].as_mut_ptr().cast();
-            h.msg_controllen = self.cmsg_space as _;
+            h.msg_control = self.cmsgs[i * self.cmsg_words..].as_mut_ptr().cast();
+            h.msg_controllen = (self.cmsg_words * size_of::<libc::cmsghdr>()) as _;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
-        // SAFETY: every header points at live buffers of the lengths given above.
+        // SAFETY: `hdrs` holds `batch` headers, each pointing at live buffers of this struct
+        // (a slot of `self.slot` bytes, one iovec, an aligned control buffer of the length
+        // given), which nothing else borrows during the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -157,8 +166,10 @@ pub const UNKNOWN_ID: u32 = u32::MAX;
 
 /// The sender's (pid, uid) from an SCM_CREDENTIALS control message.
 fn read_cred(h: &libc::msghdr) -> Option<(u32, u32)> {
-    // SAFETY: the control buffer was filled by the kernel for this header; CMSG_* walk it within
-    // msg_controllen.
+    // SAFETY: `h` is a header that recvmmsg just filled: msg_control points at a live control
+    // buffer aligned for `cmsghdr` (see `DgramReceiver::cmsgs`) whose first msg_controllen
+    // bytes the kernel wrote; CMSG_FIRSTHDR/NXTHDR stay within msg_controllen and return null
+    // past it, and the ucred payload is read unaligned.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(h);
         while !c.is_null() {
@@ -220,6 +231,29 @@ mod tests {
         );
         let e = rx.recv(r.as_raw_fd(), 5, false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    /// Issue (security) 10: the control buffers must be aligned for `cmsghdr`, which
+    /// `CMSG_FIRSTHDR` dereferences. (A `Vec<u8>` happened to be aligned by glibc's malloc, so
+    /// this could not fail before the fix on this machine; it holds by type now.)
+    #[test]
+    fn control_buffers_are_aligned_for_cmsghdr() {
+        let mut rx = DgramReceiver::new(5, 100);
+        let (_d, r, s, p) = pair();
+        s.send_to(br#"{"a":1}"#, &p).unwrap();
+        rx.recv(r.as_raw_fd(), 0, false).unwrap();
+        for h in &rx.hdrs {
+            assert_eq!(
+                h.msg_hdr.msg_control as usize % align_of::<libc::cmsghdr>(),
+                0
+            );
+            assert!(h.msg_hdr.msg_controllen >= cmsg_space());
+        }
+    }
+
+    fn cmsg_space() -> usize {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        unsafe { libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) as usize }
     }
 
     /// Issue 15.6: a datagram queued before `SO_PASSCRED` was on carries no credentials. An

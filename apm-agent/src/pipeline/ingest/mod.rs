@@ -44,6 +44,17 @@ pub enum IngestError {
     InUse(PathBuf),
     #[error("group `{0}` (ingest.socket_group) does not exist")]
     UnknownGroup(String),
+    #[error(
+        "inherited descriptor {fd} for {path} is {found}, not {expected}: refusing to adopt it \
+         (a stale APM_INHERIT_FDS or systemd fd store entry? `systemctl clean --what=fdstore` \
+         or restart without it)"
+    )]
+    Inherited {
+        fd: i32,
+        path: PathBuf,
+        expected: &'static str,
+        found: String,
+    },
 }
 
 impl IngestError {
@@ -128,20 +139,26 @@ impl Sockets {
         queue_len: u32,
         cfg: &IngestConfig,
     ) -> Result<Self, IngestError> {
-        let d = socket::adopt_fd(dgram, &cfg.socket)?;
-        let s = socket::adopt_fd(stream, &cfg.stream_socket)?;
-        let dgram = std::os::unix::net::UnixDatagram::from(d);
-        let stream = std::os::unix::net::UnixListener::from(s);
-        for (fd, p) in [
-            (dgram.as_raw_fd(), &cfg.socket),
-            (stream.as_raw_fd(), &cfg.stream_socket),
-        ] {
-            nix::fcntl::fcntl(
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )
-            .map_err(|e| IngestError::io("set nonblocking", p, e.into()))?;
-        }
+        // Both are checked before either is taken: a refused pair leaves both descriptors to
+        // whoever handed them down.
+        socket::check_inherited(dgram, &cfg.socket, socket::Expect::Datagram)?;
+        socket::check_inherited(stream, &cfg.stream_socket, socket::Expect::StreamListener)?;
+        let dgram = std::os::unix::net::UnixDatagram::from(socket::adopt_fd(
+            dgram,
+            &cfg.socket,
+            socket::Expect::Datagram,
+        )?);
+        let stream = std::os::unix::net::UnixListener::from(socket::adopt_fd(
+            stream,
+            &cfg.stream_socket,
+            socket::Expect::StreamListener,
+        )?);
+        dgram
+            .set_nonblocking(true)
+            .map_err(|e| IngestError::io("set nonblocking", &cfg.socket, e))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| IngestError::io("set nonblocking", &cfg.stream_socket, e))?;
         tracing::info!(socket = %cfg.socket.display(), queue_len, "ingest sockets inherited: no datagram was dropped across the restart");
         Ok(Self {
             dgram,
@@ -463,4 +480,133 @@ async fn run_stream(
     // Connections already accepted drain what they hold (Conn::serve sees the cancellation).
     while conns.join_next().await.is_some() {}
     (stop.kind() == StopKind::Handover).then_some(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::IntoRawFd;
+
+    use super::*;
+
+    /// Issue (security) 10: an inherited descriptor (systemd's fd store, `APM_INHERIT_FDS`,
+    /// `LISTEN_FDS`) was adopted whatever it was. Each of these must be refused with an error
+    /// that names the socket, and never be adopted.
+    #[test]
+    fn an_inherited_descriptor_of_the_wrong_kind_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = IngestConfig {
+            socket: dir.path().join("d.sock"),
+            stream_socket: dir.path().join("s.sock"),
+            ..IngestConfig::default()
+        };
+        // Each case: (dgram fd, stream fd, what is wrong). The descriptors are leaked on
+        // purpose: a refused one stays its owner's, and the old code closed them itself.
+        let good_dgram = || {
+            let d = std::os::unix::net::UnixDatagram::bind(
+                dir.path()
+                    .join(format!("good-{}.sock", rand::random::<u32>())),
+            )
+            .unwrap();
+            d.into_raw_fd()
+        };
+        let good_stream = || {
+            std::os::unix::net::UnixListener::bind(
+                dir.path()
+                    .join(format!("good-{}.sock", rand::random::<u32>())),
+            )
+            .unwrap()
+            .into_raw_fd()
+        };
+        let file = || {
+            std::fs::File::create(dir.path().join("regular"))
+                .unwrap()
+                .into_raw_fd()
+        };
+        let tcp = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .into_raw_fd()
+        };
+        let udp = || {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .into_raw_fd()
+        };
+        let unbound_unix_dgram = || {
+            std::os::unix::net::UnixDatagram::unbound()
+                .unwrap()
+                .into_raw_fd()
+        };
+        let not_listening = || {
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            a.into_raw_fd()
+        };
+        let cases: Vec<(i32, i32, &str)> = vec![
+            (good_dgram(), file(), "a regular file as the stream socket"),
+            (
+                file(),
+                good_stream(),
+                "a regular file as the datagram socket",
+            ),
+            (good_dgram(), tcp(), "a TCP listener as the stream socket"),
+            (udp(), good_stream(), "a UDP socket as the datagram socket"),
+            (
+                good_dgram(),
+                good_dgram(),
+                "a datagram socket as the stream socket",
+            ),
+            (
+                good_stream(),
+                good_stream(),
+                "a stream listener as the datagram socket",
+            ),
+            (
+                good_dgram(),
+                not_listening(),
+                "a connected, not listening, unix stream",
+            ),
+            (
+                unbound_unix_dgram(),
+                good_stream(),
+                "an unbound datagram socket",
+            ),
+            (
+                good_dgram(),
+                999_999,
+                "a descriptor number that is not open",
+            ),
+        ];
+        let mut adopted = Vec::new();
+        for (d, s, what) in cases {
+            match Sockets::adopt(d, s, 0, &cfg) {
+                Ok(sockets) => {
+                    adopted.push(what);
+                    // Leak: the test's own descriptors are not the adopter's to close.
+                    std::mem::forget(sockets);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("inherited") && msg.contains(".sock"),
+                        "{what}: unclear error: {msg}"
+                    );
+                }
+            }
+        }
+        assert!(adopted.is_empty(), "adopted: {adopted:#?}");
+    }
+
+    #[test]
+    fn inherited_sockets_of_the_right_kind_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = IngestConfig {
+            socket: dir.path().join("d.sock"),
+            stream_socket: dir.path().join("s.sock"),
+            ..IngestConfig::default()
+        };
+        let d = socket::bind_dgram(&cfg.socket, 0o600, None, 0).unwrap();
+        let s = socket::bind_stream(&cfg.stream_socket, 0o600, None).unwrap();
+        let got = Sockets::adopt(d.socket.into_raw_fd(), s.into_raw_fd(), 7, &cfg).unwrap();
+        assert_eq!(got.queue_len, 7);
+    }
 }

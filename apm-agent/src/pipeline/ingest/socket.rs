@@ -181,9 +181,88 @@ pub fn bind_stream(
     Ok(l)
 }
 
-/// Wraps an inherited descriptor (socket activation, re-exec hand-over) after checking its type.
-pub fn adopt_fd(fd: i32, path: &Path) -> Result<OwnedFd, IngestError> {
-    // SAFETY: the caller passes a descriptor it inherited and owns from now on.
+/// What an inherited descriptor must be to be taken for one of our receiving sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A bound `AF_UNIX` `SOCK_DGRAM` socket.
+    Datagram,
+    /// A bound, listening `AF_UNIX` `SOCK_STREAM` socket.
+    StreamListener,
+}
+
+impl Expect {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Datagram => "a bound unix datagram socket",
+            Self::StreamListener => "a listening unix stream socket",
+        }
+    }
+}
+
+/// Checks that an inherited descriptor (re-exec hand-over, systemd's fd store) is what `expect`
+/// says, without taking it: a wrong number must neither be read from nor closed by us.
+pub fn check_inherited(fd: i32, path: &Path, expect: Expect) -> Result<(), IngestError> {
+    use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, SockaddrStorage, sockopt};
+    let wrong = |found: String| IngestError::Inherited {
+        fd,
+        path: path.to_path_buf(),
+        expected: expect.describe(),
+        found,
+    };
+    // SAFETY: inherited descriptors are checked at start, before any other thread could close
+    // them, and the borrow ends with this function.
+    let Some(b) = (unsafe { crate::fsutil::borrow_inherited(fd) }) else {
+        return Err(wrong("not an open descriptor".into()));
+    };
+    let ty = match nix::sys::socket::getsockopt(&b, sockopt::SockType) {
+        Ok(t) => t,
+        Err(nix::errno::Errno::ENOTSOCK) => {
+            let kind = nix::sys::stat::fstat(b).map_or("unreadable", |st| {
+                match st.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => "a regular file",
+                    libc::S_IFDIR => "a directory",
+                    libc::S_IFIFO => "a pipe",
+                    libc::S_IFCHR => "a character device",
+                    _ => "not a socket",
+                }
+            });
+            return Err(wrong(kind.into()));
+        }
+        Err(e) => return Err(wrong(format!("unreadable (SO_TYPE: {e})"))),
+    };
+    let addr = nix::sys::socket::getsockname::<SockaddrStorage>(b.as_raw_fd())
+        .map_err(|e| wrong(format!("unreadable (getsockname: {e})")))?;
+    match addr.family() {
+        Some(AddressFamily::Unix) => {}
+        Some(f) => return Err(wrong(format!("a {f:?} socket"))),
+        None => return Err(wrong("a socket of an unknown family".into())),
+    }
+    let want = match expect {
+        Expect::Datagram => SockType::Datagram,
+        Expect::StreamListener => SockType::Stream,
+    };
+    if ty != want {
+        return Err(wrong(format!("a unix {ty:?} socket")));
+    }
+    // Bound to a path: an unbound or abstract socket is not one PHP can reach at `path`.
+    if addr.as_unix_addr().and_then(|u| u.path()).is_none() {
+        return Err(wrong("a unix socket not bound to a path".into()));
+    }
+    if expect == Expect::StreamListener
+        && !nix::sys::socket::getsockopt(&b, sockopt::AcceptConn).unwrap_or(false)
+    {
+        return Err(wrong("a unix stream socket that is not listening".into()));
+    }
+    Ok(())
+}
+
+/// Takes ownership of an inherited descriptor once [`check_inherited`] accepts it,
+/// close-on-exec from now on (a re-exec hands it on explicitly).
+pub fn adopt_fd(fd: i32, path: &Path, expect: Expect) -> Result<OwnedFd, IngestError> {
+    check_inherited(fd, path, expect)?;
+    // SAFETY: `fd` is open and of the expected kind (just checked); it was handed down to this
+    // process, nothing else in it owns it, and the variable naming it is gone, so this is its
+    // one owner.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     nix::fcntl::fcntl(
         &owned,
