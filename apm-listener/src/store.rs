@@ -147,7 +147,7 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
             rec.foreign_lines += 1;
             if let Some(b) = open.take() {
                 rec.broken_batches += 1;
-                warn!(path = %path.display(), series = %b.series, seq = b.seq, offset = b.start,
+                warn!(path = %path.display(), series = %b.series.escape_debug(), seq = b.seq, offset = b.start,
                       "incomplete batch inside the output file; not counted as stored");
             }
             warn!(path = %path.display(), offset = start, "output file line is not a listener line; left as is");
@@ -173,12 +173,12 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
         if !continues {
             if let Some(b) = open.take() {
                 rec.broken_batches += 1;
-                warn!(path = %path.display(), series = %b.series, seq = b.seq, offset = b.start,
+                warn!(path = %path.display(), series = %b.series.escape_debug(), seq = b.seq, offset = b.start,
                       "incomplete batch inside the output file; not counted as stored");
             }
             if index != 0 {
                 rec.foreign_lines += 1;
-                warn!(path = %path.display(), offset = start, agent_id = %key.agent_id, seq = key.seq,
+                warn!(path = %path.display(), offset = start, agent_id = %key.agent_id.escape_debug(), seq = key.seq,
                       batch_index = index, "line out of its batch; left as is");
                 good_end = offset;
                 continue;

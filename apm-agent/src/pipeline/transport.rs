@@ -21,6 +21,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{CentralConfig, Compression};
+use crate::escape::escape_control;
 use crate::pipeline::model::Batch;
 use crate::telemetry::Telemetry;
 
@@ -269,7 +270,7 @@ impl Transport {
         let mut acks = match self.client(channel).stream(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                let error = format!("{}: {}", status.code(), status.message());
+                let error = format!("{}: {}", status.code(), escape_control(status.message()));
                 tracing::warn!(error = %error, retriable = is_retriable(status.code()), "central listener refused the stream");
                 self.telemetry.send_failures.inc();
                 let _ = outcomes.send(Outcome::ConnectFailed {
@@ -324,8 +325,9 @@ impl Transport {
                         return failed;
                     }
                     Err(status) => {
-                        tracing::warn!(code = ?status.code(), message = %status.message(), in_flight = w.inflight.len(), "stream to the central listener failed");
-                        w.fail_all(status.message());
+                        let message = escape_control(status.message());
+                        tracing::warn!(code = ?status.code(), message = %message, in_flight = w.inflight.len(), "stream to the central listener failed");
+                        w.fail_all(&message);
                         return failed;
                     }
                 },
@@ -406,6 +408,8 @@ impl Window<'_> {
         let (batch, sent) = self.inflight.remove(pos).expect("position is valid");
         let t = &self.t.telemetry;
         t.in_flight_batches.set(self.inflight.len() as i64);
+        // The listener's text goes to logs, status and the spool's reasons: escaped once here.
+        let message = escape_control(&ack.message).into_owned();
         let outcome = match AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified) {
             AckStatus::Ok => {
                 backoff.reset();
@@ -418,18 +422,15 @@ impl Window<'_> {
                 }
             }
             AckStatus::Rejected => {
-                tracing::error!(seq = batch.seq, message = %ack.message, "central listener rejected a batch");
-                Outcome::Rejected {
-                    batch,
-                    message: ack.message,
-                }
+                tracing::error!(seq = batch.seq, message = %message, "central listener rejected a batch");
+                Outcome::Rejected { batch, message }
             }
             AckStatus::Retry | AckStatus::Unspecified => {
                 t.send_failures.inc();
-                tracing::warn!(seq = batch.seq, message = %ack.message, "central listener asked to retry a batch");
+                tracing::warn!(seq = batch.seq, message = %message, "central listener asked to retry a batch");
                 Outcome::Returned {
                     batch,
-                    reason: format!("retry: {}", ack.message),
+                    reason: format!("retry: {message}"),
                 }
             }
         };
@@ -449,6 +450,7 @@ impl Window<'_> {
     }
 }
 
+/// The error and its sources, one line (escaped: the far side's text can be in it).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
@@ -457,7 +459,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         s.push_str(&c.to_string());
         src = c.source();
     }
-    s
+    escape_control(&s).into_owned()
 }
 
 /// Exponential backoff with full jitter ("equal jitter": half fixed, half random), so a fleet of
@@ -499,6 +501,168 @@ mod tests {
         assert!(d[7] >= Duration::from_millis(500) && d[7] <= Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// Captures the formatted log lines of the current thread.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A central listener that answers with text meant to forge agent log lines: RETRY and
+    /// REJECTED messages with newlines, then a stream error with one.
+    struct Forger;
+
+    #[tonic::async_trait]
+    impl apm_proto::collector_server::Collector for Forger {
+        type StreamStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<apm_proto::Ack, tonic::Status>> + Send>,
+        >;
+        async fn stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<apm_proto::Batch>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                while let Ok(Some(b)) = inbound.message().await {
+                    let reply = match b.seq {
+                        1 => Ok(apm_proto::Ack {
+                            seq: 1,
+                            status: AckStatus::Retry as i32,
+                            message: "disk full\nFORGED retry line".into(),
+                        }),
+                        2 => Ok(apm_proto::Ack {
+                            seq: 2,
+                            status: AckStatus::Rejected as i32,
+                            message: "bad\r\nFORGED rejected line\u{1b}[2J".into(),
+                        }),
+                        _ => Err(tonic::Status::unavailable("gone\nFORGED status line")),
+                    };
+                    if tx.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    fn batch(seq: u64) -> Batch {
+        Batch {
+            seq,
+            epoch: 0,
+            profiles: vec![crate::pipeline::model::Profile {
+                payload: bytes::Bytes::from_static(b"{}"),
+                received_ns: 1,
+                pid: 2,
+                uid: 3,
+                rss_bytes: 0,
+            }],
+        }
+    }
+
+    /// Messages from the central listener reach the agent's outcomes (hence its status and its
+    /// logs) escaped: no raw CR, LF or ESC, so a listener cannot forge agent log lines.
+    #[tokio::test]
+    async fn listener_messages_are_escaped_before_they_reach_logs() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(apm_proto::collector_server::CollectorServer::new(Forger))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let cfg = CentralConfig {
+            endpoint: format!("http://{addr}"),
+            compression: Compression::None,
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(20),
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a1".into(),
+            "h".into(),
+            Telemetry::new(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        let mut texts = Vec::new();
+        for seq in 1..=3 {
+            in_tx.send(batch(seq)).await.expect("send");
+            loop {
+                let o = tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
+                    .await
+                    .expect("an outcome in time")
+                    .expect("outcome");
+                match o {
+                    Outcome::Returned { reason, .. } => {
+                        texts.push(reason);
+                        break;
+                    }
+                    Outcome::Rejected { message, .. } => {
+                        texts.push(message);
+                        break;
+                    }
+                    Outcome::ConnectFailed { error } => texts.push(error),
+                    Outcome::Connected | Outcome::Acked { .. } => {}
+                }
+            }
+        }
+        stop.cancel();
+        run.await.expect("transport ends");
+
+        for t in &texts {
+            assert!(
+                !t.contains(['\n', '\r', '\u{1b}']),
+                "raw control character in {t:?}"
+            );
+        }
+        assert!(
+            texts[0].contains("disk full\\nFORGED retry line"),
+            "{texts:?}"
+        );
+        assert!(
+            texts[1].contains("bad\\r\\nFORGED rejected line\\u{1b}[2J"),
+            "{texts:?}"
+        );
+        assert!(texts[2].contains("gone\\nFORGED status line"), "{texts:?}");
+        let log = String::from_utf8(capture.0.lock().expect("lock").clone()).expect("utf8");
+        for line in log.lines() {
+            assert!(
+                !line.starts_with("FORGED"),
+                "forged log line {line:?} in:\n{log}"
+            );
+        }
+        for escaped in ["disk full\\nFORGED", "bad\\r\\nFORGED", "gone\\nFORGED"] {
+            assert!(
+                log.contains(escaped),
+                "{escaped} not logged escaped:\n{log}"
+            );
+        }
     }
 
     #[test]
