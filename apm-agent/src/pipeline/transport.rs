@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -29,6 +29,8 @@ use crate::telemetry::Telemetry;
 pub enum TransportError {
     #[error("central.endpoint `{endpoint}`: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("{key}: {reason}")]
+    Token { key: &'static str, reason: String },
     #[error("cannot read {what} {path}: {source}")]
     File {
         what: &'static str,
@@ -100,7 +102,68 @@ pub struct Transport {
     pub telemetry: Arc<Telemetry>,
     pub host_stats: HostStatsFn,
     endpoint: Endpoint,
-    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    token: Arc<BearerToken>,
+}
+
+/// The `authorization` value in use: read at start, swapped by a reload that re-reads
+/// `central.token_file`. Each new stream takes the current value (an open stream was
+/// authenticated when it opened and keeps going).
+#[derive(Debug, Default)]
+pub struct BearerToken(std::sync::RwLock<Option<MetadataValue<Ascii>>>);
+
+impl BearerToken {
+    /// Reads the token (`token_file` wins over `token`) into a header value marked sensitive,
+    /// so HTTP/2 never puts it in the HPACK dynamic table and `Debug` hides it.
+    fn read(cfg: &CentralConfig) -> Result<Option<MetadataValue<Ascii>>, TransportError> {
+        let (key, token) = match (&cfg.token_file, &cfg.token) {
+            (Some(p), _) => (
+                "central.token_file",
+                std::fs::read_to_string(p)
+                    .map_err(|source| TransportError::File {
+                        what: "central.token_file",
+                        path: p.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, Some(t)) => ("central.token", t.expose().to_string()),
+            (None, None) => return Ok(None),
+        };
+        let mut value: MetadataValue<Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| TransportError::Token {
+                    key,
+                    reason: "the bearer token has characters not allowed in a header".into(),
+                })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    pub fn new(cfg: &CentralConfig) -> Result<Self, TransportError> {
+        Ok(Self(std::sync::RwLock::new(Self::read(cfg)?)))
+    }
+
+    /// Re-reads the token; `Ok(true)` when it changed (used from the next stream on). On an
+    /// error the token in use is kept.
+    pub fn reload(&self, cfg: &CentralConfig) -> Result<bool, TransportError> {
+        let new = Self::read(cfg)?;
+        let mut cur = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = *cur != new;
+        *cur = new;
+        Ok(changed)
+    }
+
+    fn get(&self) -> Option<MetadataValue<Ascii>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Transport {
@@ -139,29 +202,7 @@ impl Transport {
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
         }
-        let token = match (&cfg.token_file, &cfg.token) {
-            (Some(p), _) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|source| TransportError::File {
-                        what: "central.token_file",
-                        path: p.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
-            (None, Some(t)) => Some(t.clone()),
-            (None, None) => None,
-        };
-        let token = token
-            .map(|t| {
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<_>>()
-                    .map_err(|_| {
-                        bad("the bearer token has characters not allowed in a header".into())
-                    })
-            })
-            .transpose()?;
+        let token = Arc::new(BearerToken::new(&cfg)?);
         Ok(Self {
             cfg,
             agent_id,
@@ -171,6 +212,11 @@ impl Transport {
             endpoint,
             token,
         })
+    }
+
+    /// The token in use, for the reload path to swap.
+    pub fn token(&self) -> Arc<BearerToken> {
+        self.token.clone()
     }
 
     /// Runs until `input` closes and nothing is in flight, or until `stop` (then whatever is
@@ -361,12 +407,12 @@ impl Transport {
 
 /// Adds `authorization: Bearer ...` to every request when a token is configured.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+struct Bearer(Arc<BearerToken>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(t) = &self.0 {
-            req.metadata_mut().insert("authorization", t.clone());
+        if let Some(t) = self.0.get() {
+            req.metadata_mut().insert("authorization", t);
         }
         Ok(req)
     }
@@ -663,6 +709,30 @@ mod tests {
                 "{escaped} not logged escaped:\n{log}"
             );
         }
+    }
+
+    /// The `authorization` value is marked sensitive, so HTTP/2 never puts it in the HPACK
+    /// dynamic table (and debug output of the headers hides it).
+    #[test]
+    fn authorization_header_is_sensitive() {
+        let cfg = CentralConfig {
+            token: Some("s3cr3t".into()),
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a".into(),
+            "h".into(),
+            Telemetry::new(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let req = Bearer(t.token.clone())
+            .call(tonic::Request::new(()))
+            .expect("intercepted");
+        let v = req.metadata().get("authorization").expect("set");
+        assert_eq!(v.as_bytes(), b"Bearer s3cr3t");
+        assert!(v.is_sensitive());
     }
 
     #[test]
