@@ -869,6 +869,18 @@ mod tests {
         .expect("TLS settings with https");
     }
 
+    /// The token never shows in `Debug` output (logs, panics); it still round-trips through
+    /// TOML, since that is how it is configured.
+    #[test]
+    fn debug_output_redacts_the_token() {
+        let cfg = Config::from_toml("[central]\ntoken = \"s3cr3t-value\"\n").expect("valid");
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert!(shown.contains("token: Some(<redacted>)"), "{shown}");
+        assert!(cfg.to_toml().contains("s3cr3t-value"));
+        assert!(!cfg.to_toml_redacted().contains("s3cr3t-value"));
+    }
+
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());

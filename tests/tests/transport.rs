@@ -368,5 +368,23 @@ fn token_file_is_re_read_on_reload() {
         |s| u(s, "/delivered") == 40,
     );
     assert_eq!(listener.stored().len(), 40);
+
+    // A token file that cannot be read refuses the reload and keeps the token in use.
+    std::fs::remove_file(&token).unwrap();
+    let out = agent.cli(&["reload"]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("reload refused") && said.contains("central.token_file"),
+        "{said}"
+    );
+    send(&agent, "kept", 10);
+    agent.wait_for(
+        Duration::from_secs(30),
+        "delivered with the kept token",
+        |s| u(s, "/delivered") == 50,
+    );
+    assert_eq!(listener.stored().len(), 50);
     assert_eq!(u(&agent.status().unwrap(), "/dropped/total"), 0);
 }
