@@ -109,7 +109,7 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Run => run_foreground(cfg, config_path),
         Command::CheckConfig => {
-            print!("{}", cfg.to_toml());
+            print!("{}", cfg.to_toml_redacted());
             eprintln!("configuration OK");
             0
         }

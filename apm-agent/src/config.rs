@@ -137,8 +137,9 @@ pub struct CentralConfig {
     /// Batch compression on the wire.
     pub compression: Compression,
     /// Bearer token sent as `authorization: Bearer <token>`.
-    pub token: Option<String>,
-    /// File holding the bearer token (read at start and on reload); wins over `token`.
+    pub token: Option<Secret>,
+    /// File holding the bearer token (read at start and re-read on reload, see
+    /// `daemon::signals`); wins over `token`.
     pub token_file: Option<PathBuf>,
     /// PEM CA bundle to verify the listener with (https endpoints); unset uses webpki roots.
     pub tls_ca_file: Option<PathBuf>,
@@ -477,9 +478,19 @@ impl Config {
         u32::from_str_radix(self.ingest.socket_mode.trim_start_matches("0o"), 8).unwrap_or(0o666)
     }
 
-    /// The effective configuration as TOML (for `check-config`).
+    /// The effective configuration as TOML, secrets included (see [`Self::to_toml_redacted`]).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// The effective configuration as TOML with `central.token` shown as `<redacted>` (for
+    /// `check-config`, whose output ends up in terminals, tickets and CI logs).
+    pub fn to_toml_redacted(&self) -> String {
+        let mut shown = self.clone();
+        if shown.central.token.is_some() {
+            shown.central.token = Some(Secret::REDACTED.into());
+        }
+        shown.to_toml()
     }
 }
 
@@ -589,6 +600,9 @@ impl CentralConfig {
                 format!("`{}` must start with http:// or https://", self.endpoint),
             ));
         }
+        if self.endpoint.starts_with("http://") {
+            self.validate_plain_http()?;
+        }
         if self.endpoint.parse::<tonic::transport::Uri>().is_err() {
             return Err(bad(
                 "central.endpoint",
@@ -606,6 +620,113 @@ impl CentralConfig {
         }
         Ok(())
     }
+}
+
+impl CentralConfig {
+    /// Over plain `http://`, TLS settings would be ignored (always a mistake), and a bearer
+    /// token would cross the network in clear text unless the listener is on this host.
+    fn validate_plain_http(&self) -> Result<(), ConfigError> {
+        if self.tls_ca_file.is_some() || self.tls_domain.is_some() {
+            let key = if self.tls_ca_file.is_some() {
+                "central.tls_ca_file"
+            } else {
+                "central.tls_domain"
+            };
+            return Err(bad(
+                key,
+                format!(
+                    "is a TLS setting but central.endpoint `{}` is plain http://; use an https:// endpoint",
+                    self.endpoint
+                ),
+            ));
+        }
+        if (self.token.is_some() || self.token_file.is_some()) && !self.endpoint_is_loopback() {
+            let key = if self.token_file.is_some() {
+                "central.token_file"
+            } else {
+                "central.token"
+            };
+            return Err(bad(
+                key,
+                format!(
+                    "a bearer token over plain http:// to `{}` (not loopback) would cross the network in clear text; use an https:// endpoint",
+                    self.endpoint
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The endpoint's host is `localhost` or a loopback address (127.0.0.0/8, ::1).
+    fn endpoint_is_loopback(&self) -> bool {
+        let Ok(uri) = self.endpoint.parse::<tonic::transport::Uri>() else {
+            return false;
+        };
+        let Some(host) = uri.host() else {
+            return false;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// A secret from the configuration (the bearer token): read and written as a plain string, but
+/// never shown by `Debug`, and `check-config` prints it redacted ([`Config::to_toml_redacted`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub const REDACTED: &'static str = "<redacted>";
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::REDACTED)
+    }
+}
+
+/// Files holding a secret that every local user can read (mode `o+r`), as
+/// `"<key> <path>"`: the token file, and the config file when it holds `central.token`. Group
+/// read is not reported: the group is the operator's choice (e.g. an admin group), "others" is
+/// every account on the host, PHP's included.
+pub fn secrets_readable_by_others(cfg: &Config, config_path: Option<&Path>) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let others_read =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+    let mut found = Vec::new();
+    if cfg.central.token.is_some()
+        && let Some(p) = config_path
+        && others_read(p)
+    {
+        found.push(format!("central.token {}", p.display()));
+    }
+    if let Some(p) = &cfg.central.token_file
+        && others_read(p)
+    {
+        found.push(format!("central.token_file {}", p.display()));
+    }
+    found
 }
 
 impl BreakerConfig {
@@ -739,6 +860,58 @@ fn apply_env_overrides(
 mod tests {
     use super::*;
 
+    /// A bearer token (or TLS settings) with a plain `http://` endpoint to another host would
+    /// cross the network in clear text (or be ignored): an error naming the key. Loopback is
+    /// fine (a local relay or the demo).
+    #[test]
+    fn secrets_over_plain_http_to_another_host_are_refused() {
+        for (line, key) in [
+            ("token = \"t\"", "central.token"),
+            ("token_file = \"/t\"", "central.token_file"),
+            ("tls_ca_file = \"/ca.pem\"", "central.tls_ca_file"),
+            ("tls_domain = \"x.example\"", "central.tls_domain"),
+        ] {
+            for endpoint in ["http://10.1.2.3:7421", "http://listener.example:7421"] {
+                let e =
+                    Config::from_toml(&format!("[central]\nendpoint = \"{endpoint}\"\n{line}\n"))
+                        .expect_err("refused")
+                        .to_string();
+                assert!(
+                    e.contains(key) && e.contains("https://"),
+                    "{endpoint} {line}: {e}"
+                );
+            }
+        }
+        for endpoint in [
+            "http://127.0.0.1:7421",
+            "http://127.1.2.3:7421",
+            "http://[::1]:7421",
+            "http://localhost:7421",
+            "https://listener.example:7421",
+        ] {
+            Config::from_toml(&format!(
+                "[central]\nendpoint = \"{endpoint}\"\ntoken = \"t\"\n"
+            ))
+            .unwrap_or_else(|e| panic!("{endpoint}: {e}"));
+        }
+        Config::from_toml(
+            "[central]\nendpoint = \"https://l.example\"\ntls_ca_file = \"/ca.pem\"\n",
+        )
+        .expect("TLS settings with https");
+    }
+
+    /// The token never shows in `Debug` output (logs, panics); it still round-trips through
+    /// TOML, since that is how it is configured.
+    #[test]
+    fn debug_output_redacts_the_token() {
+        let cfg = Config::from_toml("[central]\ntoken = \"s3cr3t-value\"\n").expect("valid");
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert!(shown.contains("token: Some(<redacted>)"), "{shown}");
+        assert!(cfg.to_toml().contains("s3cr3t-value"));
+        assert!(!cfg.to_toml_redacted().contains("s3cr3t-value"));
+    }
+
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::from_toml("").unwrap(), Config::default());
@@ -851,7 +1024,7 @@ mod tests {
     #[test]
     fn env_overrides_win_and_parse_types() {
         let env = |k: &str| match k {
-            "APM_CENTRAL_ENDPOINT" => Some("http://10.0.0.1:9".to_string()),
+            "APM_CENTRAL_ENDPOINT" => Some("https://10.0.0.1:9".to_string()),
             "APM_INGEST_QUEUE_LEN" => Some("512".to_string()),
             "APM_CENTRAL_TOKEN" => Some("s3cr3t".to_string()),
             "APM_EBPF_PHP_COMMS" => Some(r#"["php-fpm8.2"]"#.to_string()),
@@ -859,7 +1032,7 @@ mod tests {
         };
         let cfg = Config::from_toml_with_env("[central]\nendpoint = \"http://file:1\"\n", "t", env)
             .unwrap();
-        assert_eq!(cfg.central.endpoint, "http://10.0.0.1:9");
+        assert_eq!(cfg.central.endpoint, "https://10.0.0.1:9");
         assert_eq!(cfg.ingest.queue_len, 512);
         assert_eq!(cfg.central.token.as_deref(), Some("s3cr3t"));
         assert_eq!(cfg.ebpf.php_comms, vec!["php-fpm8.2".to_string()]);

@@ -42,6 +42,9 @@ pub struct StatusSource {
     pub restarts: u64,
     /// The stages' heartbeats and reported failures.
     pub live: Arc<crate::pipeline::liveness::Liveness>,
+    /// Secret files every local user can read, found at start
+    /// (`config::secrets_readable_by_others`).
+    pub secrets_readable_by_others: Vec<String>,
 }
 
 impl StatusSource {
@@ -97,6 +100,7 @@ impl StatusSource {
             dropped,
             breaker: self.breaker().to_string(),
             stage_failures: self.live.failures(),
+            secrets_readable_by_others: self.secrets_readable_by_others.clone(),
             stream_connections: t.stream_connections.get(),
             connections_refused: {
                 let mut m: std::collections::BTreeMap<String, u64> = ConnRefusal::ALL

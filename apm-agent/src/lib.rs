@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod escape;
 pub mod events;
 pub mod fsutil;
 pub mod fuzzing;

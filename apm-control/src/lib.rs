@@ -58,6 +58,10 @@ pub struct Status {
     /// Stages that cannot do their work now (and keep trying), with the reason; empty when
     /// every stage works. The watchdog is withheld while one is listed.
     pub stage_failures: BTreeMap<String, String>,
+    /// Files holding a secret (`central.token_file`, or the config file when it holds
+    /// `central.token`) that every local user can read, as `"<key> <path>"`; found at start.
+    #[serde(default)]
+    pub secrets_readable_by_others: Vec<String>,
     pub stream_connections: i64,
     /// Client connections the agent closed or refused (`per_uid_limit`, `frame_timeout`,
     /// `buffer_budget`, `metrics_limit`), and `total`.

@@ -61,6 +61,21 @@ impl IntervalSet {
         true
     }
 
+    /// Whether inserting `v` would add a range: `v` is neither held nor next to a held range.
+    /// (Inserting it otherwise extends or merges ranges, which never grows the set.)
+    pub fn would_add_range(&self, v: u64) -> bool {
+        if self.contains(v) {
+            return false;
+        }
+        let ends_before = v
+            .checked_sub(1)
+            .is_some_and(|prev| self.range_of(prev).is_some());
+        let starts_after = v
+            .checked_add(1)
+            .is_some_and(|next| self.ranges.contains_key(&next));
+        !ends_before && !starts_after
+    }
+
     /// Removes `v` (used to roll back a group whose write failed); returns false when absent.
     pub fn remove(&mut self, v: u64) -> bool {
         let Some((start, end)) = self.range_of(v) else {
@@ -130,6 +145,23 @@ mod tests {
         assert!(!s.contains(0));
         assert!(!s.contains(9));
         assert!(s.contains(6));
+    }
+
+    #[test]
+    fn would_add_range_only_for_isolated_values() {
+        let mut s = IntervalSet::new();
+        assert!(s.would_add_range(5));
+        for v in [5, 6, 10] {
+            s.insert(v);
+        }
+        assert!(!s.would_add_range(4), "extends 5..=6 downwards");
+        assert!(!s.would_add_range(7), "extends 5..=6 upwards");
+        assert!(!s.would_add_range(6), "held");
+        assert!(!s.would_add_range(9), "extends 10");
+        assert!(s.would_add_range(8));
+        assert!(s.would_add_range(0) && s.would_add_range(u64::MAX));
+        s.insert(u64::MAX);
+        assert!(!s.would_add_range(u64::MAX - 1));
     }
 
     #[test]

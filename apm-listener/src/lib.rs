@@ -6,6 +6,7 @@
 //! thread (dedup by `(agent_id, seq)`, group commit: one `writev` and at most one fdatasync per
 //! group) → answers back to each stream. See `docs/listener.md`.
 
+pub mod auth;
 pub mod cli;
 pub mod format;
 pub mod intervals;
@@ -15,5 +16,5 @@ pub mod stats;
 pub mod store;
 
 pub use cli::Args;
-pub use server::{Faults, Listener, ListenerConfig, ServerError, TlsFiles};
+pub use server::{Faults, Limits, Listener, ListenerConfig, ServerError, TlsFiles};
 pub use stats::StatsSnapshot;

@@ -6,20 +6,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apm_proto::collector_server::CollectorServer;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::server::TcpIncoming;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tracing::{info, warn};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{debug, info, warn};
+
+use crate::auth::{Auth, AuthError};
 
 use crate::service::{CollectorService, Shared};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{self, StoreError, Writer, WriterMsg, WriterOptions};
 
-/// Largest accepted (decompressed) batch.
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Batches queued for the writer, over all streams.
 const WRITER_QUEUE: usize = 256;
 /// How long shutdown waits for streams to ack what was stored and for connections to close.
@@ -48,6 +58,8 @@ pub enum ServerError {
     Stopped,
     #[error("recovering the output file panicked or was cancelled: {0}")]
     Join(tokio::task::JoinError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// PEM files of the server certificate (chain) and its private key.
@@ -69,15 +81,45 @@ pub struct Faults {
     pub fail_first: u64,
 }
 
+/// Bounds on what agents can make the listener hold (see `docs/listener.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most; one more is closed at accept.
+    pub max_connections: usize,
+    /// HTTP/2 streams open at once per connection.
+    pub max_concurrent_streams: u32,
+    /// Largest accepted (decompressed) batch.
+    pub max_message_bytes: usize,
+    /// Dedup series (agent id + epoch) tracked at most.
+    pub max_series: usize,
+    /// Seq ranges per series at most.
+    pub max_ranges: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,      // a fleet's agents, one connection each, plus slack
+            max_concurrent_streams: 16, // an agent opens one stream per connection
+            max_message_bytes: 64 << 20, // the agent's own encoding limit
+            max_series: store::DEFAULT_MAX_SERIES,
+            max_ranges: store::DEFAULT_MAX_RANGES,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub listen: SocketAddr,
     pub out: PathBuf,
-    /// Require `authorization: Bearer <token>`.
+    /// Require `authorization: Bearer <token>` (any agent id).
     pub token: Option<String>,
+    /// `AGENT_ID TOKEN` lines: each token may only send for its agent id.
+    pub tokens_file: Option<PathBuf>,
     pub tls: Option<TlsFiles>,
     /// fdatasync each group before acking (else: acked once write(2) returned).
     pub fsync: bool,
+    pub limits: Limits,
     pub faults: Faults,
     /// Period of the stats log line; zero disables it (the exit line stays).
     pub stats_interval: Duration,
@@ -89,8 +131,10 @@ impl ListenerConfig {
             listen,
             out,
             token: None,
+            tokens_file: None,
             tls: None,
             fsync: false,
+            limits: Limits::default(),
             faults: Faults::default(),
             stats_interval: Duration::from_secs(10),
         }
@@ -106,12 +150,18 @@ pub struct Listener {
     writer_tx: mpsc::Sender<WriterMsg>,
     writer: std::thread::JoinHandle<()>,
     ticker: JoinHandle<()>,
+    health: HealthReporter,
     started: Instant,
 }
 
 impl Listener {
     /// Recovers the output file, starts the writer, binds and serves.
     pub async fn start(cfg: ListenerConfig) -> Result<Self, ServerError> {
+        let auth = match (&cfg.tokens_file, &cfg.token) {
+            (Some(path), _) => Auth::from_tokens_file(path)?,
+            (None, Some(token)) => Auth::shared(token),
+            (None, None) => Auth::Open,
+        };
         let out = cfg.out.clone();
         let (file, seen, rec) = tokio::task::spawn_blocking(move || store::open(&out))
             .await
@@ -147,6 +197,8 @@ impl Listener {
         let stats = Arc::new(Stats::default());
         let opts = WriterOptions {
             fsync: cfg.fsync,
+            max_series: cfg.limits.max_series,
+            max_ranges: cfg.limits.max_ranges,
             fail_first: cfg.faults.fail_first,
             drop_before_ack: cfg.faults.drop_before_ack,
         };
@@ -164,21 +216,33 @@ impl Listener {
             addr: cfg.listen,
             source,
         })?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = limit_connections(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            cfg.limits.max_connections,
+            stats.clone(),
+        );
 
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             writer: writer_tx.clone(),
             stats: stats.clone(),
-            expected_auth: cfg.token.as_ref().map(|t| format!("Bearer {t}")),
+            auth,
             ack_delay: cfg.faults.ack_delay,
             shutdown: shutdown.clone(),
         });
         let svc = CollectorServer::new(CollectorService::new(shared))
             .accept_compressed(CompressionEncoding::Gzip)
             .accept_compressed(CompressionEncoding::Zstd)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(cfg.limits.max_message_bytes);
+        // `grpc.health.v1`: "" and the Collector answer SERVING until shutdown starts.
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<CollectorServer<CollectorService>>()
+            .await;
         let mut builder = Server::builder()
+            .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
+            // Agents send one small header; a client that sends huge ones is not an agent.
+            .http2_max_header_list_size(Some(64 << 10))
             // Large windows: a batch of 1 KiB profiles is ~1 MiB, and 64 KiB windows would
             // cost a round trip every 64 KiB.
             .initial_stream_window_size(Some(8 << 20))
@@ -191,6 +255,7 @@ impl Listener {
         let signal = shutdown.clone();
         let serve = tokio::spawn(
             builder
+                .add_service(health_svc)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move { signal.cancelled().await }),
         );
@@ -201,7 +266,9 @@ impl Listener {
             out = %cfg.out.display(),
             tls = cfg.tls.is_some(),
             token = cfg.token.is_some(),
+            tokens_file = cfg.tokens_file.as_ref().map(|p| p.display().to_string()),
             fsync = cfg.fsync,
+            limits = ?cfg.limits,
             "apm-listener serving"
         );
         if cfg.faults.drop_before_ack.is_some()
@@ -218,6 +285,7 @@ impl Listener {
             writer_tx,
             writer,
             ticker,
+            health,
             started: Instant::now(),
         })
     }
@@ -243,6 +311,13 @@ impl Listener {
     /// Stops accepting, lets every stream ack what was stored, finishes the writes, and logs the
     /// final stats.
     pub async fn shutdown(self) -> Result<StatsSnapshot, ServerError> {
+        // Probes see NOT_SERVING while the streams drain.
+        self.health
+            .set_not_serving::<CollectorServer<CollectorService>>()
+            .await;
+        self.health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         self.shutdown.cancel();
         let mut serve = self.serve;
         let served = match tokio::time::timeout(SHUTDOWN_GRACE, &mut serve).await {
@@ -268,6 +343,80 @@ impl Listener {
         );
         served.map(|()| snap)
     }
+}
+
+/// A connection that holds one of the `--max-connections` permits until it is dropped.
+pub struct LimitedConn {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedConn {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Admits at most `max` open connections; one more is closed at once (counted), so its agent
+/// sees an error and backs off instead of waiting in the accept queue.
+fn limit_connections(
+    incoming: TcpIncoming,
+    max: usize,
+    stats: Arc<Stats>,
+) -> impl Stream<Item = std::io::Result<LimitedConn>> {
+    let permits = Arc::new(Semaphore::new(max));
+    incoming.filter_map(move |conn| match conn {
+        Ok(inner) => {
+            if let Ok(permit) = permits.clone().try_acquire_owned() {
+                Some(Ok(LimitedConn {
+                    inner,
+                    _permit: permit,
+                }))
+            } else {
+                stats.refused_connections.fetch_add(1, Relaxed);
+                debug!(peer = ?inner.peer_addr().ok(), max, "connection closed: --max-connections reached");
+                None
+            }
+        }
+        Err(e) => Some(Err(e)),
+    })
 }
 
 async fn stats_ticker(stats: Arc<Stats>, every: Duration) {

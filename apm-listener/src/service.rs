@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::{Admitted, Auth};
 use crate::format::encode_batch;
 use crate::stats::Stats;
 use crate::store::{Outcome, Reply, Submission, WriterMsg};
@@ -28,8 +29,8 @@ const STREAM_WINDOW: usize = 64;
 pub struct Shared {
     pub writer: mpsc::Sender<WriterMsg>,
     pub stats: Arc<Stats>,
-    /// `authorization` value required (`Bearer <token>`), if any.
-    pub expected_auth: Option<String>,
+    /// Who may open a stream, and for which agent ids it may send.
+    pub auth: Auth,
     /// Each ack waits this long after its write completed (fault injection).
     pub ack_delay: Duration,
     /// Cancelled at shutdown: streams stop reading, ack what was stored, and end.
@@ -47,11 +48,6 @@ impl CollectorService {
     }
 }
 
-/// Compares without an early exit, so the time taken does not reveal how much of a token matched.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -65,27 +61,25 @@ impl Collector for CollectorService {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".into(), |a| a.to_string());
-        if let Some(expected) = &self.shared.expected_auth {
-            let given = request
-                .metadata()
-                .get("authorization")
-                .map(tonic::metadata::MetadataValue::as_bytes)
-                .unwrap_or_default();
-            if !same_secret(given, expected.as_bytes()) {
-                self.shared.stats.unauthenticated.fetch_add(1, Relaxed);
-                warn!(peer = %peer, "stream refused: missing or wrong bearer token");
-                return Err(Status::unauthenticated(
-                    "missing or wrong bearer token (authorization: Bearer <token>)",
-                ));
-            }
-        }
+        let given = request
+            .metadata()
+            .get("authorization")
+            .map(tonic::metadata::MetadataValue::as_bytes)
+            .unwrap_or_default();
+        let Some(admitted) = self.shared.auth.admit(given) else {
+            self.shared.stats.unauthenticated.fetch_add(1, Relaxed);
+            warn!(peer = %peer, "stream refused: missing or wrong bearer token");
+            return Err(Status::unauthenticated(
+                "missing or wrong bearer token (authorization: Bearer <token>)",
+            ));
+        };
         self.shared.stats.streams.fetch_add(1, Relaxed);
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
         let shared = self.shared.clone();
         let inbound = request.into_inner();
         tokio::spawn(async move {
             debug!(peer = %peer, "stream opened");
-            let end = run_stream(inbound, tx, &shared).await;
+            let end = run_stream(inbound, tx, &shared, &admitted).await;
             debug!(peer = %peer, end = ?end, "stream closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -111,6 +105,7 @@ async fn run_stream(
     mut inbound: Streaming<Batch>,
     tx: mpsc::Sender<Result<Ack, Status>>,
     shared: &Shared,
+    admitted: &Admitted,
 ) -> StreamEnd {
     let mut pending: VecDeque<(u64, oneshot::Receiver<Reply>)> = VecDeque::new();
     let mut spare_bufs: Vec<Vec<u8>> = Vec::new();
@@ -163,11 +158,13 @@ async fn run_stream(
                     Ok(Some(batch)) => {
                         let seq = batch.seq;
                         let (reply_tx, reply_rx) = oneshot::channel();
-                        if batch.agent_id.is_empty() {
+                        if let Some(why) = refusal(&batch, admitted, &shared.stats) {
                             // Never storable; answered in order with the others, without the writer.
                             shared.stats.rejected_batches.fetch_add(1, Relaxed);
+                            warn!(agent_id = %batch.agent_id.escape_debug(), seq, reason = %why,
+                                  "batch rejected");
                             let _ = reply_tx.send(Reply {
-                                outcome: Outcome::Rejected("batch without agent_id".into()),
+                                outcome: Outcome::Rejected(why),
                                 buf: Vec::new(),
                                 done_at: Instant::now(),
                             });
@@ -198,4 +195,24 @@ async fn run_stream(
         let _ = tx.send(Err(status.clone())).await;
     }
     end
+}
+
+/// Why `batch` can never be stored, if so: no agent id, no profiles (acking an empty batch as
+/// stored would mark its seq as seen with nothing in the file), or an agent id that the stream's
+/// token may not send for (it would fill another agent's dedup state).
+fn refusal(batch: &Batch, admitted: &Admitted, stats: &Stats) -> Option<String> {
+    if batch.agent_id.is_empty() {
+        return Some("batch without agent_id".into());
+    }
+    if batch.profiles.is_empty() {
+        return Some("batch with no profiles".into());
+    }
+    if !admitted.may_send_for(&batch.agent_id) {
+        stats.wrong_agent_batches.fetch_add(1, Relaxed);
+        return Some(format!(
+            "agent_id {:?} is not the agent id this token is bound to",
+            batch.agent_id
+        ));
+    }
+    None
 }

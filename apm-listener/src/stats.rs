@@ -25,6 +25,14 @@ pub struct Stats {
     pub write_errors: AtomicU64,
     pub streams: AtomicU64,
     pub unauthenticated: AtomicU64,
+    /// Answered RETRY because the dedup state is at its bound (`--max-agents`,
+    /// `--max-seq-ranges`); also counted in `retried_batches`.
+    pub dedup_full_batches: AtomicU64,
+    /// Answered REJECTED because the batch's agent id is not the one its token is bound to
+    /// (`--tokens-file`); also counted in `rejected_batches`.
+    pub wrong_agent_batches: AtomicU64,
+    /// Connections closed at accept because `--max-connections` were open.
+    pub refused_connections: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -42,6 +50,9 @@ pub struct StatsSnapshot {
     pub write_errors: u64,
     pub streams: u64,
     pub unauthenticated: u64,
+    pub dedup_full_batches: u64,
+    pub wrong_agent_batches: u64,
+    pub refused_connections: u64,
 }
 
 impl Stats {
@@ -59,6 +70,9 @@ impl Stats {
             write_errors: self.write_errors.load(Relaxed),
             streams: self.streams.load(Relaxed),
             unauthenticated: self.unauthenticated.load(Relaxed),
+            dedup_full_batches: self.dedup_full_batches.load(Relaxed),
+            wrong_agent_batches: self.wrong_agent_batches.load(Relaxed),
+            refused_connections: self.refused_connections.load(Relaxed),
         }
     }
 }
@@ -83,6 +97,10 @@ impl StatsSnapshot {
             writes_total = self.writes,
             bytes_written_total = self.bytes_written,
             streams_total = self.streams,
+            unauthenticated_total = self.unauthenticated,
+            dedup_full_batches_total = self.dedup_full_batches,
+            wrong_agent_batches_total = self.wrong_agent_batches,
+            refused_connections_total = self.refused_connections,
             profiles_per_s = rate.round() as u64,
             "{what}"
         );

@@ -147,7 +147,7 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
             rec.foreign_lines += 1;
             if let Some(b) = open.take() {
                 rec.broken_batches += 1;
-                warn!(path = %path.display(), series = %b.series, seq = b.seq, offset = b.start,
+                warn!(path = %path.display(), series = %b.series.escape_debug(), seq = b.seq, offset = b.start,
                       "incomplete batch inside the output file; not counted as stored");
             }
             warn!(path = %path.display(), offset = start, "output file line is not a listener line; left as is");
@@ -173,12 +173,12 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
         if !continues {
             if let Some(b) = open.take() {
                 rec.broken_batches += 1;
-                warn!(path = %path.display(), series = %b.series, seq = b.seq, offset = b.start,
+                warn!(path = %path.display(), series = %b.series.escape_debug(), seq = b.seq, offset = b.start,
                       "incomplete batch inside the output file; not counted as stored");
             }
             if index != 0 {
                 rec.foreign_lines += 1;
-                warn!(path = %path.display(), offset = start, agent_id = %key.agent_id, seq = key.seq,
+                warn!(path = %path.display(), offset = start, agent_id = %key.agent_id.escape_debug(), seq = key.seq,
                       batch_index = index, "line out of its batch; left as is");
                 good_end = offset;
                 continue;
@@ -301,14 +301,36 @@ pub enum WriterMsg {
     Stop,
 }
 
-/// Writer behaviour: durability and the fault-injection knobs.
-#[derive(Debug, Clone, Default)]
+/// Writer behaviour: durability, the bounds of the dedup state and the fault-injection knobs.
+#[derive(Debug, Clone)]
 pub struct WriterOptions {
     pub fsync: bool,
+    /// Series (agent id + epoch) tracked at most; a batch of one more is answered RETRY.
+    pub max_series: usize,
+    /// Seq ranges per series at most; a seq that would open one more is answered RETRY.
+    pub max_ranges: usize,
     /// Answer the first N batches RETRY without storing them.
     pub fail_first: u64,
     /// After storing the N-th batch (1-based), answer `DropBeforeAck`, once.
     pub drop_before_ack: Option<u64>,
+}
+
+/// Default of `--max-agents`: far above a fleet per listener, low enough to bound memory.
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+/// Default of `--max-seq-ranges`: an honest agent has a handful of gaps (spool replays
+/// pending), so 1024 is generous; 10 000 series x 1024 ranges stays in the hundreds of MiB.
+pub const DEFAULT_MAX_RANGES: usize = 1024;
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        Self {
+            fsync: false,
+            max_series: DEFAULT_MAX_SERIES,
+            max_ranges: DEFAULT_MAX_RANGES,
+            fail_first: 0,
+            drop_before_ack: None,
+        }
+    }
 }
 
 /// At most this many batches per group: one `writev` takes up to IOV_MAX (1024) buffers.
@@ -415,15 +437,7 @@ impl Writer {
                     self.opts.fail_first
                 )))
             } else {
-                let set = match self.seen.get_mut(s.series.as_str()) {
-                    Some(set) => set,
-                    None => self.seen.entry(s.series.clone()).or_default(),
-                };
-                if set.insert(s.seq) {
-                    Pending::Write
-                } else {
-                    Pending::Decided(Outcome::Duplicate)
-                }
+                self.dedup(s)
             };
             decisions.push(d);
         }
@@ -437,6 +451,10 @@ impl Writer {
                     // Nothing of this group is stored: forget the seqs it added.
                     if let Some(set) = self.seen.get_mut(s.series.as_str()) {
                         set.remove(s.seq);
+                        // An emptied series must not count against --max-agents.
+                        if set.is_empty() {
+                            self.seen.remove(s.series.as_str());
+                        }
                     }
                     Outcome::Retry(e.clone())
                 }
@@ -477,6 +495,37 @@ impl Writer {
                 done_at,
             });
         }
+    }
+
+    /// Marks `s` as seen, or says why not. At a bound the answer is RETRY, never DUPLICATE: a
+    /// full dedup state must not make the listener claim it stored what it did not. Recovery
+    /// may load more than the bounds (the file is the truth); they only stop further growth.
+    fn dedup(&mut self, s: &Submission) -> Pending {
+        let full = |stats: &Stats, what: String| {
+            stats.dedup_full_batches.fetch_add(1, Relaxed);
+            warn!(series = %s.series.escape_debug(), seq = s.seq, bound = %what,
+                  "dedup state full: batch answered RETRY");
+            Pending::Decided(Outcome::Retry(format!(
+                "listener dedup state full ({what}); retry later"
+            )))
+        };
+        if let Some(set) = self.seen.get_mut(s.series.as_str()) {
+            if set.contains(s.seq) {
+                return Pending::Decided(Outcome::Duplicate);
+            }
+            if set.range_count() >= self.opts.max_ranges && set.would_add_range(s.seq) {
+                let what = format!("{} seq ranges for this agent", self.opts.max_ranges);
+                return full(&self.stats, what);
+            }
+            set.insert(s.seq);
+            return Pending::Write;
+        }
+        if self.seen.len() >= self.opts.max_series {
+            let what = format!("{} agents tracked", self.opts.max_series);
+            return full(&self.stats, what);
+        }
+        self.seen.entry(s.series.clone()).or_default().insert(s.seq);
+        Pending::Write
     }
 
     /// Writes the lines of the batches marked `Write`, then flushes or fdatasyncs. On failure the
@@ -801,6 +850,76 @@ mod tests {
                 (1, Outcome::Duplicate)
             ]
         );
+    }
+
+    /// An agent that leaves a gap after every seq cannot grow its dedup state past the bound
+    /// (1024 ranges per series by default): a seq that would open one more range is answered
+    /// RETRY, never DUPLICATE, and is stored once a gap fills. Seqs that extend or merge
+    /// ranges, and true duplicates, are answered as usual.
+    #[test]
+    fn seq_gaps_beyond_the_bound_answer_retry_never_duplicate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, _) = writer(&dir.path().join("out.jsonl"));
+        let odd: Vec<Batch> = (0..1024).map(|k| batch("g", 2 * k + 1, 1)).collect();
+        let out = submit(&mut w, odd);
+        assert!(out.iter().all(|(_, o)| *o == Outcome::Stored));
+        assert_eq!(w.seen["g"].range_count(), 1024);
+        let out = submit(&mut w, vec![batch("g", 5000, 1)]);
+        assert!(
+            matches!(&out[0].1, Outcome::Retry(m) if m.contains("seq ranges")),
+            "{out:?}"
+        );
+        assert!(!w.seen["g"].contains(5000));
+        // Extends the last range (2047 -> 2048), merges two (2), a duplicate (1): all as usual.
+        let out = submit(
+            &mut w,
+            vec![batch("g", 2048, 1), batch("g", 2, 1), batch("g", 1, 1)],
+        );
+        assert_eq!(
+            out,
+            vec![
+                (2048, Outcome::Stored),
+                (2, Outcome::Stored),
+                (1, Outcome::Duplicate)
+            ]
+        );
+        // Merging freed a range: the resend of 5000 is stored now.
+        assert_eq!(
+            submit(&mut w, vec![batch("g", 5000, 1)]),
+            vec![(5000, Outcome::Stored)]
+        );
+        assert_eq!(w.stats.snapshot().dedup_full_batches, 1);
+        let stored: u64 = 1024 + 3;
+        assert_eq!(w.stats.snapshot().batches_stored, stored);
+    }
+
+    /// Agents beyond the bound (10 000 series by default) are answered RETRY, not DUPLICATE,
+    /// and nothing of theirs is tracked; agents already known go on.
+    #[test]
+    fn agents_beyond_the_bound_answer_retry_never_duplicate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, _) = writer(&dir.path().join("out.jsonl"));
+        for chunk in (0..10_000).collect::<Vec<u32>>().chunks(1000) {
+            let out = submit(
+                &mut w,
+                chunk
+                    .iter()
+                    .map(|i| batch(&format!("a{i}"), 1, 1))
+                    .collect(),
+            );
+            assert!(out.iter().all(|(_, o)| *o == Outcome::Stored));
+        }
+        let out = submit(
+            &mut w,
+            vec![batch("new", 1, 1), batch("a7", 2, 1), batch("a7", 1, 1)],
+        );
+        assert!(
+            matches!(&out[0].1, Outcome::Retry(m) if m.contains("agents")),
+            "{out:?}"
+        );
+        assert_eq!(out[1..], [(2, Outcome::Stored), (1, Outcome::Duplicate)]);
+        assert!(!w.seen.contains_key("new"));
+        assert_eq!(w.seen.len(), 10_000);
     }
 
     /// A failed write answers RETRY and forgets the group's seqs, so the resend is stored.

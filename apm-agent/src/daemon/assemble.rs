@@ -25,7 +25,7 @@ use crate::pipeline::liveness::Liveness;
 use crate::pipeline::model::Batch;
 use crate::pipeline::router::{Router, RouterDeps, RouterIo};
 use crate::pipeline::spool::Spool;
-use crate::pipeline::transport::Transport;
+use crate::pipeline::transport::{BearerToken, Transport};
 use crate::state::SeqAllocator;
 use crate::telemetry::{DropReason, Telemetry};
 
@@ -52,6 +52,8 @@ pub struct Pipeline {
     pub memory_restart: mpsc::Receiver<()>,
     /// A stage that ended before the stop names itself here.
     pub died: mpsc::UnboundedReceiver<&'static str>,
+    /// The transport's bearer token, re-read from `central.token_file` on reload.
+    pub token: Arc<BearerToken>,
     monitor: Arc<Monitor>,
     tasks: Tasks,
     stop: Stops,
@@ -105,6 +107,7 @@ impl Pipeline {
         let live = Arc::new(Liveness::default());
         let router = router(cfg, &deps, live.clone(), spill.clone())?;
         let transport = transport(cfg, &deps, &monitor)?;
+        let token = transport.token();
         let status = status_source(cfg, &deps, &monitor, live.clone());
         let (died_tx, died) = mpsc::unbounded_channel();
         let (tasks, requests) = spawn_stages(
@@ -130,6 +133,7 @@ impl Pipeline {
             requests,
             memory_restart,
             died,
+            token,
             monitor,
             tasks,
             stop,
@@ -288,7 +292,18 @@ fn status_source(
     live: Arc<Liveness>,
 ) -> StatusSource {
     let m = monitor.clone();
+    let secrets_readable_by_others =
+        crate::config::secrets_readable_by_others(cfg, deps.config_path.as_deref());
+    for s in &secrets_readable_by_others {
+        let (key, path) = s.split_once(' ').unwrap_or((s.as_str(), ""));
+        tracing::warn!(
+            key,
+            path,
+            "a file holding a secret is readable by every local user: chmod o-r it"
+        );
+    }
     StatusSource {
+        secrets_readable_by_others,
         telemetry: deps.telemetry.clone(),
         php: deps.php.clone(),
         agent_id: deps.agent_id.clone(),

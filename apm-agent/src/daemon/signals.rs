@@ -14,6 +14,7 @@ use crate::daemon::StartError;
 use crate::daemon::assemble::Pipeline;
 use crate::pipeline::ingest::StopKind;
 use crate::pipeline::liveness::Liveness;
+use crate::pipeline::transport::BearerToken;
 
 /// Why serving ended, and so how the pipeline stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +68,7 @@ pub async fn serve(
         tokio::select! {
             _ = s.term.recv() => { tracing::info!(signal = "TERM", "stopping"); return end(final_kind) }
             _ = s.int.recv() => { tracing::info!(signal = "INT", "stopping"); return end(final_kind) }
-            _ = s.hup.recv() => { let _ = reload(cfg, config_path); }
+            _ = s.hup.recv() => { let _ = reload(cfg, config_path, &p.token); }
             _ = s.usr1.recv() => tracing::info!(status = %serde_json::to_string(&p.status.status()).unwrap_or_default(), "status dump"),
             Some(()) = p.memory_restart.recv() => {
                 // Under systemd the fd store keeps the sockets and `Restart=always` starts us
@@ -79,7 +80,7 @@ pub async fn serve(
                 return Ending { kind: final_kind, memory_restart: false, stage_died: Some(stage) };
             }
             Some(req) = p.requests.recv() => match req {
-                ControlRequest::Reload(reply) => { let _ = reply.send(reload(cfg, config_path)); }
+                ControlRequest::Reload(reply) => { let _ = reply.send(reload(cfg, config_path, &p.token)); }
                 ControlRequest::Restart(reply) => {
                     tracing::info!("restart requested: handing the sockets to a new process image");
                     let _ = reply.send(Ok("restarting: the sockets are handed over, nothing is dropped".into()));
@@ -129,8 +130,10 @@ pub async fn watchdog(live: Arc<Liveness>, source: StatusSource, stop: Cancellat
 }
 
 /// Re-reads the config file. A bad file is refused and the running config kept. Keys that only
-/// take effect on restart are named in the log.
-fn reload(current: &Config, path: Option<&Path>) -> Result<String, String> {
+/// take effect on restart are named in the log. `central.token_file`, when it names the same
+/// file as at start, is re-read and its token used from the next stream on (token rotation
+/// without a restart); a file that cannot be read refuses the reload and keeps the token.
+fn reload(current: &Config, path: Option<&Path>, token: &BearerToken) -> Result<String, String> {
     match Config::load(path) {
         Ok(new) => {
             let mut restart_needed = Vec::new();
@@ -142,7 +145,7 @@ fn reload(current: &Config, path: Option<&Path>) -> Result<String, String> {
             check!(
                 ingest, batch, central, breaker, spool, limits, ebpf, control
             );
-            let msg = if restart_needed.is_empty() {
+            let mut msg = if restart_needed.is_empty() {
                 "configuration unchanged".to_string()
             } else {
                 format!(
@@ -150,6 +153,22 @@ fn reload(current: &Config, path: Option<&Path>) -> Result<String, String> {
                     restart_needed.join(", ")
                 )
             };
+            if new.central.token_file.is_some()
+                && new.central.token_file == current.central.token_file
+            {
+                match token.reload(&new.central) {
+                    Ok(true) => msg.push_str(
+                        "; central.token_file re-read: the new token is used from the next stream",
+                    ),
+                    Ok(false) => msg.push_str("; central.token_file re-read: token unchanged"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused: keeping the running token");
+                        return Err(format!(
+                            "reload refused, running configuration and token kept: {e}"
+                        ));
+                    }
+                }
+            }
             tracing::info!(message = %msg, "reload");
             Ok(msg)
         }

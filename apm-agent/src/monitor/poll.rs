@@ -259,9 +259,7 @@ impl Poller {
         if stale {
             let comm = match comm {
                 Some(c) if c[0] != 0 => procfs::comm_str(c),
-                _ => std::fs::read_to_string(format!("/proc/{tgid}/comm"))
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default(),
+                _ => procfs::comm_of(tgid),
             };
             let pool = procfs::pool_of(tgid, &comm);
             self.baselines.insert(

@@ -1,6 +1,7 @@
 //! The few /proc reads the monitor needs: RSS members the kernel has not reported yet, the
 //! PHP-FPM pool of a worker, whether a process still exists.
 
+use crate::escape::escape_control;
 use apm_common::{RSS_ANON, RSS_FILE, RSS_MEMBERS, RSS_SHMEM, RSS_SWAP};
 
 /// RSS members of a process in bytes, indexed like `kmem/rss_stat` (`RSS_*`), from
@@ -56,12 +57,14 @@ pub fn pool_from_cmdline(cmdline: &[u8], comm: &str) -> String {
     if let Some(rest) = s.strip_prefix("php-fpm: pool ") {
         let name = rest.trim();
         if !name.is_empty() {
-            return name.chars().take(64).collect();
+            let name: String = name.chars().take(64).collect();
+            return escape_control(&name).into_owned();
         }
     }
     if s.starts_with("php-fpm: master process") {
         return "master".into();
     }
+    // Already escaped by `comm_str` / `comm_of`.
     comm.to_string()
 }
 
@@ -69,10 +72,18 @@ pub fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// A comm as a string, up to its first NUL.
+/// A comm as a string, up to its first NUL, control characters escaped (a process names
+/// itself: see `crate::escape`).
 pub fn comm_str(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
+    escape_control(&String::from_utf8_lossy(&comm[..end])).into_owned()
+}
+
+/// `/proc/PID/comm`, escaped like [`comm_str`]; empty when the process is gone.
+pub fn comm_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| escape_control(s.strip_suffix('\n').unwrap_or(&s)).into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -105,6 +116,21 @@ mod tests {
         );
         assert_eq!(pool_from_cmdline(b"php\0/tmp/x.php\0", "php"), "php");
         assert_eq!(pool_from_cmdline(b"", "php8.2"), "php8.2");
+    }
+
+    /// A process can name itself anything (prctl PR_SET_NAME, argv): control characters in a
+    /// comm or pool name come out escaped, so they cannot forge log lines or status fields.
+    #[test]
+    fn comms_and_pools_with_control_characters_are_escaped() {
+        assert_eq!(
+            comm_str(b"php\nFORGED x\x1b\0\0\0"),
+            "php\\nFORGED x\\u{1b}"
+        );
+        assert_eq!(
+            pool_from_cmdline(b"php-fpm: pool www\nFORGED line\0", "php-fpm8.2"),
+            "www\\nFORGED line"
+        );
+        assert_eq!(pool_from_cmdline(b"php\0", "php\\rX"), "php\\rX");
     }
 
     #[test]

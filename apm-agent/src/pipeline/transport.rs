@@ -15,12 +15,13 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{CentralConfig, Compression};
+use crate::escape::escape_control;
 use crate::pipeline::model::Batch;
 use crate::telemetry::Telemetry;
 
@@ -28,6 +29,8 @@ use crate::telemetry::Telemetry;
 pub enum TransportError {
     #[error("central.endpoint `{endpoint}`: {reason}")]
     Endpoint { endpoint: String, reason: String },
+    #[error("{key}: {reason}")]
+    Token { key: &'static str, reason: String },
     #[error("cannot read {what} {path}: {source}")]
     File {
         what: &'static str,
@@ -99,7 +102,68 @@ pub struct Transport {
     pub telemetry: Arc<Telemetry>,
     pub host_stats: HostStatsFn,
     endpoint: Endpoint,
-    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    token: Arc<BearerToken>,
+}
+
+/// The `authorization` value in use: read at start, swapped by a reload that re-reads
+/// `central.token_file`. Each new stream takes the current value (an open stream was
+/// authenticated when it opened and keeps going).
+#[derive(Debug, Default)]
+pub struct BearerToken(std::sync::RwLock<Option<MetadataValue<Ascii>>>);
+
+impl BearerToken {
+    /// Reads the token (`token_file` wins over `token`) into a header value marked sensitive,
+    /// so HTTP/2 never puts it in the HPACK dynamic table and `Debug` hides it.
+    fn read(cfg: &CentralConfig) -> Result<Option<MetadataValue<Ascii>>, TransportError> {
+        let (key, token) = match (&cfg.token_file, &cfg.token) {
+            (Some(p), _) => (
+                "central.token_file",
+                std::fs::read_to_string(p)
+                    .map_err(|source| TransportError::File {
+                        what: "central.token_file",
+                        path: p.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, Some(t)) => ("central.token", t.expose().to_string()),
+            (None, None) => return Ok(None),
+        };
+        let mut value: MetadataValue<Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| TransportError::Token {
+                    key,
+                    reason: "the bearer token has characters not allowed in a header".into(),
+                })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    pub fn new(cfg: &CentralConfig) -> Result<Self, TransportError> {
+        Ok(Self(std::sync::RwLock::new(Self::read(cfg)?)))
+    }
+
+    /// Re-reads the token; `Ok(true)` when it changed (used from the next stream on). On an
+    /// error the token in use is kept.
+    pub fn reload(&self, cfg: &CentralConfig) -> Result<bool, TransportError> {
+        let new = Self::read(cfg)?;
+        let mut cur = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = *cur != new;
+        *cur = new;
+        Ok(changed)
+    }
+
+    fn get(&self) -> Option<MetadataValue<Ascii>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl Transport {
@@ -138,29 +202,7 @@ impl Transport {
             }
             endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
         }
-        let token = match (&cfg.token_file, &cfg.token) {
-            (Some(p), _) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|source| TransportError::File {
-                        what: "central.token_file",
-                        path: p.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_string(),
-            ),
-            (None, Some(t)) => Some(t.clone()),
-            (None, None) => None,
-        };
-        let token = token
-            .map(|t| {
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<_>>()
-                    .map_err(|_| {
-                        bad("the bearer token has characters not allowed in a header".into())
-                    })
-            })
-            .transpose()?;
+        let token = Arc::new(BearerToken::new(&cfg)?);
         Ok(Self {
             cfg,
             agent_id,
@@ -170,6 +212,11 @@ impl Transport {
             endpoint,
             token,
         })
+    }
+
+    /// The token in use, for the reload path to swap.
+    pub fn token(&self) -> Arc<BearerToken> {
+        self.token.clone()
     }
 
     /// Runs until `input` closes and nothing is in flight, or until `stop` (then whatever is
@@ -269,7 +316,7 @@ impl Transport {
         let mut acks = match self.client(channel).stream(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
-                let error = format!("{}: {}", status.code(), status.message());
+                let error = format!("{}: {}", status.code(), escape_control(status.message()));
                 tracing::warn!(error = %error, retriable = is_retriable(status.code()), "central listener refused the stream");
                 self.telemetry.send_failures.inc();
                 let _ = outcomes.send(Outcome::ConnectFailed {
@@ -324,8 +371,9 @@ impl Transport {
                         return failed;
                     }
                     Err(status) => {
-                        tracing::warn!(code = ?status.code(), message = %status.message(), in_flight = w.inflight.len(), "stream to the central listener failed");
-                        w.fail_all(status.message());
+                        let message = escape_control(status.message());
+                        tracing::warn!(code = ?status.code(), message = %message, in_flight = w.inflight.len(), "stream to the central listener failed");
+                        w.fail_all(&message);
                         return failed;
                     }
                 },
@@ -359,12 +407,12 @@ impl Transport {
 
 /// Adds `authorization: Bearer ...` to every request when a token is configured.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+struct Bearer(Arc<BearerToken>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(t) = &self.0 {
-            req.metadata_mut().insert("authorization", t.clone());
+        if let Some(t) = self.0.get() {
+            req.metadata_mut().insert("authorization", t);
         }
         Ok(req)
     }
@@ -406,6 +454,8 @@ impl Window<'_> {
         let (batch, sent) = self.inflight.remove(pos).expect("position is valid");
         let t = &self.t.telemetry;
         t.in_flight_batches.set(self.inflight.len() as i64);
+        // The listener's text goes to logs, status and the spool's reasons: escaped once here.
+        let message = escape_control(&ack.message).into_owned();
         let outcome = match AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified) {
             AckStatus::Ok => {
                 backoff.reset();
@@ -418,18 +468,15 @@ impl Window<'_> {
                 }
             }
             AckStatus::Rejected => {
-                tracing::error!(seq = batch.seq, message = %ack.message, "central listener rejected a batch");
-                Outcome::Rejected {
-                    batch,
-                    message: ack.message,
-                }
+                tracing::error!(seq = batch.seq, message = %message, "central listener rejected a batch");
+                Outcome::Rejected { batch, message }
             }
             AckStatus::Retry | AckStatus::Unspecified => {
                 t.send_failures.inc();
-                tracing::warn!(seq = batch.seq, message = %ack.message, "central listener asked to retry a batch");
+                tracing::warn!(seq = batch.seq, message = %message, "central listener asked to retry a batch");
                 Outcome::Returned {
                     batch,
-                    reason: format!("retry: {}", ack.message),
+                    reason: format!("retry: {message}"),
                 }
             }
         };
@@ -449,6 +496,7 @@ impl Window<'_> {
     }
 }
 
+/// The error and its sources, one line (escaped: the far side's text can be in it).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
@@ -457,7 +505,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         s.push_str(&c.to_string());
         src = c.source();
     }
-    s
+    escape_control(&s).into_owned()
 }
 
 /// Exponential backoff with full jitter ("equal jitter": half fixed, half random), so a fleet of
@@ -499,6 +547,192 @@ mod tests {
         assert!(d[7] >= Duration::from_millis(500) && d[7] <= Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// Captures the formatted log lines of the current thread.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A central listener that answers with text meant to forge agent log lines: RETRY and
+    /// REJECTED messages with newlines, then a stream error with one.
+    struct Forger;
+
+    #[tonic::async_trait]
+    impl apm_proto::collector_server::Collector for Forger {
+        type StreamStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<apm_proto::Ack, tonic::Status>> + Send>,
+        >;
+        async fn stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<apm_proto::Batch>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                while let Ok(Some(b)) = inbound.message().await {
+                    let reply = match b.seq {
+                        1 => Ok(apm_proto::Ack {
+                            seq: 1,
+                            status: AckStatus::Retry as i32,
+                            message: "disk full\nFORGED retry line".into(),
+                        }),
+                        2 => Ok(apm_proto::Ack {
+                            seq: 2,
+                            status: AckStatus::Rejected as i32,
+                            message: "bad\r\nFORGED rejected line\u{1b}[2J".into(),
+                        }),
+                        _ => Err(tonic::Status::unavailable("gone\nFORGED status line")),
+                    };
+                    if tx.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    fn batch(seq: u64) -> Batch {
+        Batch {
+            seq,
+            epoch: 0,
+            profiles: vec![crate::pipeline::model::Profile {
+                payload: bytes::Bytes::from_static(b"{}"),
+                received_ns: 1,
+                pid: 2,
+                uid: 3,
+                rss_bytes: 0,
+            }],
+        }
+    }
+
+    /// Messages from the central listener reach the agent's outcomes (hence its status and its
+    /// logs) escaped: no raw CR, LF or ESC, so a listener cannot forge agent log lines.
+    #[tokio::test]
+    async fn listener_messages_are_escaped_before_they_reach_logs() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(apm_proto::collector_server::CollectorServer::new(Forger))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let cfg = CentralConfig {
+            endpoint: format!("http://{addr}"),
+            compression: Compression::None,
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(20),
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a1".into(),
+            "h".into(),
+            Telemetry::new(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        let mut texts = Vec::new();
+        for seq in 1..=3 {
+            in_tx.send(batch(seq)).await.expect("send");
+            loop {
+                let o = tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
+                    .await
+                    .expect("an outcome in time")
+                    .expect("outcome");
+                match o {
+                    Outcome::Returned { reason, .. } => {
+                        texts.push(reason);
+                        break;
+                    }
+                    Outcome::Rejected { message, .. } => {
+                        texts.push(message);
+                        break;
+                    }
+                    Outcome::ConnectFailed { error } => texts.push(error),
+                    Outcome::Connected | Outcome::Acked { .. } => {}
+                }
+            }
+        }
+        stop.cancel();
+        run.await.expect("transport ends");
+
+        for t in &texts {
+            assert!(
+                !t.contains(['\n', '\r', '\u{1b}']),
+                "raw control character in {t:?}"
+            );
+        }
+        assert!(
+            texts[0].contains("disk full\\nFORGED retry line"),
+            "{texts:?}"
+        );
+        assert!(
+            texts[1].contains("bad\\r\\nFORGED rejected line\\u{1b}[2J"),
+            "{texts:?}"
+        );
+        assert!(texts[2].contains("gone\\nFORGED status line"), "{texts:?}");
+        let log = String::from_utf8(capture.0.lock().expect("lock").clone()).expect("utf8");
+        for line in log.lines() {
+            assert!(
+                !line.starts_with("FORGED"),
+                "forged log line {line:?} in:\n{log}"
+            );
+        }
+        for escaped in ["disk full\\nFORGED", "bad\\r\\nFORGED", "gone\\nFORGED"] {
+            assert!(
+                log.contains(escaped),
+                "{escaped} not logged escaped:\n{log}"
+            );
+        }
+    }
+
+    /// The `authorization` value is marked sensitive, so HTTP/2 never puts it in the HPACK
+    /// dynamic table (and debug output of the headers hides it).
+    #[test]
+    fn authorization_header_is_sensitive() {
+        let cfg = CentralConfig {
+            token: Some("s3cr3t".into()),
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a".into(),
+            "h".into(),
+            Telemetry::new(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let req = Bearer(t.token.clone())
+            .call(tonic::Request::new(()))
+            .expect("intercepted");
+        let v = req.metadata().get("authorization").expect("set");
+        assert_eq!(v.as_bytes(), b"Bearer s3cr3t");
+        assert!(v.is_sensitive());
     }
 
     #[test]

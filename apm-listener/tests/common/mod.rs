@@ -122,3 +122,25 @@ pub fn expected_ids(agent: &str, seqs: &[u64], n: usize) -> Vec<String> {
         .flat_map(|s| (0..n).map(move |i| format!("{agent}/{s}/{i}")))
         .collect()
 }
+
+/// A client whose every request carries `authorization: <value>`.
+pub async fn client_with_auth(
+    addr: SocketAddr,
+    value: &str,
+) -> CollectorClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl tonic::service::Interceptor + Clone + use<>,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connects");
+    let header: tonic::metadata::MetadataValue<_> = value.parse().expect("header");
+    CollectorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    })
+}
