@@ -16,14 +16,18 @@ pub enum KillReason {
     Paused,
     /// The breaker is open and the spool passed its high-water mark.
     SpoolHighWater,
+    /// `spool.mode = "always"` and the write-ahead fails (volume full, I/O errors): what PHP
+    /// sends now could only be held in memory, within its budget.
+    SpoolError,
 }
 
 impl KillReason {
-    pub const ALL: [KillReason; 2] = [Self::Paused, Self::SpoolHighWater];
+    pub const ALL: [KillReason; 3] = [Self::Paused, Self::SpoolHighWater, Self::SpoolError];
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Paused => "paused",
             Self::SpoolHighWater => "spool_high_water",
+            Self::SpoolError => "spool_error",
         }
     }
 }

@@ -891,3 +891,90 @@ fn a_spool_lock_held_by_another_process_is_retried_not_a_config_error() {
     let agent = Agent::start_with(dir.path(), &config);
     agent.assert_no_panic();
 }
+
+/// Issue 11.4: in `spool.mode = "always"` a failed write-ahead (the spool's volume full) used to
+/// keep every batch in memory, past `limits.memory_budget_mb` and whatever `spool.on_full` said.
+/// Now memory stays within its budget, what does not fit is dropped as `spool.on_full` says and
+/// counted (`spool_error`), and the kill switch rises (`spool_error`) until a write-ahead works
+/// again. When space and the listener return, every profile is delivered or counted.
+#[test]
+fn a_failing_write_ahead_honours_the_memory_budget_and_raises_the_kill_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let vol = dir.path().join("vol");
+    let Some(_mnt) = tmpfs_or_skip(&vol, "4m") else {
+        return;
+    };
+    let addr = free_addr();
+    let budget: u64 = 1 << 20;
+    let cfg = format!(
+        "{FAST}[batch]\nmax_items = 50\n[limits]\nmemory_budget_mb = 1\n\
+         [spool]\nmode = \"always\"\ndir = \"{}\"\nmax_bytes = 3145728\nsegment_bytes = 131072\n",
+        vol.join("spool").display()
+    );
+    let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    // Another tenant fills the volume: every write-ahead fails.
+    let mut f = std::fs::File::create(vol.join("filler")).unwrap();
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    // 4 MB of profiles, listener down: four times the memory budget.
+    let sent = Sender::start(SendPlan {
+        count: 4000,
+        ..plan(&agent, "w", 1000, 4000, true)
+    });
+    let mut max_held = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Some(s) = agent.status() {
+            max_held = max_held.max(u(&s, "/memory_payload_bytes"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = sent.finish();
+    let s = agent.wait_for(Duration::from_secs(20), "drops counted", |s| {
+        u(s, "/dropped/spool_error") > 0
+    });
+    // One batch of 50 x ~1 KB may pass the budget while it is being accepted.
+    assert!(
+        max_held <= budget + 64 * 1024,
+        "memory stays within limits.memory_budget_mb: held up to {max_held} bytes: {s}"
+    );
+    let kill: Vec<&str> = s["kill_switch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(kill.contains(&"spool_error"), "kill switch raised: {s}");
+    // Space and the listener come back.
+    std::fs::remove_file(vol.join("filler")).unwrap();
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let received = u(&s, "/received");
+    assert_eq!(received, sent.ok.len() as u64, "{s}");
+    let s = wait_settled(&agent, received, Duration::from_mins(1));
+    let ids = stored_ids(&listener.out);
+    let got = unique_ids(&ids);
+    assert_eq!(ids.len(), got.len(), "nothing stored twice");
+    assert_eq!(u(&s, "/delivered"), got.len() as u64, "{s}");
+    assert_eq!(
+        u(&s, "/dropped/total"),
+        u(&s, "/dropped/spool_error"),
+        "{s}"
+    );
+    assert!(got.is_subset(&sent.ok_ids("w")));
+    // A write-ahead works again: the kill switch is down.
+    let mut p = plan(&agent, "x", 1000, 0, false);
+    p.count = 100;
+    let more = Sender::start(p).join();
+    let s = wait_settled(
+        &agent,
+        received + more.ok.len() as u64,
+        Duration::from_secs(30),
+    );
+    assert!(
+        s["kill_switch"].as_array().unwrap().is_empty(),
+        "lowered once a write-ahead worked: {s}"
+    );
+    agent.assert_no_panic();
+}

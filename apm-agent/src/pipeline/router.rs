@@ -112,6 +112,8 @@ pub struct Router {
     replay_turn: bool,
     blocked_until: Option<Instant>,
     kill_raised: bool,
+    /// The kill switch is up because the write-ahead fails (`spool.mode = "always"`).
+    wal_failing: bool,
     /// Not taking new batches (see the module doc); replay then runs unthrottled, since it is
     /// the only traffic and the listener is up.
     pushing_back: bool,
@@ -151,6 +153,7 @@ impl Router {
             replay_turn: false,
             blocked_until: None,
             kill_raised: false,
+            wal_failing: false,
             pushing_back: false,
             last_ack: now,
             input_open: true,
@@ -502,6 +505,7 @@ impl Router {
             let spool = &mut self.spool;
             match tokio::task::block_in_place(|| spool.append_taken(&batch)) {
                 Ok(a) => {
+                    self.wal_failed(false);
                     spool_full(&self.t, a.dropped.profiles, batch.seq);
                     match a.id {
                         // The spool owns it; keep a memory copy only to send it now.
@@ -515,7 +519,12 @@ impl Router {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: keeping the batch in memory");
+                    tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: the batch waits in memory, within limits.memory_budget_mb");
+                    self.wal_failed(true);
+                    if to_disk {
+                        self.hold_over_budget(batch);
+                        return;
+                    }
                 }
             }
         } else if open || to_disk {
@@ -540,6 +549,53 @@ impl Router {
         }
         self.held += bytes;
         self.pending.push_back((batch, None));
+    }
+
+    /// The write-ahead failed (`true`) or worked (`false`): the kill switch follows, so PHP
+    /// stops sending while nothing it sends could be made durable.
+    fn wal_failed(&mut self, failing: bool) {
+        if failing == self.wal_failing {
+            return;
+        }
+        self.wal_failing = failing;
+        let r = if failing {
+            self.php.raise(KillReason::SpoolError)
+        } else {
+            self.php.lower(KillReason::SpoolError)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot write the PHP kill switch");
+        }
+    }
+
+    /// A batch that neither the spool nor the memory budget can take, as `spool.on_full` says:
+    /// `drop_newest` drops it; `drop_oldest` drops the oldest batch held only in memory to make
+    /// room (or this one when there is none). Either way counted (`spool_error`).
+    fn hold_over_budget(&mut self, batch: Batch) {
+        let victim = if self.cfg.on_full == SpoolFull::DropOldest {
+            self.pending
+                .iter()
+                .position(|(_, id)| id.is_none())
+                .and_then(|i| self.pending.remove(i))
+        } else {
+            None
+        };
+        let dropped = match victim {
+            Some((old, _)) => {
+                self.held -= old.payload_bytes();
+                self.held += batch.payload_bytes();
+                self.pending.push_back((batch, None));
+                old
+            }
+            None => batch,
+        };
+        ProfilesDropped {
+            reason: DropReason::SpoolError,
+            profiles: dropped.len() as u64,
+            what: "write-ahead failing and memory budget full: batch dropped as spool.on_full says",
+            seq: Some(dropped.seq),
+        }
+        .emit(&self.t);
     }
 
     fn refill(&mut self, now: Instant) {
