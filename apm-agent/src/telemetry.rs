@@ -2,6 +2,7 @@
 //! `status --json` both read, so the two never disagree. Every stage gets an `Arc<Telemetry>`
 //! and counts through it; a drop or a rejection is counted with its reason in one place.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -380,6 +381,95 @@ impl Telemetry {
     pub fn drop_profiles(&self, reason: DropReason, n: u64) {
         if n > 0 {
             self.dropped.get_or_create(&DropLabels { reason }).inc_by(n);
+        }
+    }
+
+    /// The counters an in-place restart hands down to the next image (`APM_CARRY_COUNTERS`), so
+    /// that what the old image counted while it flushed (drops included) is still in
+    /// `status --json` and `/metrics` afterwards, and Prometheus sees no counter reset.
+    pub fn carry(&self) -> String {
+        let mut m: BTreeMap<String, u64> = BTreeMap::new();
+        for socket in [Socket::Dgram, Socket::Stream] {
+            let n = self.received.get_or_create(&SocketLabels { socket }).get();
+            m.insert(format!("received.{}", socket.as_str()), n);
+        }
+        for (k, c) in [
+            ("received_bytes", &self.received_bytes),
+            ("delivered", &self.delivered),
+            ("delivered_batches", &self.delivered_batches),
+            ("send_failures", &self.send_failures),
+            ("reconnects", &self.reconnects),
+            ("backpressure_episodes", &self.backpressure_episodes),
+        ] {
+            m.insert(k.to_string(), c.get());
+        }
+        for r in RejectReason::ALL {
+            m.insert(format!("rejected.{}", r.as_str()), self.rejected_of(r));
+        }
+        for r in DropReason::ALL {
+            m.insert(format!("dropped.{}", r.as_str()), self.dropped_of(r));
+        }
+        for r in ConnRefusal::ALL {
+            m.insert(
+                format!("connections_refused.{}", r.as_str()),
+                self.connections_refused_of(r),
+            );
+        }
+        m.retain(|_, v| *v > 0);
+        serde_json::to_string(&m).unwrap_or_default()
+    }
+
+    /// Adds what the previous image handed down ([`Self::carry`]). Keys this version does not
+    /// know (an upgrade across a restart) are skipped; a malformed value restores nothing.
+    pub fn restore(&self, carried: &str) {
+        let Ok(m) = serde_json::from_str::<BTreeMap<String, u64>>(carried) else {
+            tracing::warn!(
+                "counters handed down by the previous image are unreadable: starting from zero"
+            );
+            return;
+        };
+        for (k, n) in m {
+            let (family, name) = k.split_once('.').unwrap_or((k.as_str(), ""));
+            let counter = match family {
+                "received" => [Socket::Dgram, Socket::Stream]
+                    .into_iter()
+                    .find(|s| s.as_str() == name)
+                    .map(|socket| {
+                        self.received
+                            .get_or_create(&SocketLabels { socket })
+                            .clone()
+                    }),
+                "rejected" => RejectReason::ALL
+                    .into_iter()
+                    .find(|r| r.as_str() == name)
+                    .map(|reason| {
+                        self.rejected
+                            .get_or_create(&RejectLabels { reason })
+                            .clone()
+                    }),
+                "dropped" => DropReason::ALL
+                    .into_iter()
+                    .find(|r| r.as_str() == name)
+                    .map(|reason| self.dropped.get_or_create(&DropLabels { reason }).clone()),
+                "connections_refused" => ConnRefusal::ALL
+                    .into_iter()
+                    .find(|r| r.as_str() == name)
+                    .map(|reason| {
+                        self.connections_refused
+                            .get_or_create(&ConnRefusalLabels { reason })
+                            .clone()
+                    }),
+                "received_bytes" => Some(self.received_bytes.clone()),
+                "delivered" => Some(self.delivered.clone()),
+                "delivered_batches" => Some(self.delivered_batches.clone()),
+                "send_failures" => Some(self.send_failures.clone()),
+                "reconnects" => Some(self.reconnects.clone()),
+                "backpressure_episodes" => Some(self.backpressure_episodes.clone()),
+                _ => None,
+            };
+            if let Some(c) = counter {
+                c.inc_by(n);
+            }
         }
     }
 

@@ -978,3 +978,108 @@ fn a_failing_write_ahead_honours_the_memory_budget_and_raises_the_kill_switch() 
     );
     agent.assert_no_panic();
 }
+
+/// Issue 11.5: profiles dropped while an in-place restart (`apm-agent restart`) flushes memory
+/// into a full spool used to be counted by the old image only, and vanish with it at exec:
+/// `status --json` then showed fewer received than sent and no drop. The counters are handed
+/// down with the sockets: after the restart, received == delivered + dropped, exactly, and the
+/// listener holds exactly the delivered ones.
+#[test]
+fn drops_at_an_in_place_restart_stay_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("profiles.jsonl");
+    let addr = free_addr();
+    // Listener down and a breaker that never opens: the batches wait in memory, and the
+    // restart must move them to a spool too small for them.
+    let cfg = format!(
+        "{FAST}[batch]\nmax_items = 50\n[breaker]\nfailure_threshold = 1000000\n\
+         [limits]\nshutdown_timeout = \"2s\"\n\
+         [spool]\nmax_bytes = 262144\nsegment_bytes = 65536\non_full = \"drop_newest\"\n"
+    );
+    let agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
+    let sent = Sender::start(SendPlan {
+        count: 3000,
+        ..plan(&agent, "h", 500, 0, false)
+    })
+    .join();
+    assert_eq!(sent.ok.len(), 3000, "blocking sends are all accepted");
+    let before = agent.wait_for(Duration::from_secs(20), "all received, in memory", |s| {
+        u(s, "/received") == 3000 && u(s, "/memory_payload_bytes") > 262_144
+    });
+    assert_eq!(u(&before, "/dropped/total"), 0, "{before}");
+    let o = agent.cli(&["restart"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after = agent.wait_for(Duration::from_secs(20), "restarted in place", |s| {
+        u(s, "/restarts") == 1
+    });
+    assert!(
+        u(&after, "/dropped/total") > 0,
+        "the spool was too small: {after}"
+    );
+    assert_eq!(u(&after, "/received"), 3000, "handed down: {after}");
+    let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
+    let s = wait_settled(&agent, 3000, Duration::from_mins(1));
+    let ids = stored_ids(&listener.out);
+    let got = unique_ids(&ids);
+    assert_eq!(ids.len(), got.len(), "nothing stored twice");
+    assert!(got.is_subset(&sent.ok_ids("h")));
+    assert_eq!(u(&s, "/delivered"), got.len() as u64, "{s}");
+    assert_eq!(
+        got.len() as u64 + u(&s, "/dropped/total"),
+        3000,
+        "every profile stored or counted dropped: {s}"
+    );
+    agent.assert_no_panic();
+}
+
+/// Issue 11.5: a batch out on the wire whose spool segment `drop_oldest` deleted meanwhile came
+/// back unacknowledged at a stop or an in-place restart: the router handed it back to the spool,
+/// which no longer had it, and ignored that: received exceeded delivered plus dropped for good
+/// (and elsewhere such a batch was counted dropped even when the listener had stored it). Acks
+/// are held back (the listener waits 3 s before acking) so batches are
+/// out while a small write-ahead spool drops its oldest segments, then the agent restarts in
+/// place. A batch whose segment is gone is still in the router's hands when it comes back: it
+/// is kept and resent, not lost and not counted. Every profile is stored or counted dropped,
+/// exactly.
+#[test]
+fn batches_whose_segment_was_dropped_while_out_are_counted_at_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &["--ack-delay", "3000"]);
+    let cfg = format!(
+        "{FAST}[batch]\nmax_items = 20\n[central]\nmax_in_flight = 64\n\
+         [limits]\nshutdown_timeout = \"1s\"\n\
+         [spool]\nmode = \"always\"\nmax_bytes = 262144\nsegment_bytes = 65536\nhigh_water_pct = 100\n"
+    );
+    let agent = Agent::start(dir.path(), &listener.endpoint(), "off", &cfg);
+    let sent = Sender::start(SendPlan {
+        count: 3000,
+        ..plan(&agent, "o", 500, 3000, false)
+    })
+    .join();
+    // 1.5 MB through a 256 KiB spool while up to 64 batches (640 KB) wait 3 s for their acks:
+    // segments are dropped under batches that are out.
+    let before = agent.wait_for(Duration::from_secs(20), "all received", |s| {
+        u(s, "/received") == 3000
+    });
+    println!("before the restart: {before}");
+    let o = agent.cli(&["restart"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    agent.wait_for(Duration::from_secs(20), "restarted in place", |s| {
+        u(s, "/restarts") == 1
+    });
+    // received == delivered + dropped, with nothing left in memory or the spool.
+    let s = wait_settled(&agent, 3000, Duration::from_mins(2));
+    let ids = stored_ids(&listener.out);
+    let got = unique_ids(&ids);
+    assert_eq!(ids.len(), got.len(), "nothing stored twice");
+    assert!(got.is_subset(&sent.ok_ids("o")));
+    // A batch whose ack timed out may have been stored all the same and then dropped from the
+    // spool (counted): the listener can hold more than `delivered`, never less, and nothing
+    // is missing from both.
+    assert!(u(&s, "/delivered") <= got.len() as u64, "{s}");
+    assert!(
+        got.len() as u64 + u(&s, "/dropped/total") >= 3000,
+        "every profile stored or counted dropped: {s}"
+    );
+    agent.assert_no_panic();
+}

@@ -12,6 +12,8 @@ use crate::daemon::pidfile::PidFile;
 use crate::pipeline::ingest::Sockets;
 
 const INHERIT_ENV: &str = "APM_INHERIT_FDS";
+/// The counters of the previous image (`Telemetry::carry`), handed down with the sockets.
+const CARRY_ENV: &str = "APM_CARRY_COUNTERS";
 
 /// `apm-agent start` passes the write end of its readiness pipe under this number.
 const READY_ENV: &str = "APM_READY_FD";
@@ -25,6 +27,8 @@ pub struct Inherited {
     pub pidfile: Option<i32>,
     pub queue_len: u32,
     pub restarts: u64,
+    /// The previous image's counters (`Telemetry::carry`), to be added to this one's.
+    pub carried: Option<String>,
     /// The readiness pipe of `apm-agent start`, written once and closed at readiness.
     pub ready: Option<OwnedFd>,
 }
@@ -51,6 +55,11 @@ pub enum HandoverError {
 /// taking a descriptor number it no longer owns for one it was given.
 pub fn take_inherited() -> Result<Inherited, HandoverError> {
     let ready = take_ready_fd();
+    let carried = std::env::var(CARRY_ENV).ok();
+    if carried.is_some() {
+        // SAFETY: as below: at start, before any other thread exists.
+        unsafe { std::env::remove_var(CARRY_ENV) };
+    }
     let Ok(v) = std::env::var(INHERIT_ENV) else {
         return Ok(Inherited {
             ready,
@@ -62,6 +71,7 @@ pub fn take_inherited() -> Result<Inherited, HandoverError> {
     unsafe { std::env::remove_var(INHERIT_ENV) };
     Ok(Inherited {
         ready,
+        carried,
         ..parse_inherit(&v)?
     })
 }
@@ -202,7 +212,7 @@ pub fn notify_ready(status: &str, ready: Option<OwnedFd>) {
 /// Replaces this process image with a fresh one of the same binary, handing down the sockets
 /// and the PID-file lock: the PID stays, the kernel queue keeps every datagram sent meanwhile.
 /// Returns only when the exec failed.
-pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> StartError {
+pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64, carry: &str) -> StartError {
     let pidfd = pid.raw_fd();
     let qlen = sockets.queue_len;
     let d = sockets.dgram.into_raw_fd();
@@ -224,7 +234,10 @@ pub fn reexec(sockets: Sockets, pid: PidFile, restarts: u64) -> StartError {
     );
     // SAFETY: the runtime is about to be replaced by exec; `set_var` needs no concurrent access
     // to the environment, and the runtime's threads are idle (the pipeline was stopped).
-    unsafe { std::env::set_var(INHERIT_ENV, v) };
+    unsafe {
+        std::env::set_var(INHERIT_ENV, v);
+        std::env::set_var(CARRY_ENV, carry);
+    };
     let exe = std::fs::read_link("/proc/self/exe").map_or_else(
         |_| PathBuf::from("apm-agent"),
         |p| {

@@ -93,8 +93,14 @@ fn acquire(
         format!("{}\n", sockets.queue_len).as_bytes(),
     );
     let fd_store = handover::to_fd_store(&sockets);
+    let telemetry = Telemetry::new();
+    if inherited.dgram.is_some()
+        && let Some(carried) = &inherited.carried
+    {
+        telemetry.restore(carried);
+    }
     let deps = Deps {
-        telemetry: Telemetry::new(),
+        telemetry,
         php: Arc::new(php),
         sockets,
         agent_id: load_or_create_agent_id(&cfg.control.state_dir, &cfg.central.agent_id)?,
@@ -146,7 +152,12 @@ fn finish(
             delivered = t.delivered.get(),
             "memory flushed; re-executing"
         );
-        return Err(handover::reexec(sockets, pid, inherited.restarts));
+        return Err(handover::reexec(
+            sockets,
+            pid,
+            inherited.restarts,
+            &t.carry(),
+        ));
     }
     if ending.kind == StopKind::Final {
         crate::pipeline::ingest::socket::unlink(&[

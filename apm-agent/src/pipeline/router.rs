@@ -366,9 +366,11 @@ impl Router {
                 Some(Outcome::Returned { batch, .. }) => {
                     let f = self.inflight.remove(&batch.seq);
                     self.held -= f.map_or(0, |f| f.bytes);
-                    if let Some(id) = f.and_then(|f| f.id) {
-                        self.spool.requeue(id);
-                    } else {
+                    let mine = match f.and_then(|f| f.id) {
+                        Some(id) => self.requeue(id, batch),
+                        None => Some(batch),
+                    };
+                    if let Some(batch) = mine {
                         self.held += batch.payload_bytes();
                         self.retry.push_back((batch, None));
                     }
@@ -393,12 +395,13 @@ impl Router {
         let mut lost = Vec::new();
         let mut spooled = 0usize;
         for (b, id) in left {
-            match id {
-                Some(id) => {
-                    self.spool.requeue(id);
-                    spooled += 1;
-                }
-                None => match self.spool_append(b) {
+            let mine = match id {
+                Some(id) => self.requeue(id, b),
+                None => Some(b),
+            };
+            match mine {
+                None => spooled += 1,
+                Some(b) => match self.spool_append(b) {
                     Ok(()) => spooled += 1,
                     Err(b) => lost.push(b),
                 },
@@ -481,12 +484,13 @@ impl Router {
         let n = waiting.len();
         for (batch, id) in waiting {
             let bytes = batch.payload_bytes();
-            match id {
-                Some(id) => {
-                    self.requeue(id, batch.seq);
-                    self.held -= bytes;
-                }
-                None => match self.spool_append(batch) {
+            let mine = match id {
+                Some(id) => self.requeue(id, batch),
+                None => Some(batch),
+            };
+            match mine {
+                None => self.held -= bytes,
+                Some(batch) => match self.spool_append(batch) {
                     Ok(()) => self.held -= bytes,
                     Err(b) => self.pending.push_back((b, None)),
                 },
@@ -509,7 +513,13 @@ impl Router {
                     spool_full(&self.t, a.dropped.profiles, batch.seq);
                     match a.id {
                         // The spool owns it; keep a memory copy only to send it now.
-                        Some(id) if open || to_disk => self.requeue(id, batch.seq),
+                        Some(id) if open || to_disk => {
+                            // Just written: the spool holds it (nothing dropped it since).
+                            if let Some(batch) = self.requeue(id, batch) {
+                                self.held += bytes;
+                                self.pending.push_back((batch, None));
+                            }
+                        }
                         Some(id) => {
                             self.held += bytes;
                             self.pending.push_back((batch, Some(id)));
@@ -689,9 +699,12 @@ impl Router {
         let f = self.inflight.remove(&batch.seq);
         let bytes = f.map_or(batch.payload_bytes(), |f| f.bytes);
         self.held -= bytes;
-        if let Some(id) = f.and_then(|f| f.id) {
-            self.requeue(id, batch.seq);
-        } else {
+        let mine = match f.and_then(|f| f.id) {
+            Some(id) => self.requeue(id, batch),
+            None => Some(batch),
+        };
+        if let Some(batch) = mine {
+            let bytes = batch.payload_bytes();
             if self.breaker.state() != BreakerState::Closed
                 && self.spool_append(batch.clone()).is_ok()
             {
@@ -723,17 +736,13 @@ impl Router {
         .emit(&self.t);
     }
 
-    /// Hands a spool record back for replay; counts it dropped when its segment was dropped
-    /// (disk full) while the batch was out.
-    fn requeue(&mut self, id: RecordId, seq: u64) {
+    /// Hands a spool record back for replay. When its segment was dropped (`drop_oldest`, disk
+    /// full) while the batch was out, the spool no longer has it: the copy in hand is the only
+    /// one, and is returned to be kept like any batch in memory (not counted as dropped: it was
+    /// not, and the listener may even have stored it already, deduplicating a resend).
+    fn requeue(&mut self, id: RecordId, batch: Batch) -> Option<Batch> {
         let d = self.spool.requeue(id);
-        ProfilesDropped {
-            reason: DropReason::SpoolFull,
-            profiles: d.profiles,
-            what: "spool segment dropped while its batch was out",
-            seq: Some(seq),
-        }
-        .emit(&self.t);
+        (d.batches > 0).then_some(batch)
     }
 }
 

@@ -430,7 +430,7 @@ impl Spool {
             path: self.dir.clone(),
             source: e.into(),
         })?;
-        let total = u64::from(vfs.blocks()).saturating_mul(u64::from(vfs.fragment_size()));
+        let total = (vfs.blocks() as u64).saturating_mul(vfs.fragment_size() as u64);
         if self.cfg.max_bytes > total {
             return Err(SpoolError::InsufficientSpace {
                 dir: self.dir.clone(),
@@ -453,7 +453,7 @@ impl Spool {
             self.capacity = self.cfg.max_bytes;
             return;
         };
-        let free = u64::from(vfs.blocks_available()).saturating_mul(u64::from(vfs.fragment_size()));
+        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
         self.capacity = self
             .cfg
             .max_bytes
