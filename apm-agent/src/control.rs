@@ -117,6 +117,8 @@ impl StatusSource {
             queue_len: t.dgram_queue_len.get(),
             rss_bytes: crate::telemetry::self_rss_bytes(),
             sample_rate: self.php.sample_rate(),
+            sample_rate_below_one_seconds: self.php.below_one_seconds(),
+            unprofiled_requests_estimate: self.php.unprofiled_estimate(),
             kill_switch: self
                 .php
                 .kill_reasons()

@@ -749,6 +749,19 @@ impl Collector for AgentCollector {
             None,
             php.sample_rate(),
         )?;
+        ConstCounter::new(php.below_one_seconds()).encode(enc.encode_descriptor(
+            "sample_rate_below_one",
+            "Time the sample rate PHP reads was below 1.0 since the agent started",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(php.unprofiled_estimate()).encode(enc.encode_descriptor(
+            "unprofiled_requests_estimate",
+            "Estimated PHP requests not profiled because of sampling: the sum over eBPF poll \
+             intervals of sends * (1 / rate - 1)",
+            None,
+            MetricType::Counter,
+        )?)?;
         let raised = php.kill_reasons();
         let reasons: Vec<(&str, i64)> = KillReason::ALL
             .iter()
@@ -955,7 +968,7 @@ mod tests {
         let t = Telemetry::new();
         t.breaker_state.set(2);
         php.raise(KillReason::Paused).unwrap();
-        php.set_sample_rate(0.5).unwrap();
+        php.set_ceiling(0.5).unwrap();
         t.acked(std::time::Duration::from_millis(3), 10, 5000);
         t.memory_guard(Action::Spill);
         let out = scrape(&t, ctx);
@@ -969,6 +982,9 @@ mod tests {
                 r#""} 1"#
             ),
             "apm_sample_rate 0.5",
+            "# TYPE apm_sample_rate_below_one_seconds counter",
+            "# TYPE apm_unprofiled_requests_estimate counter",
+            "apm_unprofiled_requests_estimate_total 0.0",
             r#"apm_kill_switch{reason="paused"} 1"#,
             r#"apm_kill_switch{reason="spool_high_water"} 0"#,
             "apm_spool_max_bytes 1073741824",

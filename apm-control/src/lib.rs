@@ -72,8 +72,15 @@ pub struct Status {
     pub accept_errors: BTreeMap<String, u64>,
     pub queue_len: i64,
     pub rss_bytes: u64,
-    /// The sample rate PHP reads.
+    /// The sample rate PHP reads (what `<runtime_dir>/sample-rate` says).
     pub sample_rate: f64,
+    /// Seconds the sample rate was below 1.0 since the agent started (a counter).
+    #[serde(default)]
+    pub sample_rate_below_one_seconds: f64,
+    /// Estimated PHP requests not profiled because of sampling: the sum over eBPF poll
+    /// intervals of `sends * (1 / rate - 1)` (0 without eBPF).
+    #[serde(default)]
+    pub unprofiled_requests_estimate: f64,
     /// Why PHP's kill switch is raised (empty: it is not).
     pub kill_switch: Vec<String>,
     /// The eBPF monitor's section, typed by the agent's `monitor::EbpfStatus`; kept as a

@@ -384,3 +384,81 @@ fn ebpf_exit_with_live_threads_counts_every_send_once() {
         "host totals: only this child sent"
     );
 }
+
+/// Items 3a and 3c of the kernel-matrix/eBPF issue, with the whole agent: drops lower the rate;
+/// `status --json` (top level and `ebpf`) reports what `<runtime_dir>/sample-rate` says; a
+/// SIGTERM then puts 1.0 back in the file (it used to stay lowered until the agent ran again).
+#[test]
+fn ebpf_agent_reports_the_rate_in_the_file_and_resets_it_at_stop() {
+    use apm_tests::common::{Agent, Listener};
+    use nix::sys::signal::Signal;
+    // Probe: the agent below needs eBPF (`enabled = "on"`); skips or fails like the others.
+    if TestMonitor::start(
+        "ebpf_agent_reports_the_rate_in_the_file_and_resets_it_at_stop",
+        |_| {},
+    )
+    .is_none()
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let mut agent = Agent::start(dir.path(), &listener.endpoint(), "on", "");
+    let file = dir.path().join("run/sample-rate");
+    let read = || -> f64 {
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(read(), 1.0);
+    // The agent stops reading; a PHP-named sender fills its queue and sees EAGAIN.
+    let child = Sender::spawn("php-fpm8.2");
+    agent.proc.signal(Signal::SIGSTOP);
+    let o = child.send(&agent.socket(), 5000, 64, AddrStyle::Php, 1);
+    agent.proc.signal(Signal::SIGCONT);
+    assert!(o.err[0] > 100, "the queue filled: {o:?}");
+    agent.wait_for(WAIT, "a lowered sample rate", |s| {
+        s["sample_rate"].as_f64().is_some_and(|r| r < 1.0)
+    });
+    // Status and the file agree (read the file on both sides of the status: a raise may land
+    // in between, at most every 3 polls).
+    let ok = apm_testkit::wait_until(WAIT, || {
+        let before = read();
+        let s = agent.status().unwrap();
+        let after = read();
+        before == after
+            && s["sample_rate"].as_f64() == Some(before)
+            && s["ebpf"]["sample_rate"].as_f64() == Some(before)
+    });
+    assert!(ok, "status reports the file's rate: {:?}", agent.status());
+    assert!(read() < 1.0, "still lowered when the agent stops");
+    assert_eq!(agent.proc.stop(Duration::from_secs(30)), Some(0));
+    assert_eq!(read(), 1.0, "a final stop puts PHP back at 1.0");
+    agent.assert_no_panic();
+}
+
+/// Item 3a: the memory guard used to write `sample-rate` itself, beside the controller, and
+/// `ebpf.sample_rate` kept showing the controller's own rate (1.0 while the file said 0.25).
+/// The guard now sets a ceiling through the controller; status shows what the file says.
+#[test]
+fn ebpf_status_reports_the_rate_the_memory_guard_capped() {
+    let Some(m) = TestMonitor::start(
+        "ebpf_status_reports_the_rate_the_memory_guard_capped",
+        |_| {},
+    ) else {
+        return;
+    };
+    // What the guard's `LowerSampleRate` step does.
+    m.php.set_ceiling(0.25).unwrap();
+    // A few polls: a calm interval must not raise it past the ceiling either.
+    std::thread::sleep(Duration::from_millis(500));
+    let file: f64 = std::fs::read_to_string(m.php.sample_rate_path())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(file, 0.25);
+    assert_eq!(m.status().sample_rate, file, "ebpf.sample_rate vs the file");
+}

@@ -247,6 +247,10 @@ fn metrics_match_docs_and_conventions() {
         scrape.value("apm_sample_rate", ""),
         status["sample_rate"].as_f64()
     );
+    assert_eq!(
+        scrape.value("apm_unprofiled_requests_estimate_total", ""),
+        status["unprofiled_requests_estimate"].as_f64()
+    );
     assert_eq!(scrape.value("apm_delivered_total", ""), Some(40.0));
     assert_eq!(
         scrape.value("apm_ack_latency_seconds_count", ""),

@@ -736,3 +736,37 @@ fn usr1_dumps_status_and_json_logs_are_one_object_per_line() {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
 }
+
+/// Item 3c of the kernel-matrix/eBPF issue: a final stop used to leave `disabled` (and a lowered
+/// `sample-rate`) behind, so PHP kept sending nothing until the agent ran again. A final stop
+/// (SIGTERM) now hands PHP back the defaults: no kill switch, rate 1.0.
+#[test]
+fn a_final_stop_resets_the_php_control_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let mut agent = Agent::start(dir.path(), &listener.endpoint(), "off", "");
+    let run = dir.path().join("run");
+    assert!(agent.cli(&["pause"]).status.success());
+    assert!(
+        run.join("disabled").exists(),
+        "pause raises the kill switch"
+    );
+    // What status reports is what PHP reads.
+    let s = agent.status().unwrap();
+    let file: f64 = std::fs::read_to_string(run.join("sample-rate"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(s["sample_rate"].as_f64(), Some(file));
+    assert_eq!(agent.proc.stop(Duration::from_secs(30)), Some(0));
+    assert!(
+        !run.join("disabled").exists(),
+        "the kill switch is lowered on a final stop: {:?}",
+        std::fs::read_to_string(run.join("disabled"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("sample-rate")).unwrap(),
+        "1.0000\n"
+    );
+}

@@ -3,8 +3,12 @@
 //!
 //! 1. **spill**: the router moves every batch waiting in memory to the disk spool, and freed heap
 //!    is handed back to the kernel (`malloc_trim`);
-//! 2. **sample**: the sample rate PHP reads is halved (at most down to 0.05), so less arrives;
-//!    the eBPF controller raises it again gradually once pressure is gone;
+//! 2. **sample**: the guard asks the sample-rate controller for a ceiling of half the rate PHP
+//!    reads (at most down to 0.05), so less arrives. It does not write the file itself: the
+//!    controller ([`crate::phpctl::PhpControl::set_ceiling`]) is its one writer and honours
+//!    the lower of the ceiling and its own rule. Back under the limit, the guard lifts its
+//!    ceiling as the rule raises a rate: `RAISE_STEP` after every `RAISE_AFTER` checks in a row
+//!    under the limit (with or without eBPF);
 //! 3. **restart**: still over after that: a graceful self-restart. Without systemd the agent
 //!    re-executes itself with its sockets handed over (nothing is dropped, memory starts fresh);
 //!    under systemd (sockets in its fd store) it exits with [`EXIT_MEMORY`] so `Restart=always`
@@ -29,10 +33,23 @@ impl Guard {
     pub async fn run(self, stop: tokio_util::sync::CancellationToken) -> bool {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         let mut ladder = Ladder::default();
+        let mut under = 0u32;
         loop {
             tokio::select! { _ = tick.tick() => {}, () = stop.cancelled() => return false }
             let rss = crate::telemetry::self_rss_bytes();
             self.telemetry.agent_rss_bytes.set(rss as i64);
+            under = if rss <= self.limit { under + 1 } else { 0 };
+            if let Some(c) = lifted_ceiling(self.php.ceiling(), under) {
+                under = 0;
+                match self.php.set_ceiling(c) {
+                    Ok(rate) => tracing::info!(
+                        ceiling = c,
+                        sample_rate = rate,
+                        "memory back under the limit: lifting the sample-rate ceiling"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "cannot write the sample rate"),
+                }
+            }
             if self.act(
                 self.telemetry.memory_guard(ladder.check(rss, self.limit)),
                 rss,
@@ -59,10 +76,12 @@ impl Guard {
                 let r = (self.php.sample_rate() / 2.0).max(0.05);
                 tracing::warn!(
                     rss_mb,
-                    sample_rate = r,
+                    ceiling = r,
                     "memory still over the limit: lowering the PHP sample rate"
                 );
-                let _ = self.php.set_sample_rate(r);
+                if let Err(e) = self.php.set_ceiling(r) {
+                    tracing::warn!(error = %e, "cannot write the sample rate");
+                }
             }
             Action::Restart => {
                 tracing::error!(
@@ -109,6 +128,12 @@ impl Ladder {
     }
 }
 
+/// The guard's next ceiling after `under` checks in a row under the limit; `None` to leave it.
+pub fn lifted_ceiling(ceiling: f64, under: u32) -> Option<f64> {
+    use crate::monitor::sampling::{RAISE_AFTER, RAISE_STEP};
+    (ceiling < 1.0 && under >= RAISE_AFTER).then(|| (ceiling + RAISE_STEP).min(1.0))
+}
+
 /// Caps glibc's malloc arenas at two. By default glibc gives each thread that allocates under
 /// contention an arena of its own (up to 8 per core); payload buffers freed by another thread
 /// than the one that allocated them can then sit in arenas that are rarely reused, and RSS grow
@@ -146,5 +171,17 @@ mod tests {
             Action::Spill,
             "starts over once under the limit"
         );
+    }
+
+    #[test]
+    fn the_ceiling_is_lifted_stepwise_once_under_the_limit() {
+        assert_eq!(
+            lifted_ceiling(1.0, 100),
+            None,
+            "no ceiling, nothing to lift"
+        );
+        assert_eq!(lifted_ceiling(0.25, 2), None);
+        assert_eq!(lifted_ceiling(0.25, 3), Some(0.35));
+        assert_eq!(lifted_ceiling(0.95, 3), Some(1.0));
     }
 }

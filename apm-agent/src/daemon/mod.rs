@@ -54,10 +54,30 @@ pub async fn run(
         sd_notify::NotifyState::Status("draining"),
     ]);
     let telemetry = pipeline.telemetry.clone();
+    let php = pipeline.status.php.clone();
     let handed = pipeline
         .shutdown(ending.kind, cfg.limits.shutdown_timeout)
         .await;
+    release_php(&php, &ending);
     finish(&cfg, ending, handed, pid, &inherited, &telemetry)
+}
+
+/// On a stop that may be the last (SIGTERM/SIGINT, with or without systemd's fd store, or a
+/// stage that died), hand PHP back the defaults: no kill switch, rate 1.0. Otherwise PHP keeps
+/// reading a pause or a lowered rate until the agent runs again, which may be never. Not on a
+/// handover or a memory self-restart: the agent is back within a second, and the new process
+/// resets both files at start anyway ([`PhpControl::new`]). After `shutdown`: the monitor and
+/// the memory guard have stopped, so nothing writes the files after this.
+///
+/// A SIGKILL skips this; the files then stay until the next start (documented in docs/agent.md).
+fn release_php(php: &PhpControl, ending: &signals::Ending) {
+    if ending.kind == StopKind::Handover || ending.memory_restart {
+        return;
+    }
+    match php.release() {
+        Ok(()) => tracing::info!("PHP control files reset: kill switch down, sample rate 1.0"),
+        Err(e) => tracing::warn!(error = %e, "cannot reset PHP's control files at stop"),
+    }
 }
 
 /// The PID file (single instance), the directories, PHP's control files, the sockets (handed

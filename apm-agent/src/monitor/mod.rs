@@ -341,7 +341,6 @@ struct Snapshot {
     alarm: bool,
     alarms_total: u64,
     last: IntervalStatus,
-    sample_rate: f64,
     events: EventCounts,
     recent_exits: Vec<ExitStatus>,
     polls: u64,
@@ -360,7 +359,6 @@ impl Default for Snapshot {
             alarm: false,
             alarms_total: 0,
             last: IntervalStatus::default(),
-            sample_rate: 1.0,
             events: EventCounts::default(),
             recent_exits: Vec::new(),
             polls: 0,
@@ -468,10 +466,7 @@ fn running(
         cfg: p.cfg.clone(),
         dgram: p.dgram_socket.clone(),
         stream: p.stream_socket.clone(),
-        snap: ArcSwap::from_pointee(Snapshot {
-            sample_rate: p.php.sample_rate(),
-            ..Snapshot::default()
-        }),
+        snap: ArcSwap::from_pointee(Snapshot::default()),
         php: p.php.clone(),
     });
     let poller = poll::Poller::new(
@@ -615,11 +610,8 @@ impl Monitor {
             unaccounted: s.unaccounted,
             unaccounted_alarm: s.alarm,
             unaccounted_alarms: s.alarms_total,
-            sample_rate: if sh.state == State::Running {
-                s.sample_rate
-            } else {
-                sh.php.sample_rate()
-            },
+            // What the file says, whoever lowered it (the rule or the memory guard).
+            sample_rate: sh.php.sample_rate(),
             adaptive_sampling: sh.cfg.adaptive_sampling && sh.state == State::Running,
             last_interval: s.last,
             events: s.events,
@@ -687,19 +679,34 @@ fn socket_status(path: &std::path::Path, h: &apm_common::HostSends) -> SocketSta
 
 /// The bucket upper bound at or below which `q` of the samples fall.
 pub(crate) fn percentile_ns(hist: &[u64; apm_common::LAT_BUCKETS], q: f64) -> u64 {
+    percentile_bucket(hist, q).map_or(0, bucket_ns)
+}
+
+/// Lower bound of the histogram bucket holding the `q` quantile (0 when empty): every latency
+/// in that bucket is at least this. The sample-rate rule compares this with its threshold (see
+/// `sampling::Interval::p99_floor_ns`).
+pub(crate) fn percentile_floor_ns(hist: &[u64; apm_common::LAT_BUCKETS], q: f64) -> u64 {
+    match percentile_bucket(hist, q) {
+        None | Some(0) => 0,
+        Some(b) => 1 << (b - 1),
+    }
+}
+
+/// The bucket holding the `q` quantile; `None` for an empty histogram.
+fn percentile_bucket(hist: &[u64; apm_common::LAT_BUCKETS], q: f64) -> Option<usize> {
     let total: u64 = hist.iter().sum();
     if total == 0 {
-        return 0;
+        return None;
     }
     let want = ((total as f64) * q).ceil().max(1.0) as u64;
     let mut cum = 0;
     for (b, n) in hist.iter().enumerate() {
         cum += n;
         if cum >= want {
-            return bucket_ns(b);
+            return Some(b);
         }
     }
-    bucket_ns(apm_common::LAT_BUCKETS - 1)
+    Some(apm_common::LAT_BUCKETS - 1)
 }
 
 /// Upper bound of a bucket, with the open-ended last one reported as its lower bound * 2.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::loader::Maps;
 use super::metrics::PoolStats;
-use super::sampling::{self, ControlParams, ControlState, Decision};
+use super::sampling::{self, ControlParams, Decision};
 use super::{
     ErrnoCounts, EventCounts, ExitStatus, IntervalStatus, RssTable, Shared, Snapshot, WorkerStatus,
     percentile_ns, procfs,
@@ -86,7 +86,6 @@ pub(super) struct Poller {
     alarm: bool,
     alarms_total: u64,
     // Sample-rate control.
-    ctl: ControlState,
     ctl_params: ControlParams,
     events: EventCounts,
     recent_exits: VecDeque<ExitStatus>,
@@ -161,7 +160,6 @@ impl Poller {
             latency_high_ns: u64::try_from(cfg.latency_high.as_nanos()).unwrap_or(u64::MAX),
         };
         let agent_base = agent_count(&telemetry);
-        let rate = php.sample_rate();
         Self {
             _bpf: bpf,
             maps,
@@ -180,7 +178,6 @@ impl Poller {
             settled: 0,
             alarm: false,
             alarms_total: 0,
-            ctl: ControlState { rate, calm: 0 },
             ctl_params,
             events: EventCounts::default(),
             recent_exits: VecDeque::new(),
@@ -327,7 +324,6 @@ impl Poller {
             alarm: self.alarm,
             alarms_total: self.alarms_total,
             last: self.last,
-            sample_rate: self.ctl.rate,
             events: self.events,
             recent_exits: self.recent_exits.iter().cloned().collect(),
             polls: self.polls,
@@ -466,48 +462,44 @@ impl Poller {
             // Queue full: the drops sampling less can cure (not EMSGSIZE, not a missing agent).
             dgram_drops: dg.err[ErrKind::Eagain as usize] + dg.err[ErrKind::Enobufs as usize],
             sends: status.sends,
-            p99_ns: status.p99_ns,
+            p99_floor_ns: super::percentile_floor_ns(&hist, 0.99),
             stream_ok: st.ok,
             stream_wait_ns: status.stream_wait_ns,
         };
         (status, inputs)
     }
 
+    /// Hands the interval to the rate controller (which owns the file; the memory guard's
+    /// ceiling is applied there too). Accounted even with adaptive sampling off: the rate may
+    /// still be lowered by the memory guard.
     fn control(&mut self) {
-        if !self.shared.cfg.adaptive_sampling {
-            return;
-        }
         let iv = self.last_inputs;
-        let (next, decision) = sampling::next(&self.ctl_params, self.ctl, &iv);
-        if next.rate != self.ctl.rate {
-            match self.php.set_sample_rate(next.rate) {
-                Ok(()) => {
-                    if let Decision::Lower(why) = decision {
-                        tracing::warn!(
-                            from = self.ctl.rate,
-                            to = next.rate,
-                            why = why.as_str(),
-                            drops = iv.dgram_drops,
-                            sends = iv.dgram_sends,
-                            p99_ns = iv.p99_ns,
-                            "lowering the PHP sample rate"
-                        );
-                    } else {
-                        tracing::info!(
-                            from = self.ctl.rate,
-                            to = next.rate,
-                            "raising the PHP sample rate"
-                        );
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, path = %self.php.sample_rate_path().display(),
-                        "cannot write the sample rate");
-                    return;
-                }
+        let adaptive = self.shared.cfg.adaptive_sampling;
+        match self.php.sample_interval(&self.ctl_params, &iv, adaptive) {
+            Ok(Some(ch)) if ch.to < ch.from => {
+                let why = match ch.decision {
+                    Decision::Lower(why) => why.as_str(),
+                    Decision::Raise | Decision::Steady => "ceiling",
+                };
+                tracing::warn!(
+                    from = ch.from,
+                    to = ch.to,
+                    why,
+                    drops = iv.dgram_drops,
+                    sends = iv.dgram_sends,
+                    p99_floor_ns = iv.p99_floor_ns,
+                    "lowering the PHP sample rate"
+                );
+            }
+            Ok(Some(ch)) if ch.to > ch.from => {
+                tracing::info!(from = ch.from, to = ch.to, "raising the PHP sample rate");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.php.sample_rate_path().display(),
+                    "cannot write the sample rate");
             }
         }
-        self.ctl = next;
     }
 
     fn pools(&self, workers: &[WorkerStatus]) -> Vec<PoolStats> {
