@@ -129,7 +129,7 @@ fn sigterm_under_load_delivers_what_was_received_and_exits_zero() {
     let before = agent.status().unwrap();
     assert_eq!(
         agent.proc.stop(Duration::from_secs(30)),
-        Some(0),
+        apm_testkit::Exit::Code(0),
         "graceful exit 0"
     );
     let r = sender_report(child);
