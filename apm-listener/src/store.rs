@@ -311,6 +311,8 @@ pub struct WriterOptions {
     pub max_ranges: usize,
     /// Answer the first N batches RETRY without storing them.
     pub fail_first: u64,
+    /// Answer the N batches after those REJECTED without storing them.
+    pub reject_first: u64,
     /// After storing the N-th batch (1-based), answer `DropBeforeAck`, once.
     pub drop_before_ack: Option<u64>,
 }
@@ -328,6 +330,7 @@ impl Default for WriterOptions {
             max_series: DEFAULT_MAX_SERIES,
             max_ranges: DEFAULT_MAX_RANGES,
             fail_first: 0,
+            reject_first: 0,
             drop_before_ack: None,
         }
     }
@@ -435,6 +438,11 @@ impl Writer {
                 Pending::Decided(Outcome::Retry(format!(
                     "fault injection: --fail-first {}",
                     self.opts.fail_first
+                )))
+            } else if self.arrivals <= self.opts.fail_first + self.opts.reject_first {
+                Pending::Decided(Outcome::Rejected(format!(
+                    "fault injection: --reject-first {}",
+                    self.opts.reject_first
                 )))
             } else {
                 self.dedup(s)

@@ -1,7 +1,9 @@
 //! A bounded stop: SIGTERM while the central listener hangs (SIGSTOPped: the kernel still
 //! accepts its TCP connections, nothing answers) exits within `limits.shutdown_timeout` with
-//! everything spooled; and stream clients waiting in the listen backlog at a final stop are
-//! drained, not reset. Both check ground truth: the listener's file and the agent's spool.
+//! everything spooled; stream clients waiting in the listen backlog at a final stop are
+//! drained, not reset; and what the listener answers RETRY or REJECTED is redelivered once or
+//! kept on disk, never silently discarded. All check ground truth: the listener's file, the
+//! agent's spool and its `rejected/` directory.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -146,4 +148,75 @@ fn a_stream_client_in_the_listen_backlog_at_sigterm_is_drained() {
     assert_exactly(&held, &want, "profiles of accepted and backlogged clients");
     drop(holders);
     drop(waiting);
+}
+
+/// The ids of the profiles kept in `<spool.dir>/rejected/` (one JSON file per batch:
+/// `{"seq", "reason", "profiles": [...]}`), and the number of files.
+fn rejected_ids(dir: &std::path::Path) -> (Vec<String>, usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (Vec::new(), 0);
+    };
+    let mut ids = Vec::new();
+    let mut files = 0;
+    for e in entries {
+        let path = e.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+        files += 1;
+        for p in v["profiles"].as_array().expect("profiles") {
+            ids.push(p["id"].as_str().expect("id").to_string());
+        }
+    }
+    (ids, files)
+}
+
+/// 9. RETRY and REJECTED end to end: the listener answers the first two batches RETRY and
+///    the third REJECTED. The rejected batch is kept under `<spool.dir>/rejected/` and counted
+///    (`dropped.rejected_by_central`); everything else is stored exactly once.
+#[test]
+fn a_rejected_batch_is_kept_on_disk_and_counted_and_retried_ones_arrive_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &["--fail-first", "2", "--reject-first", "1"]);
+    let agent = Agent::start(
+        dir.path(),
+        &listener.endpoint(),
+        "off",
+        "[batch]\nmax_items = 10\nmax_age = \"50ms\"\n\
+         [central]\nbackoff_min = \"100ms\"\nbackoff_max = \"200ms\"\n",
+    );
+    let r = Sender::start(SendPlan {
+        socket: agent.socket(),
+        prefix: "q".into(),
+        size: 300,
+        rate: 1000,
+        nonblocking: false,
+        count: 100,
+    })
+    .join();
+    let ok = r.ok_ids("q");
+    assert_eq!(ok.len(), 100, "blocking sends succeed: {:?}", r.errors);
+    let st = agent.wait_for(Duration::from_secs(30), "everything settled", |s| {
+        u(s, "/received") == 100
+            && u(s, "/delivered") + u(s, "/dropped/total") == 100
+            && u(s, "/spooled_batches") == 0
+    });
+    let (kept, files) = rejected_ids(&dir.path().join("spool/rejected"));
+    assert_eq!(files, 1, "one rejected batch kept on disk: {st}");
+    assert!(
+        !kept.is_empty(),
+        "the rejected batch's profiles are on disk"
+    );
+    assert_eq!(
+        u(&st, "/dropped/rejected_by_central"),
+        kept.len() as u64,
+        "counted: {st}"
+    );
+    assert_eq!(u(&st, "/dropped/total"), kept.len() as u64, "{st}");
+    // Every accepted profile: stored once (the RETRY ones after their resend), or kept.
+    let mut held = stored_ids(&listener.out);
+    held.extend(kept);
+    assert_exactly(&held, &ok, "stored or kept as rejected");
+    agent.assert_no_panic();
 }
