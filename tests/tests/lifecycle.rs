@@ -138,7 +138,7 @@ fn sighup_reload_drops_nothing_and_a_bad_config_is_refused() {
         "{r}"
     );
     // Only the token SIGHUP re-read lets anything through.
-    agent.wait_for(Duration::from_secs(60), "all delivered", |s| {
+    agent.wait_for(Duration::from_mins(1), "all delivered", |s| {
         u(s, "/delivered") >= 6000
     });
     assert_exactly_once(&listener, "h", 6000);

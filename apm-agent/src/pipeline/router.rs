@@ -666,10 +666,12 @@ impl Router {
         ) {
             Ok(path) => {
                 tracing::warn!(seq = batch.seq, profiles = batch.len(), path = %path.display(),
-                "rejected batch kept on disk")
+                    "rejected batch kept on disk");
             }
-            Err(e) => tracing::error!(seq = batch.seq, profiles = batch.len(), error = %e,
-                "rejected batch could not be kept on disk"),
+            Err(e) => {
+                tracing::error!(seq = batch.seq, profiles = batch.len(), error = %e,
+                    "rejected batch could not be kept on disk");
+            }
         }
         if let Some(f) = self.inflight.remove(&batch.seq) {
             self.held -= f.bytes;
