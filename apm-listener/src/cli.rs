@@ -82,6 +82,9 @@ pub struct Args {
     /// Answer the first N batches RETRY without storing them.
     #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
     pub fail_first: u64,
+    /// Answer the N batches after the --fail-first ones REJECTED without storing them.
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+    pub reject_first: u64,
 }
 
 impl Args {
@@ -108,6 +111,7 @@ impl Args {
                 drop_before_ack: self.drop_before_ack.filter(|&n| n > 0),
                 ack_delay: Duration::from_millis(self.ack_delay),
                 fail_first: self.fail_first,
+                reject_first: self.reject_first,
             },
             stats_interval: Duration::from_secs(self.stats_interval),
         }

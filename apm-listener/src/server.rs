@@ -79,6 +79,8 @@ pub struct Faults {
     pub ack_delay: Duration,
     /// Answer the first N batches RETRY without storing them.
     pub fail_first: u64,
+    /// Answer the N batches after those REJECTED without storing them.
+    pub reject_first: u64,
 }
 
 /// Bounds on what agents can make the listener hold (see `docs/listener.md`).
@@ -200,6 +202,7 @@ impl Listener {
             max_series: cfg.limits.max_series,
             max_ranges: cfg.limits.max_ranges,
             fail_first: cfg.faults.fail_first,
+            reject_first: cfg.faults.reject_first,
             drop_before_ack: cfg.faults.drop_before_ack,
         };
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
@@ -273,6 +276,7 @@ impl Listener {
         );
         if cfg.faults.drop_before_ack.is_some()
             || cfg.faults.fail_first > 0
+            || cfg.faults.reject_first > 0
             || !cfg.faults.ack_delay.is_zero()
         {
             warn!(faults = ?cfg.faults, "fault injection is on: for tests only");

@@ -311,6 +311,8 @@ pub struct WriterOptions {
     pub max_ranges: usize,
     /// Answer the first N batches RETRY without storing them.
     pub fail_first: u64,
+    /// Answer the N batches after those REJECTED without storing them.
+    pub reject_first: u64,
     /// After storing the N-th batch (1-based), answer `DropBeforeAck`, once.
     pub drop_before_ack: Option<u64>,
 }
@@ -328,6 +330,7 @@ impl Default for WriterOptions {
             max_series: DEFAULT_MAX_SERIES,
             max_ranges: DEFAULT_MAX_RANGES,
             fail_first: 0,
+            reject_first: 0,
             drop_before_ack: None,
         }
     }
@@ -436,6 +439,11 @@ impl Writer {
                     "fault injection: --fail-first {}",
                     self.opts.fail_first
                 )))
+            } else if self.arrivals <= self.opts.fail_first + self.opts.reject_first {
+                Pending::Decided(Outcome::Rejected(format!(
+                    "fault injection: --reject-first {}",
+                    self.opts.reject_first
+                )))
             } else {
                 self.dedup(s)
             };
@@ -486,7 +494,9 @@ impl Writer {
                 Outcome::Retry(_) => {
                     stats.retried_batches.fetch_add(1, Relaxed);
                 }
-                Outcome::Rejected(_) => {}
+                Outcome::Rejected(_) => {
+                    stats.rejected_batches.fetch_add(1, Relaxed);
+                }
             }
             // A stream that went away no longer waits for its answer; nothing to do then.
             let _ = s.reply.send(Reply {
@@ -808,6 +818,46 @@ mod tests {
         let content = std::fs::read(&path).expect("read");
         assert_eq!(content.iter().filter(|&&b| b == b'\n').count(), 5);
         assert_eq!(w.len, content.len() as u64);
+    }
+
+    /// `--reject-first` answers REJECTED after the `--fail-first` batches, stores nothing for
+    /// them, and counts them in `rejected_batches_total` like every other rejection.
+    #[test]
+    fn reject_first_rejects_after_fail_first_and_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.jsonl");
+        let (file, seen, rec) = open(&path).expect("open");
+        let stats = Arc::new(Stats::default());
+        let opts = WriterOptions {
+            fail_first: 1,
+            reject_first: 1,
+            ..WriterOptions::default()
+        };
+        let mut w = Writer::new(file, path.clone(), rec.len, seen, opts, stats.clone());
+        let out = submit(
+            &mut w,
+            vec![batch("a", 1, 2), batch("a", 2, 2), batch("a", 3, 2)],
+        );
+        assert_eq!(
+            out,
+            vec![
+                (1, Outcome::Retry("fault injection: --fail-first 1".into())),
+                (
+                    2,
+                    Outcome::Rejected("fault injection: --reject-first 1".into())
+                ),
+                (3, Outcome::Stored)
+            ]
+        );
+        let snap = stats.snapshot();
+        assert_eq!(
+            (
+                snap.retried_batches,
+                snap.rejected_batches,
+                snap.batches_stored
+            ),
+            (1, 1, 1)
+        );
     }
 
     /// A writer on `path` with default options, after recovery (what recovery found too).

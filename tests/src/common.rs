@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub use apm_testkit::{Proc, bin, bin_dir, in_ci};
+pub use apm_testkit::{Exit, Proc, bin, bin_dir, in_ci};
 
 /// `apm-listener` on a free loopback port, storing to `out`.
 pub struct Listener {

@@ -18,7 +18,9 @@ pub fn profile_body(prefix: &str, i: u64, size: usize) -> String {
     format!("{head}{}\"}}", "x".repeat(pad))
 }
 
-/// A loopback address nobody listens on (yet): bind port 0, read it, close.
+/// A loopback address nobody listens on (yet), reserved for this test process: connections
+/// are refused until the test starts its listener there, and no other test's listener can
+/// be given it (see `apm_testkit::free_port`).
 pub fn free_addr() -> String {
     format!(
         "127.0.0.1:{}",

@@ -165,7 +165,7 @@ fn bad_input_is_rejected_counted_and_never_hurts_valid_traffic() {
     );
     assert_eq!(
         agent.proc.stop(Duration::from_secs(20)),
-        Some(0),
+        apm_testkit::Exit::Code(0),
         "graceful exit"
     );
 }

@@ -68,7 +68,10 @@ fn listener_down_30s_under_load_everything_arrives_once_memory_flat() {
     // 2 KB profiles: the outage carries ~60 MB, far more than any RSS growth we tolerate.
     let sender = Sender::start(plan(&agent, "o", 2000, 1000, true));
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(listener.proc.stop(Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        listener.proc.stop(Duration::from_secs(10)),
+        apm_testkit::Exit::Code(0)
+    );
     drop(listener);
     let down = Instant::now();
 
@@ -145,7 +148,10 @@ fn listener_drops_the_connection_before_acking_the_resend_is_deduplicated() {
     let st = agent.status().unwrap();
     assert_eq!(u(&st, "/delivered"), 3000);
     assert!(u(&st, "/reconnects") >= 2, "the agent reconnected: {st}");
-    assert_eq!(listener.proc.stop(Duration::from_secs(15)), Some(0));
+    assert_eq!(
+        listener.proc.stop(Duration::from_secs(15)),
+        apm_testkit::Exit::Code(0)
+    );
     let log = strip_ansi(&std::fs::read_to_string(dir.path().join("listener.log")).unwrap());
     assert!(
         log.contains("dropping the stream before its ack"),
@@ -170,7 +176,7 @@ fn sigterm_under_load_then_start_again_loses_nothing() {
     let before = sender.accepted.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
         agent.proc.stop(Duration::from_secs(30)),
-        Some(0),
+        apm_testkit::Exit::Code(0),
         "graceful exit"
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -208,13 +214,16 @@ fn sigterm_with_listener_down_spools_then_everything_arrives_once() {
     let mut agent = Agent::start(dir.path(), &endpoint(&addr), "off", &cfg);
     let sender = Sender::start(plan(&agent, "u", 300, 3000, true));
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(listener.proc.stop(Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        listener.proc.stop(Duration::from_secs(10)),
+        apm_testkit::Exit::Code(0)
+    );
     drop(listener);
     std::thread::sleep(Duration::from_millis(1500));
     let t = Instant::now();
     assert_eq!(
         agent.proc.stop(Duration::from_secs(30)),
-        Some(0),
+        apm_testkit::Exit::Code(0),
         "graceful exit"
     );
     assert!(
@@ -308,7 +317,11 @@ fn sigkill_50_times_in_write_ahead_mode_loses_only_the_in_memory_window() {
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(100 + rng.below(200)));
         agent.proc.signal(Signal::SIGKILL);
-        assert_eq!(agent.proc.wait(Duration::from_secs(10)), None, "killed");
+        assert_eq!(
+            agent.proc.wait(Duration::from_secs(10)),
+            apm_testkit::Exit::Signaled(libc::SIGKILL),
+            "killed"
+        );
         agent.assert_no_panic();
         let recs = spool_records(&dir.path().join("spool"));
         spooled_at_kill.push(recs.len());
@@ -393,7 +406,7 @@ fn sigkill_50_times_in_write_ahead_mode_loses_only_the_in_memory_window() {
 fn stopped(p: &mut Proc) {
     assert_eq!(
         p.stop(Duration::from_secs(30)),
-        Some(0),
+        apm_testkit::Exit::Code(0),
         "{} exits 0",
         p.name
     );
@@ -666,7 +679,10 @@ fn lost_state_dir_with_a_configured_agent_id_loses_nothing() {
         let s = wait_settled(&agent, 5000, Duration::from_mins(1));
         assert_eq!(u(&s, "/delivered"), 5000, "{prefix}: {s}");
         epochs.push(s["epoch"].clone());
-        assert_eq!(agent.proc.stop(Duration::from_secs(20)), Some(0));
+        assert_eq!(
+            agent.proc.stop(Duration::from_secs(20)),
+            apm_testkit::Exit::Code(0)
+        );
         if run == 0 {
             // A new disk, a reinstall: the state is gone, the configured agent id is not.
             std::fs::remove_dir_all(dir.path().join("state")).unwrap();
@@ -788,7 +804,10 @@ fn a_full_disk_at_restart_starts_with_what_fits_and_delivers() {
     agent.wait_for(Duration::from_secs(20), "all received", |s| {
         u(s, "/received") == 2000
     });
-    assert_eq!(agent.proc.stop(Duration::from_secs(20)), Some(0));
+    assert_eq!(
+        agent.proc.stop(Duration::from_secs(20)),
+        apm_testkit::Exit::Code(0)
+    );
     assert!(!spool_records(&vol.join("spool")).is_empty(), "spooled");
     // Another tenant takes 10 MiB of the 16 MiB volume while the agent is down.
     std::fs::write(vol.join("filler"), vec![0u8; 10 << 20]).unwrap();

@@ -332,7 +332,7 @@ fn debian_package_installs_runs_and_purges() {
     );
     assert_eq!(
         agent.stop(Duration::from_secs(30)),
-        Some(0),
+        apm_testkit::Exit::Code(0),
         "{}",
         agent_log()
     );

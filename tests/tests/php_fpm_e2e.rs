@@ -372,7 +372,12 @@ fn php_fpm_agent_stop_costs_php_only_the_dropped_profiles_counted_by_the_kernel(
         std::thread::sleep(Duration::from_secs(4));
         let down = begin.elapsed();
         let code = agent.proc.stop(Duration::from_secs(15));
-        assert_eq!(code, Some(0), "agent exit on SIGTERM\n{}", agent.log());
+        assert_eq!(
+            code,
+            apm_testkit::Exit::Code(0),
+            "agent exit on SIGTERM\n{}",
+            agent.log()
+        );
         let stopped = begin.elapsed();
         println!(
             "agent stopped at {down:?} (exit took {:?}); sockets left: dgram {} stream {}",

@@ -156,6 +156,9 @@ fn memory_guard_sheds_then_restarts_in_place_without_loss() {
         u(&after, "/rss_bytes") < 32 << 20,
         "the fresh process is under the limit: {after}"
     );
-    assert_eq!(agent.proc.stop(Duration::from_secs(15)), Some(0));
+    assert_eq!(
+        agent.proc.stop(Duration::from_secs(15)),
+        apm_testkit::Exit::Code(0)
+    );
     agent.assert_no_panic();
 }

@@ -261,7 +261,7 @@ fn the_agent_loads_ebpf_with_exactly_the_units_capabilities() {
     assert_eq!(u(&s, "/rejected"), 0, "{s:#}");
     assert_eq!(
         agent.stop(Duration::from_secs(15)),
-        Some(0),
+        apm_testkit::Exit::Code(0),
         "{}",
         log(&dir)
     );
@@ -274,7 +274,7 @@ fn the_agent_loads_ebpf_with_exactly_the_units_capabilities() {
     let mut agent = agent_with_caps(&dir2, &fewer);
     assert_eq!(
         agent.wait(Duration::from_secs(30)),
-        Some(78),
+        apm_testkit::Exit::Code(78),
         "{}",
         log(&dir2)
     );
@@ -419,7 +419,10 @@ fn every_syscall_the_agent_makes_is_in_the_units_filter() {
     std::thread::sleep(Duration::from_millis(300));
     cli(&["stop"]);
     assert!(
-        agent.wait(Duration::from_secs(30)).is_some(),
+        matches!(
+            agent.wait(Duration::from_secs(30)),
+            apm_testkit::Exit::Code(_)
+        ),
         "strace did not end"
     );
 

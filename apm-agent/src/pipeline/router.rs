@@ -317,9 +317,9 @@ impl Router {
                 self.breaker.on_failure(now);
                 self.settle_returned(batch);
             }
-            Outcome::Rejected { batch, .. } => {
+            Outcome::Rejected { batch, message } => {
                 self.breaker.on_success(now);
-                self.settle_rejected(batch);
+                self.settle_rejected_because(batch, &message);
             }
             Outcome::ConnectFailed { .. } | Outcome::Connected => {}
         }
@@ -721,6 +721,27 @@ impl Router {
     }
 
     fn settle_rejected(&mut self, batch: Batch) {
+        self.settle_rejected_because(batch, "rejected by the central listener");
+    }
+
+    /// A batch the listener will never take: kept on disk under `<spool.dir>/rejected/`
+    /// (never silently discarded) and counted as dropped, `rejected_by_central`.
+    fn settle_rejected_because(&mut self, batch: Batch, reason: &str) {
+        match crate::pipeline::spool::keep_rejected(
+            self.spool.dir(),
+            self.cfg.max_bytes,
+            &batch,
+            reason,
+        ) {
+            Ok(path) => {
+                tracing::warn!(seq = batch.seq, profiles = batch.len(), path = %path.display(),
+                    "rejected batch kept on disk");
+            }
+            Err(e) => {
+                tracing::error!(seq = batch.seq, profiles = batch.len(), error = %e,
+                    "rejected batch could not be kept on disk");
+            }
+        }
         if let Some(f) = self.inflight.remove(&batch.seq) {
             self.held -= f.bytes;
             if let Some(id) = f.id {

@@ -313,7 +313,23 @@ impl Transport {
     ) -> SessionEnd {
         let window = self.cfg.max_in_flight;
         let (tx, rx) = mpsc::channel::<apm_proto::Batch>(window);
-        let mut acks = match self.client(channel).stream(ReceiverStream::new(rx)).await {
+        // A listener that accepts TCP but never answers (hung, SIGSTOPped) never sends the
+        // stream's response headers: `connect_timeout` does not cover that wait, so the stop
+        // must, or a shutdown would hang here past `limits.shutdown_timeout`.
+        let mut client = self.client(channel);
+        let opened = tokio::select! {
+            r = client.stream(ReceiverStream::new(rx)) => r,
+            () = stop.cancelled() => {
+                if let Some(batch) = first {
+                    let _ = outcomes.send(Outcome::Returned {
+                        batch,
+                        reason: "shutdown while opening the stream".into(),
+                    });
+                }
+                return SessionEnd { clean: true, input_open: true };
+            }
+        };
+        let mut acks = match opened {
             Ok(r) => r.into_inner(),
             Err(status) => {
                 let error = format!("{}: {}", status.code(), escape_control(status.message()));

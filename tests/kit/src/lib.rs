@@ -101,28 +101,52 @@ impl Proc {
         self.child.wait()
     }
 
-    /// SIGTERM, then wait up to `timeout`: the exit code (`None` when it had to be killed or
-    /// died of a signal).
-    pub fn stop(&mut self, timeout: Duration) -> Option<i32> {
+    /// SIGTERM, then waits up to `timeout` (see [`Proc::wait`]).
+    pub fn stop(&mut self, timeout: Duration) -> Exit {
         if let Ok(Some(st)) = self.child.try_wait() {
-            return st.code();
+            return Exit::from(st);
         }
         self.signal(nix::sys::signal::Signal::SIGTERM);
         self.wait(timeout)
     }
 
-    /// Waits up to `timeout` for the exit code; kills it after that (`None`).
-    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+    /// Waits up to `timeout` for the process to end: how it ended, or [`Exit::TimedOut`]
+    /// (it is then killed and reaped, so no zombie is left).
+    pub fn wait(&mut self, timeout: Duration) -> Exit {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
+                return Exit::from(st);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        None
+        Exit::TimedOut
+    }
+}
+
+/// How a waited-for process ended: three cases a test must not confuse (a kill is not a
+/// clean exit, and a hang is not a kill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it (this number).
+    Signaled(i32),
+    /// It was still running when the wait ran out (it was then killed by the waiter).
+    TimedOut,
+}
+
+impl From<ExitStatus> for Exit {
+    fn from(st: ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (st.code(), st.signal()) {
+            (Some(c), _) => Self::Code(c),
+            (None, Some(s)) => Self::Signaled(s),
+            // Neither: stopped by a signal, which `try_wait` (no WUNTRACED) does not report.
+            (None, None) => Self::Signaled(st.stopped_signal().unwrap_or(0)),
+        }
     }
 }
 
@@ -167,13 +191,40 @@ pub fn poll<T>(
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago. Another process may take it before the
-/// caller binds it: where the program can, let it bind port 0 and report its address instead
-/// (`apm-listener --listen 127.0.0.1:0` prints it).
+/// A TCP port on 127.0.0.1 kept for the caller until this process exits.
+///
+/// Picking a free port by binding port 0 and closing the socket races: another test's
+/// listener can be handed the same port before ours binds it, and our agent then delivers to
+/// the wrong listener. So the socket that picked the port is kept open, bound with
+/// `SO_REUSEADDR` but never listening:
+/// - the kernel never hands a bound port out to a port-0 bind, and a bind without
+///   `SO_REUSEADDR` gets `EADDRINUSE`: nobody else takes it;
+/// - a server that sets `SO_REUSEADDR` (tokio, std, apm-listener, the agent's `/metrics`,
+///   php-fpm) still binds and listens on it, as often as the test restarts it;
+/// - while no server listens, a connection is refused: the address of a listener that is
+///   down, for as long as the test wants it down.
+///
+/// The descriptor is leaked on purpose (one per call, for the life of the test process).
+/// Where a program can report its address, binding port 0 is simpler still
+/// (`apm-listener --listen 127.0.0.1:0` prints it on its ready line).
 pub fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname, setsockopt, socket,
+        sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&sock, sockopt::ReuseAddr, &true)?;
+    bind(sock.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0))?;
+    let port = getsockname::<SockaddrIn>(sock.as_raw_fd())?.port();
+    // Kept open until exit: closing it would give the port back to whoever binds next.
+    std::mem::forget(sock);
+    Ok(port)
 }
 
 /// The status document of the agent whose control socket is `sock`, raw (`None` when it does
@@ -185,4 +236,59 @@ pub fn status_json(sock: &Path) -> Option<serde_json::Value> {
 /// The status of the agent whose runtime directory is `runtime_dir`, typed.
 pub fn status(runtime_dir: &Path) -> Option<Status> {
     Client::in_runtime_dir(runtime_dir).status().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn libc_sigkill() -> i32 {
+        nix::sys::signal::Signal::SIGKILL as i32
+    }
+
+    /// A process killed by a signal and one that did not exit in time must not look the same:
+    /// a test asserting a clean exit, or a kill, could otherwise pass on the other.
+    /// The old `free_port` closed its socket: any other bind could take the port before the
+    /// caller's listener did, and route one test's agent to another test's listener.
+    #[test]
+    fn a_free_port_stays_reserved_for_the_caller() {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
+        use std::os::fd::AsRawFd;
+        let port = free_port().unwrap();
+        // Someone else (no SO_REUSEADDR, or a port-0 bind handing it out) cannot have it.
+        let other = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let taken = bind(other.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port));
+        assert!(taken.is_err(), "port {port} was taken by another socket");
+        for _ in 0..200 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            assert_ne!(l.local_addr().unwrap().port(), port, "handed out again");
+        }
+        // Nobody answers there, yet the caller's own server (SO_REUSEADDR) binds it.
+        let refused = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        let server = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        drop(server);
+        let again = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        drop(again);
+    }
+
+    #[test]
+    fn a_kill_and_a_timeout_are_told_apart() {
+        let mut killed = Proc::spawn("sleep", Command::new("sleep").arg("30")).unwrap();
+        killed.signal(nix::sys::signal::Signal::SIGKILL);
+        let killed = killed.wait(Duration::from_secs(5));
+        let mut hung = Proc::spawn("sleep", Command::new("sleep").arg("30")).unwrap();
+        let hung = hung.wait(Duration::from_millis(200));
+        assert_ne!(killed, hung, "killed: {killed:?}, timed out: {hung:?}");
+        assert_eq!(killed, Exit::Signaled(libc_sigkill()));
+        assert_eq!(hung, Exit::TimedOut);
+        let mut ok = Proc::spawn("true", &mut Command::new("true")).unwrap();
+        assert_eq!(ok.wait(Duration::from_secs(5)), Exit::Code(0));
+    }
 }

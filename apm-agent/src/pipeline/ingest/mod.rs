@@ -408,6 +408,52 @@ fn peer(stream: &tokio::net::UnixStream) -> (u32, u32) {
         .unwrap_or((dgram::UNKNOWN_ID, dgram::UNKNOWN_ID))
 }
 
+/// What every stream connection is served with.
+struct StreamParts {
+    cfg: IngestConfig,
+    telemetry: Arc<Telemetry>,
+    rss: Option<RssLookup>,
+    out: ProfileSink,
+    shutdown: CancellationToken,
+    /// The bytes all incomplete frames larger than [`stream::BASE_BUFFER`] share.
+    budget: Arc<Semaphore>,
+}
+
+impl StreamParts {
+    /// Serves `stream` (from peer `pid`, `uid`) on `conns`; `held` (the connection's slots)
+    /// is given back when it ends.
+    fn spawn(
+        &self,
+        conns: &mut tokio::task::JoinSet<()>,
+        stream: tokio::net::UnixStream,
+        (pid, uid): (u32, u32),
+        held: impl Send + 'static,
+    ) {
+        self.telemetry.stream_connections.inc();
+        let conn = stream::Conn {
+            stream,
+            pid,
+            uid,
+            max_payload: self.cfg.max_payload_bytes,
+            idle: self.cfg.stream_idle_timeout,
+            frame_timeout: self.cfg.stream_frame_timeout,
+            budget: self.budget.clone(),
+            telemetry: self.telemetry.clone(),
+            rss: self.rss.clone(),
+        };
+        let (out, sd, t) = (
+            self.out.clone(),
+            self.shutdown.clone(),
+            self.telemetry.clone(),
+        );
+        conns.spawn(async move {
+            conn.serve(out, sd).await;
+            t.stream_connections.dec();
+            drop(held);
+        });
+    }
+}
+
 async fn run_stream(
     listener: tokio::net::UnixListener,
     cfg: IngestConfig,
@@ -422,7 +468,14 @@ async fn run_stream(
         held: std::sync::Mutex::default(),
         max: cfg.max_stream_connections_per_uid,
     });
-    let budget = Arc::new(Semaphore::new(cfg.stream_buffer_bytes));
+    let parts = StreamParts {
+        budget: Arc::new(Semaphore::new(cfg.stream_buffer_bytes)),
+        cfg,
+        telemetry,
+        rss,
+        out,
+        shutdown: shutdown.clone(),
+    };
     let mut conns = tokio::task::JoinSet::new();
     loop {
         // Wait for a connection slot first: extra clients wait in the listen backlog.
@@ -443,43 +496,69 @@ async fn run_stream(
                         pid: Some(pid),
                         uid: Some(uid),
                     }
-                    .emit(&telemetry);
+                    .emit(&parts.telemetry);
                     continue;
                 };
-                telemetry.stream_connections.inc();
-                let conn = stream::Conn {
-                    stream,
-                    pid,
-                    uid,
-                    max_payload: cfg.max_payload_bytes,
-                    idle: cfg.stream_idle_timeout,
-                    frame_timeout: cfg.stream_frame_timeout,
-                    budget: budget.clone(),
-                    telemetry: telemetry.clone(),
-                    rss: rss.clone(),
-                };
-                let (out, sd, t) = (out.clone(), shutdown.clone(), telemetry.clone());
-                conns.spawn(async move {
-                    conn.serve(out, sd).await;
-                    t.stream_connections.dec();
-                    drop(uid_slot);
-                    drop(permit);
-                });
+                parts.spawn(&mut conns, stream, (pid, uid), (uid_slot, permit));
             }
             Err(error) => {
                 AcceptFailed {
                     server: Server::Stream,
                     error: &error,
                 }
-                .back_off(&telemetry)
+                .back_off(&parts.telemetry)
                 .await;
             }
         }
         while conns.try_join_next().is_some() {}
     }
+    if stop.kind() == StopKind::Final {
+        drain_backlog(&listener, &parts, &mut conns);
+    }
     // Connections already accepted drain what they hold (Conn::serve sees the cancellation).
     while conns.join_next().await.is_some() {}
     (stop.kind() == StopKind::Handover).then_some(listener)
+}
+
+/// A final stop: refuse new connections (`shutdown(SHUT_RD)` on the listener makes `connect`
+/// fail with `ECONNREFUSED`), then accept every connection still waiting in the listen backlog
+/// and serve it as a draining one. Those clients' writes already succeeded: the kernel holds
+/// their frames, and closing the listener would reset them unread. Slot limits do not apply:
+/// the backlog is bounded by the kernel, and each connection is shut for reading at once.
+fn drain_backlog(
+    listener: &tokio::net::UnixListener,
+    parts: &StreamParts,
+    conns: &mut tokio::task::JoinSet<()>,
+) {
+    use nix::sys::socket::{SockFlag, accept4};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fd = listener.as_raw_fd();
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+    let mut drained = 0u64;
+    // Ends at the first error: EAGAIN (nothing left) or EINVAL (the kernel's answer to accept
+    // on a shut, empty listener).
+    while let Ok(raw) = accept4(fd, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+        // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+        match tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(owned)) {
+            Ok(stream) => {
+                let who = peer(&stream);
+                parts.spawn(conns, stream, who, ());
+                drained += 1;
+            }
+            Err(error) => AcceptFailed {
+                server: Server::Stream,
+                error: &error,
+            }
+            .emit(&parts.telemetry),
+        }
+    }
+    if drained > 0 {
+        tracing::info!(
+            connections = drained,
+            "stream connections waiting in the listen backlog drained at stop"
+        );
+    }
 }
 
 #[cfg(test)]

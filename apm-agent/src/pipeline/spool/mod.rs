@@ -37,6 +37,9 @@ use format::{RECORD_HEADER_LEN, ReadAt, SEGMENT_HEADER_LEN};
 
 /// Where foreign files found in the spool dir are moved.
 pub const QUARANTINE_DIR: &str = "quarantine";
+/// Where batches the central listener rejected are kept, one JSON file each
+/// ([`keep_rejected`]).
+pub const REJECTED_DIR: &str = "rejected";
 const LOCK_FILE: &str = "spool.lock";
 /// The ack log is rewritten once it holds this many more entries than live acks (and twice).
 const ACK_LOG_COMPACT_SLACK: u64 = 4096;
@@ -245,6 +248,53 @@ pub fn write_atomic_durable(path: &Path, data: &[u8]) -> io::Result<()> {
     crate::fsutil::write_atomic(path, data, 0o600)
 }
 
+/// Keeps a batch the central listener rejected in `<spool.dir>/rejected/` so that an operator
+/// can inspect and resend it: `batch-<epoch>-<seq>.json`, holding
+/// `{"seq", "epoch", "reason", "profiles": [<each payload as received>]}` (payloads are
+/// validated JSON objects, so the file is JSON). The directory holds at most a quarter of
+/// `spool.max_bytes`; past that the batch is not written (an error says so), and either way it
+/// is counted in `dropped.rejected_by_central`. The path written, or why not.
+pub fn keep_rejected(
+    spool_dir: &Path,
+    max_bytes: u64,
+    batch: &Batch,
+    reason: &str,
+) -> Result<PathBuf, SpoolError> {
+    let dir = spool_dir.join(REJECTED_DIR);
+    std::fs::create_dir_all(&dir).map_err(SpoolError::io("create", &dir))?;
+    let mut doc = format!(
+        "{{\"seq\":{},\"epoch\":\"{:016x}\",\"reason\":{},\"profiles\":[",
+        batch.seq,
+        batch.epoch,
+        serde_json::Value::from(reason)
+    );
+    for (i, p) in batch.profiles.iter().enumerate() {
+        if i > 0 {
+            doc.push(',');
+        }
+        doc.push_str(&String::from_utf8_lossy(&p.payload));
+    }
+    doc.push_str("]}\n");
+    let held: u64 = std::fs::read_dir(&dir)
+        .map_err(SpoolError::io("read", &dir))?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    if held + doc.len() as u64 > max_bytes / 4 {
+        return Err(SpoolError::io("keep rejected batch in", &dir)(
+            io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{held} bytes of rejected batches already kept (limit: spool.max_bytes / 4): move them away"
+                ),
+            ),
+        ));
+    }
+    let path = dir.join(format!("batch-{:016x}-{}.json", batch.epoch, batch.seq));
+    write_atomic_durable(&path, doc.as_bytes()).map_err(SpoolError::io("write", &path))?;
+    Ok(path)
+}
+
 /// What [`Spool::make_room`] did.
 enum Room {
     /// Room made, dropping these oldest records (none when there was room already).
@@ -405,7 +455,11 @@ impl Spool {
                 self.quarantine(&entry.path(), "name is not UTF-8");
                 continue;
             };
-            if name == LOCK_FILE || name == acklog::ACK_LOG || name == QUARANTINE_DIR {
+            if name == LOCK_FILE
+                || name == acklog::ACK_LOG
+                || name == QUARANTINE_DIR
+                || name == REJECTED_DIR
+            {
                 continue;
             }
             if name.starts_with('.') && name.contains(".tmp.") {

@@ -824,3 +824,28 @@ mod model {
         }
     }
 }
+
+/// A rejected batch is kept as JSON under `rejected/`, which the spool's recovery leaves in
+/// place (it is not a foreign file); past a quarter of `max_bytes` nothing more is written.
+#[test]
+fn rejected_batches_are_kept_as_json_and_survive_a_reopen_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = batch(7, 3, 100);
+    let path = keep_rejected(dir.path(), 1 << 20, &b, "no \"way\"").unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).expect("valid JSON");
+    assert_eq!(v["seq"], 7);
+    assert_eq!(v["reason"], "no \"way\"");
+    assert_eq!(v["profiles"].as_array().unwrap().len(), 3);
+    assert_eq!(v["profiles"][2]["i"], 2);
+    let s = Spool::open(&cfg(dir.path())).unwrap();
+    assert_eq!(s.stats().quarantined, 0);
+    drop(s);
+    assert!(path.exists(), "still in rejected/ after a reopen");
+    // Limit 3 KiB: two batches of ~1.1 KiB fit beside the first, a third does not.
+    let big = batch(8, 10, 100);
+    keep_rejected(dir.path(), 12 << 10, &big, "r").unwrap();
+    keep_rejected(dir.path(), 12 << 10, &batch(9, 10, 100), "r").unwrap();
+    let e = keep_rejected(dir.path(), 12 << 10, &batch(10, 10, 100), "r").unwrap_err();
+    assert!(e.to_string().contains("spool.max_bytes / 4"), "{e}");
+}
