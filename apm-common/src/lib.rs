@@ -393,6 +393,48 @@ pub enum ExitMode {
     Leader = 2,
 }
 
+/// Indices of the per-CPU `HEALTH` array (one `u64` each, summed by the agent): what the
+/// programs could not record. The maps never evict (plain hash maps, not LRU), so a full map
+/// refuses the insert and the refusal is counted here; a full ring buffer drops the event and
+/// that is counted too. Numbers are never reused.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// `SENDS` full: a PHP thread's send to the agent is not counted (no in-flight state).
+    SendsFull = 0,
+    /// `CONNS` full: a connected fd is not remembered; its later sends are not counted.
+    ConnsFull = 1,
+    /// `PROC_SENDS` full: an exiting thread's counters stay in `SENDS` (swept by the agent).
+    ProcSendsFull = 2,
+    /// `RSS` full: a process's memory is not tracked.
+    RssFull = 3,
+    /// `MM_OWNER` full: RSS events raised outside the process are missed for it.
+    MmOwnerFull = 4,
+    /// `EVENTS` full: an exit event of a watched process was lost (the agent's sweep retires
+    /// the process instead).
+    ExitEventLost = 5,
+    /// `EVENTS` full: an RSS threshold event was lost.
+    RssEventLost = 6,
+    /// `EVENTS` full: a drop-burst event was lost.
+    DropEventLost = 7,
+}
+
+/// Entries of the `HEALTH` array.
+pub const HEALTH_COUNTERS: usize = 8;
+
+impl Health {
+    pub const ALL: [Health; HEALTH_COUNTERS] = [
+        Health::SendsFull,
+        Health::ConnsFull,
+        Health::ProcSendsFull,
+        Health::RssFull,
+        Health::MmOwnerFull,
+        Health::ExitEventLost,
+        Health::RssEventLost,
+        Health::DropEventLost,
+    ];
+}
+
 /// `kmem/rss_stat` members (the tracepoint's `member` field).
 pub const RSS_FILE: usize = 0;
 pub const RSS_ANON: usize = 1;

@@ -96,6 +96,8 @@ pub struct Maps {
     pub proc_sends: BpfHashMap<MapData, u32, ProcSends>,
     pub sends: BpfHashMap<MapData, u64, ThreadSends>,
     pub conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
+    /// `apm_common::Health` counters, per CPU.
+    pub health: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -113,6 +115,7 @@ impl Maps {
             proc_sends: typed(bpf, "PROC_SENDS")?,
             sends: typed(bpf, "SENDS")?,
             conns: typed(bpf, "CONNS")?,
+            health: typed(bpf, "HEALTH")?,
         })
     }
 }

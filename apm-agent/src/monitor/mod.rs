@@ -253,6 +253,73 @@ pub struct EventCounts {
     pub swept_exits: u64,
 }
 
+/// Entries the maps refused because they were full, by map (`status --json` →
+/// `ebpf.map_health.insert_failed`). The kernel-side maps never evict: a full map refuses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MapCounts {
+    /// Sends by PHP threads the kernel could not track (a send or connect not counted at all).
+    pub sends: u64,
+    /// Connected fds not remembered (their later sends are not counted).
+    pub conns: u64,
+    /// Exiting threads whose counters could not move to their process's entry.
+    pub proc_sends: u64,
+    /// RSS events of processes whose memory is not tracked.
+    pub rss: u64,
+    /// mm ids not mapped to their process.
+    pub mm_owner: u64,
+}
+
+/// Events lost because the ring buffer was full, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EventsLost {
+    /// Exits of watched processes (the sweep retires them instead: `events.swept_exits`).
+    pub exit: u64,
+    pub rss: u64,
+    pub drop: u64,
+}
+
+/// Entries of processes that are gone, removed by the agent's sweep (their exit event was lost,
+/// or a sibling thread folded after it), by map. The only evictions there are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Evicted {
+    pub sends: u64,
+    pub proc_sends: u64,
+    pub rss: u64,
+    pub conns: u64,
+}
+
+/// `status --json` → `ebpf.map_health`: what the eBPF programs could not record and what the
+/// agent removed itself. Every field is a counter since the monitor started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MapHealth {
+    pub insert_failed: MapCounts,
+    pub events_lost: EventsLost,
+    pub evicted: Evicted,
+}
+
+impl MapHealth {
+    /// From the summed per-CPU `HEALTH` array and the sweep's own counts.
+    fn new(k: &[u64; apm_common::HEALTH_COUNTERS], evicted: Evicted) -> Self {
+        use apm_common::Health as H;
+        let g = |h: H| k[h as usize];
+        Self {
+            insert_failed: MapCounts {
+                sends: g(H::SendsFull),
+                conns: g(H::ConnsFull),
+                proc_sends: g(H::ProcSendsFull),
+                rss: g(H::RssFull),
+                mm_owner: g(H::MmOwnerFull),
+            },
+            events_lost: EventsLost {
+                exit: g(H::ExitEventLost),
+                rss: g(H::RssEventLost),
+                drop: g(H::DropEventLost),
+            },
+            evicted,
+        }
+    }
+}
+
 /// What happened during the last poll interval.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct IntervalStatus {
@@ -316,6 +383,8 @@ pub struct EbpfStatus {
     pub adaptive_sampling: bool,
     pub last_interval: IntervalStatus,
     pub events: EventCounts,
+    /// Refused map inserts, lost events, entries the agent's sweep removed.
+    pub map_health: MapHealth,
     /// Latest exits, newest last (at most 64).
     pub recent_exits: Vec<ExitStatus>,
     pub polls: u64,
@@ -343,6 +412,7 @@ struct Snapshot {
     last: IntervalStatus,
     sample_rate: f64,
     events: EventCounts,
+    health: MapHealth,
     recent_exits: Vec<ExitStatus>,
     polls: u64,
 }
@@ -362,6 +432,7 @@ impl Default for Snapshot {
             last: IntervalStatus::default(),
             sample_rate: 1.0,
             events: EventCounts::default(),
+            health: MapHealth::default(),
             recent_exits: Vec::new(),
             polls: 0,
         }
@@ -623,6 +694,7 @@ impl Monitor {
             adaptive_sampling: sh.cfg.adaptive_sampling && sh.state == State::Running,
             last_interval: s.last,
             events: s.events,
+            map_health: s.health,
             recent_exits: s.recent_exits.clone(),
             polls: s.polls,
         }

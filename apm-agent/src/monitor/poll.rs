@@ -18,8 +18,8 @@ use super::loader::Maps;
 use super::metrics::PoolStats;
 use super::sampling::{self, ControlParams, ControlState, Decision};
 use super::{
-    ErrnoCounts, EventCounts, ExitStatus, IntervalStatus, RssTable, Shared, Snapshot, WorkerStatus,
-    percentile_ns, procfs,
+    ErrnoCounts, EventCounts, Evicted, ExitStatus, IntervalStatus, MapHealth, RssTable, Shared,
+    Snapshot, WorkerStatus, percentile_ns, procfs,
 };
 use crate::phpctl::PhpControl;
 use crate::telemetry::{Socket, SocketLabels, Telemetry};
@@ -94,6 +94,8 @@ pub(super) struct Poller {
     retired: BTreeMap<String, [u64; 2]>,
     /// Kernel time of the latest exit event per pid, for a second event of the same exit.
     exit_ts: HashMap<u32, u64>,
+    /// Entries of dead processes the sweeps removed, by map.
+    evicted: Evicted,
     last: IntervalStatus,
     last_inputs: sampling::Interval,
 }
@@ -186,6 +188,7 @@ impl Poller {
             recent_exits: VecDeque::new(),
             retired: BTreeMap::new(),
             exit_ts: HashMap::new(),
+            evicted: Evicted::default(),
             last: IntervalStatus::default(),
             last_inputs: sampling::Interval::default(),
         }
@@ -203,8 +206,19 @@ impl Poller {
         out
     }
 
+    /// The per-CPU `HEALTH` counters, summed.
+    fn read_health(&self) -> [u64; apm_common::HEALTH_COUNTERS] {
+        let mut out = [0u64; apm_common::HEALTH_COUNTERS];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(vals) = self.maps.health.get(&(i as u32), 0) {
+                *slot = vals.iter().sum();
+            }
+        }
+        out
+    }
+
     fn read_rss(&self) -> Vec<(u32, RssEntry)> {
-        // Entries can vanish mid-iteration (exit, LRU): skip those errors.
+        // Entries can vanish mid-iteration (exit): skip those errors.
         self.maps.rss.iter().filter_map(Result::ok).collect()
     }
 
@@ -286,6 +300,8 @@ impl Poller {
         // negative because of the reading itself.
         let agent = agent_count(&self.telemetry).saturating_sub(self.agent_base);
         let host = self.read_host();
+        // Beside the host counts: a status that shows a refusal shows the sends before it.
+        let health = self.read_health();
         let rss = self.read_rss();
         let ks = self.read_sends();
         let sends = &ks.by_tgid;
@@ -329,6 +345,7 @@ impl Poller {
             last: self.last,
             sample_rate: self.ctl.rate,
             events: self.events,
+            health: MapHealth::new(&health, self.evicted),
             recent_exits: self.recent_exits.iter().cloned().collect(),
             polls: self.polls,
         };
@@ -532,7 +549,8 @@ impl Poller {
     }
 
     /// Retires processes that are gone but still in the maps (their exit event was lost: ring
-    /// buffer full, or LRU churn) so their counts move to the retired totals once.
+    /// buffer full, or a sibling thread that folded after it) so their counts move to the
+    /// retired totals once.
     ///
     /// Only entries removed here are counted (a dead process's counters no longer change):
     /// whatever the kernel's exit handler removed first is in its event.
@@ -540,9 +558,13 @@ impl Poller {
         for &tgid in dead {
             let mut removed = false;
             let mut sends: Option<ProcSends> = None;
-            removed |= self.maps.rss.remove(&tgid).is_ok();
+            if self.maps.rss.remove(&tgid).is_ok() {
+                removed = true;
+                self.evicted.rss += 1;
+            }
             if self.maps.proc_sends.remove(&tgid).is_ok() {
                 removed = true;
+                self.evicted.proc_sends += 1;
                 if let Some(s) = ks.procs.get(&tgid) {
                     sends.get_or_insert(ProcSends::ZERO).add(s);
                 }
@@ -554,6 +576,7 @@ impl Poller {
             {
                 if self.maps.sends.remove(id).is_ok() {
                     removed = true;
+                    self.evicted.sends += 1;
                     sends.get_or_insert(ProcSends::ZERO).add(s);
                 }
             }
@@ -587,7 +610,9 @@ impl Poller {
             .filter(|k| !procfs::alive(k.tgid))
             .collect();
         for k in stale {
-            let _ = m.remove(&k);
+            if m.remove(&k).is_ok() {
+                self.evicted.conns += 1;
+            }
         }
     }
 
@@ -708,6 +733,7 @@ impl Poller {
         let mut s = Snapshot::clone(&cur);
         s.host = self.read_host();
         s.events = self.events;
+        s.health = MapHealth::new(&self.read_health(), self.evicted);
         s.recent_exits = self.recent_exits.iter().cloned().collect();
         self.shared.snap.store(Arc::new(s));
     }
