@@ -54,6 +54,32 @@ struct KernelSends {
     procs: HashMap<u32, ProcSends>,
 }
 
+impl KernelSends {
+    /// From the entries as a map iteration yields them. The kernel restarts an iteration from
+    /// the first bucket when the key it continues from was deleted meanwhile (a thread
+    /// exiting during the poll), so a key can come twice: each is kept once (the later value,
+    /// as fresh as any).
+    fn from_entries(
+        procs: impl Iterator<Item = (u32, ProcSends)>,
+        threads: impl Iterator<Item = (u64, ProcSends)>,
+    ) -> Self {
+        let threads: HashMap<u64, ProcSends> = threads.collect();
+        let mut ks = KernelSends {
+            procs: procs.collect(),
+            threads: threads.into_iter().collect(),
+            ..KernelSends::default()
+        };
+        for (tgid, s) in &ks.procs {
+            ks.by_tgid.entry(*tgid).or_insert(ProcSends::ZERO).add(s);
+        }
+        for (id, s) in &ks.threads {
+            let tgid = (id >> 32) as u32;
+            ks.by_tgid.entry(tgid).or_insert(ProcSends::ZERO).add(s);
+        }
+        ks
+    }
+}
+
 /// What one poll found in the maps, process by process.
 struct Census {
     /// Live PHP processes, highest RSS first.
@@ -94,6 +120,8 @@ pub(super) struct Poller {
     retired: BTreeMap<String, [u64; 2]>,
     /// Kernel time of the latest exit event per pid, for a second event of the same exit.
     exit_ts: HashMap<u32, u64>,
+    /// Send counters last reported per pool (`pool_stats`).
+    pool_floor: BTreeMap<String, [u64; 2]>,
     /// Entries of dead processes the sweeps removed, by map.
     evicted: Evicted,
     last: IntervalStatus,
@@ -111,7 +139,12 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = tick.tick() => p.poll(),
+            _ = tick.tick() => {
+                // Exit events first: a process whose entries the kernel removed is then in
+                // the retired totals before the maps are read without it.
+                drain_events(&mut p, events.get_mut());
+                p.poll();
+            }
             r = events.readable_mut() => match r {
                 Ok(mut g) => {
                     let rb = g.get_inner_mut();
@@ -140,11 +173,16 @@ pub(super) async fn run(
         }
     }
     // Final figures for status after shutdown; dropping the Ebpf detaches every program.
-    while let Some(item) = events.get_mut().next() {
-        p.on_event(&item);
-    }
+    drain_events(&mut p, events.get_mut());
     p.poll();
     tracing::info!("eBPF monitor detached");
+}
+
+/// Reads every event waiting in the ring buffer.
+fn drain_events(p: &mut Poller, rb: &mut RingBuf<MapData>) {
+    while let Some(item) = rb.next() {
+        p.on_event(&item);
+    }
 }
 
 impl Poller {
@@ -188,6 +226,7 @@ impl Poller {
             recent_exits: VecDeque::new(),
             retired: BTreeMap::new(),
             exit_ts: HashMap::new(),
+            pool_floor: BTreeMap::new(),
             evicted: Evicted::default(),
             last: IntervalStatus::default(),
             last_inputs: sampling::Interval::default(),
@@ -218,30 +257,21 @@ impl Poller {
     }
 
     fn read_rss(&self) -> Vec<(u32, RssEntry)> {
-        // Entries can vanish mid-iteration (exit): skip those errors.
-        self.maps.rss.iter().filter_map(Result::ok).collect()
+        // Entries can vanish mid-iteration (exit): skip those errors. A restarted iteration
+        // yields keys twice (see `KernelSends::from_entries`): one process, one worker.
+        let unique: HashMap<u32, RssEntry> = self.maps.rss.iter().filter_map(Result::ok).collect();
+        unique.into_iter().collect()
     }
 
     fn read_sends(&self) -> KernelSends {
-        let mut ks = KernelSends {
-            procs: self.maps.proc_sends.iter().filter_map(Result::ok).collect(),
-            threads: self
-                .maps
+        KernelSends::from_entries(
+            self.maps.proc_sends.iter().filter_map(Result::ok),
+            self.maps
                 .sends
                 .iter()
                 .filter_map(Result::ok)
-                .map(|(k, v)| (k, v.sends))
-                .collect(),
-            ..KernelSends::default()
-        };
-        for (tgid, s) in &ks.procs {
-            ks.by_tgid.entry(*tgid).or_insert(ProcSends::ZERO).add(s);
-        }
-        for (id, s) in &ks.threads {
-            let tgid = (id >> 32) as u32;
-            ks.by_tgid.entry(tgid).or_insert(ProcSends::ZERO).add(s);
-        }
-        ks
+                .map(|(k, v)| (k, v.sends)),
+        )
     }
 
     /// RSS as /proc counts it: kernel-reported members, and /proc's value for members without
@@ -325,7 +355,7 @@ impl Poller {
             .iter()
             .filter(|w| w.pool != "master")
             .fold((0u32, 0u64), |(n, r), w| (n + 1, r + w.rss_bytes));
-        let pools = self.pools(&workers);
+        let pools = pool_stats(&workers, &self.retired, &mut self.pool_floor);
 
         self.account(host[SockKind::Dgram as usize].c.ok, agent);
         (self.last, self.last_inputs) = self.interval(&host, dt);
@@ -525,27 +555,6 @@ impl Poller {
             }
         }
         self.ctl = next;
-    }
-
-    fn pools(&self, workers: &[WorkerStatus]) -> Vec<PoolStats> {
-        let mut m: BTreeMap<String, PoolStats> = BTreeMap::new();
-        for w in workers {
-            let key = bounded_pool(&m, &w.pool);
-            let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
-            p.processes += 1;
-            p.rss_bytes += w.rss_bytes;
-            p.max_rss_bytes = p.max_rss_bytes.max(w.rss_bytes);
-            p.sends_ok += w.sends_ok;
-            p.sends_failed += w.sends_failed.total();
-            p.drops += w.drops;
-        }
-        for (pool, [ok, failed]) in &self.retired {
-            let key = bounded_pool(&m, pool);
-            let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
-            p.sends_ok += ok;
-            p.sends_failed += failed;
-        }
-        m.into_values().collect()
     }
 
     /// Retires processes that are gone but still in the maps (their exit event was lost: ring
@@ -785,6 +794,46 @@ fn exit_status(
     }
 }
 
+/// Per-pool figures: live processes plus the retired totals of exited ones. `floor`: the send
+/// counters last reported per pool, which they never go below: the kernel removes an exiting
+/// process's entries just before its exit event becomes readable, so a poll in between sees
+/// neither (the true count only grows, and what a poll sees never exceeds it, so holding the
+/// last value is exact again once the event is read).
+fn pool_stats(
+    workers: &[WorkerStatus],
+    retired: &BTreeMap<String, [u64; 2]>,
+    floor: &mut BTreeMap<String, [u64; 2]>,
+) -> Vec<PoolStats> {
+    let mut m: BTreeMap<String, PoolStats> = BTreeMap::new();
+    // Pools reported before keep their label first (bounded: they were bounded then).
+    for key in floor.keys() {
+        m.insert(key.clone(), PoolStats::new(key.clone()));
+    }
+    for w in workers {
+        let key = bounded_pool(&m, &w.pool);
+        let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
+        p.processes += 1;
+        p.rss_bytes += w.rss_bytes;
+        p.max_rss_bytes = p.max_rss_bytes.max(w.rss_bytes);
+        p.sends_ok += w.sends_ok;
+        p.sends_failed += w.sends_failed.total();
+        p.drops += w.drops;
+    }
+    for (pool, [ok, failed]) in retired {
+        let key = bounded_pool(&m, pool);
+        let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
+        p.sends_ok += ok;
+        p.sends_failed += failed;
+    }
+    for p in m.values_mut() {
+        let f = floor.entry(p.pool.clone()).or_default();
+        p.sends_ok = p.sends_ok.max(f[0]);
+        p.sends_failed = p.sends_failed.max(f[1]);
+        *f = [p.sends_ok, p.sends_failed];
+    }
+    m.into_values().collect()
+}
+
 fn bounded_pool<V>(m: &BTreeMap<String, V>, pool: &str) -> String {
     if m.contains_key(pool) || m.len() < MAX_POOLS {
         pool.to_string()
@@ -795,4 +844,61 @@ fn bounded_pool<V>(m: &BTreeMap<String, V>, pool: &str) -> String {
 
 fn bounded_retired(m: &BTreeMap<String, [u64; 2]>, pool: &str) -> String {
     bounded_pool(m, pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sends(ok: u64) -> ProcSends {
+        let mut s = ProcSends::ZERO;
+        s.sock[SockKind::Dgram as usize].ok = ok;
+        s
+    }
+
+    #[test]
+    fn a_key_the_map_iteration_yields_twice_counts_once() {
+        // get_next_key restarts from the first bucket when the key it was given was deleted
+        // meanwhile (a thread exiting during the poll): the same thread comes back.
+        let id = (7u64 << 32) | 7;
+        let other = (8u64 << 32) | 9;
+        let ks = KernelSends::from_entries(
+            [(7, sends(5))].into_iter(),
+            [(id, sends(3)), (other, sends(1)), (id, sends(3))].into_iter(),
+        );
+        assert_eq!(
+            ks.by_tgid[&7].sock[0].ok, 8,
+            "process entry + its thread once"
+        );
+        assert_eq!(ks.by_tgid[&8].sock[0].ok, 1);
+        assert_eq!(ks.threads.len(), 2);
+    }
+
+    fn worker(pool: &str, ok: u64) -> WorkerStatus {
+        WorkerStatus {
+            pid: 1,
+            pool: pool.into(),
+            sends_ok: ok,
+            ..WorkerStatus::default()
+        }
+    }
+
+    fn ok_of(pools: &[PoolStats], pool: &str) -> Option<u64> {
+        pools.iter().find(|p| p.pool == pool).map(|p| p.sends_ok)
+    }
+
+    #[test]
+    fn pool_send_counters_never_go_down_while_an_exit_is_in_flight() {
+        let mut retired = BTreeMap::new();
+        let mut floor = BTreeMap::new();
+        let p = pool_stats(&[worker("www", 10)], &retired, &mut floor);
+        assert_eq!(ok_of(&p, "www"), Some(10));
+        // The kernel removed the exiting worker's entries; its exit event is not read yet.
+        let p = pool_stats(&[], &retired, &mut floor);
+        assert_eq!(ok_of(&p, "www"), Some(10), "held, not gone or lower");
+        // The event arrives: the retired total carries the pool on, and it grows from there.
+        retired.insert("www".to_string(), [10, 0]);
+        let p = pool_stats(&[worker("www", 2)], &retired, &mut floor);
+        assert_eq!(ok_of(&p, "www"), Some(12));
+    }
 }
