@@ -7,6 +7,7 @@
 //! degraded (the agent runs on, and says why); `"on"` makes it a startup error. See
 //! `docs/ebpf.md` for what is measured and the control rule.
 
+mod accounting;
 mod btf;
 mod loader;
 mod metrics;
@@ -377,6 +378,10 @@ pub struct EbpfStatus {
     /// monitor started; positive only while datagrams wait in the queue, or if the agent lost
     /// some. Negative when processes that are not PHP send too (they are not counted).
     pub unaccounted: i64,
+    /// `unaccounted` above its lowest value over the last 300 polls (never above 0): what the
+    /// alarm compares, so datagrams the kernel never counted (queued before attach, adopted at
+    /// a handover, non-PHP senders) cannot hide a later loss.
+    pub unaccounted_window: i64,
     pub unaccounted_alarm: bool,
     pub unaccounted_alarms: u64,
     pub sample_rate: f64,
@@ -407,6 +412,7 @@ struct Snapshot {
     agent_rss: u64,
     pools: Vec<metrics::PoolStats>,
     unaccounted: i64,
+    unaccounted_window: i64,
     alarm: bool,
     alarms_total: u64,
     last: IntervalStatus,
@@ -427,6 +433,7 @@ impl Default for Snapshot {
             agent_rss: 0,
             pools: Vec::new(),
             unaccounted: 0,
+            unaccounted_window: 0,
             alarm: false,
             alarms_total: 0,
             last: IntervalStatus::default(),
@@ -684,6 +691,7 @@ impl Monitor {
             workers_truncated: s.workers.len() > max,
             agent_rss_bytes: s.agent_rss,
             unaccounted: s.unaccounted,
+            unaccounted_window: s.unaccounted_window,
             unaccounted_alarm: s.alarm,
             unaccounted_alarms: s.alarms_total,
             sample_rate: if sh.state == State::Running {

@@ -14,6 +14,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
+use super::accounting::Accounting;
 use super::loader::Maps;
 use super::metrics::PoolStats;
 use super::sampling::{self, ControlParams, ControlState, Decision};
@@ -27,8 +28,6 @@ use crate::telemetry::{Socket, SocketLabels, Telemetry};
 const RECENT_EXITS: usize = 64;
 /// Distinct pool labels kept; more share the label `other` (bounded metric cardinality).
 const MAX_POOLS: usize = 32;
-/// Polls in a row with nothing moving and datagrams still unaccounted before alarming.
-const SETTLE_POLLS: u32 = 3;
 /// A second exit event of one pid within this time is part of the first (see `merge_target`).
 const EXIT_MERGE_NS: u64 = 1_000_000_000;
 
@@ -106,11 +105,7 @@ pub(super) struct Poller {
     polls: u64,
     // Kernel vs agent accounting.
     agent_base: u64,
-    prev_kernel_ok: u64,
-    prev_agent: u64,
-    settled: u32,
-    alarm: bool,
-    alarms_total: u64,
+    accounting: Accounting,
     // Sample-rate control.
     ctl: ControlState,
     ctl_params: ControlParams,
@@ -215,11 +210,7 @@ impl Poller {
             last_poll: Instant::now(),
             polls: 0,
             agent_base,
-            prev_kernel_ok: 0,
-            prev_agent: 0,
-            settled: 0,
-            alarm: false,
-            alarms_total: 0,
+            accounting: Accounting::default(),
             ctl: ControlState { rate, calm: 0 },
             ctl_params,
             events: EventCounts::default(),
@@ -357,7 +348,9 @@ impl Poller {
             .fold((0u32, 0u64), |(n, r), w| (n + 1, r + w.rss_bytes));
         let pools = pool_stats(&workers, &self.retired, &mut self.pool_floor);
 
-        self.account(host[SockKind::Dgram as usize].c.ok, agent);
+        let qcap = self.telemetry.dgram_queue_len.get();
+        self.accounting
+            .update(host[SockKind::Dgram as usize].c.ok, agent, qcap);
         (self.last, self.last_inputs) = self.interval(&host, dt);
         self.control();
         self.prev_host = host;
@@ -369,9 +362,10 @@ impl Poller {
             php_rss,
             agent_rss,
             pools,
-            unaccounted: self.prev_kernel_ok as i64 - self.prev_agent as i64,
-            alarm: self.alarm,
-            alarms_total: self.alarms_total,
+            unaccounted: self.accounting.unaccounted(),
+            unaccounted_window: self.accounting.excess(),
+            alarm: self.accounting.alarm(),
+            alarms_total: self.accounting.alarms_total(),
             last: self.last,
             sample_rate: self.ctl.rate,
             events: self.events,
@@ -443,37 +437,6 @@ impl Poller {
             seen_tgids,
             dead,
         }
-    }
-
-    /// Kernel-accepted datagrams vs what the agent took from the queue.
-    fn account(&mut self, kernel_ok: u64, agent: u64) {
-        let unaccounted = kernel_ok as i64 - agent as i64;
-        let moved = kernel_ok != self.prev_kernel_ok || agent != self.prev_agent;
-        self.settled = if unaccounted > 0 && !moved {
-            self.settled + 1
-        } else {
-            0
-        };
-        self.prev_kernel_ok = kernel_ok;
-        self.prev_agent = agent;
-        // The queue holds at most max_dgram_qlen + 1 datagrams: more cannot all be waiting.
-        let qcap = self.telemetry.dgram_queue_len.get();
-        let over_queue = qcap > 0 && unaccounted > qcap + 1;
-        let alarm = unaccounted > 0 && (over_queue || self.settled >= SETTLE_POLLS);
-        if alarm && !self.alarm {
-            self.alarms_total += 1;
-            tracing::error!(
-                unaccounted,
-                kernel_ok,
-                agent_received = agent,
-                queue_len = qcap,
-                "the kernel accepted datagrams the agent never received: lost inside the agent, \
-                 or ingest has stopped reading"
-            );
-        } else if !alarm && self.alarm {
-            tracing::info!(unaccounted, "kernel and agent datagram counts agree again");
-        }
-        self.alarm = alarm;
     }
 
     fn interval(
