@@ -96,6 +96,8 @@ pub struct Maps {
     pub proc_sends: BpfHashMap<MapData, u32, ProcSends>,
     pub sends: BpfHashMap<MapData, u64, ThreadSends>,
     pub conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
+    /// mm_id -> tgid (swept for dead processes).
+    pub mm_owner: BpfHashMap<MapData, u32, u32>,
     /// `apm_common::Health` counters, per CPU.
     pub health: PerCpuArray<MapData, u64>,
 }
@@ -115,6 +117,7 @@ impl Maps {
             proc_sends: typed(bpf, "PROC_SENDS")?,
             sends: typed(bpf, "SENDS")?,
             conns: typed(bpf, "CONNS")?,
+            mm_owner: typed(bpf, "MM_OWNER")?,
             health: typed(bpf, "HEALTH")?,
         })
     }

@@ -272,6 +272,7 @@ fn encode_map_health(s: &Snapshot, enc: &mut DescriptorEncoder) -> std::fmt::Res
                 ("proc_sends", h.evicted.proc_sends),
                 ("rss", h.evicted.rss),
                 ("conns", h.evicted.conns),
+                ("mm_owner", h.evicted.mm_owner),
             ],
         ),
     ];

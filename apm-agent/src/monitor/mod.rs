@@ -287,6 +287,7 @@ pub struct Evicted {
     pub proc_sends: u64,
     pub rss: u64,
     pub conns: u64,
+    pub mm_owner: u64,
 }
 
 /// `status --json` → `ebpf.map_health`: what the eBPF programs could not record and what the

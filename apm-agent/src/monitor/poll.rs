@@ -531,6 +531,7 @@ impl Poller {
             let mut removed = false;
             let mut sends: Option<ProcSends> = None;
             if self.maps.rss.remove(&tgid).is_ok() {
+                // Its MM_OWNER entry goes with the periodic sweep (`sweep_conns`).
                 removed = true;
                 self.evicted.rss += 1;
             }
@@ -574,6 +575,8 @@ impl Poller {
         }
     }
 
+    /// Connected fds and mm owners of processes that are gone. The maps do not evict, and the
+    /// kernel removes these only on close and at an exit it saw with room for its event.
     fn sweep_conns(&mut self) {
         let m = &mut self.maps.conns;
         let stale: Vec<ConnKey> = m
@@ -584,6 +587,18 @@ impl Poller {
         for k in stale {
             if m.remove(&k).is_ok() {
                 self.evicted.conns += 1;
+            }
+        }
+        let m = &mut self.maps.mm_owner;
+        let stale: Vec<u32> = m
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, tgid)| !procfs::alive(*tgid))
+            .map(|(mm_id, _)| mm_id)
+            .collect();
+        for k in stale {
+            if m.remove(&k).is_ok() {
+                self.evicted.mm_owner += 1;
             }
         }
     }
