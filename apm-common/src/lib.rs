@@ -287,7 +287,10 @@ const _: () = assert!(size_of::<ConnKey>() == 8);
 pub struct ConnInfo {
     /// `SockKind`.
     pub kind: u32,
-    pub _pad: u32,
+    /// Low 32 bits of the process's `task_struct.self_exec_id` at connect (0 without BTF):
+    /// an exec since then closed close-on-exec fds without a `close(2)` the programs see, so
+    /// an entry from before it no longer names the socket.
+    pub exec_id: u32,
     /// ktime of the first EAGAIN since the last successful send; 0 when not waiting.
     pub eagain_since_ns: u64,
 }
@@ -359,6 +362,13 @@ pub mod tp {
         f("syscalls", "sys_enter_connect", "uservaddr", ARG1, 8),
         f("syscalls", "sys_enter_connect", "addrlen", ARG2, 8),
         f("syscalls", "sys_enter_close", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_dup2", "oldfd", ARG0, 8),
+        f("syscalls", "sys_enter_dup2", "newfd", ARG1, 8),
+        f("syscalls", "sys_enter_dup3", "oldfd", ARG0, 8),
+        f("syscalls", "sys_enter_dup3", "newfd", ARG1, 8),
+        f("syscalls", "sys_enter_close_range", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_close_range", "max_fd", ARG1, 8),
+        f("syscalls", "sys_enter_close_range", "flags", ARG2, 8),
         f("syscalls", "sys_exit_sendto", "ret", EXIT_RET, 8),
         f("syscalls", "sys_exit_sendmsg", "ret", EXIT_RET, 8),
         f("syscalls", "sys_exit_write", "ret", EXIT_RET, 8),

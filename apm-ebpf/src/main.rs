@@ -56,6 +56,17 @@ static CONFIG: Array<MonitorConfig> = Array::with_max_entries(1, 0);
 #[unsafe(no_mangle)]
 static TASK_COMM_OFFSET: Global<u32> = Global::new(0);
 
+/// Offset of `self_exec_id` in `struct task_struct`, from its BTF, set by the agent at load
+/// like `TASK_COMM_OFFSET`; 0: unknown (connected fds are then not checked against execs).
+#[unsafe(no_mangle)]
+static TASK_EXEC_ID_OFFSET: Global<u32> = Global::new(0);
+
+/// `close_range(2)` forgets at most this many connected fds from the start of its range: the
+/// agent sockets PHP connects sit at low fd numbers, and a larger walk costs every such call.
+const CLOSE_RANGE_SCAN: u32 = 256;
+/// `CLOSE_RANGE_CLOEXEC`: the range is only marked close-on-exec (the exec check covers it).
+const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+
 /// PHP threads that sent to the agent, by pid_tgid: the send/connect in flight between enter
 /// and exit (`inflight.ts_ns == 0`: none) and the thread's counters, so a send costs one lookup
 /// on each side and no insert, delete or atomic. Only the thread itself writes its entry; its
@@ -278,10 +289,37 @@ fn match_addr(cfg: &MonitorConfig, addr: u64, addr_len: u64) -> Option<u32> {
     }
 }
 
+/// Low 32 bits of the current task's `self_exec_id` (the kernel adds one at each exec), read
+/// through BTF; 0 where the agent found no offset (no BTF task reads).
+#[inline(always)]
+fn exec_id() -> u32 {
+    let off = TASK_EXEC_ID_OFFSET.load();
+    if off == 0 {
+        return 0;
+    }
+    // SAFETY: as `comm_words`: the current task, a BTF offset the verifier sees as a constant
+    // and checks the load against (the low half of the field on little-endian BPF).
+    unsafe {
+        bpf_get_current_task_btf()
+            .cast::<u8>()
+            .add(off as usize)
+            .cast::<u32>()
+            .read_volatile()
+    }
+}
+
+/// Which agent socket the process's fd is connected to. An entry from before the process's
+/// last exec is stale (close-on-exec closed the fd without a `close(2)`): removed, not used.
 #[inline(always)]
 fn conn_kind(tgid: u32, fd: u32) -> Option<u32> {
-    // SAFETY: value copied out immediately.
-    unsafe { CONNS.get(ConnKey { tgid, fd }) }.map(|c| c.kind)
+    let key = ConnKey { tgid, fd };
+    // SAFETY: values copied out immediately.
+    let (kind, at) = unsafe { CONNS.get(key) }.map(|c| (c.kind, c.exec_id))?;
+    if at != exec_id() {
+        let _ = CONNS.remove(key);
+        return None;
+    }
+    Some(kind)
 }
 
 /// The thread's `SENDS` entry, created on its first send to the agent.
@@ -450,6 +488,66 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
+/// `dup2`/`dup3` close `newfd` first when it is open (and differs from `oldfd`): it no longer
+/// names the socket it was connected to. Forgotten at the enter: a `dup2` that then fails
+/// (bad `oldfd`) leaves `newfd` open and its later sends uncounted, which only a broken
+/// program does.
+#[tracepoint]
+pub fn enter_dup2(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn enter_dup3(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup(&ctx);
+    0
+}
+
+fn try_enter_dup(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let old = field::<u64>(ctx, ARG0) as u32;
+    let new = field::<u64>(ctx, ARG1) as u32;
+    if old == new {
+        return None;
+    }
+    let tgid = (pid_tgid() >> 32) as u32;
+    let _ = CONNS.remove(ConnKey { tgid, fd: new });
+    Some(())
+}
+
+#[tracepoint]
+pub fn enter_close_range(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_close_range(&ctx);
+    0
+}
+
+fn try_enter_close_range(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    if field::<u64>(ctx, ARG2) & CLOSE_RANGE_CLOEXEC != 0 {
+        return None;
+    }
+    let first = field::<u64>(ctx, ARG0) as u32;
+    let last = field::<u64>(ctx, ARG1) as u32;
+    let tgid = (pid_tgid() >> 32) as u32;
+    let mut i = 0;
+    while i < CLOSE_RANGE_SCAN {
+        let fd = first.wrapping_add(i);
+        if fd < first || fd > last {
+            break;
+        }
+        let _ = CONNS.remove(ConnKey { tgid, fd });
+        i += 1;
+    }
+    Some(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Exit handlers
 
@@ -511,7 +609,7 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
             let key = ConnKey { tgid, fd: inf.fd };
             let v = ConnInfo {
                 kind: inf.kind,
-                _pad: 0,
+                exec_id: exec_id(),
                 eagain_since_ns: 0,
             };
             if CONNS.insert(key, v, 0).is_err() {
@@ -803,6 +901,33 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
         return fold_thread(id, tgid);
     }
     // The last thread retires the process.
+    retire_process(ctx, id, tgid, true)
+}
+
+/// exec: a process that is no longer PHP (a worker's child running `sh`) stops being a worker:
+/// retired as at an exit, with what it sent as PHP. One that stays PHP keeps its entries (its
+/// connected fds are checked against the exec in `conn_kind`; `rss_stat` sees the new mm).
+#[tracepoint]
+pub fn process_exec(ctx: TracePointContext) -> u32 {
+    let _ = try_process_exec(&ctx);
+    0
+}
+
+fn try_process_exec(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if is_php(cfg) {
+        return None;
+    }
+    // exec made the calling thread the leader (de_thread): the process's only thread.
+    let id = pid_tgid();
+    retire_process(ctx, id, (id >> 32) as u32, false)
+}
+
+/// Removes a process's entries and reports them in one exit event. `from_exit`: the comm
+/// comes from `sched_process_exit`'s record, else from the current task (after an exec: the
+/// new program's).
+#[inline(always)]
+fn retire_process(ctx: &TracePointContext, id: u64, tgid: u32, from_exit: bool) -> Option<()> {
     // Reserve first and check each lookup right where it is used: LLVM otherwise merges the
     // two null checks into an OR of pointers, which the verifier rejects. Without room in the
     // ring buffer the entries stay, and the agent's sweep retires processes that are gone.
@@ -819,11 +944,15 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
             tgid,
             ts_ns: now_ns(),
         };
-        copy_words(
-            (&raw mut (*p).comm).cast::<u64>(),
-            ctx.as_ptr().cast::<u8>().add(EXIT_COMM).cast::<u64>(),
-            2,
-        );
+        if from_exit {
+            copy_words(
+                (&raw mut (*p).comm).cast::<u64>(),
+                ctx.as_ptr().cast::<u8>().add(EXIT_COMM).cast::<u64>(),
+                2,
+            );
+        } else {
+            put_comm(&raw mut (*p).comm);
+        }
         // Without `group_dead`, threads exiting together (exit_group) may each find `live` at 0
         // and get here: whoever removes a shared entry reports it, so nothing counts twice (the
         // agent merges such exit events of one pid).
