@@ -7,6 +7,7 @@
 //! before they exec or `_exit`; everything they need is prepared before the fork.
 
 use std::ffi::CString;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -206,4 +207,124 @@ fn ebpf_exec_forgets_close_on_exec_agent_sockets() {
         s.dgram.ok, 1,
         "the write to /dev/null on the reused fd is not an agent send"
     );
+}
+
+/// A PHP-named process in its own mount namespace, with a private tmpfs over the agent's
+/// socket folder and its own socket at the agent's path. Sends it makes there cannot be told
+/// from sends to the agent on tracepoints (the path is all the programs see), so the agent
+/// lists such processes in `ebpf.foreign_sockets` (and warns); processes whose namespace
+/// shows the agent's own socket (systemd's PrivateTmp and the like) are not listed.
+#[test]
+fn ebpf_a_socket_at_the_same_path_in_another_mount_namespace_is_reported() {
+    let Some(m) = TestMonitor::start(
+        "ebpf_a_socket_at_the_same_path_in_another_mount_namespace_is_reported",
+        |_| {},
+    ) else {
+        return;
+    };
+    let _rx = UnixDatagram::bind(&m.dgram).unwrap();
+    let (sa, len) = sockaddr(&m.dgram);
+    let dir = CString::new(m.dir.path().as_os_str().as_bytes()).unwrap();
+    let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+    let (hold_r, hold_w) = nix::unistd::pipe().unwrap();
+    let (rr, rw, hr, hw) = (
+        ready_r.as_raw_fd(),
+        ready_w.as_raw_fd(),
+        hold_r.as_raw_fd(),
+        hold_w.as_raw_fd(),
+    );
+    // A PHP-named process in a mount namespace of its own that still shows the agent's socket
+    // (as systemd's PrivateTmp does): not foreign.
+    let same = php_child(&m.dgram, move || {
+        let mut b = [0u8; 1];
+        // SAFETY: raw syscalls; our own copies of the pipes: blocks until the test drops its
+        // write end.
+        unsafe {
+            libc::close(hw);
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return 50;
+            }
+            libc::write(rw, b"r".as_ptr().cast(), 1);
+            libc::read(hr, b.as_mut_ptr().cast(), 1);
+        }
+        0
+    });
+    // SAFETY: the child makes raw syscalls only (see the module docs).
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: raw syscalls on values prepared before the fork (the whole child).
+        unsafe {
+            libc::close(rr);
+            libc::close(hw);
+            libc::prctl(libc::PR_SET_NAME, c"php-fpm8.2".as_ptr());
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    c"tmpfs".as_ptr(),
+                    dir.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ) != 0
+            {
+                libc::_exit(40);
+            }
+            let s = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0);
+            if s < 0 || libc::bind(s, (&raw const sa).cast(), len) != 0 {
+                libc::_exit(41);
+            }
+            libc::write(rw, b"r".as_ptr().cast(), 1);
+            let mut b = [0u8; 1];
+            libc::read(hr, b.as_mut_ptr().cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    drop(ready_w);
+    drop(hold_r);
+    for _ in 0..2 {
+        let mut b = [0u8; 1];
+        // SAFETY: our own pipe.
+        let n = unsafe { libc::read(ready_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, 1, "a namespaced child failed to set up");
+    }
+    let v = m.wait_for(WAIT, "the foreign socket in status", |s| {
+        serde_json::to_value(s).unwrap()["foreign_sockets"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    });
+    let v = serde_json::to_value(&v).unwrap();
+    let listed: Vec<(u64, String)> = v["foreign_sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["pid"].as_u64().unwrap(),
+                e["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [(pid as u64, m.dgram.display().to_string())],
+        "only the namespaced process, not {same}"
+    );
+    drop(hold_w);
+    assert_eq!(wait_exit(pid), 0);
+    assert_eq!(wait_exit(same), 0);
 }

@@ -322,6 +322,15 @@ impl MapHealth {
     }
 }
 
+/// A PHP process in another mount namespace that has its own socket at one of the agent's
+/// paths: the programs recognise a socket by its path only, so its sends there are counted as
+/// sends to the agent (`status --json` → `ebpf.foreign_sockets`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ForeignSocket {
+    pub pid: u32,
+    pub path: String,
+}
+
 /// What happened during the last poll interval.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct IntervalStatus {
@@ -391,6 +400,9 @@ pub struct EbpfStatus {
     pub events: EventCounts,
     /// Refused map inserts, lost events, entries the agent's sweep removed.
     pub map_health: MapHealth,
+    /// PHP processes in another mount namespace with their own socket at one of the agent's
+    /// paths: their sends there are counted as the agent's (checked every 10 polls).
+    pub foreign_sockets: Vec<ForeignSocket>,
     /// Latest exits, newest last (at most 64).
     pub recent_exits: Vec<ExitStatus>,
     pub polls: u64,
@@ -420,6 +432,7 @@ struct Snapshot {
     sample_rate: f64,
     events: EventCounts,
     health: MapHealth,
+    foreign: Vec<ForeignSocket>,
     recent_exits: Vec<ExitStatus>,
     polls: u64,
 }
@@ -441,6 +454,7 @@ impl Default for Snapshot {
             sample_rate: 1.0,
             events: EventCounts::default(),
             health: MapHealth::default(),
+            foreign: Vec::new(),
             recent_exits: Vec::new(),
             polls: 0,
         }
@@ -704,6 +718,7 @@ impl Monitor {
             last_interval: s.last,
             events: s.events,
             map_health: s.health,
+            foreign_sockets: s.foreign.clone(),
             recent_exits: s.recent_exits.clone(),
             polls: s.polls,
         }

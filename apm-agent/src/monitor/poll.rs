@@ -19,8 +19,8 @@ use super::loader::Maps;
 use super::metrics::PoolStats;
 use super::sampling::{self, ControlParams, ControlState, Decision};
 use super::{
-    ErrnoCounts, EventCounts, Evicted, ExitStatus, IntervalStatus, MapHealth, RssTable, Shared,
-    Snapshot, WorkerStatus, percentile_ns, procfs,
+    ErrnoCounts, EventCounts, Evicted, ExitStatus, ForeignSocket, IntervalStatus, MapHealth,
+    RssTable, Shared, Snapshot, WorkerStatus, percentile_ns, procfs,
 };
 use crate::phpctl::PhpControl;
 use crate::telemetry::{Socket, SocketLabels, Telemetry};
@@ -117,6 +117,8 @@ pub(super) struct Poller {
     exit_ts: HashMap<u32, u64>,
     /// Send counters last reported per pool (`pool_stats`).
     pool_floor: BTreeMap<String, [u64; 2]>,
+    /// PHP processes with their own socket at one of the agent's paths (`check_foreign`).
+    foreign: Vec<ForeignSocket>,
     /// Entries of dead processes the sweeps removed, by map.
     evicted: Evicted,
     last: IntervalStatus,
@@ -218,6 +220,7 @@ impl Poller {
             retired: BTreeMap::new(),
             exit_ts: HashMap::new(),
             pool_floor: BTreeMap::new(),
+            foreign: Vec::new(),
             evicted: Evicted::default(),
             last: IntervalStatus::default(),
             last_inputs: sampling::Interval::default(),
@@ -339,6 +342,9 @@ impl Poller {
         if self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
             self.sweep_conns();
         }
+        if self.polls == 1 || self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
+            self.check_foreign();
+        }
         self.baselines
             .retain(|t, _| seen_tgids.contains(t) || sends.contains_key(t));
 
@@ -370,6 +376,7 @@ impl Poller {
             sample_rate: self.ctl.rate,
             events: self.events,
             health: MapHealth::new(&health, self.evicted),
+            foreign: self.foreign.clone(),
             recent_exits: self.recent_exits.iter().cloned().collect(),
             polls: self.polls,
         };
@@ -601,6 +608,36 @@ impl Poller {
                 self.evicted.mm_owner += 1;
             }
         }
+    }
+
+    /// PHP processes that see their own socket at one of the agent's paths (another mount
+    /// namespace): the programs cannot tell their sends there from sends to the agent, so
+    /// they are listed in status and each is warned about once.
+    fn check_foreign(&mut self) {
+        let paths = [self.shared.dgram.clone(), self.shared.stream.clone()];
+        let mut found = Vec::new();
+        for pid in procfs::pids_with_comm(&self.shared.cfg.php_comms) {
+            for p in &paths {
+                if procfs::sees_other_file_at(pid, p) {
+                    found.push(ForeignSocket {
+                        pid,
+                        path: p.display().to_string(),
+                    });
+                }
+            }
+        }
+        for f in &found {
+            if !self.foreign.contains(f) {
+                tracing::warn!(
+                    pid = f.pid,
+                    path = %f.path,
+                    "a PHP process in another mount namespace has its own socket at the agent's \
+                     path: its sends there are counted as sends to the agent (the eBPF programs \
+                     recognise the socket by its path only)"
+                );
+            }
+        }
+        self.foreign = found;
     }
 
     /// Records an exit; `ts_ns`: the kernel's exit event time (`None`: retired by the sweep).
