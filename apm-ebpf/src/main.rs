@@ -7,8 +7,11 @@
 //!   syscall side, written only by that thread), per exited thread of a live process
 //!   (`PROC_SENDS`, atomic adds) and per host (`HOST_SENDS`, per-CPU, with the latency
 //!   histogram).
-//! - `kmem/rss_stat` + `sched/sched_process_exit`: RSS of PHP processes and of the agent
-//!   (`RSS`), events when one crosses the threshold or exits (`EVENTS`).
+//! - `sys_enter_{dup2,dup3,close_range}`: connected fds taken away without `close(2)`.
+//! - `kmem/rss_stat` + `sched/sched_process_{exit,exec}`: RSS of PHP processes and of the agent
+//!   (`RSS`), events when one crosses the threshold, exits, or execs a program that is not PHP
+//!   (`EVENTS`).
+//! - `HEALTH`: what could not be recorded (full maps, full ring buffer); no map evicts.
 //!
 //! Every handler first checks the process name against the configured PHP prefixes (two loads
 //! from the current task's BTF-typed `comm`, or the `bpf_get_current_comm` helper where the
