@@ -287,7 +287,10 @@ const _: () = assert!(size_of::<ConnKey>() == 8);
 pub struct ConnInfo {
     /// `SockKind`.
     pub kind: u32,
-    pub _pad: u32,
+    /// Low 32 bits of the process's `task_struct.self_exec_id` at connect (0 without BTF):
+    /// an exec since then closed close-on-exec fds without a `close(2)` the programs see, so
+    /// an entry from before it no longer names the socket.
+    pub exec_id: u32,
     /// ktime of the first EAGAIN since the last successful send; 0 when not waiting.
     pub eagain_since_ns: u64,
 }
@@ -359,6 +362,13 @@ pub mod tp {
         f("syscalls", "sys_enter_connect", "uservaddr", ARG1, 8),
         f("syscalls", "sys_enter_connect", "addrlen", ARG2, 8),
         f("syscalls", "sys_enter_close", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_dup2", "oldfd", ARG0, 8),
+        f("syscalls", "sys_enter_dup2", "newfd", ARG1, 8),
+        f("syscalls", "sys_enter_dup3", "oldfd", ARG0, 8),
+        f("syscalls", "sys_enter_dup3", "newfd", ARG1, 8),
+        f("syscalls", "sys_enter_close_range", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_close_range", "max_fd", ARG1, 8),
+        f("syscalls", "sys_enter_close_range", "flags", ARG2, 8),
         f("syscalls", "sys_exit_sendto", "ret", EXIT_RET, 8),
         f("syscalls", "sys_exit_sendmsg", "ret", EXIT_RET, 8),
         f("syscalls", "sys_exit_write", "ret", EXIT_RET, 8),
@@ -391,6 +401,48 @@ pub enum ExitMode {
     SignalLive = 1,
     /// Neither: the thread-group leader's exit stands for the process's.
     Leader = 2,
+}
+
+/// Indices of the per-CPU `HEALTH` array (one `u64` each, summed by the agent): what the
+/// programs could not record. The maps never evict (plain hash maps, not LRU), so a full map
+/// refuses the insert and the refusal is counted here; a full ring buffer drops the event and
+/// that is counted too. Numbers are never reused.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// `SENDS` full: a PHP thread's send to the agent is not counted (no in-flight state).
+    SendsFull = 0,
+    /// `CONNS` full: a connected fd is not remembered; its later sends are not counted.
+    ConnsFull = 1,
+    /// `PROC_SENDS` full: an exiting thread's counters stay in `SENDS` (swept by the agent).
+    ProcSendsFull = 2,
+    /// `RSS` full: a process's memory is not tracked.
+    RssFull = 3,
+    /// `MM_OWNER` full: RSS events raised outside the process are missed for it.
+    MmOwnerFull = 4,
+    /// `EVENTS` full: an exit event of a watched process was lost (the agent's sweep retires
+    /// the process instead).
+    ExitEventLost = 5,
+    /// `EVENTS` full: an RSS threshold event was lost.
+    RssEventLost = 6,
+    /// `EVENTS` full: a drop-burst event was lost.
+    DropEventLost = 7,
+}
+
+/// Entries of the `HEALTH` array.
+pub const HEALTH_COUNTERS: usize = 8;
+
+impl Health {
+    pub const ALL: [Health; HEALTH_COUNTERS] = [
+        Health::SendsFull,
+        Health::ConnsFull,
+        Health::ProcSendsFull,
+        Health::RssFull,
+        Health::MmOwnerFull,
+        Health::ExitEventLost,
+        Health::RssEventLost,
+        Health::DropEventLost,
+    ];
 }
 
 /// `kmem/rss_stat` members (the tracepoint's `member` field).

@@ -7,8 +7,11 @@
 //!   syscall side, written only by that thread), per exited thread of a live process
 //!   (`PROC_SENDS`, atomic adds) and per host (`HOST_SENDS`, per-CPU, with the latency
 //!   histogram).
-//! - `kmem/rss_stat` + `sched/sched_process_exit`: RSS of PHP processes and of the agent
-//!   (`RSS`), events when one crosses the threshold or exits (`EVENTS`).
+//! - `sys_enter_{dup2,dup3,close_range}`: connected fds taken away without `close(2)`.
+//! - `kmem/rss_stat` + `sched/sched_process_{exit,exec}`: RSS of PHP processes and of the agent
+//!   (`RSS`), events when one crosses the threshold, exits, or execs a program that is not PHP
+//!   (`EVENTS`).
+//! - `HEALTH`: what could not be recorded (full maps, full ring buffer); no map evicts.
 //!
 //! Every handler first checks the process name against the configured PHP prefixes (two loads
 //! from the current task's BTF-typed `comm`, or the `bpf_get_current_comm` helper where the
@@ -30,9 +33,9 @@ use core::mem::MaybeUninit;
 
 use apm_common::{
     ConnInfo, ConnKey, DropEvent, EAGAIN_RET, EXIT_HAD_RSS, EXIT_HAD_SENDS, EventHeader, EventKind,
-    ExitEvent, ExitMode, HostSends, MonitorConfig, OP_CONNECT, OP_SEND, ProcSends, RSS_MEMBERS,
-    RssEntry, RssEvent, SA_UN_LEN, SA_WORDS, SendCounters, SockKind, ThreadSends, err_index,
-    lat_bucket,
+    ExitEvent, ExitMode, HEALTH_COUNTERS, Health, HostSends, MonitorConfig, OP_CONNECT, OP_SEND,
+    ProcSends, RSS_MEMBERS, RssEntry, RssEvent, SA_UN_LEN, SA_WORDS, SendCounters, SockKind,
+    ThreadSends, err_index, lat_bucket,
 };
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::{
@@ -40,7 +43,7 @@ use aya_ebpf::helpers::generated::{
     bpf_probe_read_user,
 };
 use aya_ebpf::macros::{map, tracepoint};
-use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use aya_ebpf::{EbpfContext, Global};
 
@@ -56,24 +59,35 @@ static CONFIG: Array<MonitorConfig> = Array::with_max_entries(1, 0);
 #[unsafe(no_mangle)]
 static TASK_COMM_OFFSET: Global<u32> = Global::new(0);
 
+/// Offset of `self_exec_id` in `struct task_struct`, from its BTF, set by the agent at load
+/// like `TASK_COMM_OFFSET`; 0: unknown (connected fds are then not checked against execs).
+#[unsafe(no_mangle)]
+static TASK_EXEC_ID_OFFSET: Global<u32> = Global::new(0);
+
+/// `close_range(2)` forgets at most this many connected fds from the start of its range: the
+/// agent sockets PHP connects sit at low fd numbers, and a larger walk costs every such call.
+const CLOSE_RANGE_SCAN: u32 = 256;
+/// `CLOSE_RANGE_CLOEXEC`: the range is only marked close-on-exec (the exec check covers it).
+const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+
 /// PHP threads that sent to the agent, by pid_tgid: the send/connect in flight between enter
 /// and exit (`inflight.ts_ns == 0`: none) and the thread's counters, so a send costs one lookup
 /// on each side and no insert, delete or atomic. Only the thread itself writes its entry; its
 /// `sched_process_exit` folds the counters into `PROC_SENDS` (or, for the last thread, into the
-/// exit event) and removes it. LRU: beyond `max_entries` live threads the least recently used
-/// entry is evicted (its per-process breakdown is lost, never the host totals).
+/// exit event) and removes it. Not LRU: a full map refuses a new thread (counted in `HEALTH`)
+/// instead of silently evicting another thread's send in flight and counters.
 #[map]
-static SENDS: LruHashMap<u64, ThreadSends> = LruHashMap::with_max_entries(4096, 0);
+static SENDS: HashMap<u64, ThreadSends> = HashMap::with_max_entries(4096, 0);
 
 /// fds connected to the agent's sockets, by (tgid, fd); removed on close, swept by the agent
-/// when the process is gone.
+/// when the process is gone. Never evicts: a refused insert is counted in `HEALTH`.
 #[map]
-static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(16384, 0);
+static CONNS: HashMap<ConnKey, ConnInfo> = HashMap::with_max_entries(16384, 0);
 
 /// Send counters of the exited threads of live processes, by tgid (atomic adds: threads of one
 /// process may exit on several CPUs at once); removed (and reported) at process exit.
 #[map]
-static PROC_SENDS: LruHashMap<u32, ProcSends> = LruHashMap::with_max_entries(4096, 0);
+static PROC_SENDS: HashMap<u32, ProcSends> = HashMap::with_max_entries(4096, 0);
 
 /// Host-wide counters per socket kind; per-CPU, summed by the agent.
 #[map]
@@ -81,12 +95,17 @@ static HOST_SENDS: PerCpuArray<HostSends> = PerCpuArray::with_max_entries(2, 0);
 
 /// Memory of watched processes by tgid, removed at exit.
 #[map]
-static RSS: LruHashMap<u32, RssEntry> = LruHashMap::with_max_entries(4096, 0);
+static RSS: HashMap<u32, RssEntry> = HashMap::with_max_entries(4096, 0);
 
 /// mm_id -> tgid of watched processes, for `rss_stat` events raised from another context
 /// (curr = 0: reclaim, fork copying, exit teardown).
 #[map]
-static MM_OWNER: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
+static MM_OWNER: HashMap<u32, u32> = HashMap::with_max_entries(8192, 0);
+
+/// What the programs could not record (`apm_common::Health`: refused map inserts, lost
+/// events), per CPU so counting never contends; summed by the agent.
+#[map]
+static HEALTH: PerCpuArray<u64> = PerCpuArray::with_max_entries(HEALTH_COUNTERS as u32, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -185,6 +204,15 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// Counts something the programs could not record (only on failure paths).
+#[inline(always)]
+fn count(h: Health) {
+    if let Some(p) = HEALTH.get_ptr_mut(h as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array: nothing else writes it meanwhile.
+        unsafe { *p += 1 };
+    }
+}
+
 #[inline(always)]
 fn xadd(p: *mut u64, v: u64) {
     // SAFETY: p points into a map value the caller just looked up; BPF atomic add.
@@ -264,28 +292,64 @@ fn match_addr(cfg: &MonitorConfig, addr: u64, addr_len: u64) -> Option<u32> {
     }
 }
 
+/// Low 32 bits of the current task's `self_exec_id` (the kernel adds one at each exec), read
+/// through BTF; 0 where the agent found no offset (no BTF task reads).
+#[inline(always)]
+fn exec_id() -> u32 {
+    let off = TASK_EXEC_ID_OFFSET.load();
+    if off == 0 {
+        return 0;
+    }
+    // SAFETY: as `comm_words`: the current task, a BTF offset the verifier sees as a constant
+    // and checks the load against (the low half of the field on little-endian BPF).
+    unsafe {
+        bpf_get_current_task_btf()
+            .cast::<u8>()
+            .add(off as usize)
+            .cast::<u32>()
+            .read_volatile()
+    }
+}
+
+/// Which agent socket the process's fd is connected to. An entry from before the process's
+/// last exec is stale (close-on-exec closed the fd without a `close(2)`): removed, not used.
 #[inline(always)]
 fn conn_kind(tgid: u32, fd: u32) -> Option<u32> {
-    // SAFETY: value copied out immediately.
-    unsafe { CONNS.get(ConnKey { tgid, fd }) }.map(|c| c.kind)
+    let key = ConnKey { tgid, fd };
+    // SAFETY: values copied out immediately.
+    let (kind, at) = unsafe { CONNS.get(key) }.map(|c| (c.kind, c.exec_id))?;
+    if at != exec_id() {
+        let _ = CONNS.remove(key);
+        return None;
+    }
+    Some(kind)
 }
 
 /// The thread's `SENDS` entry, created on its first send to the agent.
 #[inline(always)]
 fn thread_sends(pid_tgid: u64) -> Option<*mut ThreadSends> {
-    get_or_insert_zero(&SENDS, pid_tgid, &ZERO_THREAD)
+    get_or_insert_zero(&SENDS, pid_tgid, &ZERO_THREAD, Health::SendsFull)
 }
 
 /// The entry of `key`, created from `zero` if absent (`BPF_NOEXIST`: a racing creator wins and
-/// both use its entry).
+/// both use its entry). Still absent after that: the map is full, counted as `full`.
 #[inline(always)]
-fn get_or_insert_zero<K, V>(map: &LruHashMap<K, V>, key: K, zero: &'static V) -> Option<*mut V> {
+fn get_or_insert_zero<K, V>(
+    map: &HashMap<K, V>,
+    key: K,
+    zero: &'static V,
+    full: Health,
+) -> Option<*mut V> {
     if let Some(p) = map.get_ptr_mut(&key) {
         return Some(p);
     }
     // By reference: the helper gets a pointer into .rodata instead of a zeroed stack copy.
     let _ = map.insert(&key, zero, BPF_NOEXIST as u64);
-    map.get_ptr_mut(&key)
+    let p = map.get_ptr_mut(&key);
+    if p.is_none() {
+        count(full);
+    }
+    p
 }
 
 #[inline(always)]
@@ -427,6 +491,66 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     Some(())
 }
 
+/// `dup2`/`dup3` close `newfd` first when it is open (and differs from `oldfd`): it no longer
+/// names the socket it was connected to. Forgotten at the enter: a `dup2` that then fails
+/// (bad `oldfd`) leaves `newfd` open and its later sends uncounted, which only a broken
+/// program does.
+#[tracepoint]
+pub fn enter_dup2(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn enter_dup3(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_dup(&ctx);
+    0
+}
+
+fn try_enter_dup(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    let old = field::<u64>(ctx, ARG0) as u32;
+    let new = field::<u64>(ctx, ARG1) as u32;
+    if old == new {
+        return None;
+    }
+    let tgid = (pid_tgid() >> 32) as u32;
+    let _ = CONNS.remove(ConnKey { tgid, fd: new });
+    Some(())
+}
+
+#[tracepoint]
+pub fn enter_close_range(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_close_range(&ctx);
+    0
+}
+
+fn try_enter_close_range(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if !is_php(cfg) {
+        return None;
+    }
+    if field::<u64>(ctx, ARG2) & CLOSE_RANGE_CLOEXEC != 0 {
+        return None;
+    }
+    let first = field::<u64>(ctx, ARG0) as u32;
+    let last = field::<u64>(ctx, ARG1) as u32;
+    let tgid = (pid_tgid() >> 32) as u32;
+    let mut i = 0;
+    while i < CLOSE_RANGE_SCAN {
+        let fd = first.wrapping_add(i);
+        if fd < first || fd > last {
+            break;
+        }
+        let _ = CONNS.remove(ConnKey { tgid, fd });
+        i += 1;
+    }
+    Some(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Exit handlers
 
@@ -456,7 +580,7 @@ pub fn exit_connect(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn proc_sends(tgid: u32) -> Option<*mut ProcSends> {
-    get_or_insert_zero(&PROC_SENDS, tgid, &ZERO_PROC)
+    get_or_insert_zero(&PROC_SENDS, tgid, &ZERO_PROC, Health::ProcSendsFull)
 }
 
 #[inline(always)]
@@ -488,10 +612,12 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
             let key = ConnKey { tgid, fd: inf.fd };
             let v = ConnInfo {
                 kind: inf.kind,
-                _pad: 0,
+                exec_id: exec_id(),
                 eagain_since_ns: 0,
             };
-            let _ = CONNS.insert(key, v, 0);
+            if CONNS.insert(key, v, 0).is_err() {
+                count(Health::ConnsFull);
+            }
             aya_log_ebpf::debug!(
                 ctx,
                 "tgid {} connected fd {} to agent socket kind {}",
@@ -619,6 +745,8 @@ unsafe fn maybe_drop_event(cfg: &MonitorConfig, p: *mut ProcSends, tgid: u32, no
             (*ev).drops_total = total;
             put_comm(&raw mut (*ev).comm);
             e.submit(0);
+        } else {
+            count(Health::DropEventLost);
         }
     }
 }
@@ -666,8 +794,13 @@ fn try_rss_stat(ctx: &TracePointContext) -> Option<()> {
                 reason = "avoids a stack memset"
             )]
             let _ = RSS.insert(tgid, &ZERO_RSS, BPF_NOEXIST as u64);
-            let _ = MM_OWNER.insert(mm_id, tgid, 0);
-            let e = RSS.get_ptr_mut(tgid)?;
+            let Some(e) = RSS.get_ptr_mut(tgid) else {
+                count(Health::RssFull);
+                return None;
+            };
+            if MM_OWNER.insert(mm_id, tgid, 0).is_err() {
+                count(Health::MmOwnerFull);
+            }
             // SAFETY: map value pointer of the entry just created.
             unsafe {
                 (*e).mm_id = mm_id;
@@ -683,7 +816,9 @@ fn try_rss_stat(ctx: &TracePointContext) -> Option<()> {
             // exec gave the process a new mm: the old members mean nothing for it, and the
             // agent re-reads /proc for the members the new mm has no event for yet.
             let _ = MM_OWNER.remove((*e).mm_id);
-            let _ = MM_OWNER.insert(mm_id, tgid, 0);
+            if MM_OWNER.insert(mm_id, tgid, 0).is_err() {
+                count(Health::MmOwnerFull);
+            }
             (*e).mm_id = mm_id;
             zero_words((&raw mut (*e).member).cast::<u64>(), RSS_MEMBERS);
             (&raw mut (*e).seen).write_volatile(0);
@@ -721,6 +856,8 @@ fn try_rss_stat(ctx: &TracePointContext) -> Option<()> {
                         2,
                     );
                     ev.submit(0);
+                } else {
+                    count(Health::RssEventLost);
                 }
             } else if rss < th - (th >> RSS_REARM_SHIFT) && (*e).over != 0 {
                 (*e).over = 0;
@@ -767,10 +904,40 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
         return fold_thread(id, tgid);
     }
     // The last thread retires the process.
+    retire_process(ctx, id, tgid, true)
+}
+
+/// exec: a process that is no longer PHP (a worker's child running `sh`) stops being a worker:
+/// retired as at an exit, with what it sent as PHP. One that stays PHP keeps its entries (its
+/// connected fds are checked against the exec in `conn_kind`; `rss_stat` sees the new mm).
+#[tracepoint]
+pub fn process_exec(ctx: TracePointContext) -> u32 {
+    let _ = try_process_exec(&ctx);
+    0
+}
+
+fn try_process_exec(ctx: &TracePointContext) -> Option<()> {
+    let cfg = config()?;
+    if is_php(cfg) {
+        return None;
+    }
+    // exec made the calling thread the leader (de_thread): the process's only thread.
+    let id = pid_tgid();
+    retire_process(ctx, id, (id >> 32) as u32, false)
+}
+
+/// Removes a process's entries and reports them in one exit event. `from_exit`: the comm
+/// comes from `sched_process_exit`'s record, else from the current task (after an exec: the
+/// new program's).
+#[inline(always)]
+fn retire_process(ctx: &TracePointContext, id: u64, tgid: u32, from_exit: bool) -> Option<()> {
     // Reserve first and check each lookup right where it is used: LLVM otherwise merges the
     // two null checks into an OR of pointers, which the verifier rejects. Without room in the
     // ring buffer the entries stay, and the agent's sweep retires processes that are gone.
-    let mut ev = EVENTS.reserve::<ExitEvent>(0)?;
+    let Some(mut ev) = EVENTS.reserve::<ExitEvent>(0) else {
+        exit_event_lost(tgid, id);
+        return None;
+    };
     let p = ev.as_mut_ptr();
     let mut had = 0;
     // SAFETY: p is the reserved ring-buffer record; r and s are live map value pointers.
@@ -780,11 +947,15 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
             tgid,
             ts_ns: now_ns(),
         };
-        copy_words(
-            (&raw mut (*p).comm).cast::<u64>(),
-            ctx.as_ptr().cast::<u8>().add(EXIT_COMM).cast::<u64>(),
-            2,
-        );
+        if from_exit {
+            copy_words(
+                (&raw mut (*p).comm).cast::<u64>(),
+                ctx.as_ptr().cast::<u8>().add(EXIT_COMM).cast::<u64>(),
+                2,
+            );
+        } else {
+            put_comm(&raw mut (*p).comm);
+        }
         // Without `group_dead`, threads exiting together (exit_group) may each find `live` at 0
         // and get here: whoever removes a shared entry reports it, so nothing counts twice (the
         // agent merges such exit events of one pid).
@@ -838,6 +1009,24 @@ fn try_process_exit(ctx: &TracePointContext) -> Option<()> {
     let _ = SENDS.remove(id);
     ev.submit(0);
     Some(())
+}
+
+/// No room for an exit event: counted when the process is one the agent watches (it has
+/// entries; most exits on the host are not). One check per map, each on its own: LLVM would
+/// otherwise OR the pointers, which the verifier refuses.
+#[inline(always)]
+fn exit_event_lost(tgid: u32, id: u64) {
+    if RSS.get_ptr(tgid).is_some() {
+        count(Health::ExitEventLost);
+        return;
+    }
+    if PROC_SENDS.get_ptr(tgid).is_some() {
+        count(Health::ExitEventLost);
+        return;
+    }
+    if SENDS.get_ptr(id).is_some() {
+        count(Health::ExitEventLost);
+    }
 }
 
 /// Clears the RSS part of an exit event.

@@ -102,6 +102,15 @@ impl<'a> Btf<'a> {
     }
 }
 
+/// Offset of `task_struct.self_exec_id` (u32 before 5.7, u64 since: the programs read its low
+/// half), 4-aligned and non-zero.
+pub fn task_exec_id_offset() -> Option<u32> {
+    let data = std::fs::read(Path::new(VMLINUX)).ok()?;
+    let btf = Btf::parse(&data)?;
+    let (_, bits) = btf.member("task_struct", "self_exec_id")?;
+    (bits.is_multiple_of(32) && bits != 0).then_some(bits / 8)
+}
+
 /// Byte offset of member `member` of struct `st`, which must be an array of `len` elements.
 fn member_offset(d: &[u8], st: &str, member: &str, len: u32) -> Option<u32> {
     let btf = Btf::parse(d)?;

@@ -27,6 +27,10 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("exit_write", "syscalls", "sys_exit_write"),
     ("exit_connect", "syscalls", "sys_exit_connect"),
     ("enter_close", "syscalls", "sys_enter_close"),
+    ("enter_dup2", "syscalls", "sys_enter_dup2"),
+    ("enter_dup3", "syscalls", "sys_enter_dup3"),
+    ("enter_close_range", "syscalls", "sys_enter_close_range"),
+    ("process_exec", "sched", "sched_process_exec"),
     ("enter_sendto", "syscalls", "sys_enter_sendto"),
     ("enter_sendmsg", "syscalls", "sys_enter_sendmsg"),
     ("enter_write", "syscalls", "sys_enter_write"),
@@ -96,6 +100,10 @@ pub struct Maps {
     pub proc_sends: BpfHashMap<MapData, u32, ProcSends>,
     pub sends: BpfHashMap<MapData, u64, ThreadSends>,
     pub conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
+    /// mm_id -> tgid (swept for dead processes).
+    pub mm_owner: BpfHashMap<MapData, u32, u32>,
+    /// `apm_common::Health` counters, per CPU.
+    pub health: PerCpuArray<MapData, u64>,
 }
 
 impl Maps {
@@ -113,6 +121,8 @@ impl Maps {
             proc_sends: typed(bpf, "PROC_SENDS")?,
             sends: typed(bpf, "SENDS")?,
             conns: typed(bpf, "CONNS")?,
+            mm_owner: typed(bpf, "MM_OWNER")?,
+            health: typed(bpf, "HEALTH")?,
         })
     }
 }
@@ -122,6 +132,8 @@ impl Maps {
 struct KernelFacts {
     /// `task_struct.comm`; 0: use `bpf_get_current_comm`.
     comm_offset: u32,
+    /// `task_struct.self_exec_id`; 0: connected fds are not checked against execs.
+    exec_id_offset: u32,
     exit_mode: ExitMode,
     /// `task_struct.signal`, `signal_struct.live` (for `ExitMode::SignalLive`).
     signal: (u32, u32),
@@ -132,6 +144,7 @@ impl KernelFacts {
     fn without_btf(self) -> Self {
         Self {
             comm_offset: 0,
+            exec_id_offset: 0,
             exit_mode: match self.exit_mode {
                 ExitMode::SignalLive => ExitMode::Leader,
                 m => m,
@@ -217,6 +230,11 @@ pub fn load(
     let signal = super::btf::signal_live();
     let facts = KernelFacts {
         comm_offset,
+        exec_id_offset: if comm_offset == 0 {
+            0
+        } else {
+            super::btf::task_exec_id_offset().unwrap_or(0)
+        },
         exit_mode: match (layout.has_group_dead, signal) {
             (true, _) => ExitMode::GroupDead,
             (false, Some(_)) if comm_offset != 0 => ExitMode::SignalLive,
@@ -269,6 +287,7 @@ fn load_with(
         .map_max_entries("SENDS", p)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
         .override_global("TASK_COMM_OFFSET", &facts.comm_offset, true)
+        .override_global("TASK_EXEC_ID_OFFSET", &facts.exec_id_offset, true)
         .override_global("EXIT_MODE", &exit_mode, true)
         .override_global("TASK_SIGNAL_OFFSET", &facts.signal.0, true)
         .override_global("SIGNAL_LIVE_OFFSET", &facts.signal.1, true)

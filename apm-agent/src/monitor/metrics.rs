@@ -89,6 +89,7 @@ impl prometheus_client::collector::Collector for Collector {
         let s = sh.snap.load();
         encode_sends(&s, &mut enc)?;
         encode_health(&s, &mut enc)?;
+        encode_map_health(&s, &mut enc)?;
         encode_pools(sh, &s, &mut enc)
     }
 }
@@ -229,6 +230,56 @@ fn encode_health(s: &Snapshot, enc: &mut DescriptorEncoder) -> std::fmt::Result 
             ("swept_exit", s.events.swept_exits),
         ] {
             ConstCounter::new(v).encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refused map inserts, lost ring-buffer events, entries the agent's sweep removed.
+fn encode_map_health(s: &Snapshot, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+    // (name, help, label, values by label value)
+    type Family<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, u64)]);
+    let h = &s.health;
+    let families: [Family; 3] = [
+        (
+            "map_insert_failed",
+            "Inserts a full eBPF map refused (the maps never evict), by map",
+            "map",
+            &[
+                ("sends", h.insert_failed.sends),
+                ("conns", h.insert_failed.conns),
+                ("proc_sends", h.insert_failed.proc_sends),
+                ("rss", h.insert_failed.rss),
+                ("mm_owner", h.insert_failed.mm_owner),
+            ],
+        ),
+        (
+            "events_lost",
+            "Ring-buffer events lost because the buffer was full, by kind",
+            "kind",
+            &[
+                ("exit", h.events_lost.exit),
+                ("rss", h.events_lost.rss),
+                ("drop", h.events_lost.drop),
+            ],
+        ),
+        (
+            "map_evicted",
+            "Entries of processes that are gone, removed by the agent's sweep, by map",
+            "map",
+            &[
+                ("sends", h.evicted.sends),
+                ("proc_sends", h.evicted.proc_sends),
+                ("rss", h.evicted.rss),
+                ("conns", h.evicted.conns),
+                ("mm_owner", h.evicted.mm_owner),
+            ],
+        ),
+    ];
+    for (name, help, label, values) in families {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (v, n) in values {
+            ConstCounter::new(*n).encode(m.encode_family(&[(label, *v)])?)?;
         }
     }
     Ok(())

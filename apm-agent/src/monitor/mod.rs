@@ -7,6 +7,7 @@
 //! degraded (the agent runs on, and says why); `"on"` makes it a startup error. See
 //! `docs/ebpf.md` for what is measured and the control rule.
 
+mod accounting;
 mod btf;
 mod loader;
 mod metrics;
@@ -253,6 +254,83 @@ pub struct EventCounts {
     pub swept_exits: u64,
 }
 
+/// Entries the maps refused because they were full, by map (`status --json` →
+/// `ebpf.map_health.insert_failed`). The kernel-side maps never evict: a full map refuses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MapCounts {
+    /// Sends by PHP threads the kernel could not track (a send or connect not counted at all).
+    pub sends: u64,
+    /// Connected fds not remembered (their later sends are not counted).
+    pub conns: u64,
+    /// Exiting threads whose counters could not move to their process's entry.
+    pub proc_sends: u64,
+    /// RSS events of processes whose memory is not tracked.
+    pub rss: u64,
+    /// mm ids not mapped to their process.
+    pub mm_owner: u64,
+}
+
+/// Events lost because the ring buffer was full, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EventsLost {
+    /// Exits of watched processes (the sweep retires them instead: `events.swept_exits`).
+    pub exit: u64,
+    pub rss: u64,
+    pub drop: u64,
+}
+
+/// Entries of processes that are gone, removed by the agent's sweep (their exit event was lost,
+/// or a sibling thread folded after it), by map. The only evictions there are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Evicted {
+    pub sends: u64,
+    pub proc_sends: u64,
+    pub rss: u64,
+    pub conns: u64,
+    pub mm_owner: u64,
+}
+
+/// `status --json` → `ebpf.map_health`: what the eBPF programs could not record and what the
+/// agent removed itself. Every field is a counter since the monitor started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MapHealth {
+    pub insert_failed: MapCounts,
+    pub events_lost: EventsLost,
+    pub evicted: Evicted,
+}
+
+impl MapHealth {
+    /// From the summed per-CPU `HEALTH` array and the sweep's own counts.
+    fn new(k: &[u64; apm_common::HEALTH_COUNTERS], evicted: Evicted) -> Self {
+        use apm_common::Health as H;
+        let g = |h: H| k[h as usize];
+        Self {
+            insert_failed: MapCounts {
+                sends: g(H::SendsFull),
+                conns: g(H::ConnsFull),
+                proc_sends: g(H::ProcSendsFull),
+                rss: g(H::RssFull),
+                mm_owner: g(H::MmOwnerFull),
+            },
+            events_lost: EventsLost {
+                exit: g(H::ExitEventLost),
+                rss: g(H::RssEventLost),
+                drop: g(H::DropEventLost),
+            },
+            evicted,
+        }
+    }
+}
+
+/// A PHP process in another mount namespace that has its own socket at one of the agent's
+/// paths: the programs recognise a socket by its path only, so its sends there are counted as
+/// sends to the agent (`status --json` → `ebpf.foreign_sockets`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ForeignSocket {
+    pub pid: u32,
+    pub path: String,
+}
+
 /// What happened during the last poll interval.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct IntervalStatus {
@@ -310,12 +388,21 @@ pub struct EbpfStatus {
     /// monitor started; positive only while datagrams wait in the queue, or if the agent lost
     /// some. Negative when processes that are not PHP send too (they are not counted).
     pub unaccounted: i64,
+    /// `unaccounted` above its lowest value over the last 300 polls (never above 0): what the
+    /// alarm compares, so datagrams the kernel never counted (queued before attach, adopted at
+    /// a handover, non-PHP senders) cannot hide a later loss.
+    pub unaccounted_window: i64,
     pub unaccounted_alarm: bool,
     pub unaccounted_alarms: u64,
     pub sample_rate: f64,
     pub adaptive_sampling: bool,
     pub last_interval: IntervalStatus,
     pub events: EventCounts,
+    /// Refused map inserts, lost events, entries the agent's sweep removed.
+    pub map_health: MapHealth,
+    /// PHP processes in another mount namespace with their own socket at one of the agent's
+    /// paths: their sends there are counted as the agent's (checked every 10 polls).
+    pub foreign_sockets: Vec<ForeignSocket>,
     /// Latest exits, newest last (at most 64).
     pub recent_exits: Vec<ExitStatus>,
     pub polls: u64,
@@ -338,10 +425,13 @@ struct Snapshot {
     agent_rss: u64,
     pools: Vec<metrics::PoolStats>,
     unaccounted: i64,
+    unaccounted_window: i64,
     alarm: bool,
     alarms_total: u64,
     last: IntervalStatus,
     events: EventCounts,
+    health: MapHealth,
+    foreign: Vec<ForeignSocket>,
     recent_exits: Vec<ExitStatus>,
     polls: u64,
 }
@@ -356,10 +446,13 @@ impl Default for Snapshot {
             agent_rss: 0,
             pools: Vec::new(),
             unaccounted: 0,
+            unaccounted_window: 0,
             alarm: false,
             alarms_total: 0,
             last: IntervalStatus::default(),
             events: EventCounts::default(),
+            health: MapHealth::default(),
+            foreign: Vec::new(),
             recent_exits: Vec::new(),
             polls: 0,
         }
@@ -608,6 +701,7 @@ impl Monitor {
             workers_truncated: s.workers.len() > max,
             agent_rss_bytes: s.agent_rss,
             unaccounted: s.unaccounted,
+            unaccounted_window: s.unaccounted_window,
             unaccounted_alarm: s.alarm,
             unaccounted_alarms: s.alarms_total,
             // What the file says, whoever lowered it (the rule or the memory guard).
@@ -615,6 +709,8 @@ impl Monitor {
             adaptive_sampling: sh.cfg.adaptive_sampling && sh.state == State::Running,
             last_interval: s.last,
             events: s.events,
+            map_health: s.health,
+            foreign_sockets: s.foreign.clone(),
             recent_exits: s.recent_exits.clone(),
             polls: s.polls,
         }

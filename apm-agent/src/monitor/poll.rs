@@ -14,12 +14,13 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
+use super::accounting::Accounting;
 use super::loader::Maps;
 use super::metrics::PoolStats;
 use super::sampling::{self, ControlParams, Decision};
 use super::{
-    ErrnoCounts, EventCounts, ExitStatus, IntervalStatus, RssTable, Shared, Snapshot, WorkerStatus,
-    percentile_ns, procfs,
+    ErrnoCounts, EventCounts, Evicted, ExitStatus, ForeignSocket, IntervalStatus, MapHealth,
+    RssTable, Shared, Snapshot, WorkerStatus, percentile_ns, procfs,
 };
 use crate::phpctl::PhpControl;
 use crate::telemetry::{Socket, SocketLabels, Telemetry};
@@ -27,8 +28,6 @@ use crate::telemetry::{Socket, SocketLabels, Telemetry};
 const RECENT_EXITS: usize = 64;
 /// Distinct pool labels kept; more share the label `other` (bounded metric cardinality).
 const MAX_POOLS: usize = 32;
-/// Polls in a row with nothing moving and datagrams still unaccounted before alarming.
-const SETTLE_POLLS: u32 = 3;
 /// A second exit event of one pid within this time is part of the first (see `merge_target`).
 const EXIT_MERGE_NS: u64 = 1_000_000_000;
 
@@ -52,6 +51,32 @@ struct KernelSends {
     /// By pid_tgid.
     threads: Vec<(u64, ProcSends)>,
     procs: HashMap<u32, ProcSends>,
+}
+
+impl KernelSends {
+    /// From the entries as a map iteration yields them. The kernel restarts an iteration from
+    /// the first bucket when the key it continues from was deleted meanwhile (a thread
+    /// exiting during the poll), so a key can come twice: each is kept once (the later value,
+    /// as fresh as any).
+    fn from_entries(
+        procs: impl Iterator<Item = (u32, ProcSends)>,
+        threads: impl Iterator<Item = (u64, ProcSends)>,
+    ) -> Self {
+        let threads: HashMap<u64, ProcSends> = threads.collect();
+        let mut ks = KernelSends {
+            procs: procs.collect(),
+            threads: threads.into_iter().collect(),
+            ..KernelSends::default()
+        };
+        for (tgid, s) in &ks.procs {
+            ks.by_tgid.entry(*tgid).or_insert(ProcSends::ZERO).add(s);
+        }
+        for (id, s) in &ks.threads {
+            let tgid = (id >> 32) as u32;
+            ks.by_tgid.entry(tgid).or_insert(ProcSends::ZERO).add(s);
+        }
+        ks
+    }
 }
 
 /// What one poll found in the maps, process by process.
@@ -80,11 +105,7 @@ pub(super) struct Poller {
     polls: u64,
     // Kernel vs agent accounting.
     agent_base: u64,
-    prev_kernel_ok: u64,
-    prev_agent: u64,
-    settled: u32,
-    alarm: bool,
-    alarms_total: u64,
+    accounting: Accounting,
     // Sample-rate control.
     ctl_params: ControlParams,
     events: EventCounts,
@@ -93,6 +114,12 @@ pub(super) struct Poller {
     retired: BTreeMap<String, [u64; 2]>,
     /// Kernel time of the latest exit event per pid, for a second event of the same exit.
     exit_ts: HashMap<u32, u64>,
+    /// Send counters last reported per pool (`pool_stats`).
+    pool_floor: BTreeMap<String, [u64; 2]>,
+    /// PHP processes with their own socket at one of the agent's paths (`check_foreign`).
+    foreign: Vec<ForeignSocket>,
+    /// Entries of dead processes the sweeps removed, by map.
+    evicted: Evicted,
     last: IntervalStatus,
     last_inputs: sampling::Interval,
 }
@@ -108,7 +135,12 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = tick.tick() => p.poll(),
+            _ = tick.tick() => {
+                // Exit events first: a process whose entries the kernel removed is then in
+                // the retired totals before the maps are read without it.
+                drain_events(&mut p, events.get_mut());
+                p.poll();
+            }
             r = events.readable_mut() => match r {
                 Ok(mut g) => {
                     let rb = g.get_inner_mut();
@@ -137,11 +169,16 @@ pub(super) async fn run(
         }
     }
     // Final figures for status after shutdown; dropping the Ebpf detaches every program.
-    while let Some(item) = events.get_mut().next() {
-        p.on_event(&item);
-    }
+    drain_events(&mut p, events.get_mut());
     p.poll();
     tracing::info!("eBPF monitor detached");
+}
+
+/// Reads every event waiting in the ring buffer.
+fn drain_events(p: &mut Poller, rb: &mut RingBuf<MapData>) {
+    while let Some(item) = rb.next() {
+        p.on_event(&item);
+    }
 }
 
 impl Poller {
@@ -173,16 +210,15 @@ impl Poller {
             last_poll: Instant::now(),
             polls: 0,
             agent_base,
-            prev_kernel_ok: 0,
-            prev_agent: 0,
-            settled: 0,
-            alarm: false,
-            alarms_total: 0,
+            accounting: Accounting::default(),
             ctl_params,
             events: EventCounts::default(),
             recent_exits: VecDeque::new(),
             retired: BTreeMap::new(),
             exit_ts: HashMap::new(),
+            pool_floor: BTreeMap::new(),
+            foreign: Vec::new(),
+            evicted: Evicted::default(),
             last: IntervalStatus::default(),
             last_inputs: sampling::Interval::default(),
         }
@@ -200,31 +236,33 @@ impl Poller {
         out
     }
 
+    /// The per-CPU `HEALTH` counters, summed.
+    fn read_health(&self) -> [u64; apm_common::HEALTH_COUNTERS] {
+        let mut out = [0u64; apm_common::HEALTH_COUNTERS];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(vals) = self.maps.health.get(&(i as u32), 0) {
+                *slot = vals.iter().sum();
+            }
+        }
+        out
+    }
+
     fn read_rss(&self) -> Vec<(u32, RssEntry)> {
-        // Entries can vanish mid-iteration (exit, LRU): skip those errors.
-        self.maps.rss.iter().filter_map(Result::ok).collect()
+        // Entries can vanish mid-iteration (exit): skip those errors. A restarted iteration
+        // yields keys twice (see `KernelSends::from_entries`): one process, one worker.
+        let unique: HashMap<u32, RssEntry> = self.maps.rss.iter().filter_map(Result::ok).collect();
+        unique.into_iter().collect()
     }
 
     fn read_sends(&self) -> KernelSends {
-        let mut ks = KernelSends {
-            procs: self.maps.proc_sends.iter().filter_map(Result::ok).collect(),
-            threads: self
-                .maps
+        KernelSends::from_entries(
+            self.maps.proc_sends.iter().filter_map(Result::ok),
+            self.maps
                 .sends
                 .iter()
                 .filter_map(Result::ok)
-                .map(|(k, v)| (k, v.sends))
-                .collect(),
-            ..KernelSends::default()
-        };
-        for (tgid, s) in &ks.procs {
-            ks.by_tgid.entry(*tgid).or_insert(ProcSends::ZERO).add(s);
-        }
-        for (id, s) in &ks.threads {
-            let tgid = (id >> 32) as u32;
-            ks.by_tgid.entry(tgid).or_insert(ProcSends::ZERO).add(s);
-        }
-        ks
+                .map(|(k, v)| (k, v.sends)),
+        )
     }
 
     /// RSS as /proc counts it: kernel-reported members, and /proc's value for members without
@@ -283,6 +321,8 @@ impl Poller {
         // negative because of the reading itself.
         let agent = agent_count(&self.telemetry).saturating_sub(self.agent_base);
         let host = self.read_host();
+        // Beside the host counts: a status that shows a refusal shows the sends before it.
+        let health = self.read_health();
         let rss = self.read_rss();
         let ks = self.read_sends();
         let sends = &ks.by_tgid;
@@ -299,6 +339,9 @@ impl Poller {
         if self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
             self.sweep_conns();
         }
+        if self.polls == 1 || self.polls.is_multiple_of(CONN_SWEEP_EVERY) {
+            self.check_foreign();
+        }
         self.baselines
             .retain(|t, _| seen_tgids.contains(t) || sends.contains_key(t));
 
@@ -306,9 +349,11 @@ impl Poller {
             .iter()
             .filter(|w| w.pool != "master")
             .fold((0u32, 0u64), |(n, r), w| (n + 1, r + w.rss_bytes));
-        let pools = self.pools(&workers);
+        let pools = pool_stats(&workers, &self.retired, &mut self.pool_floor);
 
-        self.account(host[SockKind::Dgram as usize].c.ok, agent);
+        let qcap = self.telemetry.dgram_queue_len.get();
+        self.accounting
+            .update(host[SockKind::Dgram as usize].c.ok, agent, qcap);
         (self.last, self.last_inputs) = self.interval(&host, dt);
         self.control();
         self.prev_host = host;
@@ -320,11 +365,14 @@ impl Poller {
             php_rss,
             agent_rss,
             pools,
-            unaccounted: self.prev_kernel_ok as i64 - self.prev_agent as i64,
-            alarm: self.alarm,
-            alarms_total: self.alarms_total,
+            unaccounted: self.accounting.unaccounted(),
+            unaccounted_window: self.accounting.excess(),
+            alarm: self.accounting.alarm(),
+            alarms_total: self.accounting.alarms_total(),
             last: self.last,
             events: self.events,
+            health: MapHealth::new(&health, self.evicted),
+            foreign: self.foreign.clone(),
             recent_exits: self.recent_exits.iter().cloned().collect(),
             polls: self.polls,
         };
@@ -392,37 +440,6 @@ impl Poller {
             seen_tgids,
             dead,
         }
-    }
-
-    /// Kernel-accepted datagrams vs what the agent took from the queue.
-    fn account(&mut self, kernel_ok: u64, agent: u64) {
-        let unaccounted = kernel_ok as i64 - agent as i64;
-        let moved = kernel_ok != self.prev_kernel_ok || agent != self.prev_agent;
-        self.settled = if unaccounted > 0 && !moved {
-            self.settled + 1
-        } else {
-            0
-        };
-        self.prev_kernel_ok = kernel_ok;
-        self.prev_agent = agent;
-        // The queue holds at most max_dgram_qlen + 1 datagrams: more cannot all be waiting.
-        let qcap = self.telemetry.dgram_queue_len.get();
-        let over_queue = qcap > 0 && unaccounted > qcap + 1;
-        let alarm = unaccounted > 0 && (over_queue || self.settled >= SETTLE_POLLS);
-        if alarm && !self.alarm {
-            self.alarms_total += 1;
-            tracing::error!(
-                unaccounted,
-                kernel_ok,
-                agent_received = agent,
-                queue_len = qcap,
-                "the kernel accepted datagrams the agent never received: lost inside the agent, \
-                 or ingest has stopped reading"
-            );
-        } else if !alarm && self.alarm {
-            tracing::info!(unaccounted, "kernel and agent datagram counts agree again");
-        }
-        self.alarm = alarm;
     }
 
     fn interval(
@@ -502,29 +519,9 @@ impl Poller {
         }
     }
 
-    fn pools(&self, workers: &[WorkerStatus]) -> Vec<PoolStats> {
-        let mut m: BTreeMap<String, PoolStats> = BTreeMap::new();
-        for w in workers {
-            let key = bounded_pool(&m, &w.pool);
-            let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
-            p.processes += 1;
-            p.rss_bytes += w.rss_bytes;
-            p.max_rss_bytes = p.max_rss_bytes.max(w.rss_bytes);
-            p.sends_ok += w.sends_ok;
-            p.sends_failed += w.sends_failed.total();
-            p.drops += w.drops;
-        }
-        for (pool, [ok, failed]) in &self.retired {
-            let key = bounded_pool(&m, pool);
-            let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
-            p.sends_ok += ok;
-            p.sends_failed += failed;
-        }
-        m.into_values().collect()
-    }
-
     /// Retires processes that are gone but still in the maps (their exit event was lost: ring
-    /// buffer full, or LRU churn) so their counts move to the retired totals once.
+    /// buffer full, or a sibling thread that folded after it) so their counts move to the
+    /// retired totals once.
     ///
     /// Only entries removed here are counted (a dead process's counters no longer change):
     /// whatever the kernel's exit handler removed first is in its event.
@@ -532,9 +529,14 @@ impl Poller {
         for &tgid in dead {
             let mut removed = false;
             let mut sends: Option<ProcSends> = None;
-            removed |= self.maps.rss.remove(&tgid).is_ok();
+            if self.maps.rss.remove(&tgid).is_ok() {
+                // Its MM_OWNER entry goes with the periodic sweep (`sweep_conns`).
+                removed = true;
+                self.evicted.rss += 1;
+            }
             if self.maps.proc_sends.remove(&tgid).is_ok() {
                 removed = true;
+                self.evicted.proc_sends += 1;
                 if let Some(s) = ks.procs.get(&tgid) {
                     sends.get_or_insert(ProcSends::ZERO).add(s);
                 }
@@ -546,6 +548,7 @@ impl Poller {
             {
                 if self.maps.sends.remove(id).is_ok() {
                     removed = true;
+                    self.evicted.sends += 1;
                     sends.get_or_insert(ProcSends::ZERO).add(s);
                 }
             }
@@ -571,6 +574,8 @@ impl Poller {
         }
     }
 
+    /// Connected fds and mm owners of processes that are gone. The maps do not evict, and the
+    /// kernel removes these only on close and at an exit it saw with room for its event.
     fn sweep_conns(&mut self) {
         let m = &mut self.maps.conns;
         let stale: Vec<ConnKey> = m
@@ -579,8 +584,52 @@ impl Poller {
             .filter(|k| !procfs::alive(k.tgid))
             .collect();
         for k in stale {
-            let _ = m.remove(&k);
+            if m.remove(&k).is_ok() {
+                self.evicted.conns += 1;
+            }
         }
+        let m = &mut self.maps.mm_owner;
+        let stale: Vec<u32> = m
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, tgid)| !procfs::alive(*tgid))
+            .map(|(mm_id, _)| mm_id)
+            .collect();
+        for k in stale {
+            if m.remove(&k).is_ok() {
+                self.evicted.mm_owner += 1;
+            }
+        }
+    }
+
+    /// PHP processes that see their own socket at one of the agent's paths (another mount
+    /// namespace): the programs cannot tell their sends there from sends to the agent, so
+    /// they are listed in status and each is warned about once.
+    fn check_foreign(&mut self) {
+        let paths = [self.shared.dgram.clone(), self.shared.stream.clone()];
+        let mut found = Vec::new();
+        for pid in procfs::pids_with_comm(&self.shared.cfg.php_comms) {
+            for p in &paths {
+                if procfs::sees_other_file_at(pid, p) {
+                    found.push(ForeignSocket {
+                        pid,
+                        path: p.display().to_string(),
+                    });
+                }
+            }
+        }
+        for f in &found {
+            if !self.foreign.contains(f) {
+                tracing::warn!(
+                    pid = f.pid,
+                    path = %f.path,
+                    "a PHP process in another mount namespace has its own socket at the agent's \
+                     path: its sends there are counted as sends to the agent (the eBPF programs \
+                     recognise the socket by its path only)"
+                );
+            }
+        }
+        self.foreign = found;
     }
 
     /// Records an exit; `ts_ns`: the kernel's exit event time (`None`: retired by the sweep).
@@ -700,6 +749,7 @@ impl Poller {
         let mut s = Snapshot::clone(&cur);
         s.host = self.read_host();
         s.events = self.events;
+        s.health = MapHealth::new(&self.read_health(), self.evicted);
         s.recent_exits = self.recent_exits.iter().cloned().collect();
         self.shared.snap.store(Arc::new(s));
     }
@@ -751,6 +801,46 @@ fn exit_status(
     }
 }
 
+/// Per-pool figures: live processes plus the retired totals of exited ones. `floor`: the send
+/// counters last reported per pool, which they never go below: the kernel removes an exiting
+/// process's entries just before its exit event becomes readable, so a poll in between sees
+/// neither (the true count only grows, and what a poll sees never exceeds it, so holding the
+/// last value is exact again once the event is read).
+fn pool_stats(
+    workers: &[WorkerStatus],
+    retired: &BTreeMap<String, [u64; 2]>,
+    floor: &mut BTreeMap<String, [u64; 2]>,
+) -> Vec<PoolStats> {
+    let mut m: BTreeMap<String, PoolStats> = BTreeMap::new();
+    // Pools reported before keep their label first (bounded: they were bounded then).
+    for key in floor.keys() {
+        m.insert(key.clone(), PoolStats::new(key.clone()));
+    }
+    for w in workers {
+        let key = bounded_pool(&m, &w.pool);
+        let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
+        p.processes += 1;
+        p.rss_bytes += w.rss_bytes;
+        p.max_rss_bytes = p.max_rss_bytes.max(w.rss_bytes);
+        p.sends_ok += w.sends_ok;
+        p.sends_failed += w.sends_failed.total();
+        p.drops += w.drops;
+    }
+    for (pool, [ok, failed]) in retired {
+        let key = bounded_pool(&m, pool);
+        let p = m.entry(key.clone()).or_insert_with(|| PoolStats::new(key));
+        p.sends_ok += ok;
+        p.sends_failed += failed;
+    }
+    for p in m.values_mut() {
+        let f = floor.entry(p.pool.clone()).or_default();
+        p.sends_ok = p.sends_ok.max(f[0]);
+        p.sends_failed = p.sends_failed.max(f[1]);
+        *f = [p.sends_ok, p.sends_failed];
+    }
+    m.into_values().collect()
+}
+
 fn bounded_pool<V>(m: &BTreeMap<String, V>, pool: &str) -> String {
     if m.contains_key(pool) || m.len() < MAX_POOLS {
         pool.to_string()
@@ -761,4 +851,61 @@ fn bounded_pool<V>(m: &BTreeMap<String, V>, pool: &str) -> String {
 
 fn bounded_retired(m: &BTreeMap<String, [u64; 2]>, pool: &str) -> String {
     bounded_pool(m, pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sends(ok: u64) -> ProcSends {
+        let mut s = ProcSends::ZERO;
+        s.sock[SockKind::Dgram as usize].ok = ok;
+        s
+    }
+
+    #[test]
+    fn a_key_the_map_iteration_yields_twice_counts_once() {
+        // get_next_key restarts from the first bucket when the key it was given was deleted
+        // meanwhile (a thread exiting during the poll): the same thread comes back.
+        let id = (7u64 << 32) | 7;
+        let other = (8u64 << 32) | 9;
+        let ks = KernelSends::from_entries(
+            [(7, sends(5))].into_iter(),
+            [(id, sends(3)), (other, sends(1)), (id, sends(3))].into_iter(),
+        );
+        assert_eq!(
+            ks.by_tgid[&7].sock[0].ok, 8,
+            "process entry + its thread once"
+        );
+        assert_eq!(ks.by_tgid[&8].sock[0].ok, 1);
+        assert_eq!(ks.threads.len(), 2);
+    }
+
+    fn worker(pool: &str, ok: u64) -> WorkerStatus {
+        WorkerStatus {
+            pid: 1,
+            pool: pool.into(),
+            sends_ok: ok,
+            ..WorkerStatus::default()
+        }
+    }
+
+    fn ok_of(pools: &[PoolStats], pool: &str) -> Option<u64> {
+        pools.iter().find(|p| p.pool == pool).map(|p| p.sends_ok)
+    }
+
+    #[test]
+    fn pool_send_counters_never_go_down_while_an_exit_is_in_flight() {
+        let mut retired = BTreeMap::new();
+        let mut floor = BTreeMap::new();
+        let p = pool_stats(&[worker("www", 10)], &retired, &mut floor);
+        assert_eq!(ok_of(&p, "www"), Some(10));
+        // The kernel removed the exiting worker's entries; its exit event is not read yet.
+        let p = pool_stats(&[], &retired, &mut floor);
+        assert_eq!(ok_of(&p, "www"), Some(10), "held, not gone or lower");
+        // The event arrives: the retired total carries the pool on, and it grows from there.
+        retired.insert("www".to_string(), [10, 0]);
+        let p = pool_stats(&[worker("www", 2)], &retired, &mut floor);
+        assert_eq!(ok_of(&p, "www"), Some(12));
+    }
 }

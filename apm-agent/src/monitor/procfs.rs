@@ -4,6 +4,45 @@
 use crate::escape::escape_control;
 use apm_common::{RSS_ANON, RSS_FILE, RSS_MEMBERS, RSS_SHMEM, RSS_SWAP};
 
+/// Whether process `pid` sees, at `path`, a file other than the one the agent sees there: it
+/// lives in another mount namespace with its own socket at the agent's path. `false` when it
+/// shares the agent's namespace, sees the agent's own socket (systemd's PrivateTmp and the
+/// like), has nothing there, or is gone.
+pub fn sees_other_file_at(pid: u32, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
+    let (Some(theirs), Some(ours)) = (ns(&pid.to_string()), ns("self")) else {
+        return false;
+    };
+    if theirs == ours {
+        return false;
+    }
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let Ok(t) =
+        std::fs::symlink_metadata(std::path::Path::new(&format!("/proc/{pid}/root")).join(rel))
+    else {
+        return false;
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(o) => (o.dev(), o.ino()) != (t.dev(), t.ino()),
+        Err(_) => true,
+    }
+}
+
+/// Pids of the running processes whose comm starts with one of `prefixes`.
+pub fn pids_with_comm(prefixes: &[String]) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let comm = comm_of(*pid);
+            prefixes.iter().any(|p| comm.starts_with(p.as_str()))
+        })
+        .collect()
+}
+
 /// RSS members of a process in bytes, indexed like `kmem/rss_stat` (`RSS_*`), from
 /// `/proc/PID/status`. `None` when the process is gone.
 pub fn rss_members(pid: u32) -> Option<[u64; RSS_MEMBERS]> {
