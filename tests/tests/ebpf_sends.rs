@@ -434,7 +434,10 @@ fn ebpf_agent_reports_the_rate_in_the_file_and_resets_it_at_stop() {
     });
     assert!(ok, "status reports the file's rate: {:?}", agent.status());
     assert!(read() < 1.0, "still lowered when the agent stops");
-    assert_eq!(agent.proc.stop(Duration::from_secs(30)), Some(0));
+    assert_eq!(
+        agent.proc.stop(Duration::from_secs(30)),
+        apm_testkit::Exit::Code(0)
+    );
     assert_eq!(read(), 1.0, "a final stop puts PHP back at 1.0");
     agent.assert_no_panic();
 }

@@ -759,7 +759,10 @@ fn a_final_stop_resets_the_php_control_files() {
         .parse()
         .unwrap();
     assert_eq!(s["sample_rate"].as_f64(), Some(file));
-    assert_eq!(agent.proc.stop(Duration::from_secs(30)), Some(0));
+    assert_eq!(
+        agent.proc.stop(Duration::from_secs(30)),
+        apm_testkit::Exit::Code(0)
+    );
     assert!(
         !run.join("disabled").exists(),
         "the kill switch is lowered on a final stop: {:?}",

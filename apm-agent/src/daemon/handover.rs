@@ -70,8 +70,8 @@ pub fn take_inherited() -> Result<Inherited, HandoverError> {
     // requirement: no concurrent access to the environment).
     unsafe { std::env::remove_var(INHERIT_ENV) };
     Ok(Inherited {
-        ready,
         carried,
+        ready,
         ..parse_inherit(&v)?
     })
 }

@@ -323,6 +323,13 @@ fn lock_holder(path: &Path) -> Option<u32> {
     })
 }
 
+/// Bytes in `blocks` blocks of `size` bytes. The statvfs fields are `u64` here but 32 bits wide
+/// on some targets, hence the casts clippy finds useless on this one.
+#[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+fn vfs_bytes(blocks: libc::fsblkcnt_t, size: libc::c_ulong) -> u64 {
+    (blocks as u64).saturating_mul(size as u64)
+}
+
 /// Takes the spool directory's lock: one agent per spool.
 fn lock(dir: &Path) -> Result<Flock<File>, SpoolError> {
     let lock_path = dir.join(LOCK_FILE);
@@ -484,7 +491,7 @@ impl Spool {
             path: self.dir.clone(),
             source: e.into(),
         })?;
-        let total = (vfs.blocks() as u64).saturating_mul(vfs.fragment_size() as u64);
+        let total = vfs_bytes(vfs.blocks(), vfs.fragment_size());
         if self.cfg.max_bytes > total {
             return Err(SpoolError::InsufficientSpace {
                 dir: self.dir.clone(),
@@ -507,7 +514,7 @@ impl Spool {
             self.capacity = self.cfg.max_bytes;
             return;
         };
-        let free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
+        let free = vfs_bytes(vfs.blocks_available(), vfs.fragment_size());
         self.capacity = self
             .cfg
             .max_bytes
