@@ -248,7 +248,10 @@ fn stalled_stream_clients_cannot_starve_a_real_sender() {
     for d in [dir.path().to_path_buf(), dir.path().join("run")] {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let mut staller = Command::new(bin("apm-test-sender"))
+    // ... and its binary too: a checkout in a private (0700) directory is out of its reach.
+    let staller_bin = dir.path().join("apm-test-sender");
+    std::fs::copy(bin("apm-test-sender"), &staller_bin).unwrap();
+    let mut staller = Command::new(&staller_bin)
         .args(["--socket"])
         .arg(agent.stream_socket())
         .args(["--stall", "300", "--stall-declare", "1048576"])
