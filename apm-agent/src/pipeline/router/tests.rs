@@ -61,7 +61,7 @@ impl Setup {
             breaker: BreakerConfig {
                 failure_threshold: 1,
                 retry_timeout: Duration::from_secs(10),
-                max_retry_timeout: Duration::from_secs(60),
+                max_retry_timeout: Duration::from_mins(1),
                 probe_timeout: Duration::from_secs(10),
             },
             wire: 1,
@@ -277,7 +277,7 @@ async fn ack_stall_sends_new_batches_to_disk_only_when_the_window_is_full() {
     // Window full, acks not (yet) stalled: the router pushes back instead of spooling.
     assert_eq!(h.spooled(), 0);
     assert_eq!(h.t.backpressure.get(), 1, "pushing back on ingest");
-    tokio::time::advance(ACK_STALL - Duration::from_millis(10)).await;
+    tokio::time::advance(ACK_STALL.saturating_sub(Duration::from_millis(10))).await;
     settle().await;
     assert_eq!(h.spooled(), 0, "slow is not stalled");
     tokio::time::advance(Duration::from_millis(20)).await;
@@ -365,7 +365,7 @@ async fn kill_switch_rises_at_high_water_while_open_and_falls_below_half_once_cl
     tokio::time::advance(Duration::from_secs(11)).await;
     let mut between = 0;
     let mut delivered = 0;
-    while let Some(_) = h.deliver_one().await {
+    while h.deliver_one().await.is_some() {
         delivered += 1;
         assert_eq!(h.t.breaker_state.get(), BreakerState::Closed.gauge());
         let fill = h.fill_pct();
@@ -389,6 +389,35 @@ async fn kill_switch_rises_at_high_water_while_open_and_falls_below_half_once_cl
         "the spool passed between half and high water while closed"
     );
     assert_eq!(h.kill_switch(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn kill_switch_stays_down_at_high_water_while_the_breaker_is_closed() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Overflow);
+    s.spool.max_bytes = 64 * 1024;
+    s.spool.high_water_pct = 50;
+    // A backlog past high water from an earlier run, and a listener that is up.
+    let mut spool = Spool::open(&s.spool).unwrap();
+    let mut seq = 0;
+    while spool.fill_pct() < 60.0 {
+        seq += 1;
+        spool.append(&batch(seq)).unwrap();
+    }
+    spool.close();
+    let mut h = start(&dir, s);
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1], "replay starts");
+    assert!(h.fill_pct() >= 50.0, "{:.1}%", h.fill_pct());
+    assert_eq!(
+        h.kill_switch(),
+        None,
+        "a backlog alone does not silence PHP"
+    );
+    // The listener goes away: now the kill switch rises.
+    h.give_back(out.into_iter().next().unwrap()).await;
+    assert_eq!(h.t.breaker_state.get(), BreakerState::Open.gauge());
+    assert_eq!(h.kill_switch().as_deref(), Some("spool_high_water\n"));
 }
 
 #[tokio::test(start_paused = true)]
