@@ -76,6 +76,8 @@ struct Harness {
     deadline: CancellationToken,
     t: Arc<Telemetry>,
     php: Arc<PhpControl>,
+    /// The memory guard's spill request.
+    spill: Arc<AtomicBool>,
     task: JoinHandle<Vec<Batch>>,
     spool_cfg: SpoolConfig,
 }
@@ -97,6 +99,7 @@ fn start(dir: &Path, s: Setup) -> Harness {
     let (wire_tx, wire) = mpsc::channel(s.wire);
     let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
     let deadline = CancellationToken::new();
+    let spill = Arc::new(AtomicBool::new(false));
     let router = Router::new(RouterDeps {
         telemetry: t.clone(),
         memory_budget: s.budget,
@@ -105,7 +108,7 @@ fn start(dir: &Path, s: Setup) -> Harness {
         spool,
         spool_cfg: s.spool.clone(),
         php: php.clone(),
-        spill: Arc::new(AtomicBool::new(false)),
+        spill: spill.clone(),
     });
     let task = tokio::spawn(router.run(RouterIo {
         input: input_rx,
@@ -120,6 +123,7 @@ fn start(dir: &Path, s: Setup) -> Harness {
         deadline,
         t,
         php,
+        spill,
         task,
         spool_cfg: s.spool,
     }
@@ -515,4 +519,55 @@ async fn requeue_keeps_a_batch_whose_spool_segment_was_dropped_while_it_was_out(
     h.give_back(out.into_iter().next().unwrap()).await;
     // The spool no longer has batch 1: the copy in hand is kept and resent first.
     assert_eq!(h.deliver_one().await, Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_guard_spill_moves_waiting_batches_to_the_spool() {
+    let (_d, dir) = tmp();
+    let h = start(&dir, Setup::new(&dir, SpoolMode::Overflow));
+    for seq in 1..=3 {
+        h.feed(batch(seq)).await;
+    }
+    assert_eq!(h.spooled(), 0);
+    assert_eq!(h.t.memory_payload_bytes.get(), 3 * PAYLOAD as i64);
+    h.spill.store(true, Ordering::Relaxed);
+    // The router looks at the flag on its next turn (the liveness beat at the latest).
+    tokio::time::advance(crate::pipeline::liveness::BEAT).await;
+    settle().await;
+    assert_eq!(
+        h.spooled(),
+        2,
+        "batches 2 and 3 waited in memory: now on disk"
+    );
+    assert_eq!(
+        h.t.memory_payload_bytes.get(),
+        PAYLOAD as i64,
+        "only batch 1, out on the wire, is still in memory"
+    );
+    let (_, mut on_disk) = h.stop().await;
+    on_disk.sort_unstable();
+    assert_eq!(on_disk, [2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_ahead_failure_over_budget_drops_the_oldest_memory_batch_under_drop_oldest() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Always);
+    s.spool.max_bytes = 64 * 1024;
+    s.spool.on_full = SpoolFull::DropOldest;
+    let big = 70 * 1024; // larger than the spool: every write-ahead fails
+    s.budget = 2 * big - 1;
+    let mut h = start(&dir, s);
+    h.feed(batch_of(1, big)).await; // out on the wire (capacity 1), unacknowledged
+    h.feed(batch_of(2, big)).await; // waits in memory; the window is now full
+    h.feed(batch_of(3, big)).await; // over budget: batch 2 makes room for it
+    assert_eq!(h.t.dropped_of(DropReason::SpoolError), 1);
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1]);
+    h.ack(&out[0]).await;
+    assert_eq!(
+        seqs(&h.sent().await),
+        [3],
+        "the newest kept, the oldest dropped"
+    );
 }
