@@ -188,7 +188,7 @@ impl Router {
                 biased;
                 () = deadline.cancelled() => break,
                 _ = beat.tick() => self.live.beat(crate::pipeline::liveness::Stage::Router),
-                _ = fsync.tick() => tokio::task::block_in_place(|| self.spool.tick()),
+                _ = fsync.tick() => blocking(|| self.spool.tick()),
                 o = outcomes.recv() => match o {
                     Some(o) => self.on_outcome(o),
                     None => break,
@@ -416,7 +416,7 @@ impl Router {
         self.held = 0;
         self.publish();
         let spool = self.spool;
-        tokio::task::block_in_place(move || spool.close());
+        blocking(move || spool.close());
         lost
     }
 
@@ -447,7 +447,7 @@ impl Router {
         let spool = &mut self.spool;
         let mut tried_drop = false;
         loop {
-            match tokio::task::block_in_place(|| spool.append(&batch)) {
+            match blocking(|| spool.append(&batch)) {
                 Ok(a) => {
                     spool_full(&self.t, a.dropped.profiles, batch.seq);
                     return Ok(());
@@ -507,7 +507,7 @@ impl Router {
         let open = self.breaker.state() == BreakerState::Open;
         if self.cfg.mode == SpoolMode::Always {
             let spool = &mut self.spool;
-            match tokio::task::block_in_place(|| spool.append_taken(&batch)) {
+            match blocking(|| spool.append_taken(&batch)) {
                 Ok(a) => {
                     self.wal_failed(false);
                     spool_full(&self.t, a.dropped.profiles, batch.seq);
@@ -657,7 +657,7 @@ impl Router {
         self.replay_turn = !self.replay_turn;
         if take_replay {
             let spool = &mut self.spool;
-            match tokio::task::block_in_place(|| spool.take_next()) {
+            match blocking(|| spool.take_next()) {
                 Ok(Some(sb)) => {
                     self.replay_tokens = (self.replay_tokens - 1.0).max(0.0);
                     let bytes = sb.batch.payload_bytes();
@@ -684,7 +684,7 @@ impl Router {
         if let Some(f) = self.inflight.remove(&seq) {
             self.held -= f.bytes;
             if let Some(id) = f.id
-                && let Err(e) = tokio::task::block_in_place(|| self.spool.ack(id))
+                && let Err(e) = blocking(|| self.spool.ack(id))
             {
                 tracing::warn!(error = %e, seq, "spool ack failed: the batch may be replayed once (the listener deduplicates)");
             }
@@ -767,6 +767,20 @@ impl Router {
     }
 }
 
+/// Runs spool I/O off the async worker role (`block_in_place`) on the daemon's multi-threaded
+/// runtime. On a current-thread runtime `block_in_place` panics, and there is no other worker to
+/// hand the role to anyway: the I/O runs in place. That is what lets the router's unit tests
+/// (`router/tests.rs`) drive it on tokio's paused clock, which only a current-thread runtime has.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    if tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 /// Counts what `spool.on_full` dropped to make room for batch `seq`.
 fn spool_full(t: &Telemetry, profiles: u64, seq: u64) {
     ProfilesDropped {
@@ -784,3 +798,6 @@ fn spool_full(t: &Telemetry, profiles: u64, seq: u64) {
 pub fn is_config_error(e: &SpoolError) -> bool {
     matches!(e, SpoolError::InsufficientSpace { .. })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,573 @@
+//! The router's policy, driven through its channels on tokio's paused clock: the test plays the
+//! batcher (feeds batches) and the transport (takes batches off the wire, answers with
+//! outcomes), and asserts on ground truth: what reached the wire and in which order, what the
+//! spool holds (gauges while running, a reopened spool after the stop), the drop counters and
+//! PHP's kill-switch file.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::config::{BreakerConfig, FsyncPolicy};
+use crate::pipeline::liveness::Liveness;
+use crate::pipeline::model::Profile;
+
+/// Payload bytes of an ordinary test batch (one profile).
+const PAYLOAD: usize = 1000;
+
+fn batch_of(seq: u64, payload_len: usize) -> Batch {
+    Batch {
+        seq,
+        epoch: 1,
+        profiles: vec![Profile {
+            payload: Bytes::from(vec![b'a'; payload_len]),
+            received_ns: seq,
+            pid: 100,
+            uid: 33,
+            rss_bytes: 0,
+        }],
+    }
+}
+
+fn batch(seq: u64) -> Batch {
+    batch_of(seq, PAYLOAD)
+}
+
+struct Setup {
+    spool: SpoolConfig,
+    budget: usize,
+    breaker: BreakerConfig,
+    /// Room in the router → transport channel: batches there count as in flight.
+    wire: usize,
+}
+
+impl Setup {
+    fn new(dir: &Path, mode: SpoolMode) -> Self {
+        Self {
+            spool: SpoolConfig {
+                dir: dir.join("spool"),
+                mode,
+                max_bytes: 1 << 20,
+                segment_bytes: 4096,
+                on_full: SpoolFull::DropOldest,
+                fsync: FsyncPolicy::Never,
+                fsync_interval: Duration::from_millis(200),
+                high_water_pct: 90,
+                replay_batches_per_s: 1000,
+            },
+            budget: 1 << 20,
+            breaker: BreakerConfig {
+                failure_threshold: 1,
+                retry_timeout: Duration::from_secs(10),
+                max_retry_timeout: Duration::from_mins(1),
+                probe_timeout: Duration::from_secs(10),
+            },
+            wire: 1,
+        }
+    }
+}
+
+struct Harness {
+    input: mpsc::Sender<Batch>,
+    wire: mpsc::Receiver<Batch>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    deadline: CancellationToken,
+    t: Arc<Telemetry>,
+    php: Arc<PhpControl>,
+    /// The memory guard's spill request.
+    spill: Arc<AtomicBool>,
+    task: JoinHandle<Vec<Batch>>,
+    spool_cfg: SpoolConfig,
+}
+
+/// Writes `seqs` to the spool before the router starts (a backlog from an earlier run).
+fn prefill(cfg: &SpoolConfig, seqs: impl IntoIterator<Item = u64>) {
+    let mut s = Spool::open(cfg).unwrap();
+    for seq in seqs {
+        s.append(&batch(seq)).unwrap();
+    }
+    s.close();
+}
+
+fn start(dir: &Path, s: Setup) -> Harness {
+    let t = Telemetry::new();
+    let php = Arc::new(PhpControl::new(dir).unwrap());
+    let spool = Spool::open(&s.spool).unwrap();
+    let (input, input_rx) = mpsc::channel(64);
+    let (wire_tx, wire) = mpsc::channel(s.wire);
+    let (outcomes, outcomes_rx) = mpsc::unbounded_channel();
+    let deadline = CancellationToken::new();
+    let spill = Arc::new(AtomicBool::new(false));
+    let router = Router::new(RouterDeps {
+        telemetry: t.clone(),
+        memory_budget: s.budget,
+        live: Arc::new(Liveness::default()),
+        breaker: CircuitBreaker::new(s.breaker, Instant::now()),
+        spool,
+        spool_cfg: s.spool.clone(),
+        php: php.clone(),
+        spill: spill.clone(),
+    });
+    let task = tokio::spawn(router.run(RouterIo {
+        input: input_rx,
+        to_transport: wire_tx,
+        outcomes: outcomes_rx,
+        deadline: deadline.clone(),
+    }));
+    Harness {
+        input,
+        wire,
+        outcomes,
+        deadline,
+        t,
+        php,
+        spill,
+        task,
+        spool_cfg: s.spool,
+    }
+}
+
+/// Lets the router run until it waits, without moving the clock (the test task stays ready, so
+/// the paused clock does not auto-advance).
+async fn settle() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn seqs(v: &[Batch]) -> Vec<u64> {
+    v.iter().map(|b| b.seq).collect()
+}
+
+impl Harness {
+    async fn feed(&self, b: Batch) {
+        self.input.try_send(b).unwrap();
+        settle().await;
+    }
+
+    /// What the router put on the wire since the last call.
+    async fn sent(&mut self) -> Vec<Batch> {
+        settle().await;
+        std::iter::from_fn(|| self.wire.try_recv().ok()).collect()
+    }
+
+    async fn ack(&self, b: &Batch) {
+        self.outcomes
+            .send(Outcome::Acked {
+                seq: b.seq,
+                profiles: b.len(),
+                bytes: b.payload_bytes(),
+            })
+            .unwrap();
+        settle().await;
+    }
+
+    async fn give_back(&self, b: Batch) {
+        self.outcomes
+            .send(Outcome::Returned {
+                batch: b,
+                reason: "test: stream lost".into(),
+            })
+            .unwrap();
+        settle().await;
+    }
+
+    /// Takes one batch off the wire, acks it, and returns its seq.
+    async fn deliver_one(&mut self) -> Option<u64> {
+        let b = self.sent().await.into_iter().next();
+        debug_assert!(self.wire.is_empty(), "wire capacity is 1 in these tests");
+        let b = b?;
+        self.ack(&b).await;
+        Some(b.seq)
+    }
+
+    /// Delivers what the router sends without the clock moving; returns how many.
+    async fn deliver_all(&mut self) -> usize {
+        let mut n = 0;
+        while self.deliver_one().await.is_some() {
+            n += 1;
+        }
+        n
+    }
+
+    fn spooled(&self) -> i64 {
+        self.t.spooled_batches.get()
+    }
+
+    fn fill_pct(&self) -> f64 {
+        self.t.spool_bytes.get() as f64 * 100.0 / self.t.spool_capacity_bytes.get() as f64
+    }
+
+    /// PHP's kill-switch file, as PHP reads it.
+    fn kill_switch(&self) -> Option<String> {
+        std::fs::read_to_string(self.php.disabled_path()).ok()
+    }
+
+    /// Stops the router (batcher done, transport gone, deadline passed) and returns what it
+    /// lost and the seqs the spool holds, read back from a reopened spool.
+    async fn stop(self) -> (Vec<u64>, Vec<u64>) {
+        drop(self.input);
+        drop(self.outcomes);
+        drop(self.wire);
+        self.deadline.cancel();
+        let lost = self.task.await.unwrap();
+        let mut s = Spool::open(&self.spool_cfg).unwrap();
+        let on_disk = std::iter::from_fn(|| s.take_next().unwrap())
+            .map(|sb| sb.batch.seq)
+            .collect();
+        (seqs(&lost), on_disk)
+    }
+}
+
+fn tmp() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().to_path_buf();
+    (d, p)
+}
+
+#[tokio::test(start_paused = true)]
+async fn overflow_mode_sends_from_memory_without_touching_the_spool() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Overflow);
+    s.wire = 8;
+    let mut h = start(&dir, s);
+    for seq in 1..=3 {
+        h.feed(batch(seq)).await;
+    }
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1, 2, 3], "sent in order, straight from memory");
+    assert_eq!(h.spooled(), 0, "a listener that keeps up needs no spool");
+    for b in &out {
+        h.ack(b).await;
+    }
+    assert_eq!(h.t.delivered_batches.get(), 3);
+    let (lost, on_disk) = h.stop().await;
+    assert!(
+        lost.is_empty() && on_disk.is_empty(),
+        "{lost:?} {on_disk:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn always_mode_writes_each_batch_ahead_and_frees_it_on_ack() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Always);
+    s.wire = 8;
+    let mut h = start(&dir, s);
+    h.feed(batch(1)).await;
+    h.feed(batch(2)).await;
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1, 2]);
+    assert_eq!(h.spooled(), 2, "both are on disk while out");
+    h.ack(&out[0]).await;
+    assert_eq!(h.spooled(), 1, "an ack frees its record");
+    // The process dies with batch 2 unacknowledged: the spool still has it.
+    let (_, on_disk) = h.stop().await;
+    assert_eq!(on_disk, [2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ack_stall_sends_new_batches_to_disk_only_when_the_window_is_full() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Overflow);
+    s.budget = 2 * PAYLOAD;
+    s.wire = 2; // the two batches stay "out" in the channel, unacknowledged
+    let mut h = start(&dir, s);
+    h.feed(batch(1)).await;
+    h.feed(batch(2)).await;
+    h.feed(batch(3)).await;
+    // Window full, acks not (yet) stalled: the router pushes back instead of spooling.
+    assert_eq!(h.spooled(), 0);
+    assert_eq!(h.t.backpressure.get(), 1, "pushing back on ingest");
+    tokio::time::advance(ACK_STALL.saturating_sub(Duration::from_millis(10))).await;
+    settle().await;
+    assert_eq!(h.spooled(), 0, "slow is not stalled");
+    tokio::time::advance(Duration::from_millis(20)).await;
+    settle().await;
+    assert_eq!(h.spooled(), 1, "no ack for ACK_STALL: batch 3 goes to disk");
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1, 2]);
+    for b in &out {
+        h.ack(b).await;
+    }
+    // Acks resume: batch 3 comes back from the spool.
+    assert_eq!(h.deliver_one().await, Some(3));
+    assert_eq!(h.spooled(), 0);
+    let (lost, on_disk) = h.stop().await;
+    assert!(
+        lost.is_empty() && on_disk.is_empty(),
+        "{lost:?} {on_disk:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn breaker_opening_spills_what_waits_in_memory_and_spools_new_batches() {
+    let (_d, dir) = tmp();
+    let mut h = start(&dir, Setup::new(&dir, SpoolMode::Overflow));
+    for seq in 1..=3 {
+        h.feed(batch(seq)).await;
+    }
+    // Wire capacity 1: batch 1 is out, 2 and 3 wait in memory. The transport takes 1 (so 2
+    // goes out), then gives 1 back: one failure opens the breaker (threshold 1).
+    let first = h.sent().await;
+    assert_eq!(seqs(&first), [1]);
+    settle().await;
+    h.give_back(first.into_iter().next().unwrap()).await;
+    // Figures are published at the top of the router's turn, so the next turn (the liveness
+    // beat at the latest) shows the spill.
+    tokio::time::advance(crate::pipeline::liveness::BEAT).await;
+    settle().await;
+    assert_eq!(h.t.breaker_state.get(), BreakerState::Open.gauge());
+    assert_eq!(
+        h.spooled(),
+        2,
+        "the returned batch 1 and the waiting batch 3 are on disk"
+    );
+    h.feed(batch(4)).await;
+    assert_eq!(
+        h.spooled(),
+        3,
+        "while open, a new batch goes straight to disk"
+    );
+    assert_eq!(
+        seqs(&h.sent().await),
+        [2],
+        "nothing new on the wire while open"
+    );
+    let (_, mut on_disk) = h.stop().await;
+    on_disk.sort_unstable();
+    assert_eq!(on_disk, [1, 3, 4]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn kill_switch_rises_at_high_water_while_open_and_falls_below_half_once_closed() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Overflow);
+    s.spool.max_bytes = 64 * 1024;
+    s.spool.high_water_pct = 50;
+    let mut h = start(&dir, s);
+    h.feed(batch(1)).await;
+    let out = h.sent().await;
+    h.give_back(out.into_iter().next().unwrap()).await;
+    assert_eq!(h.t.breaker_state.get(), BreakerState::Open.gauge());
+    let mut seq = 1;
+    while h.fill_pct() < 50.0 {
+        assert_eq!(
+            h.kill_switch(),
+            None,
+            "below high water at {:.1}%",
+            h.fill_pct()
+        );
+        seq += 1;
+        h.feed(batch(seq)).await;
+    }
+    assert_eq!(h.kill_switch().as_deref(), Some("spool_high_water\n"));
+    // The open period ends (at most retry_timeout): the probe (a replayed batch) is acked and
+    // the breaker closes. The spool drains segment by segment.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let mut between = 0;
+    let mut delivered = 0;
+    while h.deliver_one().await.is_some() {
+        delivered += 1;
+        assert_eq!(h.t.breaker_state.get(), BreakerState::Closed.gauge());
+        let fill = h.fill_pct();
+        if fill >= 25.0 {
+            if fill < 50.0 {
+                between += 1;
+            }
+            assert!(
+                h.kill_switch().is_some(),
+                "still raised at {fill:.1}% (≥ half)"
+            );
+        } else {
+            assert_eq!(h.kill_switch(), None, "lowered at {fill:.1}% (< half)");
+        }
+        // Replay is paced at 1000/s.
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    assert_eq!(delivered, seq, "every batch delivered");
+    assert!(
+        between > 0,
+        "the spool passed between half and high water while closed"
+    );
+    assert_eq!(h.kill_switch(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn kill_switch_stays_down_at_high_water_while_the_breaker_is_closed() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Overflow);
+    s.spool.max_bytes = 64 * 1024;
+    s.spool.high_water_pct = 50;
+    // A backlog past high water from an earlier run, and a listener that is up.
+    let mut spool = Spool::open(&s.spool).unwrap();
+    let mut seq = 0;
+    while spool.fill_pct() < 60.0 {
+        seq += 1;
+        spool.append(&batch(seq)).unwrap();
+    }
+    spool.close();
+    let mut h = start(&dir, s);
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1], "replay starts");
+    assert!(h.fill_pct() >= 50.0, "{:.1}%", h.fill_pct());
+    assert_eq!(
+        h.kill_switch(),
+        None,
+        "a backlog alone does not silence PHP"
+    );
+    // The listener goes away: now the kill switch rises.
+    h.give_back(out.into_iter().next().unwrap()).await;
+    assert_eq!(h.t.breaker_state.get(), BreakerState::Open.gauge());
+    assert_eq!(h.kill_switch().as_deref(), Some("spool_high_water\n"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn replay_alternates_with_live_batches() {
+    let (_d, dir) = tmp();
+    let s = Setup::new(&dir, SpoolMode::Overflow);
+    prefill(&s.spool, 101..=106);
+    let mut h = start(&dir, s);
+    for seq in 1..=4 {
+        h.input.try_send(batch(seq)).unwrap();
+    }
+    let mut order = Vec::new();
+    loop {
+        // A replay token (1000/s) is back before each dispatch: only the alternation counts.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        match h.deliver_one().await {
+            Some(seq) => order.push(seq),
+            None => break,
+        }
+    }
+    // Batch 101 goes out before the router has taken the live ones; from then on, while both
+    // wait, replay and live take turns.
+    assert_eq!(order, [101, 102, 1, 103, 2, 104, 3, 105, 4, 106]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replay_is_rate_limited_to_replay_batches_per_s() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Overflow);
+    s.spool.replay_batches_per_s = 2;
+    prefill(&s.spool, 1..=10);
+    let mut h = start(&dir, s);
+    let mut replayed = h.deliver_all().await;
+    assert_eq!(replayed, 1, "one token at start");
+    tokio::time::advance(Duration::from_millis(490)).await;
+    replayed += h.deliver_all().await;
+    assert_eq!(replayed, 1, "the next token takes 500 ms");
+    tokio::time::advance(Duration::from_millis(20)).await;
+    replayed += h.deliver_all().await;
+    assert_eq!(replayed, 2);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    replayed += h.deliver_all().await;
+    assert_eq!(replayed, 4, "2 per second");
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_ahead_failure_raises_the_kill_switch_and_drops_over_budget_as_on_full_says() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Always);
+    s.spool.max_bytes = 64 * 1024;
+    s.spool.on_full = SpoolFull::DropNewest;
+    // A batch larger than the whole spool: the write-ahead fails (RecordTooLarge).
+    let big = 70 * 1024;
+    s.budget = big;
+    let mut h = start(&dir, s);
+    h.feed(batch_of(1, big)).await;
+    assert_eq!(h.kill_switch().as_deref(), Some("spool_error\n"));
+    // Within the memory budget it is sent anyway, from memory.
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1]);
+    // Memory full and the spool failing: batch 2 is dropped (drop_newest), and counted.
+    h.feed(batch_of(2, big)).await;
+    assert_eq!(h.t.dropped_of(DropReason::SpoolError), 1);
+    h.ack(&out[0]).await;
+    assert!(h.sent().await.is_empty(), "batch 2 is gone, not sent");
+    // The write-ahead works again: the kill switch falls.
+    h.feed(batch(3)).await;
+    assert_eq!(h.kill_switch(), None);
+    assert_eq!(h.deliver_one().await, Some(3));
+    assert_eq!(h.t.delivered_batches.get(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requeue_keeps_a_batch_whose_spool_segment_was_dropped_while_it_was_out() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Always);
+    // Three segments of ~3 records: the twelfth batch makes the spool drop its oldest
+    // segment, which holds batch 1 while batch 1 is out on the wire.
+    s.spool.max_bytes = 3 * 4096;
+    s.spool.high_water_pct = 100;
+    s.breaker.failure_threshold = 5;
+    let mut h = start(&dir, s);
+    for seq in 1..=12 {
+        h.feed(batch(seq)).await;
+    }
+    let first_segment = dir
+        .join("spool")
+        .join(crate::pipeline::spool::segment_name(1));
+    assert!(
+        !first_segment.exists(),
+        "oldest segment dropped to make room"
+    );
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1]);
+    h.give_back(out.into_iter().next().unwrap()).await;
+    // The spool no longer has batch 1: the copy in hand is kept and resent first.
+    assert_eq!(h.deliver_one().await, Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_guard_spill_moves_waiting_batches_to_the_spool() {
+    let (_d, dir) = tmp();
+    let h = start(&dir, Setup::new(&dir, SpoolMode::Overflow));
+    for seq in 1..=3 {
+        h.feed(batch(seq)).await;
+    }
+    assert_eq!(h.spooled(), 0);
+    assert_eq!(h.t.memory_payload_bytes.get(), 3 * PAYLOAD as i64);
+    h.spill.store(true, Ordering::Relaxed);
+    // The router looks at the flag on its next turn (the liveness beat at the latest).
+    tokio::time::advance(crate::pipeline::liveness::BEAT).await;
+    settle().await;
+    assert_eq!(
+        h.spooled(),
+        2,
+        "batches 2 and 3 waited in memory: now on disk"
+    );
+    assert_eq!(
+        h.t.memory_payload_bytes.get(),
+        PAYLOAD as i64,
+        "only batch 1, out on the wire, is still in memory"
+    );
+    let (_, mut on_disk) = h.stop().await;
+    on_disk.sort_unstable();
+    assert_eq!(on_disk, [2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn write_ahead_failure_over_budget_drops_the_oldest_memory_batch_under_drop_oldest() {
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Always);
+    s.spool.max_bytes = 64 * 1024;
+    s.spool.on_full = SpoolFull::DropOldest;
+    let big = 70 * 1024; // larger than the spool: every write-ahead fails
+    s.budget = 2 * big - 1;
+    let mut h = start(&dir, s);
+    h.feed(batch_of(1, big)).await; // out on the wire (capacity 1), unacknowledged
+    h.feed(batch_of(2, big)).await; // waits in memory; the window is now full
+    h.feed(batch_of(3, big)).await; // over budget: batch 2 makes room for it
+    assert_eq!(h.t.dropped_of(DropReason::SpoolError), 1);
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1]);
+    h.ack(&out[0]).await;
+    assert_eq!(
+        seqs(&h.sent().await),
+        [3],
+        "the newest kept, the oldest dropped"
+    );
+}
