@@ -27,7 +27,7 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
-    /// Run only these sections (e2e, spool, ebpf, php); default all.
+    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Rounds per profile size in the end-to-end section (medians are reported).
@@ -312,6 +312,11 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if want("ebpf") {
         eprintln!("bench: eBPF overhead per send ...");
         sections.push(("ebpf", crate::bench_ebpf::run(root)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
+    if want("ebpf-write") {
+        eprintln!("bench: eBPF overhead per write(2) of other processes ...");
+        sections.push(("ebpf-write", crate::bench_ebpf::run_write(root)?));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("php") {

@@ -94,17 +94,21 @@ fn get(c: &Cells, config: &str, sender: &str, mode: &str) -> Option<Cell> {
 }
 
 fn table(c: &Cells) -> String {
+    table_of(c, &CONFIGS, &COLUMNS)
+}
+
+fn table_of(c: &Cells, configs: &[(&str, &str)], columns: &[(&str, &str, &str)]) -> String {
     let mut t = String::from("| configuration |");
-    for (_, _, title) in COLUMNS {
+    for (_, _, title) in columns {
         t.push_str(&format!(" {title} |"));
     }
-    t.push_str("\n|---|---|---|---|---|\n");
-    for (cfg, label) in CONFIGS {
+    t.push_str(&format!("\n|---|{}\n", "---|".repeat(columns.len())));
+    for &(cfg, label) in configs {
         if !c.keys().any(|k| k.0 == cfg) {
             continue;
         }
         t.push_str(&format!("| {label} |"));
-        for (sender, mode, _) in COLUMNS {
+        for &(sender, mode, _) in columns {
             match (get(c, cfg, sender, mode), get(c, "none", sender, mode)) {
                 (Some(x), Some(base)) if cfg != "none" => t.push_str(&format!(
                     " {:.0} ({:+.0}) [{:.0}–{:.0}] |",
@@ -201,6 +205,187 @@ fn ok_shares(samples: &[Value]) -> String {
         }
     }
     parts.join(", ")
+}
+
+const WRITE_CONFIGS: [(&str, &str); 4] = [
+    ("none", "no programs"),
+    (
+        "noop_sendto",
+        "empty programs on `sys_enter_sendto`/`sys_exit_sendto` only (none on write)",
+    ),
+    (
+        "noop",
+        "empty programs on `sys_enter_write`/`sys_exit_write`",
+    ),
+    (
+        "agent",
+        "**the agent's programs** (every one in `monitor::PROGRAMS`, by `monitor::start`)",
+    ),
+];
+const WRITE_COLUMNS: [(&str, &str, &str); 2] = [
+    ("other", "pipe", "non-PHP writer"),
+    ("php", "pipe", "PHP-named writer (not to the agent)"),
+];
+/// Writes per measurement: enough for a steady figure, few enough that the section runs in
+/// about a minute on this machine.
+const WRITE_COUNT: u64 = 200_000;
+
+/// `cargo xtask bench --only ebpf-write`: what the agent's `write` programs cost the writes
+/// of every other process on the host (`apm-bench-ebpf --write`).
+pub fn run_write(root: &Path) -> Result<String> {
+    let bin = crate::target_dir(root).join("release/apm-bench-ebpf");
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: build with `cargo xtask build` first",
+            bin.display()
+        );
+    }
+    eprintln!("bench: eBPF overhead per write(2) ({}) ...", bin.display());
+    let out = Command::new(&bin)
+        .args(["--write", "--count", &WRITE_COUNT.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("{} --write failed ({})", bin.display(), out.status);
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("apm-bench-ebpf --write output")?;
+    Ok(write_section(&v))
+}
+
+fn write_section(v: &Value) -> String {
+    let empty = Vec::new();
+    let samples = v.get("samples").and_then(Value::as_array).unwrap_or(&empty);
+    let u = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let cpu = cells(samples, "cpu_ns_per_call");
+    let wall = cells(samples, "wall_ns_per_call");
+    let mut md = format!(
+        "Measured by `cargo xtask bench --only ebpf-write` (one run of \
+         `target/release/apm-bench-ebpf --write --count {}`, as root; {} cores, kernel {}; \
+         {:.0} s).\n\n\
+         Every `write(2)` on the host fires `sys_enter_write`/`sys_exit_write`, where the agent \
+         has programs for PHP's writes to a connected agent socket. Each figure is a {}-byte \
+         blocking `write(2)` to a pipe that a second thread of the same process drains, {} calls \
+         per measurement after {} warm-up calls, by one of two long-lived writer processes: \
+         `{}` (not PHP: the programs stop at the comm check) and `{}` (a PHP name, writing to a \
+         pipe, not to the agent: the programs look the fd up in `CONNS` on enter and the thread \
+         in `SENDS` on exit, and find nothing). The configurations are attached in turn, {} \
+         rounds, each round starting at a different one. The empty programs are the object's \
+         `noop_enter_sendto`/`noop_exit_sendto` attached to the write tracepoints (empty \
+         bytecode does not depend on the tracepoint). Cells: median over the rounds (Δ against \
+         no programs) [min–max], nanoseconds per call.\n\n",
+        u("count"),
+        u("cpus"),
+        s("kernel"),
+        v.get("elapsed_s").and_then(Value::as_f64).unwrap_or(0.0),
+        u("write_bytes"),
+        u("count"),
+        u("warmup"),
+        s("other_comm"),
+        s("php_comm"),
+        u("rounds"),
+    );
+    md.push_str(
+        "**CPU time of the writer per call** (user + system; what the aim is judged on):\n\n",
+    );
+    md.push_str(&table_of(&cpu, &WRITE_CONFIGS, &WRITE_COLUMNS));
+    md.push_str("\n**Wall time per call** (same run; includes waiting for the drain thread):\n\n");
+    md.push_str(&table_of(&wall, &WRITE_CONFIGS, &WRITE_COLUMNS));
+    if let Some(k) = v.get("kernel_stats").and_then(Value::as_array)
+        && !k.is_empty()
+    {
+        md.push_str(
+            "\n**In-kernel time of the programs on the write path per write** (the kernel's BPF \
+             run-time statistics, enabled only for this separate phase; they include ~15 ns of \
+             accounting per program run):\n\n\
+             | configuration | non-PHP writer | PHP-named writer |\n|---|---|---|\n",
+        );
+        for (cfg, label) in WRITE_CONFIGS.iter().skip(2) {
+            let f = |sender: &str| {
+                k.iter()
+                    .find(|e| {
+                        e.get("config").and_then(Value::as_str) == Some(*cfg)
+                            && e.get("sender").and_then(Value::as_str) == Some(sender)
+                    })
+                    .map_or_else(
+                        || "–".into(),
+                        |e| {
+                            let progs = e
+                                .get("programs")
+                                .and_then(Value::as_object)
+                                .map(|p| {
+                                    p.iter()
+                                        .filter(|(n, _)| *cfg == "noop" || n.contains("write"))
+                                        .map(|(n, x)| {
+                                            format!(
+                                                "{n} {:.0}",
+                                                x.get("ns_per_run")
+                                                    .and_then(Value::as_f64)
+                                                    .unwrap_or(0.0)
+                                            )
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join(" + ")
+                                })
+                                .unwrap_or_default();
+                            format!(
+                                "{:.0} ({progs})",
+                                e.get("ns_per_send").and_then(Value::as_f64).unwrap_or(0.0)
+                            )
+                        },
+                    )
+            };
+            md.push_str(&format!("| {label} | {} | {} |\n", f("other"), f("php")));
+        }
+    }
+    md.push_str("\n**Aim** (this run's medians, CPU time): a write by a process that is not PHP costs at most 10% more with the agent's programs than with empty programs on the same tracepoints.\n\n");
+    for (sender, what) in [
+        ("other", "non-PHP writer"),
+        ("php", "PHP-named writer, for reference"),
+    ] {
+        let m = |cfg| get(&cpu, cfg, sender, "pipe").map(|x| x.med);
+        if let (Some(none), Some(noop), Some(agent)) = (m("none"), m("noop"), m("agent")) {
+            let r = agent / noop - 1.0;
+            md.push_str(&format!(
+                "- {what}: {agent:.0} ns with the agent's programs, {noop:.0} ns with empty \
+                 programs, {none:.0} ns with none: agent / empty {:.3} ({:+.1}%){}; added over \
+                 no programs: agent {:+.0} ns, empty {:+.0} ns.\n",
+                agent / noop,
+                r * 100.0,
+                if sender == "other" {
+                    format!(" (aim ≤ +10%): {}", verdict(r <= 0.10))
+                } else {
+                    String::new()
+                },
+                agent - none,
+                noop - none,
+            ));
+        }
+    }
+    md.push_str(
+        "\nWhat programs on the write tracepoints cost by being there (any enabled syscall \
+         tracepoint already sends every syscall of every task through the kernel's slower \
+         tracing entry, which the agent's programs on sendto cause anyway): empty programs on \
+         write against empty programs on sendto only, CPU time:\n\n",
+    );
+    for (sender, what) in [("other", "non-PHP writer"), ("php", "PHP-named writer")] {
+        let m = |cfg| get(&cpu, cfg, sender, "pipe").map(|x| x.med);
+        if let (Some(none), Some(ns), Some(noop)) = (m("none"), m("noop_sendto"), m("noop")) {
+            md.push_str(&format!(
+                "- {what}: {noop:.0} ns with empty programs on write, {ns:.0} ns with empty \
+                 programs on sendto only, {none:.0} ns with none: the programs on write add \
+                 {:+.0} ns, the tracing entry {:+.0} ns.\n",
+                noop - ns,
+                ns - none,
+            ));
+        }
+    }
+    md.push_str(
+        "\nReproduce: `cargo xtask bench --only ebpf-write` (as root; it builds first unless \
+         `--no-build`).\n",
+    );
+    md
 }
 
 pub fn run(root: &Path) -> Result<String> {

@@ -30,6 +30,15 @@
 //! senders saw (reported, not asserted). Output: JSON on stdout, progress on stderr.
 //!
 //! apm-bench-ebpf [--count N (1000000)] [--rounds R (9)] [--warmup N (20000)] [--bpftrace PATH|none]
+//!
+//! `--write` measures instead what the `write` programs cost writes that are not to the agent
+//! (every `write(2)` on the host fires `sys_enter_write`/`sys_exit_write`): two long-lived
+//! writer processes (`bench-other`, not PHP; `php-fpm-bench`, a PHP name) each make N 64-byte
+//! `write(2)`s to a pipe that a second thread of the same process drains, under `none`, `noop`
+//! (the object's empty programs attached to the write tracepoints) and `agent`, interleaved
+//! over rounds as above, plus `noop_sendto` (the empty programs on the sendto tracepoints only,
+//! none on write), then the kernel's run-time statistics of the programs on the write
+//! path. Output: the same JSON shape (`samples`, `kernel_stats`), mode `pipe`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixDatagram;
@@ -59,6 +68,10 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("writer") {
+        let comm = arg(&args, "--comm").context("--comm")?;
+        return writer_main(&comm);
+    }
     if args.get(1).map(String::as_str) == Some("sender") {
         let comm = arg(&args, "--comm").context("--comm")?;
         let socket = arg(&args, "--socket").context("--socket")?;
@@ -73,6 +86,11 @@ fn main() -> Result<()> {
         None => Some(PathBuf::from("bpftrace")),
     };
     let stats = !args.iter().any(|a| a == "--no-kernel-stats");
+    if args.iter().any(|a| a == "--write") {
+        let out = bench_write(count, rounds, warmup, stats)?;
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     let out = bench(count, rounds, warmup, bpftrace.as_deref(), stats)?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
@@ -137,6 +155,50 @@ fn sender_main(comm: &str, socket: &str) -> Result<()> {
     Ok(())
 }
 
+/// Bytes per `write(2)` of the `--write` bench: a log line, a small FastCGI record.
+const WRITE_BYTES: usize = 64;
+
+/// Writer child of `--write`: obeys `send N` lines on stdin with N `write(2)`s of
+/// `WRITE_BYTES` to a blocking pipe that a second thread drains, and answers like a sender.
+fn writer_main(comm: &str) -> Result<()> {
+    let c = std::ffi::CString::new(comm)?;
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15 bytes).
+    unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) };
+    let (r, w) = nix::unistd::pipe()?;
+    // The drain thread inherits the comm set above, as a PHP worker's threads would.
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        while nix::unistd::read(&r, &mut buf).is_ok_and(|n| n > 0) {}
+    });
+    let wfd = std::os::fd::AsRawFd::as_raw_fd(&w);
+    let payload = [b'x'; WRITE_BYTES];
+    let mut stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let Some(n) = line.strip_prefix("send ") else {
+            break;
+        };
+        let n: u64 = n.trim().parse()?;
+        let (mut ok, mut other) = (0u64, 0u64);
+        let c = thread_cpu_ns();
+        let t = Instant::now();
+        for _ in 0..n {
+            // SAFETY: valid buffer of the length given; raw write(2), as a C program's.
+            let r = unsafe { libc::write(wfd, payload.as_ptr().cast(), WRITE_BYTES) };
+            if r >= 0 {
+                ok += 1;
+            } else {
+                other += 1;
+            }
+        }
+        let ns = t.elapsed().as_nanos();
+        let cpu = thread_cpu_ns() - c;
+        writeln!(stdout, "{ns} {cpu} {ok} 0 {other}")?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
 /// CPU time of the calling thread (user + system, eBPF programs included: they run in the
 /// sender's syscalls), which other processes on the machine do not inflate.
 fn thread_cpu_ns() -> u128 {
@@ -169,9 +231,19 @@ struct Run {
 
 impl Sender {
     fn spawn(name: &'static str, comm: &str, socket: &Path) -> Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["sender", "--comm", comm, "--socket"])
-            .arg(socket)
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["sender", "--comm", comm, "--socket"]).arg(socket);
+        Self::spawn_cmd(name, cmd)
+    }
+
+    fn spawn_writer(name: &'static str, comm: &str) -> Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["writer", "--comm", comm]);
+        Self::spawn_cmd(name, cmd)
+    }
+
+    fn spawn_cmd(name: &'static str, mut cmd: Command) -> Result<Self> {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -230,6 +302,8 @@ impl Drop for Sender {
 enum Config {
     None,
     Noop,
+    /// `--write` only: the empty programs on the sendto tracepoints, none on write.
+    NoopSendto,
     Agent,
     Bpftrace,
     BpftraceMin,
@@ -240,6 +314,7 @@ impl Config {
         match self {
             Config::None => "none",
             Config::Noop => "noop",
+            Config::NoopSendto => "noop_sendto",
             Config::Agent => "agent",
             Config::Bpftrace => "bpftrace",
             Config::BpftraceMin => "bpftrace_min",
@@ -260,10 +335,21 @@ struct AgentMonitor {
 }
 
 fn attach_noop() -> Result<aya::Ebpf> {
+    attach_noop_on(monitor::NOOP_PROGRAMS)
+}
+
+/// The object's empty programs on the write tracepoints: the same two empty programs (their
+/// bytecode does not depend on the tracepoint), attached to `sys_{enter,exit}_write`.
+const NOOP_WRITE: &[(&str, &str, &str)] = &[
+    ("noop_enter_sendto", "syscalls", "sys_enter_write"),
+    ("noop_exit_sendto", "syscalls", "sys_exit_write"),
+];
+
+fn attach_noop_on(programs: &[(&str, &str, &str)]) -> Result<aya::Ebpf> {
     let obj = monitor::embedded_object().context("built without the eBPF object")?;
     monitor::ensure_tracefs()?;
     let mut bpf = aya::EbpfLoader::new().load(obj)?;
-    for &(name, category, tp) in monitor::NOOP_PROGRAMS {
+    for &(name, category, tp) in programs {
         let p: &mut aya::programs::TracePoint = bpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?
@@ -744,6 +830,151 @@ fn bench(
     }))
 }
 
+/// The `--write` bench (see the module comment).
+fn bench_write(count: u64, rounds: usize, warmup: u64, stats: bool) -> Result<Value> {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("needs root (loads eBPF programs)");
+    }
+    if monitor::embedded_object().is_none() {
+        bail!(
+            "this build has no eBPF object: run `cargo xtask build-ebpf`, then build with \
+             APM_EBPF_OBJECT set"
+        );
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("apm-bench-ebpf-")
+        .tempdir_in("/tmp")?;
+    // The agent's sockets exist but nobody writes to them: no write here is the agent's.
+    let dgram = dir.path().join("listener.sock");
+    let stream = dir.path().join("listener-stream.sock");
+    let _sock = bind(&dgram)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let attach_w = |cfg: Config| -> Result<Attached> {
+        Ok(match cfg {
+            Config::Noop => Attached::Noop(attach_noop_on(NOOP_WRITE)?),
+            Config::NoopSendto => Attached::Noop(attach_noop()?),
+            Config::Agent => Attached::Agent(attach_agent(&rt, dir.path(), &dgram, &stream)?),
+            _ => Attached::None,
+        })
+    };
+    // `noop_sendto`: any enabled syscall tracepoint sends every task's syscalls through the
+    // kernel's slower tracing entry, so the agent's writes pay that even without write programs;
+    // this configuration separates that from what programs on write add.
+    let configs = [
+        Config::None,
+        Config::NoopSendto,
+        Config::Noop,
+        Config::Agent,
+    ];
+    let mut other = Sender::spawn_writer("other", OTHER_COMM)?;
+    let mut php = Sender::spawn_writer("php", PHP_COMM)?;
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    for round in 0..rounds {
+        let mut order = configs.to_vec();
+        order.rotate_left(round % configs.len());
+        for &cfg in &order {
+            eprintln!(
+                "[{:>4.0}s] write round {}/{rounds}: {}",
+                started.elapsed().as_secs_f64(),
+                round + 1,
+                cfg.name()
+            );
+            let attached = attach_w(cfg)?;
+            std::thread::sleep(Duration::from_millis(300));
+            for who in ["other", "php"] {
+                let s = if who == "php" { &mut php } else { &mut other };
+                s.send(warmup)?;
+                let r = s.send(count)?;
+                let wall = r.ns as f64 / count as f64;
+                let cpu = r.cpu_ns as f64 / count as f64;
+                eprintln!(
+                    "    {who:<5} pipe  cpu {cpu:>6.0} wall {wall:>6.0} ns/write  (ok {}, failed {})",
+                    r.ok, r.other
+                );
+                samples.push(json!({
+                    "round": round, "config": cfg.name(), "sender": who, "mode": "pipe",
+                    "cpu_ns_per_call": cpu, "wall_ns_per_call": wall,
+                    "ok": r.ok, "eagain": r.eagain, "other": r.other,
+                }));
+            }
+            detach(attached, &rt, 0)?;
+        }
+    }
+    let mut kernel = Vec::new();
+    if stats {
+        match enable_bpf_stats() {
+            Err(e) => eprintln!("kernel statistics unavailable: {e}"),
+            Ok(_guard) => {
+                for cfg in [Config::Noop, Config::Agent] {
+                    let before = tracepoint_programs();
+                    let attached = attach_w(cfg)?;
+                    let ours: Vec<(u32, String)> = tracepoint_programs()
+                        .into_iter()
+                        .filter(|p| !before.contains(p))
+                        .collect();
+                    std::thread::sleep(Duration::from_millis(300));
+                    for who in ["other", "php"] {
+                        let s = if who == "php" { &mut php } else { &mut other };
+                        s.send(warmup)?;
+                        let t0 = run_stats(&ours);
+                        s.send(count)?;
+                        let t1 = run_stats(&ours);
+                        let mut progs = serde_json::Map::new();
+                        let mut total = 0u64;
+                        for (id, name) in &ours {
+                            let (Some(a), Some(b)) = (t0.get(id), t1.get(id)) else {
+                                continue;
+                            };
+                            let (dt, dn) = (b.0 - a.0, b.1 - a.1);
+                            if dn == 0 {
+                                continue;
+                            }
+                            // The programs on the write path (the empty ones only sit there).
+                            if name.contains("write") || cfg == Config::Noop {
+                                total += dt;
+                            }
+                            progs.insert(
+                                name.clone(),
+                                json!({"runs": dn, "ns_per_run": dt as f64 / dn as f64}),
+                            );
+                        }
+                        let per = total as f64 / count as f64;
+                        eprintln!(
+                            "    {who:<5} pipe  in-kernel {per:>5.0} ns/write {}",
+                            Value::Object(progs.clone())
+                        );
+                        kernel.push(json!({
+                            "config": cfg.name(), "sender": who, "mode": "pipe",
+                            "ns_per_send": per, "programs": progs,
+                        }));
+                    }
+                    detach(attached, &rt, 0)?;
+                }
+            }
+        }
+    }
+    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Ok(json!({
+        "bench": "write",
+        "count": count,
+        "warmup": warmup,
+        "rounds": rounds,
+        "write_bytes": WRITE_BYTES,
+        "php_comm": PHP_COMM,
+        "other_comm": OTHER_COMM,
+        "kernel": osrelease.trim(),
+        "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "samples": samples,
+        "kernel_stats": kernel,
+    }))
+}
+
 fn attach(
     cfg: Config,
     rt: &tokio::runtime::Runtime,
@@ -762,7 +993,7 @@ fn attach(
     };
     Ok(match cfg {
         Config::None => Attached::None,
-        Config::Noop => Attached::Noop(attach_noop()?),
+        Config::Noop | Config::NoopSendto => Attached::Noop(attach_noop()?),
         Config::Agent => Attached::Agent(attach_agent(rt, dir, dgram, stream)?),
         Config::Bpftrace | Config::BpftraceMin => Attached::Bpftrace(
             attach_bpftrace(bpftrace.context("bpftrace")?, &script(dgram)?, dir, php)?,
