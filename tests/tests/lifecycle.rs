@@ -29,6 +29,22 @@ fn steady_sender(agent: &Agent, prefix: &str, count: u64, rate: u64) -> std::pro
     ])
 }
 
+/// Like [`steady_sender`] with blocking sends: a moment in which the agent reads slower than
+/// the rate (a loaded machine) makes the sender wait instead of failing, so what the test
+/// checks is the agent's loss, not its speed.
+fn blocking_sender(agent: &Agent, prefix: &str, count: u64, rate: u64) -> std::process::Child {
+    sender(&[
+        "--socket".into(),
+        agent.socket().display().to_string(),
+        "--count".into(),
+        count.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+        "--prefix".into(),
+        prefix.into(),
+    ])
+}
+
 fn assert_exactly_once(l: &Listener, prefix: &str, count: u64) {
     let got = ids(l);
     let set: HashSet<&String> = got.iter().collect();
@@ -105,7 +121,9 @@ fn sighup_reload_drops_nothing_and_a_bad_config_is_refused() {
             token.display()
         ),
     );
-    let child = steady_sender(&agent, "h", 6000, 3000);
+    // Blocking: a CI run once saw 4 EAGAIN of 6000 at 3000/s while the breaker flapped on the
+    // refused token and other tests ran beside this one.
+    let child = blocking_sender(&agent, "h", 6000, 3000);
     agent.wait_for(Duration::from_secs(20), "the old token refused", |s| {
         u(s, "/send_failures") >= 2 && u(s, "/received") > 0
     });
