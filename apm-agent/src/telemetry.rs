@@ -281,6 +281,16 @@ pub struct Telemetry {
     pub batch_bytes: Histogram,
     /// Memory guard steps taken, by action.
     pub memory_guard: Family<GuardLabels, Counter>,
+    /// Profiles between ingest and the router: what a SIGKILL would lose (pipeline/durable.rs).
+    pub gate: crate::pipeline::durable::Gate,
+    /// Profiles the router holds only in memory (no spool record): waiting or in flight.
+    pub memory_profiles: Gauge,
+    /// Profiles in the spool, not yet acknowledged.
+    pub spooled_profiles: Gauge,
+    /// [`Telemetry::at_risk_profiles`] as the router last published it (for `/metrics`).
+    pub at_risk_profiles: Gauge,
+    /// Profiles written ahead to the spool (`spool.mode = "always"`), in the order received.
+    pub durable_profiles: Counter,
     started: AtomicU64,
 }
 
@@ -316,6 +326,11 @@ impl Default for Telemetry {
             // 1 KiB .. 256 MiB.
             batch_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 10)),
             memory_guard: Family::default(),
+            gate: crate::pipeline::durable::Gate::default(),
+            memory_profiles: Gauge::default(),
+            spooled_profiles: Gauge::default(),
+            at_risk_profiles: Gauge::default(),
+            durable_profiles: Counter::default(),
             started: AtomicU64::new(0),
         };
         // Every labelled series exists from the start at 0, so `rate()` and alerts see the
@@ -349,6 +364,12 @@ impl Telemetry {
         let t = Self::default();
         t.started.store(now_ns(), Ordering::Relaxed);
         Arc::new(t)
+    }
+
+    /// Profiles only memory holds: between ingest and the router, and in the router's window
+    /// without a spool record.
+    pub fn at_risk_profiles(&self) -> u64 {
+        self.gate.unsettled() + u64::try_from(self.memory_profiles.get()).unwrap_or(0)
     }
 
     /// Counts a memory guard step and hands the action back (`match t.memory_guard(...)`).
@@ -602,6 +623,11 @@ impl Telemetry {
             self.send_failures.clone(),
         );
         r.register(
+            "durable_profiles",
+            "Profiles written ahead to the spool before being sent (spool.mode always), in the order received",
+            self.durable_profiles.clone(),
+        );
+        r.register(
             "reconnects",
             "Connections made to the central listener",
             self.reconnects.clone(),
@@ -634,6 +660,16 @@ impl Telemetry {
             "stream_connections",
             "Open connections on the stream socket",
             self.stream_connections.clone(),
+        );
+        r.register(
+            "at_risk_profiles",
+            "Profiles received that only memory holds (a SIGKILL would lose them); in spool.mode always at most one receive call per source",
+            self.at_risk_profiles.clone(),
+        );
+        r.register(
+            "spooled_profiles",
+            "Profiles in the disk spool awaiting acknowledgement",
+            self.spooled_profiles.clone(),
         );
         r.register(
             "spooled_batches",

@@ -41,6 +41,18 @@ pub struct Status {
     pub last_acked_seq: i64,
     pub in_flight_batches: i64,
     pub memory_payload_bytes: i64,
+    /// Profiles received that only memory holds now (ingest queue, open batch, batch channel,
+    /// the router's window without a spool record): what a SIGKILL would lose. In
+    /// `spool.mode = "always"` at most one receive call per source (docs/agent.md).
+    #[serde(default)]
+    pub at_risk_profiles: u64,
+    /// Profiles this process wrote ahead to the spool (`spool.mode = "always"`), in the order
+    /// received; 0 in `overflow` mode, which writes nothing ahead.
+    #[serde(default)]
+    pub durable_profiles: u64,
+    /// Profiles in the spool not yet acknowledged (in flight included).
+    #[serde(default)]
+    pub spooled_profiles: u64,
     pub backpressure: bool,
     pub backpressure_episodes: u64,
     pub send_failures: u64,

@@ -229,6 +229,10 @@ fn router(
     live: Arc<Liveness>,
     spill: Arc<AtomicBool>,
 ) -> Result<Router, StartError> {
+    // `always` mode: ingest waits for each group's write-ahead (pipeline/durable.rs).
+    deps.telemetry
+        .gate
+        .set_write_ahead(cfg.spool.mode == crate::config::SpoolMode::Always);
     let spool = Spool::open(&cfg.spool).map_err(|source| StartError::Spool {
         dir: cfg.spool.dir.clone(),
         source,

@@ -120,6 +120,13 @@ pub async fn run(
                 st.seal(items, &out).await;
             }
         }
+        // The end of a group (`spool.mode = "always"`): ingest waits for its write-ahead, so
+        // it is sealed now rather than at `batch.max_age` (pipeline/durable.rs).
+        if chunk.flush
+            && let Some(items) = b.take()
+        {
+            st.seal(items, &out).await;
+        }
     }
     if let Some(items) = b.take() {
         st.seal(items, &out).await;
@@ -129,6 +136,7 @@ pub async fn run(
 impl BatchStage {
     async fn seal(&mut self, profiles: Vec<Profile>, out: &mpsc::Sender<Batch>) {
         let Some(seq) = self.allocate().await else {
+            self.telemetry.gate.settle(profiles.len() as u64);
             ProfilesDropped {
                 reason: DropReason::Shutdown,
                 profiles: profiles.len() as u64,
@@ -143,7 +151,9 @@ impl BatchStage {
             epoch: self.seqs.epoch(),
             profiles,
         };
-        if out.send(batch).await.is_err() {
+        if let Err(e) = out.send(batch).await {
+            // Only after the router ended (its own failure is reported by the daemon).
+            self.telemetry.gate.settle(e.0.len() as u64);
             tracing::error!("router gone: batch not forwarded");
         }
     }
@@ -185,6 +195,7 @@ impl BatchStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::durable::Gate;
     use bytes::Bytes;
     use std::time::Duration;
 
@@ -245,9 +256,9 @@ mod tests {
         // Idle: nothing ticks.
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(orx.try_recv().is_err());
-        tx.send(vec![prof(10)]).await.unwrap();
+        tx.send(vec![prof(10)], &Gate::default()).await.unwrap();
         tokio::time::advance(Duration::from_millis(300)).await;
-        tx.send(vec![prof(10)]).await.unwrap();
+        tx.send(vec![prof(10)], &Gate::default()).await.unwrap();
         tokio::time::advance(Duration::from_millis(199)).await;
         tokio::task::yield_now().await;
         assert!(
@@ -258,7 +269,7 @@ mod tests {
         let b = orx.recv().await.unwrap();
         assert_eq!(b.len(), 2);
         // Closing the input flushes the remainder with the next seq.
-        tx.send(vec![prof(1)]).await.unwrap();
+        tx.send(vec![prof(1)], &Gate::default()).await.unwrap();
         drop(tx);
         let last = orx.recv().await.unwrap();
         assert_eq!(last.seq, b.seq + 1);

@@ -6,11 +6,13 @@
 //!    circuit [`breaker`], replay;
 //! 4. [`transport`]: the gRPC stream to the central listener, acks back to the router.
 //!
+//! [`durable`] counts what only memory holds on the way (and in write-ahead mode bounds it).
 //! [`model`] holds the types that travel between them; [`liveness`] the heartbeats every stage
 //! gives the watchdog. The stages are wired together by `daemon::assemble`.
 
 pub mod batch;
 pub mod breaker;
+pub mod durable;
 pub mod ingest;
 pub mod liveness;
 pub mod model;

@@ -78,6 +78,7 @@ type Waiting = (Batch, Option<RecordId>);
 struct InFlight {
     id: Option<RecordId>,
     bytes: usize,
+    profiles: usize,
 }
 
 /// What one turn of the loop may do, decided before it waits.
@@ -123,6 +124,8 @@ pub struct Router {
     was_open: bool,
     last_report: Instant,
     last_bp_log: Option<Instant>,
+    /// Releases ingest's group-commit wait when the router ends, however it ends.
+    _gate: crate::pipeline::durable::CloseOnDrop,
 }
 
 impl Router {
@@ -136,6 +139,7 @@ impl Router {
         }
         .emit(&d.telemetry);
         Self {
+            _gate: crate::pipeline::durable::CloseOnDrop(d.telemetry.clone()),
             t: d.telemetry,
             budget: d.memory_budget,
             live: d.live,
@@ -387,6 +391,7 @@ impl Router {
     async fn stop(mut self, input: &mut mpsc::Receiver<Batch>) -> Vec<Batch> {
         // Whatever the batcher still sends is ours too (it ends once ingest has drained).
         while let Some(b) = input.recv().await {
+            self.t.gate.settle(b.len() as u64);
             self.held += b.payload_bytes();
             self.pending.push_back((b, None));
         }
@@ -423,7 +428,25 @@ impl Router {
     fn publish(&mut self) {
         self.t.breaker_state.set(self.breaker.state().gauge());
         self.t.memory_payload_bytes.set(self.held as i64);
+        let memory_only = self
+            .retry
+            .iter()
+            .chain(self.pending.iter())
+            .filter(|(_, id)| id.is_none())
+            .map(|(b, _)| b.len())
+            .chain(
+                self.inflight
+                    .values()
+                    .filter(|f| f.id.is_none())
+                    .map(|f| f.profiles),
+            )
+            .sum::<usize>();
+        self.t.memory_profiles.set(memory_only as i64);
+        self.t
+            .at_risk_profiles
+            .set(i64::try_from(self.t.at_risk_profiles()).unwrap_or(i64::MAX));
         let st = self.spool.stats();
+        self.t.spooled_profiles.set(st.profiles as i64);
         self.t.spooled_batches.set(st.batches as i64);
         self.t.spool_bytes.set(st.bytes as i64);
         self.t
@@ -501,8 +524,18 @@ impl Router {
         }
     }
 
-    /// A new batch from the batcher; `to_disk` when the in-memory window is full.
+    /// A new batch from the batcher; `to_disk` when the in-memory window is full. Its profiles
+    /// are settled for ingest's group commit (pipeline/durable.rs): durable when written ahead.
     fn accept(&mut self, batch: Batch, to_disk: bool) {
+        let n = batch.len() as u64;
+        if self.take_in(batch, to_disk) {
+            self.t.durable_profiles.inc_by(n);
+        }
+        self.t.gate.settle(n);
+    }
+
+    /// [`Router::accept`]'s work; true when the write-ahead holds the batch.
+    fn take_in(&mut self, batch: Batch, to_disk: bool) -> bool {
         let bytes = batch.payload_bytes();
         let open = self.breaker.state() == BreakerState::Open;
         if self.cfg.mode == SpoolMode::Always {
@@ -524,22 +557,22 @@ impl Router {
                             self.held += bytes;
                             self.pending.push_back((batch, Some(id)));
                         }
-                        None => {} // drop_newest refused it; counted above
+                        None => return false, // drop_newest refused it; counted above
                     }
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, seq = batch.seq, "write-ahead append failed: the batch waits in memory, within limits.memory_budget_mb");
                     self.wal_failed(true);
                     if to_disk {
                         self.hold_over_budget(batch);
-                        return;
+                        return false;
                     }
                 }
             }
         } else if open || to_disk {
             match self.spool_append(batch) {
-                Ok(()) => return,
+                Ok(()) => return false,
                 Err(b) => {
                     if to_disk {
                         ProfilesDropped {
@@ -549,16 +582,17 @@ impl Router {
                             seq: Some(b.seq),
                         }
                         .emit(&self.t);
-                        return;
+                        return false;
                     }
                     self.held += bytes;
                     self.pending.push_back((b, None));
-                    return;
+                    return false;
                 }
             }
         }
         self.held += bytes;
         self.pending.push_back((batch, None));
+        false
     }
 
     /// The write-ahead failed (`true`) or worked (`false`): the kill switch follows, so PHP
@@ -650,7 +684,15 @@ impl Router {
     fn next_batch(&mut self) -> Option<(Batch, InFlight)> {
         if let Some((b, id)) = self.retry.pop_front() {
             let bytes = b.payload_bytes();
-            return Some((b, InFlight { id, bytes }));
+            let profiles = b.len();
+            return Some((
+                b,
+                InFlight {
+                    id,
+                    bytes,
+                    profiles,
+                },
+            ));
         }
         let can_replay = self.may_replay();
         let take_replay = can_replay && (self.pending.is_empty() || self.replay_turn);
@@ -661,12 +703,14 @@ impl Router {
                 Ok(Some(sb)) => {
                     self.replay_tokens = (self.replay_tokens - 1.0).max(0.0);
                     let bytes = sb.batch.payload_bytes();
+                    let profiles = sb.batch.len();
                     self.held += bytes;
                     return Some((
                         sb.batch,
                         InFlight {
                             id: Some(sb.id),
                             bytes,
+                            profiles,
                         },
                     ));
                 }
@@ -676,7 +720,15 @@ impl Router {
         }
         self.pending.pop_front().map(|(b, id)| {
             let bytes = b.payload_bytes();
-            (b, InFlight { id, bytes })
+            let profiles = b.len();
+            (
+                b,
+                InFlight {
+                    id,
+                    bytes,
+                    profiles,
+                },
+            )
         })
     }
 

@@ -195,6 +195,7 @@ impl Ingest {
         let d = tokio::spawn(run_dgram(
             dgram,
             DgramParams {
+                queue_len,
                 batch: self.cfg.recv_batch,
                 max_payload: self.cfg.max_payload_bytes,
                 telemetry: self.telemetry.clone(),
@@ -241,6 +242,8 @@ impl Ingest {
 
 struct DgramParams {
     live: Arc<crate::pipeline::liveness::Liveness>,
+    /// The kernel queue's length: the largest write-ahead group.
+    queue_len: u32,
     batch: usize,
     max_payload: usize,
     telemetry: Arc<Telemetry>,
@@ -255,6 +258,7 @@ async fn run_dgram(
     stop: StopSignal,
 ) -> Option<tokio::net::UnixDatagram> {
     let mut rx = dgram::DgramReceiver::new(p.batch, p.max_payload);
+    let mut group = Group::new(&p, out.clone());
     let fd = sock.as_raw_fd();
     let mut draining = false;
     // Reading was shut down (a final stop): an empty queue then reads as end of input.
@@ -295,16 +299,23 @@ async fn run_dgram(
         match res {
             Ok(o) => {
                 let eof = o.eof;
-                if forward(&p, &out, o).await.is_err() {
-                    tracing::error!("batcher gone: stopping datagram receive");
-                    return None;
-                }
+                let handed = match forward(&p, &out, o).await {
+                    Ok(n) => n,
+                    Err(queue::Closed) => {
+                        tracing::error!("batcher gone: stopping datagram receive");
+                        return None;
+                    }
+                };
                 if eof {
+                    group.commit().await;
                     tracing::info!("datagram queue drained");
                     return None;
                 }
+                group.add(handed).await;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The queue is read out: the group ends here.
+                group.commit().await;
                 if draining {
                     tracing::info!("datagram queue drained");
                     return None;
@@ -319,18 +330,76 @@ async fn run_dgram(
     }
 }
 
+/// `spool.mode = "always"`: the datagrams read since the last commit (pipeline/durable.rs).
+/// Ingest reads the kernel queue out (or a queue's worth, `ingest.queue_len`), ends the group,
+/// waits until the router has written it ahead, and then lets the next group gather in the
+/// kernel queue for [`GROUP_WINDOW`] before reading again: what only memory holds is one group,
+/// and batches stay a window's traffic rather than a datagram each. In `overflow` mode this
+/// does nothing.
+struct Group {
+    telemetry: Arc<Telemetry>,
+    out: ProfileSink,
+    on: bool,
+    cap: u64,
+    handed: u64,
+    started: Option<tokio::time::Instant>,
+}
+
+/// How long the next group gathers in the kernel queue after a commit (write-ahead mode). Short
+/// against `batch.max_age` and the kernel queue's length at PHP's rates, long against an fsync.
+pub const GROUP_WINDOW: Duration = Duration::from_millis(10);
+
+impl Group {
+    fn new(p: &DgramParams, out: ProfileSink) -> Self {
+        Self {
+            on: p.telemetry.gate.write_ahead(),
+            telemetry: p.telemetry.clone(),
+            out,
+            cap: u64::from(p.queue_len.max(1)),
+            handed: 0,
+            started: None,
+        }
+    }
+
+    /// `n` profiles were handed; a group of a full queue's worth is committed at once.
+    async fn add(&mut self, n: u64) {
+        if !self.on || n == 0 {
+            return;
+        }
+        self.started.get_or_insert_with(tokio::time::Instant::now);
+        self.handed += n;
+        if self.handed >= self.cap {
+            self.commit().await;
+        }
+    }
+
+    /// Ends the group, waits for its write-ahead, then lets the next one gather.
+    async fn commit(&mut self) {
+        let Some(started) = self.started.take() else {
+            return;
+        };
+        self.handed = 0;
+        let gate = &self.telemetry.gate;
+        let Ok(mark) = self.out.flush(gate).await else {
+            return;
+        };
+        gate.wait_commit(mark).await;
+        tokio::time::sleep_until(started + GROUP_WINDOW).await;
+    }
+}
+
 /// Counts the rejects of one receive, stamps each profile with its sender's RSS, and hands
-/// the profiles to the batcher; `Err` when the batcher is gone.
+/// the profiles to the batcher; returns how many, `Err` when the batcher is gone.
 async fn forward(
     p: &DgramParams,
     out: &ProfileSink,
     o: dgram::RecvOutcome,
-) -> Result<(), queue::Closed> {
+) -> Result<u64, queue::Closed> {
     for &reason in &o.rejected {
         ProfileRejected { reason, pid: None }.emit(&p.telemetry);
     }
     if o.profiles.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let mut profiles = o.profiles;
     if let Some(f) = &p.rss {
@@ -340,7 +409,7 @@ async fn forward(
     }
     let n = profiles.len() as u64;
     let bytes: u64 = profiles.iter().map(|x| x.payload.len() as u64).sum();
-    out.send(profiles).await?;
+    out.send(profiles, &p.telemetry.gate).await?;
     p.telemetry
         .received
         .get_or_create(&SocketLabels {
@@ -348,7 +417,7 @@ async fn forward(
         })
         .inc_by(n);
     p.telemetry.received_bytes.inc_by(bytes);
-    Ok(())
+    Ok(n)
 }
 
 /// Stream connections held per peer uid, so that one local user cannot take every slot.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use crate::pipeline::durable::Gate;
 use crate::pipeline::model::Profile;
 
 /// Payload bytes that may wait between ingest and the batcher.
@@ -24,7 +25,10 @@ const UNIT: usize = 1024;
 #[derive(Debug)]
 pub struct Chunk {
     pub profiles: Vec<Profile>,
-    _budget: OwnedSemaphorePermit,
+    /// The end of a group in `spool.mode = "always"`: the batcher seals what it holds, so the
+    /// router writes the group ahead at once (pipeline/durable.rs).
+    pub flush: bool,
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 /// The batcher went away: the agent is stopping.
@@ -55,9 +59,11 @@ pub fn profile_queue(max_bytes: usize) -> (ProfileSink, mpsc::Receiver<Chunk>) {
 }
 
 impl ProfileSink {
-    /// Waits for room, then queues the profiles. A chunk bigger than the whole budget waits for
-    /// the queue to be empty and then goes alone, so no size of profile can stall ingest.
-    pub async fn send(&self, profiles: Vec<Profile>) -> Result<(), Closed> {
+    /// Waits for room, then queues the profiles and counts them handed (`gate`). Returns the
+    /// mark to pass to [`Gate::wait_commit`] once the caller has counted them received. A chunk
+    /// bigger than the whole budget waits for the queue to be empty and then goes alone, so no
+    /// size of profile can stall ingest.
+    pub async fn send(&self, profiles: Vec<Profile>, gate: &Gate) -> Result<u64, Closed> {
         let bytes: usize = profiles.iter().map(|p| p.payload.len()).sum();
         let want = bytes.div_ceil(UNIT).clamp(1, self.units as usize) as u32;
         let permit = self
@@ -66,13 +72,30 @@ impl ProfileSink {
             .acquire_many_owned(want)
             .await
             .map_err(|_| Closed)?;
-        self.tx
-            .send(Chunk {
+        let slot = self.tx.reserve().await.map_err(|_| Closed)?;
+        let n = profiles.len() as u64;
+        let (mark, ()) = gate.handing(n, move || {
+            slot.send(Chunk {
                 profiles,
-                _budget: permit,
-            })
-            .await
-            .map_err(|_| Closed)
+                flush: false,
+                _budget: Some(permit),
+            });
+        });
+        Ok(mark)
+    }
+
+    /// Ends a group: the batcher seals what it holds. Returns the mark of everything handed so
+    /// far, to pass to [`Gate::wait_commit`].
+    pub async fn flush(&self, gate: &Gate) -> Result<u64, Closed> {
+        let slot = self.tx.reserve().await.map_err(|_| Closed)?;
+        let (mark, ()) = gate.handing(0, move || {
+            slot.send(Chunk {
+                profiles: Vec::new(),
+                flush: true,
+                _budget: None,
+            });
+        });
+        Ok(mark)
     }
 
     /// Payload bytes queued now (rounded up to the accounting unit).
@@ -105,26 +128,33 @@ mod tests {
         let (tx, mut rx) = profile_queue(64 * 1024);
         // 4 chunks of 16 KiB fill it; the fifth waits.
         for _ in 0..4 {
-            tx.send(profiles(1, 16 * 1024)).await.unwrap();
+            tx.send(profiles(1, 16 * 1024), &Gate::default())
+                .await
+                .unwrap();
         }
         assert_eq!(tx.queued_bytes(), 64 * 1024);
-        let blocked =
-            tokio::time::timeout(Duration::from_millis(50), tx.send(profiles(1, 1))).await;
+        let blocked = tokio::time::timeout(
+            Duration::from_millis(50),
+            tx.send(profiles(1, 1), &Gate::default()),
+        )
+        .await;
         assert!(blocked.is_err(), "a full queue must make ingest wait");
         // Taking one chunk frees its share only once the batcher drops it.
         let c = rx.recv().await.unwrap();
         assert_eq!(tx.queued_bytes(), 64 * 1024);
         drop(c);
-        tx.send(profiles(1, 1)).await.unwrap();
+        tx.send(profiles(1, 1), &Gate::default()).await.unwrap();
         assert_eq!(tx.queued_bytes(), 48 * 1024 + 1024);
     }
 
     #[tokio::test]
     async fn a_chunk_bigger_than_the_budget_still_passes_alone() {
         let (tx, mut rx) = profile_queue(8 * 1024);
-        tx.send(profiles(4, 16 * 1024)).await.unwrap();
+        tx.send(profiles(4, 16 * 1024), &Gate::default())
+            .await
+            .unwrap();
         assert_eq!(rx.recv().await.unwrap().profiles.len(), 4);
-        tx.send(profiles(1, 1)).await.unwrap();
+        tx.send(profiles(1, 1), &Gate::default()).await.unwrap();
         drop(tx);
         assert_eq!(rx.recv().await.unwrap().profiles.len(), 1);
         assert!(rx.recv().await.is_none());

@@ -268,7 +268,7 @@ async fn send(
     }
     let n = batch.len() as u64;
     let bytes: u64 = batch.iter().map(|p| p.payload.len() as u64).sum();
-    out.send(batch).await?;
+    out.send(batch, &telemetry.gate).await?;
     telemetry
         .received
         .get_or_create(&SocketLabels {
@@ -276,6 +276,12 @@ async fn send(
         })
         .inc_by(n);
     telemetry.received_bytes.inc_by(bytes);
+    // `always` mode: one read of a connection is a group; read nothing more from it until the
+    // group is written ahead (pipeline/durable.rs).
+    if telemetry.gate.write_ahead() {
+        let mark = out.flush(&telemetry.gate).await?;
+        telemetry.gate.wait_commit(mark).await;
+    }
     Ok(())
 }
 
