@@ -10,6 +10,7 @@ mod ebpf;
 mod live;
 mod setup;
 mod vm;
+mod vm_powerloss;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

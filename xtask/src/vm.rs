@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::vm_powerloss;
+
 /// What the VM tier installs from Debian, and why.
 pub const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "boots the kernels of the VM test tier"),
@@ -96,6 +98,7 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 0.1)]
     pub scale: f64,
     /// Only test names containing this (repeatable); default: every test of the tier.
+    /// `--only powerloss` boots the power-loss scenario alone (`vm_powerloss.rs`).
     #[arg(long = "only", value_name = "NAME")]
     pub only: Vec<String>,
 }
@@ -115,7 +118,7 @@ fn vm_dir(root: &Path) -> PathBuf {
     crate::target_dir(root).join("vm")
 }
 
-fn say(msg: impl AsRef<str>) {
+pub(crate) fn say(msg: impl AsRef<str>) {
     eprintln!("vm: {}", msg.as_ref());
 }
 
@@ -140,20 +143,48 @@ pub fn run(root: &Path, obj: &Path, args: &VmArgs) -> Result<()> {
             .with_context(|| format!("unknown kernel series {n} (known: 6.1, 6.12, 5.10)"))?;
         kernels.push(ensure_kernel(&dir, s)?);
     }
-    let bins = build_test_binaries(root, obj)?;
+    // `--only powerloss` boots the power-loss scenario alone (vm_powerloss.rs).
+    let plain = !vm_powerloss::alone(&args.only);
+    let bins = if plain {
+        build_test_binaries(root, obj)?
+    } else {
+        Vec::new()
+    };
     let accel = choose_accel(&dir, &vng_bin, &kernels[0], &args.accel)?;
 
     let mut table: BTreeMap<String, BTreeMap<String, Outcome>> = BTreeMap::new();
     let mut timings = Vec::new();
-    for k in &kernels {
+    let mut versions = Vec::new();
+    for k in kernels.iter().filter(|_| plain) {
         let t = Instant::now();
         let (results, facts) = run_guest(root, &dir, &vng_bin, k, accel, &bins, args)?;
-        timings.push((k.version.clone(), t.elapsed(), facts));
+        timings.push((k.version.clone(), t.elapsed(), format!("monitor: {facts}")));
+        versions.push(k.version.clone());
         for (test, o) in results {
             table.entry(test).or_default().insert(k.version.clone(), o);
         }
     }
-    let versions: Vec<String> = kernels.iter().map(|k| k.version.clone()).collect();
+    if vm_powerloss::selected(&args.only) {
+        // One kernel: the series named there if it is booted, else the first.
+        let k = names
+            .iter()
+            .position(|n| n == vm_powerloss::SERIES)
+            .map_or(&kernels[0], |i| &kernels[i]);
+        let t = Instant::now();
+        let (o, facts) = vm_powerloss::run(root, &dir, &vng_bin, k, accel)?;
+        timings.push((
+            format!("{} ({})", k.version, vm_powerloss::NAME),
+            t.elapsed(),
+            facts,
+        ));
+        if !versions.contains(&k.version) {
+            versions.push(k.version.clone());
+        }
+        table
+            .entry(vm_powerloss::NAME.to_string())
+            .or_default()
+            .insert(k.version.clone(), o);
+    }
     let summary = render_table(&versions, &table);
     let mut report = format!(
         "VM tier: {} under qemu ({}), scale {}, took {:.0} s\n",
@@ -165,7 +196,7 @@ pub fn run(root: &Path, obj: &Path, args: &VmArgs) -> Result<()> {
     for (v, d, facts) in &timings {
         let _ = writeln!(
             report,
-            "  {v}: {:.0} s (boot, tests, power-off); monitor: {facts}",
+            "  {v}: {:.0} s (boot, tests, power-off); {facts}",
             d.as_secs_f64()
         );
     }
@@ -496,13 +527,13 @@ fn build_test_binaries(root: &Path, obj: &Path) -> Result<Vec<(String, PathBuf)>
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Accel {
+pub(crate) enum Accel {
     Tcg,
     Kvm,
 }
 
 impl Accel {
-    fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Accel::Tcg => "TCG: software emulation",
             Accel::Kvm => "KVM",
@@ -561,7 +592,13 @@ fn choose_accel(dir: &Path, vng_bin: &Path, k: &KernelImage, want: &str) -> Resu
 
 /// A `vng` command booting `k` with `rwdir` writable; the command to run is appended by the
 /// caller.
-fn vng(vng_bin: &Path, k: &KernelImage, accel: Accel, rwdir: &Path, memory: &str) -> Command {
+pub(crate) fn vng(
+    vng_bin: &Path,
+    k: &KernelImage,
+    accel: Accel,
+    rwdir: &Path,
+    memory: &str,
+) -> Command {
     let mut c = Command::new(vng_bin.join("vng"));
     let path = std::env::var_os("PATH").unwrap_or_default();
     let mut dirs = vec![vng_bin.to_path_buf()];
@@ -602,7 +639,7 @@ fn run_with_timeout(mut c: Command, log: &Path, limit: Duration) -> Result<bool>
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Pass,
     Fail,
     /// The binary ran but this test never reported (crash, timeout), or the guest never ran it.
