@@ -13,10 +13,15 @@
 //! - Every ~100 ms the guest appends `status --json` to `status-<boot>.jsonl` on the shared
 //!   folder: the last line the host finds there after the kill is the last report made before
 //!   the cut, and its `durable_profiles` is the claim checked.
+//! - Boot 0 runs without the listener (the central listener is down: everything the agent
+//!   claims durable must come back from the spool alone); boot 1 with a listener that acks
+//!   each batch 300 ms late (batches in flight and an ack log being written at the cut).
 //! - The final boot sends a last run, waits until the spool is empty and nothing is at risk,
 //!   stops the agent with SIGTERM and records its exit status.
 //!
 //! `APM_POWERLOSS_SEED` replays a run (the seed picks the two cut moments); every run prints it.
+//! `APM_POWERLOSS_FSYNC` (default `always`) sets `spool.fsync` of the guest's agent: `never` is
+//! the negative control, to see the scenario fail when the spool's claims are not fsynced.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -66,6 +71,14 @@ impl Rng {
     }
 }
 
+fn fsync_policy() -> Result<String> {
+    let p = std::env::var("APM_POWERLOSS_FSYNC").unwrap_or_else(|_| "always".into());
+    if !["always", "interval", "never"].contains(&p.as_str()) {
+        bail!("APM_POWERLOSS_FSYNC={p}: expected always, interval or never");
+    }
+    Ok(p)
+}
+
 fn seed() -> Result<u64> {
     if let Ok(s) = std::env::var("APM_POWERLOSS_SEED") {
         return s
@@ -88,8 +101,9 @@ pub fn run(
     accel: Accel,
 ) -> Result<(Outcome, String)> {
     let seed = seed()?;
+    let fsync = fsync_policy()?;
     say(format!(
-        "{NAME}: seed {seed} (replay with APM_POWERLOSS_SEED={seed})"
+        "{NAME}: seed {seed} (replay with APM_POWERLOSS_SEED={seed}), spool.fsync = {fsync}"
     ));
     let out = dir.join("run").join("powerloss");
     let _ = std::fs::remove_dir_all(&out);
@@ -110,11 +124,12 @@ pub fn run(
     for boot in 0..=CUTS {
         let last = boot == CUTS;
         let script = out.join(format!("guest-{boot}.sh"));
-        std::fs::write(&script, guest_script(root, &out, &bin, boot, last))?;
+        std::fs::write(&script, guest_script(root, &out, &bin, boot, &fsync))?;
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let mut c = vng(vng_bin, k, accel, &out, "2G");
-        c.arg(&script).arg("--qemu-opts").arg(format!(
-            "-drive file={},if=virtio,cache=none,format=raw",
+        // `=`: vng's argparse refuses a separate value that starts with a dash.
+        c.arg(&script).arg(format!(
+            "--qemu-opts=-drive file={},if=virtio,cache=none,format=raw",
             img.display()
         ));
         let console = out.join(format!("console-{boot}.log"));
@@ -150,10 +165,11 @@ pub fn run(
             let _ = child.wait();
             return Ok((
                 Outcome::NoResult(format!(
-                    "boot {boot}: the agent was not up after {:.0} s ({}; see {})",
+                    "boot {boot}: the agent was not up after {:.0} s ({}; see {} and {})",
                     t.elapsed().as_secs_f64(),
                     exited.map_or_else(|| "killed".to_string(), |s| s.to_string()),
-                    out.join(format!("guest-{boot}.log")).display()
+                    out.join(format!("guest-{boot}.log")).display(),
+                    console.display()
                 )),
                 format!("seed {seed}"),
             ));
@@ -185,7 +201,7 @@ pub fn run(
         }
     }
     let verdict = check(&out);
-    let account = format!("seed {seed}, cuts at {cut_ms:?} ms after load");
+    let account = format!("seed {seed}, fsync {fsync}, cuts at {cut_ms:?} ms after load");
     match verdict {
         Ok(facts) => {
             let report = format!("{account}; {facts}");
@@ -217,7 +233,8 @@ fn make_disk(img: &Path) -> Result<()> {
 }
 
 /// The guest's script for `boot`; a cut boot keeps reporting status until qemu is killed.
-fn guest_script(root: &Path, out: &Path, bin: &Path, boot: usize, last: bool) -> String {
+fn guest_script(root: &Path, out: &Path, bin: &Path, boot: usize, fsync: &str) -> String {
+    let last = boot == CUTS;
     let mut s = String::from(
         "#!/bin/sh\n# Written by `cargo xtask test` (VM tier, power loss); runs inside the guest.\n",
     );
@@ -228,6 +245,13 @@ fn guest_script(root: &Path, out: &Path, bin: &Path, boot: usize, last: bool) ->
         bin.display()
     );
     s.push_str("exec >\"$out/guest-$b.log\" 2>&1\necho \"kernel $(uname -r) $(date +%T)\"\n");
+    // The listener per boot: none (the central listener is down), slow acks, plain.
+    let listen = match boot {
+        0 => "none",
+        1 => "--ack-delay 300",
+        _ => "",
+    };
+    let _ = writeln!(s, "listen='{listen}'");
     // As in vm.rs's guest script: a checkout under the host's /tmp stays reachable under the tmpfs.
     s.push_str("keep=/dev/apm-host-tmp; mkdir -p \"$keep\" && mount --rbind /tmp \"$keep\"\n");
     s.push_str("mount -t tmpfs -o mode=1777,size=256M tmpfs /tmp || echo 'cannot mount /tmp'\n");
@@ -244,7 +268,10 @@ fn guest_script(root: &Path, out: &Path, bin: &Path, boot: usize, last: bool) ->
 ip link set lo up 2>/dev/null
 modprobe virtio_blk 2>/dev/null; modprobe ext4 2>/dev/null
 i=0; while [ ! -b /dev/vda ]; do i=$((i+1)); [ $i -gt 100 ] && fail "no /dev/vda"; sleep 0.1; done
-mkdir -p /tmp/disk /tmp/apm
+mkdir -p /tmp/disk /tmp/apm/bin
+# Exec from the tmpfs: the 9p root makes every `status` run slow under TCG.
+cp "$bin/apm-agent" "$bin/apm-listener" "$bin/apm-test-sender" /tmp/apm/bin/ || fail "cannot copy the binaries"
+bin=/tmp/apm/bin
 # ext4 replays its journal here after a cut.
 mount -t ext4 /dev/vda /tmp/disk || fail "cannot mount /dev/vda"
 mkdir -p /tmp/disk/spool /tmp/disk/state
@@ -266,7 +293,7 @@ max_retry_timeout = "2s"
 [spool]
 dir = "/tmp/disk/spool"
 mode = "always"
-fsync = "always"
+fsync = "{fsync}"
 max_bytes = 33554432
 segment_bytes = 65536
 [ebpf]
@@ -278,8 +305,10 @@ pid_file = "/tmp/apm/run/agent.pid"
 metrics_listen = ""
 EOF
 st() {{ "$bin/apm-agent" --config /tmp/apm/agent.toml status --json >/tmp/apm/s.json 2>/dev/null; }}
-"$bin/apm-listener" --listen {LISTEN} --out "$out/stored.jsonl" --fsync >>"$out/listener.log" 2>&1 &
-listener=$!
+if [ "$listen" != none ]; then
+  "$bin/apm-listener" --listen {LISTEN} --out "$out/stored.jsonl" --fsync $listen >>"$out/listener.log" 2>&1 &
+  listener=$!
+fi
 "$bin/apm-agent" --config /tmp/apm/agent.toml run >"$out/agent-$b.log" 2>&1 &
 agent=$!
 i=0; until st; do i=$((i+1)); [ $i -gt 600 ] && fail "agent not up"; kill -0 $agent || fail "agent exited at start"; sleep 0.1; done
@@ -331,6 +360,21 @@ fn u(v: &Value, ptr: &str) -> Result<u64> {
     v.pointer(ptr)
         .and_then(Value::as_u64)
         .with_context(|| format!("status has no {ptr}"))
+}
+
+/// `seg-*.spool` sizes in an `ls -ln` listing, by name.
+fn segments(p: &Path) -> BTreeMap<String, u64> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = f.last()?;
+            let size = f.get(4)?.parse().ok()?;
+            (name.starts_with("seg-") && Path::new(name).extension().is_some_and(|e| e == "spool"))
+                .then(|| ((*name).to_string(), size))
+        })
+        .collect()
 }
 
 /// The sender's payload for id `prefix-i` (apm-test-sender's `profile`).
@@ -464,9 +508,37 @@ fn check(out: &Path) -> Result<String> {
                 b + 1
             ));
         }
+        // On disk: recovery may cut the tail of the last segment (the record being appended at
+        // the cut), never a byte of an earlier one.
+        let before = segments(&out.join(format!("spool-before-{}.txt", b + 1)));
+        let after = segments(&out.join(format!("spool-after-open-{}.txt", b + 1)));
+        let last_seg = before.keys().next_back().cloned();
+        let mut cut_bytes = 0;
+        for (name, size) in &after {
+            let Some(was) = before.get(name) else {
+                continue;
+            };
+            if size > was {
+                problems.push(format!(
+                    "boot {}: {name} grew at open ({was} -> {size})",
+                    b + 1
+                ));
+            } else if size < was {
+                if Some(name) == last_seg.as_ref() {
+                    cut_bytes = was - size;
+                } else {
+                    problems.push(format!(
+                        "boot {}: recovery cut {name}, which is not the last segment ({was} -> {size} bytes)",
+                        b + 1
+                    ));
+                }
+            }
+        }
         facts.push(format!(
-            "cut {b}: {} reports, last: received {received}, durable {durable}; stored {m}; max at_risk {max_at_risk}; after it spool_corrupt {corrupt}",
-            reports.len()
+            "cut {b}: {} reports, last: received {received}, durable {durable}; stored {m}; max at_risk {max_at_risk}; \
+             after it: {} segments, tail cut {cut_bytes} bytes, spool_corrupt {corrupt}",
+            reports.len(),
+            before.len()
         ));
     }
     // The final boot's run arrives whole, and the agent stopped cleanly.
