@@ -41,7 +41,7 @@ pub const NAME: &str = "powerloss_cut_twice_then_drain";
 /// Boots: two cut at random, the last drains.
 const CUTS: usize = 2;
 /// Profiles per second of the guest's sender (TCG is slow; each group is fsynced).
-const RATE: u64 = 300;
+const RATE: u64 = 200;
 /// Payload size of each profile.
 const SIZE: usize = 300;
 /// The final boot's sender: a run that must arrive whole after two cuts.
