@@ -49,7 +49,8 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS")]
         fuzz: Option<u64>,
         /// Skip the VM tier (the eBPF ground-truth tests inside Debian's 6.1, 6.12 and 5.10
-        /// kernels under qemu: about 4 min under TCG here, plus the first download); CI runs it.
+        /// kernels under qemu, and the power-loss scenario on 6.1: about 7 min under TCG here,
+        /// plus the first download); CI runs it.
         #[arg(long)]
         no_vm: bool,
         #[command(flatten)]

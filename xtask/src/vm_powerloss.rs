@@ -590,3 +590,43 @@ pub fn alone(only: &[String]) -> bool {
 
 /// The kernel series the scenario boots (one: three boots under TCG fit the tier's budget).
 pub const SERIES: &str = "6.1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_selects_the_scenario_by_substring() {
+        assert!(selected(&[]) && !alone(&[]));
+        let p = ["powerloss".to_string()];
+        assert!(selected(&p) && alone(&p));
+        let e = ["ebpf_sends".to_string()];
+        assert!(!selected(&e) && !alone(&e));
+        let both = ["powerloss".to_string(), "ebpf".to_string()];
+        assert!(selected(&both) && !alone(&both));
+    }
+
+    #[test]
+    fn segment_sizes_are_read_from_ls() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ls.txt");
+        std::fs::write(
+            &p,
+            "total 44\n-rw-r--r-- 1 0 0  4980 Nov 30 14:09 acks.log\n\
+             -rw-r--r-- 1 0 0 37963 Nov 30 14:09 seg-00000000000000000010.spool\n",
+        )
+        .unwrap();
+        let s = segments(&p);
+        assert_eq!(
+            s.into_iter().collect::<Vec<_>>(),
+            vec![("seg-00000000000000000010.spool".to_string(), 37963)]
+        );
+    }
+
+    #[test]
+    fn profile_body_matches_the_sender() {
+        let v = profile_body("b1", 7);
+        assert_eq!(v["id"], "b1-7");
+        assert_eq!(serde_json::to_string(&v).unwrap().len(), SIZE);
+    }
+}
