@@ -358,9 +358,11 @@ fn systemctl_restart_through_the_fd_store_drops_nothing() {
         socket: dir.path().join("run/listener.sock"),
         prefix: "sd".into(),
         size: 300,
-        rate: 2000,
+        // The kernel queue (2048) holds 2 s at this rate: a restart slowed by a loaded machine
+        // is not mistaken for a loss (at 2000/s a run under a load of 9 saw 73 EAGAIN).
+        rate: 1000,
         nonblocking: true,
-        count: 8000,
+        count: 4000,
     });
     std::thread::sleep(Duration::from_millis(800));
     nix::sys::signal::kill(
@@ -377,8 +379,8 @@ fn systemctl_restart_through_the_fd_store_drops_nothing() {
         "no send failed across the restart: {:?}",
         report.errors
     );
-    assert_eq!(report.ok.len(), 8000);
-    let stored = wait_stored(&listener.out, 8000, Duration::from_secs(30));
+    assert_eq!(report.ok.len(), 4000);
+    let stored = wait_stored(&listener.out, 4000, Duration::from_secs(30));
     assert_exactly(&stored, &report.ok_ids("sd"), "across systemctl restart");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("panicked"), "{text}");

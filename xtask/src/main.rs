@@ -4,6 +4,7 @@
 mod bench;
 mod bench_ebpf;
 mod bench_php;
+mod bench_soak;
 mod demo;
 mod dist;
 mod ebpf;
