@@ -52,14 +52,19 @@ fn delivery_resumes_within_a_probe_interval_of_the_listeners_return() {
         saw_open |= agent.status().is_some_and(|s| s["breaker"] == "open");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(saw_open, "precondition: the breaker opened during the outage");
+    assert!(
+        saw_open,
+        "precondition: the breaker opened during the outage"
+    );
     let before = stored_lines(&out).len();
 
     let listener = Listener::start_on(dir.path(), &out, &addr, &[]);
     let back = Instant::now();
-    let first = wait_until(Duration::from_mins(2), "a profile stored after the return", || {
-        (stored_lines(&out).len() > before).then(|| back.elapsed())
-    });
+    let first = wait_until(
+        Duration::from_mins(2),
+        "a profile stored after the return",
+        || (stored_lines(&out).len() > before).then(|| back.elapsed()),
+    );
     // Derived, not a speed test: the probe finds the listener within one interval, the
     // half-open batch is already formed (the router holds the backlog) or is at most one batch
     // age old, and 2 s covers a listener start and a scheduler on a shared 2-core machine.
