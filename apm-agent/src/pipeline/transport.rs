@@ -646,6 +646,10 @@ impl Window<'_> {
             AckStatus::Ok => {
                 backoff.reset();
                 t.acked(sent.elapsed(), batch.len(), batch.payload_bytes());
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                t.delivered_after(now_ns, batch.profiles.iter().map(|p| p.received_ns));
                 t.last_acked_seq.set(batch.seq as i64);
                 Outcome::Acked {
                     seq: batch.seq,
