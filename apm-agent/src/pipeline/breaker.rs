@@ -635,6 +635,23 @@ mod tests {
         assert_eq!(r.state(), BreakerState::Closed);
     }
 
+    /// A breaker restored open after a restart has seen the listener fail: the transport's
+    /// first check finding it up ends the stored wait at once.
+    #[test]
+    fn a_breaker_restored_open_half_opens_when_the_first_check_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let t0 = Instant::now();
+        let mut b = CircuitBreaker::load(cfg(), &path, t0).with_seed(10);
+        opened(&mut b, t0);
+        drop(b);
+        let r0 = Instant::now();
+        let mut r = CircuitBreaker::load(cfg(), &path, r0);
+        assert!(matches!(r.allow(r0), Permit::Reject { .. }));
+        r.on_reachability(true, r0);
+        assert_eq!(r.allow(r0), Permit::Probe);
+    }
+
     #[test]
     fn clock_jumping_back_does_not_extend_the_wait() {
         let dir = tempfile::tempdir().unwrap();

@@ -985,6 +985,64 @@ mod tests {
         );
     }
 
+    /// The check a transport makes while it has no batch: a listener without the health
+    /// service (UNIMPLEMENTED) is up; one whose health service says NOT_SERVING (shutting
+    /// down) is not.
+    #[tokio::test]
+    async fn a_check_counts_any_answer_but_not_serving() {
+        async fn found(server: tonic::transport::server::Router) -> bool {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let served = tokio::spawn(
+                server
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let cfg = CentralConfig {
+                endpoint: format!("http://{addr}"),
+                probe_interval: Duration::from_millis(100),
+                ..CentralConfig::default()
+            };
+            let t = Transport::new(
+                cfg,
+                "a1".into(),
+                "h".into(),
+                Telemetry::new(),
+                Arc::new(HostStats::default),
+            )
+            .expect("transport");
+            let (_in_tx, in_rx) = mpsc::channel(4);
+            let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+            let stop = CancellationToken::new();
+            let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+            // Nothing is known at start, so the transport checks at once, with no batch.
+            let reachable = loop {
+                match tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
+                    .await
+                    .expect("a finding in time")
+                    .expect("outcome")
+                {
+                    Outcome::Reachability { reachable } => break reachable,
+                    _ => {}
+                }
+            };
+            stop.cancel();
+            run.await.expect("transport ends");
+            served.abort();
+            reachable
+        }
+        let no_health = tonic::transport::Server::builder()
+            .add_service(apm_proto::collector_server::CollectorServer::new(Forger));
+        assert!(found(no_health).await, "UNIMPLEMENTED is an answer");
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let not_serving = tonic::transport::Server::builder().add_service(health_svc);
+        assert!(!found(not_serving).await, "NOT_SERVING is not reachable");
+    }
+
     /// The `authorization` value is marked sensitive, so HTTP/2 never puts it in the HPACK
     /// dynamic table (and debug output of the headers hides it).
     #[test]
