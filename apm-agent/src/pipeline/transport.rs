@@ -1018,13 +1018,13 @@ mod tests {
             let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
             // Nothing is known at start, so the transport checks at once, with no batch.
             let reachable = loop {
-                match tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
-                    .await
-                    .expect("a finding in time")
-                    .expect("outcome")
+                if let Outcome::Reachability { reachable } =
+                    tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
+                        .await
+                        .expect("a finding in time")
+                        .expect("outcome")
                 {
-                    Outcome::Reachability { reachable } => break reachable,
-                    _ => {}
+                    break reachable;
                 }
             };
             stop.cancel();
