@@ -7,6 +7,8 @@
 //!   same sender, 1 KiB and 16 KiB profiles; agent CPU seconds per 100k profiles and peak RSS.
 //!   The sender blocks when the queue is full, so no datagram is dropped: the rate is what the
 //!   agent absorbs, and the ratio to `raw` is measured in the same run.
+//! - `catchup` (`bench_catchup.rs`): receive → ack latency at fixed rates, and the catch-up after
+//!   a 20 s listener outage at 5000/s.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -27,8 +29,8 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
-    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php, soak); default all but soak
-    /// (an hour long).
+    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php, catchup, soak); default all
+    /// but soak (an hour long).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Length of the soak section in minutes (the listener is down for a sixth of it).
@@ -48,7 +50,7 @@ pub struct BenchArgs {
     sizes: Vec<usize>,
 }
 
-pub(crate) fn payload(id: u64, size: usize) -> Vec<u8> {
+pub fn payload(id: u64, size: usize) -> Vec<u8> {
     let head = format!(r#"{{"id":"b-{id}","uri":"/bench","status":200,"pad":""#);
     let mut v = head.into_bytes();
     let pad = size.saturating_sub(v.len() + 2);
@@ -324,6 +326,11 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if want("ebpf-write") {
         eprintln!("bench: eBPF overhead per write(2) of other processes ...");
         sections.push(("ebpf-write", crate::bench_ebpf::run_write(root)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
+    if want("catchup") {
+        eprintln!("bench: added latency and catch-up after a listener outage ...");
+        sections.push(("catchup", crate::bench_catchup::run(root, &host)?));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("php") {
