@@ -392,3 +392,102 @@ fn ebpf_stream_frame_abandoned_after_the_wait_is_a_drop() {
     assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
     child.release();
 }
+
+/// The same two drops made by the real `listener.php` (Debian's php8.2-cli running a request
+/// script with it prepended; `APM_MAX_DATAGRAM=1` sends every profile on the stream socket).
+/// Ground truth: what reached the stream socket (connections queued, bytes of each frame).
+#[test]
+fn ebpf_stream_drops_of_the_real_listener_php_are_counted() {
+    let Some(m) = TestMonitor::start(
+        "ebpf_stream_drops_of_the_real_listener_php_are_counted",
+        // The rate must stay 1.0: every request is profiled and sends.
+        |c| c.adaptive_sampling = false,
+    ) else {
+        return;
+    };
+    let Some(php) = apm_tests::php::require("php CLI", apm_tests::php::php_cli()) else {
+        return;
+    };
+    let listener = apm_tests::php::listener_php();
+    let request = |body: &str, n: usize| {
+        let script = m.dir.path().join("request.php");
+        std::fs::write(&script, body).unwrap();
+        for _ in 0..n {
+            let out = std::process::Command::new(&php)
+                .arg("-d")
+                .arg(format!("auto_prepend_file={}", listener.display()))
+                .arg(&script)
+                .env("APM_SOCKET", &m.dgram)
+                .env("APM_STREAM_SOCKET", &m.stream)
+                .env("APM_RUNTIME_DIR", m.dir.path())
+                .env("APM_MAX_DATAGRAM", "1")
+                .env("APM_STREAM_WAIT_MS", "10")
+                .output()
+                .expect("run php");
+            assert!(out.status.success(), "{out:?}");
+        }
+    };
+
+    // A full backlog: one connection (the test's own, not PHP: not counted) waits in a queue
+    // of 0, so each PHP connect fails with EAGAIN.
+    let l = listen(&m.stream, 0);
+    let (sa, alen) = sockaddr(&m.stream);
+    // SAFETY: raw socket calls on a descriptor owned right after creation.
+    let _filler = unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let fd = OwnedFd::from_raw_fd(fd);
+        assert_eq!(
+            libc::connect(fd.as_raw_fd(), (&raw const sa).cast(), alen),
+            0
+        );
+        fd
+    };
+    request("<?php echo 'done';", 3);
+    // Ground truth: nothing but the filler ever got into the queue.
+    // SAFETY: the listener's descriptor, handed over to std.
+    let l = unsafe { UnixListener::from_raw_fd(libc::dup(l.as_raw_fd())) };
+    l.set_nonblocking(true).unwrap();
+    assert!(l.accept().is_ok(), "the filler");
+    assert!(l.accept().is_err(), "no PHP connection got in");
+    drop(l);
+    let s = m.wait_for(WAIT, "three connect EAGAINs", |s| {
+        s.recent_exits.len() >= 3 && s.stream.connect_eagain >= 3
+    });
+    assert_eq!(s.stream.connect_eagain, 3, "{:#?}", s.stream);
+    assert_eq!(s.drops, 3);
+    for e in s.recent_exits.iter().filter(|e| e.comm.starts_with("php")) {
+        assert_eq!(e.drops, 1, "one lost profile per request: {e:?}");
+    }
+
+    // A reader that never reads, and profiles larger than the socket buffer: PHP writes what
+    // fits, waits stream_wait_ms for room, closes mid-frame.
+    std::fs::remove_file(&m.stream).unwrap();
+    let l = listen(&m.stream, 16);
+    request(
+        "<?php \\Bitville\\Apm\\Listener::tag('big', str_repeat('x', 600000)); echo 'done';",
+        2,
+    );
+    // SAFETY: as above.
+    let l = unsafe { UnixListener::from_raw_fd(libc::dup(l.as_raw_fd())) };
+    l.set_nonblocking(true).unwrap();
+    let mut torn = 0;
+    while let Ok((mut c, _)) = l.accept() {
+        c.set_nonblocking(false).unwrap();
+        let mut b = Vec::new();
+        c.read_to_end(&mut b).unwrap();
+        let want = u32::from_be_bytes(b[..4].try_into().unwrap()) as usize;
+        assert!(
+            want > 600_000 && b.len() < 4 + want,
+            "a torn frame: {} of {want}",
+            b.len()
+        );
+        torn += 1;
+    }
+    assert_eq!(torn, 2, "both requests connected and were cut short");
+    let s = m.wait_for(WAIT, "two abandoned frames", |s| {
+        s.stream.abandoned_frames >= 2
+    });
+    assert_eq!(s.stream.abandoned_frames, 2, "{:#?}", s.stream);
+    assert_eq!(s.drops, 3 + 2);
+}

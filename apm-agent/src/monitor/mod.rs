@@ -252,6 +252,8 @@ pub struct ExitStatus {
     pub sends_ok: u64,
     pub sends_failed: ErrnoCounts,
     pub bytes: u64,
+    /// Profiles the process lost, as `WorkerStatus::drops`.
+    pub drops: u64,
     /// True when the exit event was lost (ring buffer full) and the agent's sweep retired it.
     pub swept: bool,
 }

@@ -639,6 +639,7 @@ impl Poller {
             prev.sends_ok += st.sends_ok;
             prev.sends_failed.add(&st.sends_failed);
             prev.bytes += st.bytes;
+            prev.drops += st.drops;
             prev.peak_rss_bytes = prev.peak_rss_bytes.max(st.peak_rss_bytes);
             prev.last_rss_bytes = prev.last_rss_bytes.max(st.last_rss_bytes);
             return;
@@ -797,6 +798,7 @@ fn exit_status(
         sends_ok: w.sends_ok,
         sends_failed: w.sends_failed,
         bytes: w.bytes,
+        drops: w.drops,
         swept,
     }
 }
