@@ -289,7 +289,7 @@ impl FakeSystemd {
     }
 
     /// Starts the agent as systemd would, passing the stored fds from 3 on.
-    fn start(&self, config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    fn start(&self, config: &std::path::Path, log: &std::path::Path) -> Started {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
         let names: Vec<&str> = self.stored.iter().map(|(n, _)| n.as_str()).collect();
@@ -331,7 +331,33 @@ impl FakeSystemd {
                 Ok(())
             });
         }
-        cmd.spawn().unwrap()
+        Started(cmd.spawn().unwrap())
+    }
+}
+
+/// An agent started by [`FakeSystemd`], killed if the test ends (or fails) while it runs, so a
+/// failed assertion leaves no agent behind.
+struct Started(std::process::Child);
+
+impl std::ops::Deref for Started {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Started {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
