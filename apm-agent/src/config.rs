@@ -159,6 +159,11 @@ pub struct CentralConfig {
     /// ...growing (with jitter) up to this.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// While the listener is unreachable, dial it at most once per this long: a
+    /// `grpc.health.v1` check, or the batch the breaker lets through. The breaker half-opens
+    /// as soon as a check answers, instead of waiting out its grown open period.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
 }
 
 impl Default for CentralConfig {
@@ -176,6 +181,7 @@ impl Default for CentralConfig {
             ack_timeout: Duration::from_secs(15), // a listener that stalls longer is "down"
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(1), // back within ~1 s; a dead listener sees 1 dial/s
         }
     }
 }
@@ -618,6 +624,12 @@ impl CentralConfig {
                 "must be > 0 and <= central.backoff_max",
             ));
         }
+        if self.probe_interval < Duration::from_millis(10) {
+            return Err(bad(
+                "central.probe_interval",
+                "must be at least 10ms (it paces dials to an unreachable listener)",
+            ));
+        }
         Ok(())
     }
 }
@@ -983,6 +995,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ingest.socket_mode"), "{err}");
+        let err = Config::from_toml("[central]\nprobe_interval = \"0s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("central.probe_interval"), "{err}");
+        let c = Config::from_toml("[central]\nprobe_interval = \"250ms\"\n").unwrap();
+        assert_eq!(c.central.probe_interval, Duration::from_millis(250));
     }
 
     #[test]

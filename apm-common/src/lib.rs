@@ -137,8 +137,14 @@ pub struct SendCounters {
     /// Stream sockets only: time from a connection's first EAGAIN to its next successful send
     /// (the time PHP spent waiting to retry: backpressure).
     pub blocked_ns: u64,
+    /// Connects to the socket that failed with EAGAIN (also in `err[Eagain]`): on the stream
+    /// socket a full listen backlog, and PHP's non-blocking connect gives the profile up.
+    pub connect_eagain: u64,
+    /// Stream sockets only: connections closed (`close`, `dup2`/`dup3` over the fd) while their
+    /// last send was short or failed with EAGAIN: a frame the sender gave up on.
+    pub abandoned: u64,
 }
-const _: () = assert!(size_of::<SendCounters>() == 88);
+const _: () = assert!(size_of::<SendCounters>() == 104);
 
 impl SendCounters {
     pub const ZERO: Self = Self {
@@ -147,6 +153,8 @@ impl SendCounters {
         err: [0; ERR_KINDS],
         lat_ns_sum: 0,
         blocked_ns: 0,
+        connect_eagain: 0,
+        abandoned: 0,
     };
 
     pub fn failed(&self) -> u64 {
@@ -169,6 +177,42 @@ impl SendCounters {
         }
         self.lat_ns_sum = self.lat_ns_sum.wrapping_add(o.lat_ns_sum);
         self.blocked_ns = self.blocked_ns.wrapping_add(o.blocked_ns);
+        self.connect_eagain = self.connect_eagain.wrapping_add(o.connect_eagain);
+        self.abandoned = self.abandoned.wrapping_add(o.abandoned);
+    }
+
+    /// Field-wise `self - o` (userspace: an interval's deltas; counters only grow, so it wraps
+    /// only when they do).
+    #[must_use]
+    pub fn delta(&self, o: &Self) -> Self {
+        let mut d = *self;
+        d.ok = d.ok.wrapping_sub(o.ok);
+        d.bytes = d.bytes.wrapping_sub(o.bytes);
+        let mut i = 0;
+        while i < ERR_KINDS {
+            d.err[i] = d.err[i].wrapping_sub(o.err[i]);
+            i += 1;
+        }
+        d.lat_ns_sum = d.lat_ns_sum.wrapping_sub(o.lat_ns_sum);
+        d.blocked_ns = d.blocked_ns.wrapping_sub(o.blocked_ns);
+        d.connect_eagain = d.connect_eagain.wrapping_sub(o.connect_eagain);
+        d.abandoned = d.abandoned.wrapping_sub(o.abandoned);
+        d
+    }
+
+    /// Profiles lost on this socket before the agent, for a socket of `kind`: on the datagram
+    /// socket every failed send or connect; on the stream socket failed sends and connects
+    /// other than EAGAIN (a send's EAGAIN is waited out and retried), plus connects that failed
+    /// with EAGAIN and frames abandoned mid-way.
+    pub fn drops(&self, kind: SockKind) -> u64 {
+        match kind {
+            SockKind::Dgram => self.failed(),
+            SockKind::Stream => {
+                self.failed() - self.err[ErrKind::Eagain as usize]
+                    + self.connect_eagain
+                    + self.abandoned
+            }
+        }
     }
 }
 
@@ -183,7 +227,7 @@ pub struct ProcSends {
     /// `DropBurst` event.
     pub last_drop_ns: u64,
 }
-const _: () = assert!(size_of::<ProcSends>() == 184);
+const _: () = assert!(size_of::<ProcSends>() == 216);
 
 impl ProcSends {
     pub const ZERO: Self = Self {
@@ -209,7 +253,7 @@ pub struct HostSends {
     /// Send latency histogram, see [`LAT_BUCKETS`].
     pub hist: [u64; LAT_BUCKETS],
 }
-const _: () = assert!(size_of::<HostSends>() == 344);
+const _: () = assert!(size_of::<HostSends>() == 360);
 
 impl HostSends {
     pub const ZERO: Self = Self {
@@ -244,8 +288,11 @@ pub struct Inflight {
     pub op: u32,
     /// 1 when the send went through a connected fd (a `CONNS` entry exists).
     pub connected: u32,
+    /// Bytes the send asked to write (`sendto`'s `len`, `write`'s `count`); 0 when unknown
+    /// (`sendmsg`, `connect`).
+    pub len: u64,
 }
-const _: () = assert!(size_of::<Inflight>() == 24);
+const _: () = assert!(size_of::<Inflight>() == 32);
 
 /// Everything the send programs keep about one thread of a PHP process: `SENDS` map value,
 /// keyed by pid_tgid. One lookup per syscall side, and only the thread itself writes it (its
@@ -257,7 +304,7 @@ pub struct ThreadSends {
     pub inflight: Inflight,
     pub sends: ProcSends,
 }
-const _: () = assert!(size_of::<ThreadSends>() == 208);
+const _: () = assert!(size_of::<ThreadSends>() == 248);
 
 impl ThreadSends {
     pub const ZERO: Self = Self {
@@ -267,6 +314,7 @@ impl ThreadSends {
             kind: 0,
             op: 0,
             connected: 0,
+            len: 0,
         },
         sends: ProcSends::ZERO,
     };
@@ -293,8 +341,12 @@ pub struct ConnInfo {
     pub exec_id: u32,
     /// ktime of the first EAGAIN since the last successful send; 0 when not waiting.
     pub eagain_since_ns: u64,
+    /// 1 when the last send on the fd was short or failed with EAGAIN: a frame is half
+    /// written, and closing the fd now abandons it (`SendCounters::abandoned`).
+    pub frame_open: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<ConnInfo>() == 16);
+const _: () = assert!(size_of::<ConnInfo>() == 24);
 
 /// Tracepoint record layouts. The programs read fields at constant offsets (the verifier only
 /// accepts constant context offsets); the agent checks every one of them against the running
@@ -357,7 +409,9 @@ pub mod tp {
         ),
         f("syscalls", "sys_enter_sendmsg", "fd", ARG0, 8),
         f("syscalls", "sys_enter_sendmsg", "msg", ARG1, 8),
+        f("syscalls", "sys_enter_sendto", "len", ARG2, 8),
         f("syscalls", "sys_enter_write", "fd", ARG0, 8),
+        f("syscalls", "sys_enter_write", "count", ARG2, 8),
         f("syscalls", "sys_enter_connect", "fd", ARG0, 8),
         f("syscalls", "sys_enter_connect", "uservaddr", ARG1, 8),
         f("syscalls", "sys_enter_connect", "addrlen", ARG2, 8),
@@ -543,7 +597,7 @@ pub struct ExitEvent {
     /// `SENDS` entry, both removed with this event).
     pub sends: [SendCounters; SOCK_KINDS],
 }
-const _: () = assert!(size_of::<ExitEvent>() == 232);
+const _: () = assert!(size_of::<ExitEvent>() == 264);
 
 pub const EXIT_HAD_RSS: u32 = 1;
 pub const EXIT_HAD_SENDS: u32 = 2;
@@ -883,6 +937,26 @@ mod tests {
             assert!(c.add_comm_prefix(b"x"));
         }
         assert!(!c.add_comm_prefix(b"y"));
+    }
+
+    #[test]
+    fn stream_drops_are_connect_eagain_and_abandoned_frames_not_send_eagain() {
+        let mut c = SendCounters::ZERO;
+        c.ok = 10;
+        // Two send EAGAINs (waited out), one connect EAGAIN (also an EAGAIN), one EPIPE.
+        c.err[ErrKind::Eagain as usize] = 3;
+        c.connect_eagain = 1;
+        c.err[ErrKind::Epipe as usize] = 1;
+        c.abandoned = 2;
+        assert_eq!(c.drops(SockKind::Stream), 1 + 1 + 2);
+        assert_eq!(
+            c.drops(SockKind::Dgram),
+            4,
+            "every failed datagram send or connect"
+        );
+        let d = c.delta(&SendCounters::ZERO);
+        assert_eq!(d, c);
+        assert_eq!(c.delta(&c), SendCounters::ZERO);
     }
 
     #[test]

@@ -353,7 +353,7 @@ fn get_or_insert_zero<K, V>(
 }
 
 #[inline(always)]
-fn begin(pid_tgid: u64, fd: u32, kind: u32, op: u32, connected: u32) -> Option<()> {
+fn begin(pid_tgid: u64, fd: u32, kind: u32, op: u32, connected: u32, len: u64) -> Option<()> {
     let t = thread_sends(pid_tgid)?;
     // Last thing before the syscall body runs: the latency is the syscall's.
     let ts_ns = now_ns();
@@ -364,6 +364,7 @@ fn begin(pid_tgid: u64, fd: u32, kind: u32, op: u32, connected: u32) -> Option<(
         (*p).kind = kind;
         (*p).op = op;
         (*p).connected = connected;
+        (*p).len = len;
         (*p).ts_ns = ts_ns;
     }
     Some(())
@@ -390,14 +391,15 @@ fn try_enter_sendto(ctx: &TracePointContext) -> Option<()> {
         return None;
     }
     let fd = field::<u64>(ctx, ARG0) as u32;
+    let len = field::<u64>(ctx, ARG2);
     let id = pid_tgid();
     if connected {
         // send(2) on a connected socket (PHP's udg:// and unix:// streams).
         let kind = conn_kind((id >> 32) as u32, fd)?;
-        begin(id, fd, kind, OP_SEND, 1)
+        begin(id, fd, kind, OP_SEND, 1, len)
     } else {
         let kind = match_addr(cfg, addr, addr_len)?;
-        begin(id, fd, kind, OP_SEND, 0)
+        begin(id, fd, kind, OP_SEND, 0, len)
     }
 }
 
@@ -426,15 +428,17 @@ fn try_enter_sendmsg(ctx: &TracePointContext) -> Option<()> {
     // SAFETY: written by the successful read above.
     let [name, namelen] = unsafe { hdr.assume_init() };
     let namelen = namelen & 0xffff_ffff;
+    // The length is spread over the iovec array: unknown (0), so a short sendmsg is not seen
+    // as a half-written frame. PHP never sends with sendmsg.
     if name == 0 || namelen == 0 {
         let kind = conn_kind((id >> 32) as u32, fd)?;
-        begin(id, fd, kind, OP_SEND, 1)
+        begin(id, fd, kind, OP_SEND, 1, 0)
     } else {
         if !addr_len_possible(cfg, namelen) {
             return None;
         }
         let kind = match_addr(cfg, name, namelen)?;
-        begin(id, fd, kind, OP_SEND, 0)
+        begin(id, fd, kind, OP_SEND, 0, 0)
     }
 }
 
@@ -452,7 +456,7 @@ fn try_enter_write(ctx: &TracePointContext) -> Option<()> {
     let fd = field::<u64>(ctx, ARG0) as u32;
     let id = pid_tgid();
     let kind = conn_kind((id >> 32) as u32, fd)?;
-    begin(id, fd, kind, OP_SEND, 1)
+    begin(id, fd, kind, OP_SEND, 1, field::<u64>(ctx, ARG2))
 }
 
 #[tracepoint]
@@ -470,7 +474,7 @@ fn try_enter_connect(ctx: &TracePointContext) -> Option<()> {
     let fd = field::<u64>(ctx, ARG0) as u32;
     let addr = field::<u64>(ctx, ARG1);
     let kind = match_addr(cfg, addr, addr_len)?;
-    begin(pid_tgid(), fd, kind, OP_CONNECT, 0)
+    begin(pid_tgid(), fd, kind, OP_CONNECT, 0, 0)
 }
 
 /// close(2) releases the fd whatever it returns, so only the enter side is needed.
@@ -485,10 +489,39 @@ fn try_enter_close(ctx: &TracePointContext) -> Option<()> {
     if !is_php(cfg) {
         return None;
     }
-    let fd = field::<u64>(ctx, ARG0) as u32;
-    let tgid = (pid_tgid() >> 32) as u32;
-    let _ = CONNS.remove(ConnKey { tgid, fd });
+    forget_conn(pid_tgid(), field::<u64>(ctx, ARG0) as u32);
     Some(())
+}
+
+/// The fd no longer names its socket (closed, or `dup2`'d over). A stream connection whose
+/// last send was short or EAGAIN goes with a frame half written: the sender gave up on it
+/// (PHP after `stream_wait_ms`), a profile lost. One lookup, as the plain removal was, for the
+/// fds that are not agent sockets (nearly all).
+#[inline(always)]
+fn forget_conn(id: u64, fd: u32) {
+    let key = ConnKey {
+        tgid: (id >> 32) as u32,
+        fd,
+    };
+    // SAFETY: values copied out immediately.
+    let Some((kind, at, open)) =
+        unsafe { CONNS.get(key) }.map(|c| (c.kind, c.exec_id, c.frame_open))
+    else {
+        return;
+    };
+    let _ = CONNS.remove(key);
+    // An entry from before an exec names an fd close-on-exec already closed: not this one.
+    if open == 0 || kind != SockKind::Stream as u32 || at != exec_id() {
+        return;
+    }
+    if let Some(h) = HOST_SENDS.get_ptr_mut(SockKind::Stream as u32) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { (*h).c.abandoned += 1 };
+    }
+    if let Some(t) = thread_sends(id) {
+        // SAFETY: map value pointer of the current thread's entry; only it writes there.
+        unsafe { (*t).sends.sock[SockKind::Stream as usize].abandoned += 1 };
+    }
 }
 
 /// `dup2`/`dup3` close `newfd` first when it is open (and differs from `oldfd`): it no longer
@@ -517,8 +550,7 @@ fn try_enter_dup(ctx: &TracePointContext) -> Option<()> {
     if old == new {
         return None;
     }
-    let tgid = (pid_tgid() >> 32) as u32;
-    let _ = CONNS.remove(ConnKey { tgid, fd: new });
+    forget_conn(pid_tgid(), new);
     Some(())
 }
 
@@ -614,6 +646,8 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
                 kind: inf.kind,
                 exec_id: exec_id(),
                 eagain_since_ns: 0,
+                frame_open: 0,
+                _pad: 0,
             };
             if CONNS.insert(key, v, 0).is_err() {
                 count(Health::ConnsFull);
@@ -646,9 +680,18 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
                 if (*c).eagain_since_ns == 0 {
                     (*c).eagain_since_ns = inf.ts_ns;
                 }
-            } else if ret >= 0 && (*c).eagain_since_ns != 0 {
-                blocked = now.wrapping_sub((*c).eagain_since_ns);
-                (*c).eagain_since_ns = 0;
+                (*c).frame_open = 1;
+            } else if ret >= 0 {
+                if (*c).eagain_since_ns != 0 {
+                    blocked = now.wrapping_sub((*c).eagain_since_ns);
+                    (*c).eagain_since_ns = 0;
+                }
+                // Short: the rest of the frame is still to come (PHP waits for room and sends
+                // it, or gives up and closes).
+                (*c).frame_open = u32::from(inf.len != 0 && (ret as u64) < inf.len);
+            } else {
+                // Any other error: PHP gives the frame up, and the errno counts it as a drop.
+                (*c).frame_open = 0;
             }
         }
     }
@@ -697,16 +740,20 @@ fn try_exit(ctx: &TracePointContext, op: u32) -> Option<()> {
     Some(())
 }
 
-/// Counts a failed connect (no latency: it is not a send).
+/// Counts a failed connect (no latency: it is not a send). EAGAIN (a full listen backlog, for a
+/// non-blocking connect) is also counted on its own: on the stream socket it is a drop, where a
+/// send's EAGAIN is waited out.
 #[inline(always)]
 fn count_failure(t: *mut ThreadSends, kind: usize, ret: i64) {
     let e = err_index(ret);
+    let again = u64::from(ret == EAGAIN_RET);
     if let Some(h) = HOST_SENDS.get_ptr_mut(kind as u32) {
         // SAFETY: this CPU's slot of a per-CPU array.
         unsafe {
             if let Some(x) = (*h).c.err.get_mut(e) {
                 *x += 1;
             }
+            (*h).c.connect_eagain += again;
         }
     }
     // SAFETY: map value pointer of the current thread's entry (see `try_exit`).
@@ -714,6 +761,7 @@ fn count_failure(t: *mut ThreadSends, kind: usize, ret: i64) {
         if let Some(x) = (*t).sends.sock[kind].err.get_mut(e) {
             *x += 1;
         }
+        (*t).sends.sock[kind].connect_eagain += again;
     }
 }
 

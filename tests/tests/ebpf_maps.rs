@@ -39,6 +39,11 @@ fn ebpf_full_sends_map_counts_every_refused_insert() {
         .collect();
     let mut sent = 0;
     for s in &senders {
+        // 1 MiB of page faults: before 6.2 the kernel batches a task's RSS counter updates
+        // (synced to the mm, and `rss_stat` raised, every 64 faults), so a sender that faults
+        // less never raises `rss_stat` there and never asks for an `RSS` entry (5.10 in the VM
+        // tier: `insert_failed.rss` stayed 0).
+        s.alloc(1);
         let o = s.send(&m.dgram, 1, 64, AddrStyle::Php, 1);
         assert_eq!(o.ok, 1, "{o:?}");
         sent += o.ok;

@@ -7,6 +7,8 @@
 //!   same sender, 1 KiB and 16 KiB profiles; agent CPU seconds per 100k profiles and peak RSS.
 //!   The sender blocks when the queue is full, so no datagram is dropped: the rate is what the
 //!   agent absorbs, and the ratio to `raw` is measured in the same run.
+//! - `catchup` (`bench_catchup.rs`): receive → ack latency at fixed rates, and the catch-up after
+//!   a 20 s listener outage at 5000/s.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -27,9 +29,16 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
-    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php); default all.
+    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php, catchup, soak); default all
+    /// but soak (an hour long).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Length of the soak section in minutes (the listener is down for a sixth of it).
+    #[arg(long, default_value_t = 60)]
+    soak_minutes: u64,
+    /// Profiles per second in the soak section.
+    #[arg(long, default_value_t = 2000)]
+    soak_rate: u64,
     /// Rounds per profile size in the end-to-end section (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -41,7 +50,7 @@ pub struct BenchArgs {
     sizes: Vec<usize>,
 }
 
-fn payload(id: u64, size: usize) -> Vec<u8> {
+pub fn payload(id: u64, size: usize) -> Vec<u8> {
     let head = format!(r#"{{"id":"b-{id}","uri":"/bench","status":200,"pad":""#);
     let mut v = head.into_bytes();
     let pad = size.saturating_sub(v.len() + 2);
@@ -100,7 +109,7 @@ fn tempfile_dir(name: &str) -> Result<PathBuf> {
 }
 
 /// (utime + stime) seconds of a process.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = s.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -319,9 +328,26 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         sections.push(("ebpf-write", crate::bench_ebpf::run_write(root)?));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
+    if want("catchup") {
+        eprintln!("bench: added latency and catch-up after a listener outage ...");
+        sections.push(("catchup", crate::bench_catchup::run(root, &host)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
     if want("php") {
         eprintln!("bench: PHP overhead of listener.php ...");
         sections.push(("php", crate::bench_php::run(root)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
+    // An hour: only when asked for by name.
+    if args.only.iter().any(|o| o == "soak") {
+        eprintln!(
+            "bench: soak, {} min at {}/s with a listener outage in the middle ...",
+            args.soak_minutes, args.soak_rate
+        );
+        sections.push((
+            "soak",
+            crate::bench_soak::run(root, args.soak_minutes, args.soak_rate, &host)?,
+        ));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if !args.no_write {

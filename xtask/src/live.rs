@@ -44,9 +44,20 @@ pub fn spawn(cmd: &mut Command, name: &'static str) -> Result<Proc> {
 
 /// Starts `apm-listener` on a free loopback port and returns it with its address.
 pub fn start_listener(bin: &Path, out: &Path, log: &Path) -> Result<(Proc, String)> {
+    start_listener_at(bin, out, log, "127.0.0.1:0")
+}
+
+/// Starts `apm-listener` on `listen` (`127.0.0.1:0`: a free port) and returns it with its
+/// address.
+pub fn start_listener_at(
+    bin: &Path,
+    out: &Path,
+    log: &Path,
+    listen: &str,
+) -> Result<(Proc, String)> {
     let mut g = spawn(
         Command::new(bin)
-            .args(["--listen", "127.0.0.1:0", "--out"])
+            .args(["--listen", listen, "--out"])
             .arg(out)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log)?),

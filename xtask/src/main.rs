@@ -2,8 +2,10 @@
 //! both install what is missing first (idempotently, saying what they install).
 
 mod bench;
+mod bench_catchup;
 mod bench_ebpf;
 mod bench_php;
+mod bench_soak;
 mod demo;
 mod dist;
 mod ebpf;

@@ -76,6 +76,9 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("ebpf_sends", &[]),
     ("ebpf_php", &[]),
     ("ebpf_rss", &[]),
+    ("ebpf_maps", &[]),
+    ("ebpf_exec", &[]),
+    ("ebpf_stream", &[]),
     (
         "php_fpm_e2e",
         &["php_fpm_profiles_arrive_once_and_match_kernel_counts_per_worker"],

@@ -201,9 +201,25 @@ fn encode_health(s: &Snapshot, enc: &mut DescriptorEncoder) -> std::fmt::Result 
     counter(
         enc,
         "drops",
-        "Profiles lost before the agent: failed datagram sends, failed stream sends but EAGAIN",
+        "Profiles lost before the agent: failed datagram sends, failed stream sends but EAGAIN, \
+         stream connects that failed with EAGAIN, abandoned stream frames",
         super::drops_of(&s.host[0].c, st),
     )?;
+    {
+        let mut m = enc.encode_descriptor(
+            "stream_drops",
+            "Stream-socket drops PHP does not see as a failed send, by reason: connect EAGAIN \
+             (full backlog), frame abandoned mid-way (closed after a short or EAGAIN send)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, v) in [
+            ("connect_eagain", st.connect_eagain),
+            ("abandoned_frame", st.abandoned),
+        ] {
+            ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
+        }
+    }
     gauge(
         enc,
         "unaccounted_datagrams",

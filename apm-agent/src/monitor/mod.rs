@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use apm_common::{ERR_KINDS, SendCounters};
+use apm_common::{ERR_KINDS, SendCounters, SockKind};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 pub use tokio_util::sync::CancellationToken;
@@ -211,6 +211,12 @@ pub struct SocketStatus {
     pub latency: LatencySummary,
     /// Stream only: time senders waited between an EAGAIN and the retry that succeeded.
     pub wait_ns: u64,
+    /// Connects that failed with EAGAIN (also in `failed.eagain`). On the stream socket: the
+    /// listen backlog was full; PHP connects non-blocking and drops the profile.
+    pub connect_eagain: u64,
+    /// Stream only: connections closed mid-frame (the last send was short or EAGAIN): frames
+    /// the sender gave up on (PHP after `stream_wait_ms`). Drops.
+    pub abandoned_frames: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -226,9 +232,14 @@ pub struct WorkerStatus {
     /// Both sockets, and failed connects to them.
     pub sends_failed: ErrnoCounts,
     pub bytes: u64,
-    /// Failed datagram sends: profiles lost.
+    /// Profiles lost, as the host's `drops`: failed datagram sends, failed stream sends other
+    /// than EAGAIN, stream connects that failed with EAGAIN, abandoned stream frames.
     pub drops: u64,
     pub stream_wait_ns: u64,
+    /// Stream connects that failed with EAGAIN (full backlog): drops.
+    pub stream_connect_eagain: u64,
+    /// Stream frames abandoned mid-way (closed after a short or EAGAIN send): drops.
+    pub stream_abandoned_frames: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -241,6 +252,8 @@ pub struct ExitStatus {
     pub sends_ok: u64,
     pub sends_failed: ErrnoCounts,
     pub bytes: u64,
+    /// Profiles the process lost, as `WorkerStatus::drops`.
+    pub drops: u64,
     /// True when the exit event was lost (ring buffer full) and the agent's sweep retired it.
     pub swept: bool,
 }
@@ -336,12 +349,16 @@ pub struct ForeignSocket {
 pub struct IntervalStatus {
     pub interval_ms: u64,
     pub sends: u64,
-    /// Profiles lost: failed datagram sends, failed stream sends other than EAGAIN.
+    /// Profiles lost: failed datagram sends, failed stream sends other than EAGAIN, stream
+    /// connects that failed with EAGAIN, abandoned stream frames.
     pub drops: u64,
     /// Stream sends that hit EAGAIN (PHP waits and retries).
     pub stream_eagain: u64,
     pub stream_wait_ns: u64,
     pub p99_ns: u64,
+    /// The stream socket's part of `drops`: connects that failed with EAGAIN plus abandoned
+    /// frames (what the sample-rate rule counts with the datagram queue-full drops).
+    pub stream_queue_drops: u64,
 }
 
 /// The `ebpf` object of `apm-agent status --json`.
@@ -373,7 +390,8 @@ pub struct EbpfStatus {
     pub sends_failed: ErrnoCounts,
     pub bytes: u64,
     /// Profiles lost before the agent: every failed datagram send, failed stream sends other
-    /// than EAGAIN.
+    /// than EAGAIN, stream connects that failed with EAGAIN (full backlog), stream frames
+    /// abandoned mid-way (`stream.connect_eagain`, `stream.abandoned_frames`).
     pub drops: u64,
     pub dgram: SocketStatus,
     pub stream: SocketStatus,
@@ -759,7 +777,7 @@ impl Monitor {
 }
 
 fn drops_of(d: &SendCounters, st: &SendCounters) -> u64 {
-    d.failed() + st.failed() - st.err[apm_common::ErrKind::Eagain as usize]
+    d.drops(SockKind::Dgram) + st.drops(SockKind::Stream)
 }
 
 fn socket_status(path: &std::path::Path, h: &apm_common::HostSends) -> SocketStatus {
@@ -770,6 +788,8 @@ fn socket_status(path: &std::path::Path, h: &apm_common::HostSends) -> SocketSta
         bytes: h.c.bytes,
         latency: latency_summary(&h.hist, h.c.lat_ns_sum),
         wait_ns: h.c.blocked_ns,
+        connect_eagain: h.c.connect_eagain,
+        abandoned_frames: h.c.abandoned,
     }
 }
 

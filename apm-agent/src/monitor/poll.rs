@@ -447,18 +447,7 @@ impl Poller {
         host: &[HostSends; 2],
         dt: Duration,
     ) -> (IntervalStatus, sampling::Interval) {
-        let d = |k: SockKind| {
-            let (n, p) = (&host[k as usize], &self.prev_host[k as usize]);
-            let mut c = n.c;
-            c.ok = c.ok.wrapping_sub(p.c.ok);
-            c.bytes = c.bytes.wrapping_sub(p.c.bytes);
-            for (x, y) in c.err.iter_mut().zip(p.c.err.iter()) {
-                *x = x.wrapping_sub(*y);
-            }
-            c.lat_ns_sum = c.lat_ns_sum.wrapping_sub(p.c.lat_ns_sum);
-            c.blocked_ns = c.blocked_ns.wrapping_sub(p.c.blocked_ns);
-            c
-        };
+        let d = |k: SockKind| host[k as usize].c.delta(&self.prev_host[k as usize].c);
         let (dg, st) = (d(SockKind::Dgram), d(SockKind::Stream));
         let mut hist = [0u64; apm_common::LAT_BUCKETS];
         for (now, prev) in host.iter().zip(self.prev_host.iter()) {
@@ -473,6 +462,7 @@ impl Poller {
             stream_eagain: st.err[ErrKind::Eagain as usize],
             stream_wait_ns: st.blocked_ns + st.lat_ns_sum,
             p99_ns: percentile_ns(&hist, 0.99),
+            stream_queue_drops: st.connect_eagain + st.abandoned,
         };
         let inputs = sampling::Interval {
             dgram_sends: dg.attempts(),
@@ -482,6 +472,11 @@ impl Poller {
             p99_floor_ns: super::percentile_floor_ns(&hist, 0.99),
             stream_ok: st.ok,
             stream_wait_ns: status.stream_wait_ns,
+            // Connects and sends (a frame may take several), as the drops' denominator.
+            stream_sends: st.attempts(),
+            // A full backlog, a frame given up after `stream_wait_ms`: the agent is not keeping
+            // up, which sampling less cures (as a full datagram queue).
+            stream_drops: status.stream_queue_drops,
         };
         (status, inputs)
     }
@@ -504,6 +499,8 @@ impl Poller {
                     why,
                     drops = iv.dgram_drops,
                     sends = iv.dgram_sends,
+                    stream_drops = iv.stream_drops,
+                    stream_sends = iv.stream_sends,
                     p99_floor_ns = iv.p99_floor_ns,
                     "lowering the PHP sample rate"
                 );
@@ -642,6 +639,7 @@ impl Poller {
             prev.sends_ok += st.sends_ok;
             prev.sends_failed.add(&st.sends_failed);
             prev.bytes += st.bytes;
+            prev.drops += st.drops;
             prev.peak_rss_bytes = prev.peak_rss_bytes.max(st.peak_rss_bytes);
             prev.last_rss_bytes = prev.last_rss_bytes.max(st.last_rss_bytes);
             return;
@@ -772,8 +770,11 @@ fn fill_sends(w: &mut WorkerStatus, s: &ProcSends) {
     w.sends_ok = all.ok;
     w.sends_failed = ErrnoCounts::from_err(&all.err);
     w.bytes = all.bytes;
-    w.drops = s.sock[SockKind::Dgram as usize].failed();
-    w.stream_wait_ns = s.sock[SockKind::Stream as usize].blocked_ns;
+    let st = &s.sock[SockKind::Stream as usize];
+    w.drops = super::drops_of(&s.sock[SockKind::Dgram as usize], st);
+    w.stream_wait_ns = st.blocked_ns;
+    w.stream_connect_eagain = st.connect_eagain;
+    w.stream_abandoned_frames = st.abandoned;
 }
 
 fn exit_status(
@@ -797,6 +798,7 @@ fn exit_status(
         sends_ok: w.sends_ok,
         sends_failed: w.sends_failed,
         bytes: w.bytes,
+        drops: w.drops,
         swept,
     }
 }

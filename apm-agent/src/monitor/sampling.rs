@@ -7,7 +7,9 @@
 //! oscillate.
 //!
 //! - **Pressure** in an interval: datagram sends that failed with EAGAIN or ENOBUFS (the queue
-//!   was full: real drops) reach `drop_ratio_high` of the datagram sends; or, with at least
+//!   was full: real drops), plus stream connects that failed with EAGAIN (the listen backlog
+//!   was full) and stream frames abandoned mid-way, reach `drop_ratio_high` of the datagram and
+//!   stream sends; or, with at least
 //!   [`MIN_LATENCY_SENDS`] sends, the p99 send latency is wholly at or over `latency_high` (the
 //!   *lower* bound of the histogram bucket holding the p99 reaches it, see
 //!   [`Interval::p99_floor_ns`]); or the mean time a stream send waited (EAGAIN until its retry
@@ -59,6 +61,10 @@ pub struct Interval {
     /// Stream sends that succeeded, and the time stream senders spent waiting.
     pub stream_ok: u64,
     pub stream_wait_ns: u64,
+    /// Stream sends and connects completed (ok + failed).
+    pub stream_sends: u64,
+    /// Stream connects that failed with EAGAIN plus frames abandoned mid-way.
+    pub stream_drops: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -96,9 +102,9 @@ pub enum Decision {
 pub fn next(p: &ControlParams, s: ControlState, iv: &Interval) -> (ControlState, Decision) {
     let min_rate = p.min_rate.clamp(0.0, 1.0);
     let rate = s.rate.clamp(min_rate, 1.0);
-    let why = if iv.dgram_drops > 0
-        && iv.dgram_drops as f64 >= p.drop_ratio_high * iv.dgram_sends.max(1) as f64
-    {
+    let drops = iv.dgram_drops + iv.stream_drops;
+    let offered = iv.dgram_sends + iv.stream_sends;
+    let why = if drops > 0 && drops as f64 >= p.drop_ratio_high * offered.max(1) as f64 {
         Some(Why::Drops)
     } else if iv.sends >= MIN_LATENCY_SENDS && iv.p99_floor_ns >= p.latency_high_ns {
         Some(Why::Latency)
@@ -280,6 +286,26 @@ mod tests {
         let (s, d) = next(&P, ControlState { rate: 0.5, calm: 2 }, &iv);
         assert_eq!(d, Decision::Raise);
         assert!((s.rate - 0.6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn stream_connect_eagain_and_abandoned_frames_are_drops_for_the_rule() {
+        // Only stream traffic: 40 connects and sends, 2 of them lost (a full backlog, a frame
+        // given up): 5% >= 1%, the rate halves.
+        let iv = Interval {
+            stream_sends: 40,
+            stream_ok: 38,
+            stream_drops: 2,
+            sends: 40,
+            ..Default::default()
+        };
+        assert_eq!(next(&P, st(1.0), &iv).1, Decision::Lower(Why::Drops));
+        // Below the ratio of everything offered (datagrams too): calm.
+        let iv = Interval {
+            dgram_sends: 960,
+            ..iv
+        };
+        assert_eq!(next(&P, st(1.0), &iv).1, Decision::Steady);
     }
 
     #[test]

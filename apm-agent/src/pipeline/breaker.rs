@@ -9,6 +9,12 @@
 //! * **Half-open**: the first [`CircuitBreaker::allow`] after `open_until` hands out exactly one
 //!   [`Permit::Probe`]; everything else is rejected until the probe reports. Success closes the
 //!   breaker; failure, or no report within `probe_timeout`, reopens it with a longer wait.
+//! * **Back early**: the transport reports whether the listener can be reached (its dials, and a
+//!   `grpc.health.v1` check once per `central.probe_interval` while it cannot). A listener seen
+//!   unreachable that answers again ends the open period at once
+//!   ([`CircuitBreaker::on_reachability`]): it went away and came back, so the grown wait
+//!   protects nothing and only delays the catch-up. A listener that stays reachable but fails
+//!   batches gets no such shortcut: the doubling open period still paces the probe batches.
 //!
 //! Time is passed in (`now: tokio::time::Instant`) rather than read, so the owner can sleep with
 //! `tokio::time::sleep_until(breaker.next_attempt_at())` and tests drive a fake clock by adding
@@ -100,6 +106,9 @@ pub struct CircuitBreaker {
     open_until: Instant,
     /// Deadline of the outstanding probe (half-open with a probe out).
     probe_deadline: Option<Instant>,
+    /// The listener could not be reached since the last success or early half-open: its next
+    /// answer ends an open period early.
+    seen_unreachable: bool,
     rng: StdRng,
 }
 
@@ -114,6 +123,7 @@ impl CircuitBreaker {
             consecutive_failures: 0,
             open_until: now,
             probe_deadline: None,
+            seen_unreachable: false,
             rng: StdRng::from_os_rng(),
         }
     }
@@ -161,6 +171,8 @@ impl CircuitBreaker {
                     .min(b.retry_timeout);
                 b.state = BreakerState::Open;
                 b.open_until = now + remaining;
+                // It opened because the listener failed; if it answers a check now, it is back.
+                b.seen_unreachable = true;
                 info!(
                     path = %path.display(),
                     remaining_ms = remaining.as_millis() as u64,
@@ -242,6 +254,25 @@ impl CircuitBreaker {
         }
     }
 
+    /// What a dial or a reachability check found. A listener seen unreachable that answers
+    /// again ends the open period now: the next [`Self::allow`] hands out the probe batch.
+    /// Answers from a listener that was never seen unreachable change nothing (it is up and
+    /// failing batches, and the open period paces it).
+    pub fn on_reachability(&mut self, reachable: bool, now: Instant) {
+        if !reachable {
+            self.seen_unreachable = true;
+            return;
+        }
+        if self.state == BreakerState::Open && self.seen_unreachable && now < self.open_until {
+            info!(
+                saved_ms = self.open_until.saturating_duration_since(now).as_millis() as u64,
+                "central listener answers again: half-open now"
+            );
+            self.open_until = now;
+        }
+        self.seen_unreachable = false;
+    }
+
     /// A send (or the probe) was acknowledged. Closes a half-open breaker. Reports that arrive
     /// while open belong to sends made before it opened and are ignored.
     pub fn on_success(&mut self, now: Instant) {
@@ -254,6 +285,7 @@ impl CircuitBreaker {
                 self.consecutive_failures = 0;
                 self.retry_timeout = self.cfg.retry_timeout;
                 self.probe_deadline = None;
+                self.seen_unreachable = false;
                 self.persist(now);
             }
         }
@@ -458,6 +490,86 @@ mod tests {
         assert_eq!(b.retry_timeout(), secs(4.0));
     }
 
+    /// The listener went away (the transport's dials and checks found nobody) and answers a
+    /// check again: the open period, grown to its cap, ends at once and the next `allow` hands
+    /// out the probe batch; before, the agent waited out the rest of it.
+    #[test]
+    fn a_listener_seen_unreachable_that_answers_again_ends_the_open_period_at_once() {
+        let t0 = Instant::now();
+        let mut b = CircuitBreaker::new(cfg(), t0).with_seed(7);
+        b.on_reachability(false, t0);
+        opened(&mut b, t0);
+        // Probe batches fail at connect until the period has grown to the cap (8 s).
+        for _ in 0..4 {
+            let now = b.next_attempt_at().unwrap();
+            assert_eq!(b.allow(now), Permit::Probe);
+            b.on_reachability(false, now);
+            b.on_failure(now);
+        }
+        assert_eq!(b.retry_timeout(), secs(8.0));
+        // Checks once a second keep finding nobody: still open.
+        let mut now = b.next_attempt_at().unwrap() - secs(6.0);
+        for _ in 0..3 {
+            b.on_reachability(false, now);
+            assert!(matches!(b.allow(now), Permit::Reject { .. }));
+            now += secs(1.0);
+        }
+        // The listener is back: a check answers, and the probe batch goes now, not in ~3 s.
+        b.on_reachability(true, now);
+        assert_eq!(b.next_attempt_at(), Some(now));
+        assert_eq!(b.allow(now), Permit::Probe);
+        b.on_success(now + secs(0.01));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.retry_timeout(), secs(1.0));
+    }
+
+    /// A listener that answers every check but fails the batches gets no shortcut: the probe
+    /// batches are still paced by the doubling open period.
+    #[test]
+    fn a_reachable_listener_that_fails_batches_still_backs_off() {
+        let t0 = Instant::now();
+        let mut b = CircuitBreaker::new(cfg(), t0).with_seed(8);
+        opened(&mut b, t0);
+        let mut probes = Vec::new();
+        let mut now = t0;
+        let end = t0 + secs(30.0);
+        while now < end {
+            b.on_reachability(true, now);
+            if b.allow(now) == Permit::Probe {
+                probes.push(now);
+                b.on_failure(now);
+            }
+            now += secs(0.25);
+        }
+        // Nominal periods 1, 2, 4, 8, 8, ... (less up to 20 % jitter): at most 6 probes in
+        // 30 s, each gap longer than the one before until the cap.
+        assert!(probes.len() <= 6 && probes.len() >= 3, "{probes:?}");
+        let gaps: Vec<Duration> = probes.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[0] >= secs(1.6) && gaps[1] >= secs(3.2), "{gaps:?}");
+        assert_eq!(b.retry_timeout(), secs(8.0));
+    }
+
+    /// A listener that flaps between unreachable and reachable gets one early half-open per
+    /// return, not one per answered check.
+    #[test]
+    fn each_return_of_the_listener_ends_one_open_period_only() {
+        let t0 = Instant::now();
+        let mut b = CircuitBreaker::new(cfg(), t0).with_seed(9);
+        b.on_reachability(false, t0);
+        opened(&mut b, t0);
+        let t1 = t0 + secs(0.5);
+        b.on_reachability(true, t1);
+        assert_eq!(b.allow(t1), Permit::Probe);
+        // The probe batch fails although the listener answers checks: the wait grows and
+        // further answers do not cut it short.
+        b.on_failure(t1);
+        let until = b.next_attempt_at().unwrap();
+        assert!(until - t1 >= secs(1.6), "{:?}", until - t1);
+        b.on_reachability(true, t1 + secs(1.0));
+        assert_eq!(b.next_attempt_at(), Some(until));
+        assert!(matches!(b.allow(t1 + secs(1.0)), Permit::Reject { .. }));
+    }
+
     #[test]
     fn reports_while_open_are_ignored() {
         let t0 = Instant::now();
@@ -521,6 +633,23 @@ mod tests {
         assert_eq!(json["state"], "closed");
         let r = CircuitBreaker::load(cfg(), &path, r0);
         assert_eq!(r.state(), BreakerState::Closed);
+    }
+
+    /// A breaker restored open after a restart has seen the listener fail: the transport's
+    /// first check finding it up ends the stored wait at once.
+    #[test]
+    fn a_breaker_restored_open_half_opens_when_the_first_check_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STATE_FILE);
+        let t0 = Instant::now();
+        let mut b = CircuitBreaker::load(cfg(), &path, t0).with_seed(10);
+        opened(&mut b, t0);
+        drop(b);
+        let r0 = Instant::now();
+        let mut r = CircuitBreaker::load(cfg(), &path, r0);
+        assert!(matches!(r.allow(r0), Permit::Reject { .. }));
+        r.on_reachability(true, r0);
+        assert_eq!(r.allow(r0), Permit::Probe);
     }
 
     #[test]

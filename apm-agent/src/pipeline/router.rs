@@ -325,6 +325,7 @@ impl Router {
                 self.breaker.on_success(now);
                 self.settle_rejected_because(batch, &message);
             }
+            Outcome::Reachability { reachable } => self.breaker.on_reachability(reachable, now),
             Outcome::ConnectFailed { .. } | Outcome::Connected => {}
         }
     }

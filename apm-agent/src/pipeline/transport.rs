@@ -3,6 +3,12 @@
 //! breaks, an ack times out, or the listener answers RETRY, the unacknowledged batches go back
 //! to the router (which resends or spools them) and the transport reconnects with jittered
 //! exponential backoff. Resends are safe: the listener deduplicates by `(agent_id, seq)`.
+//!
+//! A listener that cannot be reached (a dial failed) is dialled at most once per
+//! `central.probe_interval`: with a batch when the router hands one over, else with a
+//! `grpc.health.v1` check. Each finding goes to the router as [`Outcome::Reachability`], so the
+//! breaker half-opens as soon as the listener answers again rather than after its grown open
+//! period (see `breaker.rs`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -46,12 +52,16 @@ struct SessionEnd {
     clean: bool,
     /// The router may still send batches.
     input_open: bool,
+    /// The stream never opened because nothing speaking gRPC answered (the connection was
+    /// closed or reset): paced like a failed dial, not backed off like a failed stream.
+    unreachable: bool,
 }
 
 impl SessionEnd {
     const FAILED: Self = Self {
         clean: false,
         input_open: true,
+        unreachable: false,
     };
 }
 
@@ -72,6 +82,8 @@ pub enum Outcome {
     ConnectFailed { error: String },
     /// A stream is up (the breaker may close).
     Connected,
+    /// What a dial or a `grpc.health.v1` check found: can the listener be reached?
+    Reachability { reachable: bool },
 }
 
 /// Sorts gRPC statuses once: retriable ones lead to a reconnect, final ones are still retried
@@ -89,6 +101,16 @@ pub fn is_retriable(code: tonic::Code) -> bool {
             | Internal
             | Unknown
             | Cancelled
+    )
+}
+
+/// The codes a call ends with when no gRPC server answered it (tonic's own for a connection
+/// refused, closed or reset before a response), or when the server says it is not serving.
+/// Anything else is an answer: the listener is there, whatever it thinks of the request.
+fn is_unanswered(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     )
 }
 
@@ -228,18 +250,34 @@ impl Transport {
         stop: CancellationToken,
     ) {
         let mut backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
-        // Connect lazily, with a batch in hand: while the router's breaker holds batches back,
-        // nothing reaches us and we do not dial a dead listener.
+        // Unknown at start: a check tells a breaker restored open whether the listener is back.
+        let mut dials = Dials {
+            interval: self.cfg.probe_interval,
+            unreachable: true,
+            last: None,
+        };
+        // Connect with a batch in hand; while the router's breaker holds batches back, only
+        // checks (at most one per probe interval) reach an unreachable listener.
         let mut carry: Option<Batch> = None;
         loop {
             if carry.is_none() {
-                carry = tokio::select! {
-                    b = input.recv() => match b { Some(b) => Some(b), None => break },
-                    () = stop.cancelled() => break,
+                carry = match self
+                    .next_batch(&mut input, &outcomes, &stop, &mut dials)
+                    .await
+                {
+                    Some(b) => Some(b),
+                    None => break,
                 };
             }
+            if let Some(at) = dials.next_slot() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = stop.cancelled() => break,
+                }
+            }
+            dials.last = Some(Instant::now());
             let channel = tokio::select! {
-                c = self.endpoint.connect() => c,
+                c = self.dial() => c,
                 () = stop.cancelled() => break,
             };
             let channel = match channel {
@@ -251,21 +289,23 @@ impl Transport {
                     let _ = outcomes.send(Outcome::ConnectFailed {
                         error: error.clone(),
                     });
+                    dials.found(false, &outcomes);
                     if let Some(batch) = carry.take() {
                         let _ = outcomes.send(Outcome::Returned {
                             batch,
                             reason: error,
                         });
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff.next_delay()) => {}
-                        () = stop.cancelled() => break,
-                    }
+                    // No backoff here: the next dial waits for its slot (one per interval).
                     continue;
                 }
             };
             self.telemetry.reconnects.inc();
-            let SessionEnd { clean, input_open } = self
+            let SessionEnd {
+                clean,
+                input_open,
+                unreachable,
+            } = self
                 .session(
                     channel,
                     &mut input,
@@ -278,7 +318,9 @@ impl Transport {
             if !input_open || stop.is_cancelled() {
                 break;
             }
-            if !clean {
+            // The session told the router what it found; the next dial waits for its slot.
+            dials.unreachable = unreachable;
+            if !clean && !unreachable {
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => break,
@@ -299,6 +341,73 @@ impl Transport {
                 reason: "transport stopped".into(),
             });
         }
+    }
+
+    /// One dial: a channel over exactly one TCP connection. tonic's channels reconnect by
+    /// themselves when their connection drops; here that would dial again behind the pacing's
+    /// back (a listener that accepts and closes would see two connections per dial), and a
+    /// broken session is re-dialled by [`Self::run`] anyway.
+    async fn dial(&self) -> Result<Channel, tonic::transport::Error> {
+        let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        self.endpoint
+            .connect_with_connector(OneConnection(Some(tcp)))
+            .await
+    }
+
+    /// Waits for the next batch; while the listener is unreachable, checks it once per probe
+    /// interval meanwhile. `None`: the input closed or `stop`.
+    async fn next_batch(
+        &self,
+        input: &mut mpsc::Receiver<Batch>,
+        outcomes: &mpsc::UnboundedSender<Outcome>,
+        stop: &CancellationToken,
+        dials: &mut Dials,
+    ) -> Option<Batch> {
+        loop {
+            let check_at = dials.next_slot().or(dials.unreachable.then(Instant::now));
+            tokio::select! {
+                b = input.recv() => return b,
+                () = stop.cancelled() => return None,
+                () = async { tokio::time::sleep_until(check_at.unwrap()).await }, if check_at.is_some() => {
+                    dials.last = Some(Instant::now());
+                    let reachable = tokio::select! {
+                        r = self.check() => r,
+                        () = stop.cancelled() => return None,
+                    };
+                    dials.found(reachable, outcomes);
+                }
+            }
+        }
+    }
+
+    /// One `grpc.health.v1` check on a fresh connection: does the listener answer? Any answer
+    /// but NOT_SERVING counts (a listener without the health service answers UNIMPLEMENTED,
+    /// one that wants another token UNAUTHENTICATED: both are up); a failed dial, no answer
+    /// within `connect_timeout`, or UNAVAILABLE does not.
+    async fn check(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let answer = tokio::time::timeout(self.cfg.connect_timeout, async {
+            let channel = self.dial().await.ok()?;
+            let mut client = HealthClient::with_interceptor(channel, Bearer(self.token.clone()));
+            Some(
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await,
+            )
+        })
+        .await;
+        let reachable = match answer {
+            Ok(Some(Ok(r))) => r.into_inner().status != ServingStatus::NotServing as i32,
+            Ok(Some(Err(status))) => !is_unanswered(status.code()),
+            Ok(None) | Err(_) => false,
+        };
+        tracing::debug!(endpoint = %self.cfg.endpoint, reachable, "central listener checked");
+        reachable
     }
 
     /// One stream, until it fails, the input closes, or `stop`.
@@ -326,7 +435,7 @@ impl Transport {
                         reason: "shutdown while opening the stream".into(),
                     });
                 }
-                return SessionEnd { clean: true, input_open: true };
+                return SessionEnd { clean: true, input_open: true, unreachable: false };
             }
         };
         let mut acks = match opened {
@@ -338,15 +447,24 @@ impl Transport {
                 let _ = outcomes.send(Outcome::ConnectFailed {
                     error: error.clone(),
                 });
+                let unreachable = is_unanswered(status.code());
+                if unreachable {
+                    let _ = outcomes.send(Outcome::Reachability { reachable: false });
+                }
                 if let Some(batch) = first {
                     let _ = outcomes.send(Outcome::Returned {
                         batch,
                         reason: error,
                     });
                 }
-                return SessionEnd::FAILED;
+                return SessionEnd {
+                    unreachable,
+                    ..SessionEnd::FAILED
+                };
             }
         };
+        // The listener answered: a breaker still open since it went away may half-open now.
+        let _ = outcomes.send(Outcome::Reachability { reachable: true });
         tracing::info!(endpoint = %self.cfg.endpoint, "streaming to the central listener");
         let _ = outcomes.send(Outcome::Connected);
         let mut w = Window {
@@ -366,18 +484,20 @@ impl Transport {
                 return SessionEnd {
                     clean: true,
                     input_open: false,
+                    unreachable: false,
                 };
             }
             let ack_deadline = w.inflight.front().map(|(_, t)| *t + self.cfg.ack_timeout);
             let failed = SessionEnd {
                 clean: false,
                 input_open,
+                unreachable: false,
             };
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {
                     w.fail_all("shutdown");
-                    return SessionEnd { clean: true, input_open };
+                    return SessionEnd { clean: true, input_open, unreachable: false };
                 }
                 msg = acks.message() => match msg {
                     Ok(Some(ack)) => w.settle(ack, backoff),
@@ -434,6 +554,56 @@ impl Interceptor for Bearer {
     }
 }
 
+/// A connector that connects once: later calls (tonic's own reconnects) fail.
+struct OneConnection(Option<hyper_util::client::legacy::connect::HttpConnector>);
+
+impl tonic::codegen::Service<tonic::transport::Uri> for OneConnection {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // `HttpConnector` is always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: tonic::transport::Uri) -> Self::Future {
+        match self.0.take() {
+            Some(mut tcp) => Box::pin(async move { Ok(tcp.call(uri).await?) }),
+            None => Box::pin(async { Err("connection lost: the transport dials again".into()) }),
+        }
+    }
+}
+
+/// Paces dials to an unreachable listener: one per `central.probe_interval`, batch or check.
+#[derive(Debug)]
+struct Dials {
+    interval: Duration,
+    /// The last dial or check failed (or nothing is known yet).
+    unreachable: bool,
+    last: Option<Instant>,
+}
+
+impl Dials {
+    /// When the next dial may start, if it must wait (only while unreachable).
+    fn next_slot(&self) -> Option<Instant> {
+        self.last
+            .filter(|_| self.unreachable)
+            .map(|l| l + self.interval)
+    }
+
+    /// Records what a dial or check found and tells the router (hence the breaker).
+    fn found(&mut self, reachable: bool, outcomes: &mpsc::UnboundedSender<Outcome>) {
+        self.unreachable = !reachable;
+        let _ = outcomes.send(Outcome::Reachability { reachable });
+    }
+}
+
 /// The batches of one stream that await their ack, oldest first, with their send time.
 struct Window<'a> {
     t: &'a Transport,
@@ -476,6 +646,10 @@ impl Window<'_> {
             AckStatus::Ok => {
                 backoff.reset();
                 t.acked(sent.elapsed(), batch.len(), batch.payload_bytes());
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                t.delivered_after(now_ns, batch.profiles.iter().map(|p| p.received_ns));
                 t.last_acked_seq.set(batch.seq as i64);
                 Outcome::Acked {
                     seq: batch.seq,
@@ -690,7 +864,7 @@ mod tests {
                         break;
                     }
                     Outcome::ConnectFailed { error } => texts.push(error),
-                    Outcome::Connected | Outcome::Acked { .. } => {}
+                    Outcome::Connected | Outcome::Acked { .. } | Outcome::Reachability { .. } => {}
                 }
             }
         }
@@ -725,6 +899,148 @@ mod tests {
                 "{escaped} not logged escaped:\n{log}"
             );
         }
+    }
+
+    /// A dead listener (here: a port that accepts and closes at once, so every dial is
+    /// counted) sees at most one dial per `probe_interval`, even with a router that hands every
+    /// returned batch straight back and a reconnect backoff of 10 ms; and while no batch comes
+    /// it is still checked, once per interval, each finding reported to the router.
+    #[tokio::test]
+    async fn a_dead_listener_is_dialled_at_most_once_per_probe_interval() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = dead.local_addr().expect("addr");
+        let dials = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = dials.clone();
+        std::thread::spawn(move || {
+            for conn in dead.incoming() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(conn);
+            }
+        });
+        let interval = Duration::from_millis(200);
+        let cfg = CentralConfig {
+            endpoint: format!("http://{addr}"),
+            compression: Compression::None,
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(20),
+            connect_timeout: Duration::from_secs(1),
+            probe_interval: interval,
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a1".into(),
+            "h".into(),
+            Telemetry::new(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        let start = std::time::Instant::now();
+        let span = Duration::from_secs(2);
+        // Phase 1 (a closed breaker's worst case): every returned batch is handed back at once.
+        in_tx.send(batch(1)).await.expect("send");
+        let mut unreachable = 0;
+        while start.elapsed() < span {
+            match tokio::time::timeout(Duration::from_millis(50), out_rx.recv()).await {
+                Ok(Some(Outcome::Returned { batch, .. })) => {
+                    in_tx.send(batch).await.expect("send");
+                }
+                Ok(Some(Outcome::Reachability { reachable: false })) => unreachable += 1,
+                Ok(Some(_) | None) | Err(_) => {}
+            }
+        }
+        let phase1 = dials.load(std::sync::atomic::Ordering::Relaxed);
+        // Phase 2 (an open breaker): no batches; the transport checks on its own.
+        let mid = std::time::Instant::now();
+        while mid.elapsed() < span {
+            if let Ok(Some(Outcome::Reachability { reachable: false })) =
+                tokio::time::timeout(Duration::from_millis(50), out_rx.recv()).await
+            {
+                unreachable += 1;
+            }
+        }
+        let total = dials.load(std::sync::atomic::Ordering::Relaxed);
+        let elapsed = start.elapsed();
+        stop.cancel();
+        run.await.expect("transport ends");
+        let most = (elapsed.as_secs_f64() / interval.as_secs_f64()).floor() as u64 + 1;
+        println!("{phase1} dials with batches, {total} in all over {elapsed:?} (at most {most})");
+        assert!(
+            total <= most,
+            "{total} dials in {elapsed:?}: more than one per {interval:?}"
+        );
+        // It kept dialling in both phases (generous lower bounds: a loaded machine is slow).
+        assert!(
+            phase1 >= 2 && total - phase1 >= 2,
+            "{phase1} then {}",
+            total - phase1
+        );
+        assert!(
+            unreachable >= 4,
+            "{unreachable} unreachable findings reported"
+        );
+    }
+
+    /// The check a transport makes while it has no batch: a listener without the health
+    /// service (UNIMPLEMENTED) is up; one whose health service says NOT_SERVING (shutting
+    /// down) is not.
+    #[tokio::test]
+    async fn a_check_counts_any_answer_but_not_serving() {
+        async fn found(server: tonic::transport::server::Router) -> bool {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let served = tokio::spawn(
+                server
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let cfg = CentralConfig {
+                endpoint: format!("http://{addr}"),
+                probe_interval: Duration::from_millis(100),
+                ..CentralConfig::default()
+            };
+            let t = Transport::new(
+                cfg,
+                "a1".into(),
+                "h".into(),
+                Telemetry::new(),
+                Arc::new(HostStats::default),
+            )
+            .expect("transport");
+            let (_in_tx, in_rx) = mpsc::channel(4);
+            let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+            let stop = CancellationToken::new();
+            let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+            // Nothing is known at start, so the transport checks at once, with no batch.
+            let reachable = loop {
+                if let Outcome::Reachability { reachable } =
+                    tokio::time::timeout(Duration::from_secs(10), out_rx.recv())
+                        .await
+                        .expect("a finding in time")
+                        .expect("outcome")
+                {
+                    break reachable;
+                }
+            };
+            stop.cancel();
+            run.await.expect("transport ends");
+            served.abort();
+            reachable
+        }
+        let no_health = tonic::transport::Server::builder()
+            .add_service(apm_proto::collector_server::CollectorServer::new(Forger));
+        assert!(found(no_health).await, "UNIMPLEMENTED is an answer");
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let not_serving = tonic::transport::Server::builder().add_service(health_svc);
+        assert!(!found(not_serving).await, "NOT_SERVING is not reachable");
     }
 
     /// The `authorization` value is marked sensitive, so HTTP/2 never puts it in the HPACK

@@ -1,0 +1,437 @@
+//! `cargo xtask bench --only catchup`: delay added by the agent, and its catch-up after a
+//! listener outage. One agent at its defaults, one `apm-listener` on a fixed loopback port, a
+//! paced sender (blocking `sendto`, so nothing is dropped at the door).
+//!
+//! - Latency: at each fixed rate, p50/p99 of receive → OK ack per profile, from the agent's
+//!   `apm_delivery_latency_seconds` histogram (the difference of two scrapes around the window).
+//! - Catch-up: at 5000/s the listener is SIGKILLed for 20 s and started again on the same
+//!   address. From its file (ground truth): the time from its return to the first profile stored,
+//!   and to the last profile of the backlog (every id sent before the return stored).
+//!
+//! A measurement, not a test: it fails only when the setup is broken.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::live::{spawn, wait_ready, write_agent_config};
+
+const SIZE: usize = 1024;
+const LATENCY_RATES: [u64; 3] = [1000, 5000, 10_000];
+const WINDOW: Duration = Duration::from_secs(10);
+const OUTAGE_RATE: u64 = 5000;
+const OUTAGE: Duration = Duration::from_secs(20);
+
+/// Starts `apm-listener` on `listen` (a fixed address, so it can come back on it).
+fn listener(bin: &Path, listen: &str, out: &Path, log: &Path) -> Result<apm_testkit::Proc> {
+    use std::io::BufRead;
+    let mut g = spawn(
+        Command::new(bin)
+            .args(["--listen", listen, "--out"])
+            .arg(out)
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)?,
+            ),
+        "apm-listener",
+    )?;
+    let stdout = g.child.stdout.take().expect("piped");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for l in lines.by_ref() {
+        if l?.contains("listening on ") {
+            std::thread::spawn(move || for _ in lines.by_ref() {});
+            return Ok(g);
+        }
+    }
+    bail!("apm-listener did not start; see {}", log.display())
+}
+
+/// A sender at `rate` profiles/s (changeable while it runs), ids `b-0`, `b-1`, ... in order.
+struct Paced {
+    rate: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Paced {
+    fn start(path: PathBuf) -> Self {
+        let rate = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, n, s) = (rate.clone(), sent.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let sock = UnixDatagram::unbound().expect("socket");
+            let mut owed = 0.0_f64;
+            let mut last = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1));
+                let now = Instant::now();
+                owed += r.load(Ordering::Relaxed) as f64 * (now - last).as_secs_f64();
+                last = now;
+                while owed >= 1.0 {
+                    let i = n.load(Ordering::Relaxed);
+                    let p = crate::bench::payload(i, SIZE);
+                    // Blocking: a full queue waits, nothing is dropped.
+                    while sock.send_to(&p, &path).is_err() {
+                        if s.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    n.store(i + 1, Ordering::Relaxed);
+                    owed -= 1.0;
+                }
+            }
+        });
+        Self {
+            rate,
+            sent,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn set_rate(&self, r: u64) {
+        self.rate.store(r, Ordering::Relaxed);
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Paced {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// `GET /metrics` from the agent.
+fn scrape(port: u16) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The cumulative buckets `(le, count)` of `apm_delivery_latency_seconds`.
+fn buckets(text: &str) -> Vec<(f64, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("apm_delivery_latency_seconds_bucket{le=\"")?;
+            let (le, n) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `q` quantile of the observations between two scrapes, interpolated inside its bucket.
+fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before.iter().map(|b| b.1).chain(std::iter::repeat(0.0)))
+        .map(|(&(le, a), b)| (le, a - b))
+        .collect();
+    let total = diff.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let want = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, cum) in &diff {
+        if cum >= want {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let frac = if cum > prev.1 {
+                (want - prev.1) / (cum - prev.1)
+            } else {
+                1.0
+            };
+            return Some(prev.0 + frac * (le - prev.0));
+        }
+        prev = (le, cum);
+    }
+    None
+}
+
+/// Follows the listener's file: which ids are stored, and when the first line after a mark
+/// appeared.
+struct Follower {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+    stored: Vec<bool>,
+    lines: u64,
+}
+
+impl Follower {
+    /// Reads what was appended since the last call; returns the number of new lines.
+    fn poll(&mut self) -> u64 {
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return 0;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return 0;
+        }
+        let mut buf = Vec::new();
+        let Ok(n) = f.read_to_end(&mut buf) else {
+            return 0;
+        };
+        self.offset += n as u64;
+        self.partial.extend_from_slice(&buf);
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return 0;
+        };
+        let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        let mut new = 0;
+        for line in complete.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            new += 1;
+            if let Some(id) = id_of(line) {
+                let i = usize::try_from(id).unwrap_or(usize::MAX);
+                if i >= self.stored.len() {
+                    self.stored.resize(i + 1, false);
+                }
+                self.stored[i] = true;
+            }
+        }
+        self.lines += new;
+        new
+    }
+
+    fn all_below(&self, n: u64) -> bool {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        self.stored.len() >= n && self.stored[..n].iter().all(|&s| s)
+    }
+}
+
+/// The number in `"id":"b-<n>"` of one stored line.
+fn id_of(line: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"id\":\"b-";
+    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits: &[u8] = &line[at..];
+    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+struct Latency {
+    rate: u64,
+    profiles: f64,
+    p50: Option<f64>,
+    p99: Option<f64>,
+}
+
+struct CatchUp {
+    backlog: u64,
+    first: Duration,
+    end: Duration,
+    breaker_during: String,
+}
+
+pub fn run(root: &Path, host: &str) -> Result<String> {
+    let bin = crate::target_dir(root).join("release");
+    let dir = root.join(".run/bench-catchup");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("run"))?;
+    let out = dir.join("profiles.jsonl");
+    let llog = dir.join("listener.log");
+    let listen = format!("127.0.0.1:{}", crate::live::free_port());
+    let mut lst = listener(&bin.join("apm-listener"), &listen, &out, &llog)?;
+    let metrics = crate::live::free_port();
+    let cfg = write_agent_config(&dir, &format!("http://{listen}"), metrics, "off")?;
+    let alog = dir.join("agent.log");
+    let mut agent = spawn(
+        Command::new(bin.join("apm-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .stderr(std::fs::File::create(&alog)?),
+        "apm-agent",
+    )?;
+    wait_ready(&dir.join("run"), &mut agent, &alog)?;
+    let sender = Paced::start(dir.join("run/listener.sock"));
+    let mut follow = Follower {
+        path: out.clone(),
+        offset: 0,
+        partial: Vec::new(),
+        stored: Vec::new(),
+        lines: 0,
+    };
+
+    let mut latency = Vec::new();
+    for rate in LATENCY_RATES {
+        eprintln!("bench: catchup: receive -> ack latency at {rate}/s ...");
+        sender.set_rate(rate);
+        std::thread::sleep(Duration::from_secs(2));
+        let before = buckets(&scrape(metrics).context("scrape /metrics")?);
+        std::thread::sleep(WINDOW);
+        let after = buckets(&scrape(metrics).context("scrape /metrics")?);
+        follow.poll();
+        let l = Latency {
+            rate,
+            profiles: after.last().map_or(0.0, |a| a.1) - before.last().map_or(0.0, |b| b.1),
+            p50: quantile(&before, &after, 0.5),
+            p99: quantile(&before, &after, 0.99),
+        };
+        eprintln!(
+            "bench:   {:.0} profiles acked, p50 {:?} s, p99 {:?} s",
+            l.profiles, l.p50, l.p99
+        );
+        latency.push(l);
+    }
+
+    eprintln!(
+        "bench: catchup: {OUTAGE_RATE}/s, listener SIGKILLed for {} s ...",
+        OUTAGE.as_secs()
+    );
+    sender.set_rate(OUTAGE_RATE);
+    std::thread::sleep(Duration::from_secs(3));
+    lst.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = lst.wait(Duration::from_secs(10));
+    let down = Instant::now();
+    let mut breaker_during = String::new();
+    while down.elapsed() < OUTAGE {
+        std::thread::sleep(Duration::from_millis(250));
+        if let Some(s) = apm_testkit::status_json(&dir.join("run/control.sock")) {
+            breaker_during = s["breaker"].as_str().unwrap_or("").to_string();
+        }
+    }
+    follow.poll();
+    let stored_at_return = follow.lines;
+    let lst = listener(&bin.join("apm-listener"), &listen, &out, &llog)?;
+    let back = Instant::now();
+    let sent_at_return = sender.sent();
+    let mut first = None;
+    let deadline = back + Duration::from_mins(5);
+    let end = loop {
+        follow.poll();
+        if first.is_none() && follow.lines > stored_at_return {
+            first = Some(back.elapsed());
+        }
+        if follow.all_below(sent_at_return) {
+            break back.elapsed();
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the backlog was not stored within 5 min of the listener's return; see {}",
+                alog.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let c = CatchUp {
+        backlog: sent_at_return.saturating_sub(stored_at_return),
+        first: first.unwrap_or(end),
+        end,
+        breaker_during,
+    };
+    eprintln!(
+        "bench:   first stored {:?} after the return, backlog of {} stored {:?} after it",
+        c.first, c.backlog, c.end
+    );
+    drop(sender);
+    let mut agent = agent;
+    let _ = agent.terminate(Duration::from_secs(30));
+    let mut lst = lst;
+    let _ = lst.terminate(Duration::from_secs(10));
+    Ok(section(&latency, &c, host))
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".into(), |s| format!("{:.0} ms", s * 1000.0))
+}
+
+fn section(latency: &[Latency], c: &CatchUp, host: &str) -> String {
+    let mut s = format!(
+        "Measured by `cargo xtask bench --only catchup` (one run; agent and listener at their \
+         defaults, {SIZE} B profiles from a paced blocking sender; {host}).\n\n\
+         **Added latency**, receive → OK ack per profile (`apm_delivery_latency_seconds`, the \
+         {}-s window after 2 s at the rate; quantiles interpolated inside 25 % buckets). Aim: \
+         p99 under `batch.max_age` (500 ms).\n\n\
+         | rate (profiles/s) | profiles acked in the window | p50 | p99 | p99 < 500 ms |\n|---|---|---|---|---|\n",
+        WINDOW.as_secs()
+    );
+    for l in latency {
+        s.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {} |\n",
+            l.rate,
+            l.profiles,
+            ms(l.p50),
+            ms(l.p99),
+            match l.p99 {
+                Some(p) if p < 0.5 => "yes",
+                Some(_) => "**no**",
+                None => "–",
+            }
+        ));
+    }
+    let replay = c.backlog as f64 / c.end.as_secs_f64().max(0.001);
+    s.push_str(&format!(
+        "\n**Catch-up** at {OUTAGE_RATE}/s, listener SIGKILLed for {} s and started again on \
+         the same address (breaker `{}` at the end of the outage). Times from the listener's \
+         return (its \"listening on\" line), read from its file:\n\n\
+         | first profile stored | whole backlog stored | backlog (profiles) | backlog rate while live traffic goes on |\n|---|---|---|---|\n\
+         | {:.2} s | {:.2} s | {} | {:.0} profiles/s |\n\n\
+         Aim: delivery resumes within 2 s of the return: **{}**.\n\n\
+         Reading the figures: below ~2000/s (`batch.max_items` 1000 per `batch.max_age` 500 ms) \
+         batches are sealed by age, so the first profile of each waits the whole 500 ms by \
+         design and p99 is the batch age plus the ack round trip; above it they are sealed by \
+         count and the wait shrinks with the rate. The backlog is replayed at \
+         `spool.replay_batches_per_s` (default 20 batches/s, ~20k profiles/s at 1000 per batch) \
+         beside the live traffic, not at whatever the listener could take: raising that key \
+         shortens the replay.\n",
+        OUTAGE.as_secs(),
+        c.breaker_during,
+        c.first.as_secs_f64(),
+        c.end.as_secs_f64(),
+        c.backlog,
+        replay,
+        if c.first <= Duration::from_secs(2) {
+            "MET"
+        } else {
+            "NOT MET"
+        }
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket() {
+        let before = vec![(0.1, 0.0), (0.2, 0.0), (f64::INFINITY, 0.0)];
+        let after = vec![(0.1, 50.0), (0.2, 100.0), (f64::INFINITY, 100.0)];
+        assert!((quantile(&before, &after, 0.5).unwrap() - 0.1).abs() < 1e-9);
+        assert!((quantile(&before, &after, 0.99).unwrap() - 0.198).abs() < 1e-9);
+        assert_eq!(quantile(&after, &after, 0.5), None);
+    }
+
+    #[test]
+    fn ids_are_read_from_stored_lines() {
+        let line = br#"{"agent_id":"a","seq":1,"received_ns":2,"pid":3,"profile":{"id":"b-42","uri":"/bench"}}"#;
+        assert_eq!(id_of(line), Some(42));
+        assert_eq!(id_of(br#"{"agent_id":"b-1"}"#), None);
+    }
+}
