@@ -3,6 +3,9 @@
 //! breaks, an ack times out, or the listener answers RETRY, the unacknowledged batches go back
 //! to the router (which resends or spools them) and the transport reconnects with jittered
 //! exponential backoff. Resends are safe: the listener deduplicates by `(agent_id, seq)`.
+//! With several listener replicas (`central.endpoints`), a failed connect or a broken stream
+//! moves the transport to the next one, so a resend may reach another replica: the replicas
+//! share their dedup state through the JetStream store (docs/scaling.md).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -27,8 +30,12 @@ use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("central.endpoint `{endpoint}`: {reason}")]
-    Endpoint { endpoint: String, reason: String },
+    #[error("{key} `{endpoint}`: {reason}")]
+    Endpoint {
+        key: &'static str,
+        endpoint: String,
+        reason: String,
+    },
     #[error("{key}: {reason}")]
     Token { key: &'static str, reason: String },
     #[error("cannot read {what} {path}: {source}")]
@@ -101,7 +108,9 @@ pub struct Transport {
     pub hostname: String,
     pub telemetry: Arc<Telemetry>,
     pub host_stats: HostStatsFn,
-    endpoint: Endpoint,
+    /// The listener endpoints (`central.endpoints`, or `central.endpoint` alone), each with
+    /// its URI for the logs; the transport dials them in turn.
+    endpoints: Vec<(String, Endpoint)>,
     token: Arc<BearerToken>,
 }
 
@@ -166,6 +175,44 @@ impl BearerToken {
     }
 }
 
+/// The tonic endpoint of `uri` with the connection, TLS and keep-alive settings of `cfg`.
+fn endpoint(cfg: &CentralConfig, uri: &str) -> Result<Endpoint, TransportError> {
+    let bad = |reason: String| TransportError::Endpoint {
+        key: if cfg.endpoints.is_empty() {
+            "central.endpoint"
+        } else {
+            "central.endpoints"
+        },
+        endpoint: uri.to_string(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(uri.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(cfg.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if uri.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        match &cfg.tls_ca_file {
+            Some(p) => {
+                let pem = std::fs::read(p).map_err(|source| TransportError::File {
+                    what: "central.tls_ca_file",
+                    path: p.clone(),
+                    source,
+                })?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            None => tls = tls.with_webpki_roots(),
+        }
+        if let Some(d) = &cfg.tls_domain {
+            tls = tls.domain_name(d.clone());
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(endpoint)
+}
+
 impl Transport {
     pub fn new(
         cfg: CentralConfig,
@@ -174,34 +221,11 @@ impl Transport {
         telemetry: Arc<Telemetry>,
         host_stats: HostStatsFn,
     ) -> Result<Self, TransportError> {
-        let bad = |reason: String| TransportError::Endpoint {
-            endpoint: cfg.endpoint.clone(),
-            reason,
-        };
-        let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(cfg.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
-        if cfg.endpoint.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            match &cfg.tls_ca_file {
-                Some(p) => {
-                    let pem = std::fs::read(p).map_err(|source| TransportError::File {
-                        what: "central.tls_ca_file",
-                        path: p.clone(),
-                        source,
-                    })?;
-                    tls = tls.ca_certificate(Certificate::from_pem(pem));
-                }
-                None => tls = tls.with_webpki_roots(),
-            }
-            if let Some(d) = &cfg.tls_domain {
-                tls = tls.domain_name(d.clone());
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
-        }
+        let endpoints = cfg
+            .targets()
+            .into_iter()
+            .map(|uri| Ok((uri.to_string(), endpoint(&cfg, uri)?)))
+            .collect::<Result<Vec<_>, TransportError>>()?;
         let token = Arc::new(BearerToken::new(&cfg)?);
         Ok(Self {
             cfg,
@@ -209,7 +233,7 @@ impl Transport {
             hostname,
             telemetry,
             host_stats,
-            endpoint,
+            endpoints,
             token,
         })
     }
@@ -231,7 +255,10 @@ impl Transport {
         // Connect lazily, with a batch in hand: while the router's breaker holds batches back,
         // nothing reaches us and we do not dial a dead listener.
         let mut carry: Option<Batch> = None;
+        // Which of `endpoints` to dial: the next one after a failed connect or a broken stream.
+        let mut at = 0usize;
         loop {
+            let (uri, endpoint) = &self.endpoints[at % self.endpoints.len()];
             if carry.is_none() {
                 carry = tokio::select! {
                     b = input.recv() => match b { Some(b) => Some(b), None => break },
@@ -239,14 +266,15 @@ impl Transport {
                 };
             }
             let channel = tokio::select! {
-                c = self.endpoint.connect() => c,
+                c = endpoint.connect() => c,
                 () = stop.cancelled() => break,
             };
             let channel = match channel {
                 Ok(c) => c,
                 Err(e) => {
                     let error = error_chain(&e);
-                    tracing::warn!(endpoint = %self.cfg.endpoint, error = %error, "cannot connect to the central listener");
+                    tracing::warn!(endpoint = %uri, error = %error, "cannot connect to the central listener");
+                    at += 1;
                     self.telemetry.send_failures.inc();
                     let _ = outcomes.send(Outcome::ConnectFailed {
                         error: error.clone(),
@@ -268,6 +296,7 @@ impl Transport {
             let SessionEnd { clean, input_open } = self
                 .session(
                     channel,
+                    uri,
                     &mut input,
                     carry.take(),
                     &outcomes,
@@ -279,6 +308,7 @@ impl Transport {
                 break;
             }
             if !clean {
+                at += 1;
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                     () = stop.cancelled() => break,
@@ -305,6 +335,7 @@ impl Transport {
     async fn session(
         &self,
         channel: Channel,
+        uri: &str,
         input: &mut mpsc::Receiver<Batch>,
         first: Option<Batch>,
         outcomes: &mpsc::UnboundedSender<Outcome>,
@@ -347,7 +378,7 @@ impl Transport {
                 return SessionEnd::FAILED;
             }
         };
-        tracing::info!(endpoint = %self.cfg.endpoint, "streaming to the central listener");
+        tracing::info!(endpoint = %uri, "streaming to the central listener");
         let _ = outcomes.send(Outcome::Connected);
         let mut w = Window {
             t: self,
