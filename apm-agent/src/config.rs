@@ -662,8 +662,7 @@ impl CentralConfig {
                 ),
             ));
         }
-        if (self.token.is_some() || self.token_file.is_some()) && !endpoint_is_loopback(endpoint)
-        {
+        if (self.token.is_some() || self.token_file.is_some()) && !endpoint_is_loopback(endpoint) {
             let token_key = if self.token_file.is_some() {
                 "central.token_file"
             } else {
@@ -989,6 +988,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sometimes") && err.contains("mode"), "{err}");
+    }
+
+    /// `central.endpoints` replaces `central.endpoint` when set; each entry is checked like
+    /// `endpoint`, and errors name `central.endpoints`.
+    #[test]
+    fn endpoints_list_is_used_and_checked_entry_by_entry() {
+        let cfg = Config::from_toml(
+            "[central]\nendpoints = [\"http://127.0.0.1:1\", \"https://10.0.0.2:2\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.central.targets(),
+            vec!["http://127.0.0.1:1", "https://10.0.0.2:2"]
+        );
+        assert_eq!(
+            Config::default().central.targets(),
+            vec!["http://127.0.0.1:7421"]
+        );
+        let err = Config::from_toml("[central]\nendpoints = [\"http://a:1\", \"ftp://b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config key `central.endpoints`") && err.contains("ftp://b"),
+            "{err}"
+        );
+        let err = Config::from_toml(
+            "[central]\ntoken = \"t\"\nendpoints = [\"http://127.0.0.1:1\", \"http://10.0.0.9:1\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("central.token") && err.contains("10.0.0.9"),
+            "{err}"
+        );
     }
 
     #[test]

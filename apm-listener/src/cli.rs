@@ -112,6 +112,11 @@ pub struct ExportArgs {
     /// fdatasync each write before acking it to JetStream.
     #[arg(long)]
     pub fsync: bool,
+    /// A message delivered to this exporter and not acked within this long is delivered again
+    /// (a fetch lost with its connection to a NATS node comes back after it).
+    #[arg(long, value_name = "DURATION", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub ack_wait: Duration,
     /// Messages fetched, written and acked per round at most.
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -123,13 +128,16 @@ pub struct ExportArgs {
 impl ExportArgs {
     pub fn into_config(self) -> Result<ExportConfig, String> {
         let StoreSpec::JetStream(servers) = self.store else {
-            return Err("export reads a JetStream store: --store jetstream:nats://HOST:PORT".into());
+            return Err(
+                "export reads a JetStream store: --store jetstream:nats://HOST:PORT".into(),
+            );
         };
         Ok(ExportConfig {
             js: self.js.config(servers),
             durable: self.durable,
             out: self.out,
             fsync: self.fsync,
+            ack_wait: self.ack_wait,
             batch: self.batch as usize,
         })
     }
@@ -317,6 +325,56 @@ mod tests {
         assert_eq!(cfg.faults.drop_before_ack, Some(3));
         assert_eq!(cfg.faults.ack_delay, Duration::from_millis(250));
         assert_eq!(cfg.faults.fail_first, 2);
+    }
+
+    /// `--store jetstream:` with no other flag gives `JetStreamConfig::new`'s defaults (the
+    /// documented ones), and `--store file:` is `--out`.
+    #[test]
+    fn store_flag_selects_the_store_with_documented_defaults() {
+        let cfg = parse(&[
+            "--store",
+            "jetstream:nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+        ])
+        .expect("parses")
+        .into_config();
+        let servers = vec![
+            "nats://127.0.0.1:4222".to_string(),
+            "nats://127.0.0.1:4223".to_string(),
+        ];
+        assert_eq!(cfg.jetstream, Some(JetStreamConfig::new(servers)));
+        let cfg = parse(&["--store", "file:/tmp/x.jsonl"])
+            .expect("parses")
+            .into_config();
+        assert_eq!(
+            (cfg.out, cfg.jetstream),
+            (PathBuf::from("/tmp/x.jsonl"), None)
+        );
+        let e = parse(&["--store", "s3:bucket"])
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("--store") && e.contains("jetstream:"), "{e}");
+        let e = parse(&["--out", "o", "--store", "file:p"])
+            .expect_err("one or the other")
+            .to_string();
+        assert!(e.contains("--store"), "{e}");
+        let e = parse(&["export", "--store", "file:p", "--out", "o"])
+            .expect("parses")
+            .command
+            .map(|Command::Export(x)| x.into_config().expect_err("needs jetstream"));
+        assert!(e.is_some_and(|e| e.contains("jetstream:")));
+        let Some(Command::Export(x)) =
+            parse(&["export", "--store", "jetstream:nats://h:1", "--out", "o"])
+                .expect("parses")
+                .command
+        else {
+            panic!("export subcommand");
+        };
+        let x = x.into_config().expect("config");
+        assert_eq!(
+            (x.durable.as_str(), x.batch, x.fsync),
+            ("apm-export", 256, false)
+        );
+        assert_eq!(x.js.stream, "APM_PROFILES");
     }
 
     #[test]

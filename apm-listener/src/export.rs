@@ -46,6 +46,8 @@ pub struct ExportConfig {
     pub durable: String,
     pub out: PathBuf,
     pub fsync: bool,
+    /// Redelivery of a message not acked by then.
+    pub ack_wait: Duration,
     /// Messages fetched (and written, then acked) at most per round.
     pub batch: usize,
 }
@@ -91,8 +93,9 @@ pub async fn run(
             consumer::pull::Config {
                 durable_name: Some(cfg.durable.clone()),
                 ack_policy: consumer::AckPolicy::Explicit,
-                // A message not acked by then (exporter stuck or dead) is delivered again.
-                ack_wait: Duration::from_secs(60),
+                // A message not acked by then (exporter stuck or dead, a fetch lost with its
+                // connection) is delivered again; the file's dedup makes that harmless.
+                ack_wait: cfg.ack_wait,
                 max_ack_pending: 10_000,
                 ..consumer::pull::Config::default()
             },
@@ -169,7 +172,10 @@ impl ExportWriter {
             let first = body.split(|&b| b == b'\n').next().unwrap_or_default();
             let Some(key) = parse_key(first, &mut self.scratch) else {
                 self.summary.foreign_messages += 1;
-                warn!(bytes = body.len(), "message is not a listener batch; skipped");
+                warn!(
+                    bytes = body.len(),
+                    "message is not a listener batch; skipped"
+                );
                 continue;
             };
             let series = key.series();

@@ -56,9 +56,9 @@ pub const DEFAULT_SUBJECT: &str = "apm.profiles";
 /// Default duplicate window (`--js-duplicate-window`): longer than any agent's resend of an
 /// unacked batch takes in practice (ack timeout 15 s + backoff up to 30 s + a breaker period),
 /// short enough that JetStream's per-stream id table stays small (ids of the last 10 minutes).
-pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_mins(10);
 /// Default retention (`--js-max-age`): a week for the exporters to catch up after an outage.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_hours(7 * 24);
 
 /// Where and how the JetStream store publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +105,9 @@ pub fn parse_servers(list: &str) -> Result<Vec<String>, String> {
         .map(str::to_string)
         .collect();
     if servers.is_empty() {
-        return Err("jetstream: needs at least one server, e.g. jetstream:nats://127.0.0.1:4222".into());
+        return Err(
+            "jetstream: needs at least one server, e.g. jetstream:nats://127.0.0.1:4222".into(),
+        );
     }
     for s in &servers {
         s.parse::<ServerAddr>()
@@ -131,12 +133,11 @@ pub fn message_id(agent_id: &str, epoch: u64, seq: u64) -> String {
 }
 
 /// Connects to NATS, retrying until `cfg.start_timeout` (servers may still be starting).
-pub async fn connect(cfg: &JetStreamConfig, name: &str) -> Result<async_nats::Client, JetStreamError> {
-    let addrs: Vec<ServerAddr> = cfg
-        .servers
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
+pub async fn connect(
+    cfg: &JetStreamConfig,
+    name: &str,
+) -> Result<async_nats::Client, JetStreamError> {
+    let addrs: Vec<ServerAddr> = cfg.servers.iter().filter_map(|s| s.parse().ok()).collect();
     let deadline = Instant::now() + cfg.start_timeout;
     loop {
         let opts = ConnectOptions::new()
@@ -224,7 +225,10 @@ trait SubjectOrName {
 
 impl SubjectOrName for stream::Config {
     fn subject_or_name(&self) -> String {
-        self.subjects.first().cloned().unwrap_or_else(|| self.name.clone())
+        self.subjects
+            .first()
+            .cloned()
+            .unwrap_or_else(|| self.name.clone())
     }
 }
 
@@ -253,7 +257,11 @@ pub struct Publisher {
 }
 
 /// A batch whose publish was sent, its body's length, and what JetStream answered.
-type Published = (Submission, usize, Result<jetstream::publish::PublishAck, String>);
+type Published = (
+    Submission,
+    usize,
+    Result<jetstream::publish::PublishAck, String>,
+);
 
 impl Publisher {
     pub fn new(
@@ -308,7 +316,10 @@ impl Publisher {
             return None;
         }
         if self.arrivals <= self.faults.fail_first + self.faults.reject_first {
-            let why = format!("fault injection: --reject-first {}", self.faults.reject_first);
+            let why = format!(
+                "fault injection: --reject-first {}",
+                self.faults.reject_first
+            );
             self.finish(s, Outcome::Rejected(why));
             return None;
         }
@@ -337,7 +348,12 @@ impl Publisher {
             Err(e) => {
                 self.stats.write_errors.fetch_add(1, Relaxed);
                 error!(message_id = %id, error = %e, "publishing to JetStream failed; answered RETRY");
-                self.finish(s, Outcome::Retry(format!("listener cannot store the batch: JetStream publish: {e}")));
+                self.finish(
+                    s,
+                    Outcome::Retry(format!(
+                        "listener cannot store the batch: JetStream publish: {e}"
+                    )),
+                );
                 None
             }
         }
@@ -367,7 +383,9 @@ impl Publisher {
                 // copy answer "duplicate" then.
                 self.stats.write_errors.fetch_add(1, Relaxed);
                 warn!(seq = s.seq, error = %e, "no JetStream ack; answered RETRY");
-                Outcome::Retry(format!("listener cannot store the batch: JetStream ack: {e}"))
+                Outcome::Retry(format!(
+                    "listener cannot store the batch: JetStream ack: {e}"
+                ))
             }
         };
         self.finish(s, outcome);
@@ -389,7 +407,10 @@ mod tests {
 
     #[test]
     fn message_ids_are_one_to_one_and_header_safe() {
-        assert_eq!(message_id("web-1.example", 0, 7), "a:web-1.example:0000000000000000:7");
+        assert_eq!(
+            message_id("web-1.example", 0, 7),
+            "a:web-1.example:0000000000000000:7"
+        );
         assert_eq!(message_id("a", 0xab, 1), "a:a:00000000000000ab:1");
         // `:` or bytes a header cannot carry: hex, another prefix.
         assert_eq!(message_id("a:1", 0, 2), "x:613a31:0000000000000000:2");
@@ -417,7 +438,15 @@ mod tests {
             parse_servers("nats://127.0.0.1:4222, nats://127.0.0.1:4223").unwrap(),
             vec!["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
         );
-        assert!(parse_servers("").unwrap_err().contains("at least one server"));
-        assert!(parse_servers("nats://[bad").unwrap_err().contains("nats://[bad"));
+        assert!(
+            parse_servers("")
+                .unwrap_err()
+                .contains("at least one server")
+        );
+        assert!(
+            parse_servers("nats://[bad")
+                .unwrap_err()
+                .contains("nats://[bad")
+        );
     }
 }

@@ -26,9 +26,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
 
+use crate::jetstream::{JetStreamConfig, JetStreamError, Publisher, PublisherFaults};
 use crate::service::{CollectorService, Shared};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::jetstream::{JetStreamConfig, JetStreamError, Publisher, PublisherFaults};
 use crate::store::{self, StoreError, Writer, WriterMsg, WriterOptions};
 
 /// Batches queued for the writer, over all streams.

@@ -592,7 +592,10 @@ pub fn record(stats: &Stats, outcome: &Outcome, batch: &EncodedBatch) {
     }
 }
 
-pub(crate) fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+pub(crate) fn write_all_vectored(
+    file: &mut File,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
     while !slices.is_empty() {
         match file.write_vectored(slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

