@@ -266,6 +266,12 @@ impl Listener {
             limits = ?cfg.limits,
             "apm-listener serving"
         );
+        if cfg.jetstream.is_some() && cfg.fsync {
+            // Durability is the stream's (a quorum of NATS nodes), not a local file's.
+            warn!(
+                "--fsync has no effect with --store jetstream: (the stream's replicas make a batch durable)"
+            );
+        }
         if cfg.faults.drop_before_ack.is_some()
             || cfg.faults.fail_first > 0
             || cfg.faults.reject_first > 0
