@@ -648,6 +648,121 @@ mod tests {
         }
     }
 
+    /// A listener replica that acks every batch OK (`ok`), or breaks every stream at its
+    /// first batch without an ack (a replica dying mid-stream).
+    struct Replica {
+        ok: bool,
+    }
+
+    #[tonic::async_trait]
+    impl apm_proto::collector_server::Collector for Replica {
+        type StreamStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<apm_proto::Ack, tonic::Status>> + Send>,
+        >;
+        async fn stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<apm_proto::Batch>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            let ok = self.ok;
+            tokio::spawn(async move {
+                while let Ok(Some(b)) = inbound.message().await {
+                    let reply = if ok {
+                        Ok(apm_proto::Ack {
+                            seq: b.seq,
+                            status: AckStatus::Ok as i32,
+                            message: String::new(),
+                        })
+                    } else {
+                        Err(tonic::Status::unavailable("replica going down"))
+                    };
+                    if tx.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    /// Serves a [`Replica`] on a free loopback port; its `http://` URI.
+    async fn replica(ok: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(apm_proto::collector_server::CollectorServer::new(Replica {
+                    ok,
+                }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    /// With `central.endpoints`, a refused connect and a stream broken before its ack both move
+    /// the transport to the next endpoint: the batch handed back (as the router resends it) is
+    /// acked by the live replica, not sent to the dead ones again and again.
+    #[tokio::test]
+    async fn a_failed_connect_or_broken_stream_moves_to_the_next_endpoint() {
+        // Bound and closed again: connections there are refused.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            format!("http://{}", l.local_addr().expect("addr"))
+        };
+        let breaking = replica(false).await;
+        let live = replica(true).await;
+        let cfg = CentralConfig {
+            endpoints: vec![dead, breaking, live],
+            compression: Compression::None,
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(20),
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a1".into(),
+            "h".into(),
+            Telemetry::new(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        in_tx.send(batch(7)).await.expect("send");
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let acked = loop {
+            let o = tokio::time::timeout_at(deadline, out_rx.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    seen.truncate(6);
+                    panic!("no ack within 10 s; first outcomes: {seen:?}")
+                })
+                .expect("outcome");
+            match o {
+                Outcome::Returned { batch, reason } => {
+                    seen.push(format!("returned: {reason}"));
+                    in_tx.send(batch).await.expect("resend");
+                }
+                Outcome::Acked { seq, .. } => break seq,
+                Outcome::ConnectFailed { error } => seen.push(format!("connect failed: {error}")),
+                Outcome::Connected => seen.push("connected".into()),
+                Outcome::Rejected { message, .. } => panic!("rejected: {message}"),
+            }
+        };
+        assert_eq!(acked, 7);
+        // One refused connect, one broken stream, then the live replica: nothing more.
+        let returned = seen.iter().filter(|s| s.starts_with("returned")).count();
+        assert_eq!(returned, 2, "{seen:?}");
+        stop.cancel();
+        run.await.expect("transport ends");
+    }
+
     fn batch(seq: u64) -> Batch {
         Batch {
             seq,
