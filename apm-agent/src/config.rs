@@ -132,6 +132,9 @@ pub enum Compression {
 pub struct CentralConfig {
     /// gRPC endpoint of the central listener (`http://` or `https://`).
     pub endpoint: String,
+    /// Several listener replicas (docs/scaling.md): when non-empty, used instead of `endpoint`.
+    /// The agent dials the first and moves to the next on a failed connect or a broken stream.
+    pub endpoints: Vec<String>,
     /// Stable id of this agent; empty means generated once and kept in `control.state_dir`.
     pub agent_id: String,
     /// Batch compression on the wire.
@@ -170,6 +173,7 @@ impl Default for CentralConfig {
     fn default() -> Self {
         Self {
             endpoint: "http://127.0.0.1:7421".into(), // apm-listener's default --listen
+            endpoints: Vec::new(),                    // one listener: `endpoint`
             agent_id: String::new(),
             compression: Compression::Zstd, // JSON profiles shrink 5-10x for little CPU
             token: None,
@@ -599,21 +603,39 @@ impl BatchConfig {
 }
 
 impl CentralConfig {
+    /// The listener endpoints the transport dials, in order: `endpoints`, or else `endpoint`.
+    pub fn targets(&self) -> Vec<&str> {
+        if self.endpoints.is_empty() {
+            vec![self.endpoint.as_str()]
+        } else {
+            self.endpoints.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// The key that names the endpoints in use, for error messages.
+    fn endpoint_key(&self) -> &'static str {
+        if self.endpoints.is_empty() {
+            "central.endpoint"
+        } else {
+            "central.endpoints"
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
-            return Err(bad(
-                "central.endpoint",
-                format!("`{}` must start with http:// or https://", self.endpoint),
-            ));
-        }
-        if self.endpoint.starts_with("http://") {
-            self.validate_plain_http()?;
-        }
-        if self.endpoint.parse::<tonic::transport::Uri>().is_err() {
-            return Err(bad(
-                "central.endpoint",
-                format!("`{}` is not a valid URI", self.endpoint),
-            ));
+        let key = self.endpoint_key();
+        for endpoint in self.targets() {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(bad(
+                    key,
+                    format!("`{endpoint}` must start with http:// or https://"),
+                ));
+            }
+            if endpoint.starts_with("http://") {
+                self.validate_plain_http(endpoint)?;
+            }
+            if endpoint.parse::<tonic::transport::Uri>().is_err() {
+                return Err(bad(key, format!("`{endpoint}` is not a valid URI")));
+            }
         }
         if self.max_in_flight == 0 {
             return Err(bad("central.max_in_flight", "must be at least 1"));
@@ -637,52 +659,51 @@ impl CentralConfig {
 impl CentralConfig {
     /// Over plain `http://`, TLS settings would be ignored (always a mistake), and a bearer
     /// token would cross the network in clear text unless the listener is on this host.
-    fn validate_plain_http(&self) -> Result<(), ConfigError> {
+    fn validate_plain_http(&self, endpoint: &str) -> Result<(), ConfigError> {
+        let key = self.endpoint_key();
         if self.tls_ca_file.is_some() || self.tls_domain.is_some() {
-            let key = if self.tls_ca_file.is_some() {
+            let tls_key = if self.tls_ca_file.is_some() {
                 "central.tls_ca_file"
             } else {
                 "central.tls_domain"
             };
             return Err(bad(
-                key,
+                tls_key,
                 format!(
-                    "is a TLS setting but central.endpoint `{}` is plain http://; use an https:// endpoint",
-                    self.endpoint
+                    "is a TLS setting but {key} `{endpoint}` is plain http://; use an https:// endpoint"
                 ),
             ));
         }
-        if (self.token.is_some() || self.token_file.is_some()) && !self.endpoint_is_loopback() {
-            let key = if self.token_file.is_some() {
+        if (self.token.is_some() || self.token_file.is_some()) && !endpoint_is_loopback(endpoint) {
+            let token_key = if self.token_file.is_some() {
                 "central.token_file"
             } else {
                 "central.token"
             };
             return Err(bad(
-                key,
+                token_key,
                 format!(
-                    "a bearer token over plain http:// to `{}` (not loopback) would cross the network in clear text; use an https:// endpoint",
-                    self.endpoint
+                    "a bearer token over plain http:// to `{endpoint}` (not loopback) would cross the network in clear text; use an https:// endpoint"
                 ),
             ));
         }
         Ok(())
     }
+}
 
-    /// The endpoint's host is `localhost` or a loopback address (127.0.0.0/8, ::1).
-    fn endpoint_is_loopback(&self) -> bool {
-        let Ok(uri) = self.endpoint.parse::<tonic::transport::Uri>() else {
-            return false;
-        };
-        let Some(host) = uri.host() else {
-            return false;
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    }
+/// The endpoint's host is `localhost` or a loopback address (127.0.0.0/8, ::1).
+fn endpoint_is_loopback(endpoint: &str) -> bool {
+    let Ok(uri) = endpoint.parse::<tonic::transport::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A secret from the configuration (the bearer token): read and written as a plain string, but
@@ -979,6 +1000,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sometimes") && err.contains("mode"), "{err}");
+    }
+
+    /// `central.endpoints` replaces `central.endpoint` when set; each entry is checked like
+    /// `endpoint`, and errors name `central.endpoints`.
+    #[test]
+    fn endpoints_list_is_used_and_checked_entry_by_entry() {
+        let cfg = Config::from_toml(
+            "[central]\nendpoints = [\"http://127.0.0.1:1\", \"https://10.0.0.2:2\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.central.targets(),
+            vec!["http://127.0.0.1:1", "https://10.0.0.2:2"]
+        );
+        assert_eq!(
+            Config::default().central.targets(),
+            vec!["http://127.0.0.1:7421"]
+        );
+        let err = Config::from_toml("[central]\nendpoints = [\"http://a:1\", \"ftp://b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config key `central.endpoints`") && err.contains("ftp://b"),
+            "{err}"
+        );
+        let err = Config::from_toml(
+            "[central]\ntoken = \"t\"\nendpoints = [\"http://127.0.0.1:1\", \"http://10.0.0.9:1\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("central.token") && err.contains("10.0.0.9"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,8 +8,10 @@
 
 pub mod auth;
 pub mod cli;
+pub mod export;
 pub mod format;
 pub mod intervals;
+pub mod jetstream;
 pub mod server;
 pub mod service;
 pub mod stats;

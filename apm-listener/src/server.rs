@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
 
+use crate::jetstream::{JetStreamConfig, JetStreamError, Publisher, PublisherFaults};
 use crate::service::{CollectorService, Shared};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{self, StoreError, Writer, WriterMsg, WriterOptions};
@@ -60,6 +61,14 @@ pub enum ServerError {
     Join(tokio::task::JoinError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    JetStream(#[from] JetStreamError),
+}
+
+/// The store's writer: the file store's thread or the JetStream publisher's task.
+enum WriterHandle {
+    Thread(std::thread::JoinHandle<()>),
+    Task(JoinHandle<()>),
 }
 
 /// PEM files of the server certificate (chain) and its private key.
@@ -113,7 +122,10 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     pub listen: SocketAddr,
+    /// The file store's output file (unused when `jetstream` is set).
     pub out: PathBuf,
+    /// Store into this JetStream stream instead of `out` (`--store jetstream:...`).
+    pub jetstream: Option<JetStreamConfig>,
     /// Require `authorization: Bearer <token>` (any agent id).
     pub token: Option<String>,
     /// `AGENT_ID TOKEN` lines: each token may only send for its agent id.
@@ -132,6 +144,7 @@ impl ListenerConfig {
         Self {
             listen,
             out,
+            jetstream: None,
             token: None,
             tokens_file: None,
             tls: None,
@@ -150,7 +163,7 @@ pub struct Listener {
     shutdown: CancellationToken,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     writer_tx: mpsc::Sender<WriterMsg>,
-    writer: std::thread::JoinHandle<()>,
+    writer: WriterHandle,
     ticker: JoinHandle<()>,
     health: HealthReporter,
     started: Instant,
@@ -164,22 +177,6 @@ impl Listener {
             (None, Some(token)) => Auth::shared(token),
             (None, None) => Auth::Open,
         };
-        let out = cfg.out.clone();
-        let (file, seen, rec) = tokio::task::spawn_blocking(move || store::open(&out))
-            .await
-            .map_err(ServerError::Join)??;
-        info!(
-            path = %cfg.out.display(),
-            batches = rec.batches,
-            lines = rec.lines,
-            agents = seen.len(),
-            ranges = seen.values().map(super::intervals::IntervalSet::range_count).sum::<usize>(),
-            foreign_lines = rec.foreign_lines,
-            broken_batches = rec.broken_batches,
-            truncated_bytes = rec.truncated_bytes,
-            "output file recovered"
-        );
-
         let tls = match &cfg.tls {
             Some(files) => {
                 let read = |what, path: &PathBuf| {
@@ -197,17 +194,11 @@ impl Listener {
         };
 
         let stats = Arc::new(Stats::default());
-        let opts = WriterOptions {
-            fsync: cfg.fsync,
-            max_series: cfg.limits.max_series,
-            max_ranges: cfg.limits.max_ranges,
-            fail_first: cfg.faults.fail_first,
-            reject_first: cfg.faults.reject_first,
-            drop_before_ack: cfg.faults.drop_before_ack,
-        };
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
-        let writer = Writer::new(file, cfg.out.clone(), rec.len, seen, opts, stats.clone())
-            .spawn(writer_rx)?;
+        let writer = match &cfg.jetstream {
+            Some(js) => start_publisher(js, &cfg.faults, stats.clone(), writer_rx).await?,
+            None => start_file_writer(&cfg, stats.clone(), writer_rx).await?,
+        };
 
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -267,6 +258,7 @@ impl Listener {
         info!(
             addr = %local_addr,
             out = %cfg.out.display(),
+            jetstream = cfg.jetstream.as_ref().map(|j| format!("{} stream {} subject {}", j.servers.join(","), j.stream, j.subject)),
             tls = cfg.tls.is_some(),
             token = cfg.token.is_some(),
             tokens_file = cfg.tokens_file.as_ref().map(|p| p.display().to_string()),
@@ -274,6 +266,12 @@ impl Listener {
             limits = ?cfg.limits,
             "apm-listener serving"
         );
+        if cfg.jetstream.is_some() && cfg.fsync {
+            // Durability is the stream's (a quorum of NATS nodes), not a local file's.
+            warn!(
+                "--fsync has no effect with --store jetstream: (the stream's replicas make a batch durable)"
+            );
+        }
         if cfg.faults.drop_before_ack.is_some()
             || cfg.faults.fail_first > 0
             || cfg.faults.reject_first > 0
@@ -337,8 +335,14 @@ impl Listener {
         // Everything queued before Stop is written and answered; later batches are not acked.
         let _ = self.writer_tx.send(WriterMsg::Stop).await;
         drop(self.writer_tx);
-        let writer = self.writer;
-        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        match self.writer {
+            WriterHandle::Thread(writer) => {
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            }
+            WriterHandle::Task(task) => {
+                let _ = task.await;
+            }
+        }
         let snap = self.stats.snapshot();
         snap.log(
             "apm-listener stopped",
@@ -347,6 +351,66 @@ impl Listener {
         );
         served.map(|()| snap)
     }
+}
+
+/// Recovers the output file and starts the file store's writer thread.
+async fn start_file_writer(
+    cfg: &ListenerConfig,
+    stats: Arc<Stats>,
+    rx: mpsc::Receiver<WriterMsg>,
+) -> Result<WriterHandle, ServerError> {
+    let out = cfg.out.clone();
+    let (file, seen, rec) = tokio::task::spawn_blocking(move || store::open(&out))
+        .await
+        .map_err(ServerError::Join)??;
+    info!(
+        path = %cfg.out.display(),
+        batches = rec.batches,
+        lines = rec.lines,
+        agents = seen.len(),
+        ranges = seen.values().map(super::intervals::IntervalSet::range_count).sum::<usize>(),
+        foreign_lines = rec.foreign_lines,
+        broken_batches = rec.broken_batches,
+        truncated_bytes = rec.truncated_bytes,
+        "output file recovered"
+    );
+    let opts = WriterOptions {
+        fsync: cfg.fsync,
+        max_series: cfg.limits.max_series,
+        max_ranges: cfg.limits.max_ranges,
+        fail_first: cfg.faults.fail_first,
+        reject_first: cfg.faults.reject_first,
+        drop_before_ack: cfg.faults.drop_before_ack,
+    };
+    let writer = Writer::new(file, cfg.out.clone(), rec.len, seen, opts, stats).spawn(rx)?;
+    Ok(WriterHandle::Thread(writer))
+}
+
+/// Connects to NATS, makes sure the stream exists, and starts the JetStream publisher.
+async fn start_publisher(
+    js: &JetStreamConfig,
+    faults: &Faults,
+    stats: Arc<Stats>,
+    rx: mpsc::Receiver<WriterMsg>,
+) -> Result<WriterHandle, ServerError> {
+    let client = crate::jetstream::connect(js, "apm-listener").await?;
+    let ctx = async_nats::jetstream::ContextBuilder::new()
+        .timeout(js.publish_timeout)
+        .build(client);
+    crate::jetstream::ensure_stream(&ctx, js).await?;
+    info!(servers = %js.servers.join(","), stream = %js.stream, subject = %js.subject,
+          replicas = js.replicas, duplicate_window = ?js.duplicate_window, "JetStream store ready");
+    let publisher = Publisher::new(
+        ctx,
+        js.subject.clone(),
+        stats,
+        PublisherFaults {
+            fail_first: faults.fail_first,
+            reject_first: faults.reject_first,
+            drop_before_ack: faults.drop_before_ack,
+        },
+    );
+    Ok(WriterHandle::Task(tokio::spawn(publisher.run(rx))))
 }
 
 /// A connection that holds one of the `--max-connections` permits until it is dropped.

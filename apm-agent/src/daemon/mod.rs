@@ -41,7 +41,7 @@ pub async fn run(
     let (pid, deps, fd_store) = acquire(&cfg, config_path, &inherited)?;
     let mut pipeline = Pipeline::spawn(&cfg, deps).await?;
     let signals = signals::install()?;
-    tracing::info!(agent_id = %pipeline.status.agent_id, endpoint = %cfg.central.endpoint, socket = %cfg.ingest.socket.display(), "agent ready");
+    tracing::info!(agent_id = %pipeline.status.agent_id, endpoint = %cfg.central.targets().join(","), socket = %cfg.ingest.socket.display(), "agent ready");
     handover::notify_ready("receiving profiles", inherited.ready.take());
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         let (live, status) = (pipeline.live.clone(), pipeline.status.clone());

@@ -9,6 +9,10 @@
 //! `grpc.health.v1` check. Each finding goes to the router as [`Outcome::Reachability`], so the
 //! breaker half-opens as soon as the listener answers again rather than after its grown open
 //! period (see `breaker.rs`).
+//!
+//! With several listener replicas (`central.endpoints`), a failed connect or a broken stream
+//! moves the transport to the next one, so a resend may reach another replica: the replicas
+//! share their dedup state through the JetStream store (docs/scaling.md).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,8 +37,12 @@ use crate::telemetry::Telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("central.endpoint `{endpoint}`: {reason}")]
-    Endpoint { endpoint: String, reason: String },
+    #[error("{key} `{endpoint}`: {reason}")]
+    Endpoint {
+        key: &'static str,
+        endpoint: String,
+        reason: String,
+    },
     #[error("{key}: {reason}")]
     Token { key: &'static str, reason: String },
     #[error("cannot read {what} {path}: {source}")]
@@ -123,7 +131,9 @@ pub struct Transport {
     pub hostname: String,
     pub telemetry: Arc<Telemetry>,
     pub host_stats: HostStatsFn,
-    endpoint: Endpoint,
+    /// The listener endpoints (`central.endpoints`, or `central.endpoint` alone), each with
+    /// its URI for the logs; the transport dials them in turn.
+    endpoints: Vec<(String, Endpoint)>,
     token: Arc<BearerToken>,
 }
 
@@ -188,6 +198,44 @@ impl BearerToken {
     }
 }
 
+/// The tonic endpoint of `uri` with the connection, TLS and keep-alive settings of `cfg`.
+fn endpoint(cfg: &CentralConfig, uri: &str) -> Result<Endpoint, TransportError> {
+    let bad = |reason: String| TransportError::Endpoint {
+        key: if cfg.endpoints.is_empty() {
+            "central.endpoint"
+        } else {
+            "central.endpoints"
+        },
+        endpoint: uri.to_string(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(uri.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(cfg.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if uri.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        match &cfg.tls_ca_file {
+            Some(p) => {
+                let pem = std::fs::read(p).map_err(|source| TransportError::File {
+                    what: "central.tls_ca_file",
+                    path: p.clone(),
+                    source,
+                })?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            None => tls = tls.with_webpki_roots(),
+        }
+        if let Some(d) = &cfg.tls_domain {
+            tls = tls.domain_name(d.clone());
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(endpoint)
+}
+
 impl Transport {
     pub fn new(
         cfg: CentralConfig,
@@ -196,34 +244,11 @@ impl Transport {
         telemetry: Arc<Telemetry>,
         host_stats: HostStatsFn,
     ) -> Result<Self, TransportError> {
-        let bad = |reason: String| TransportError::Endpoint {
-            endpoint: cfg.endpoint.clone(),
-            reason,
-        };
-        let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(cfg.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
-        if cfg.endpoint.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            match &cfg.tls_ca_file {
-                Some(p) => {
-                    let pem = std::fs::read(p).map_err(|source| TransportError::File {
-                        what: "central.tls_ca_file",
-                        path: p.clone(),
-                        source,
-                    })?;
-                    tls = tls.ca_certificate(Certificate::from_pem(pem));
-                }
-                None => tls = tls.with_webpki_roots(),
-            }
-            if let Some(d) = &cfg.tls_domain {
-                tls = tls.domain_name(d.clone());
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
-        }
+        let endpoints = cfg
+            .targets()
+            .into_iter()
+            .map(|uri| Ok((uri.to_string(), endpoint(&cfg, uri)?)))
+            .collect::<Result<Vec<_>, TransportError>>()?;
         let token = Arc::new(BearerToken::new(&cfg)?);
         Ok(Self {
             cfg,
@@ -231,7 +256,7 @@ impl Transport {
             hostname,
             telemetry,
             host_stats,
-            endpoint,
+            endpoints,
             token,
         })
     }
@@ -259,10 +284,13 @@ impl Transport {
         // Connect with a batch in hand; while the router's breaker holds batches back, only
         // checks (at most one per probe interval) reach an unreachable listener.
         let mut carry: Option<Batch> = None;
+        // Which of `endpoints` to dial: the next one after a failed connect or a broken stream.
+        let mut at = 0usize;
         loop {
+            let (uri, endpoint) = &self.endpoints[at % self.endpoints.len()];
             if carry.is_none() {
                 carry = match self
-                    .next_batch(&mut input, &outcomes, &stop, &mut dials)
+                    .next_batch(&mut input, &outcomes, &stop, &mut dials, (uri, endpoint))
                     .await
                 {
                     Some(b) => Some(b),
@@ -277,14 +305,15 @@ impl Transport {
             }
             dials.last = Some(Instant::now());
             let channel = tokio::select! {
-                c = self.dial() => c,
+                c = Self::dial(endpoint) => c,
                 () = stop.cancelled() => break,
             };
             let channel = match channel {
                 Ok(c) => c,
                 Err(e) => {
                     let error = error_chain(&e);
-                    tracing::warn!(endpoint = %self.cfg.endpoint, error = %error, "cannot connect to the central listener");
+                    tracing::warn!(endpoint = %uri, error = %error, "cannot connect to the central listener");
+                    at += 1;
                     self.telemetry.send_failures.inc();
                     let _ = outcomes.send(Outcome::ConnectFailed {
                         error: error.clone(),
@@ -307,7 +336,7 @@ impl Transport {
                 unreachable,
             } = self
                 .session(
-                    channel,
+                    (channel, uri),
                     &mut input,
                     carry.take(),
                     &outcomes,
@@ -320,6 +349,10 @@ impl Transport {
             }
             // The session told the router what it found; the next dial waits for its slot.
             dials.unreachable = unreachable;
+            if !clean {
+                // The next replica, if there are several (`central.endpoints`).
+                at += 1;
+            }
             if !clean && !unreachable {
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => {}
@@ -347,11 +380,11 @@ impl Transport {
     /// themselves when their connection drops; here that would dial again behind the pacing's
     /// back (a listener that accepts and closes would see two connections per dial), and a
     /// broken session is re-dialled by [`Self::run`] anyway.
-    async fn dial(&self) -> Result<Channel, tonic::transport::Error> {
+    async fn dial(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
         let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
-        self.endpoint
+        endpoint
             .connect_with_connector(OneConnection(Some(tcp)))
             .await
     }
@@ -364,6 +397,7 @@ impl Transport {
         outcomes: &mpsc::UnboundedSender<Outcome>,
         stop: &CancellationToken,
         dials: &mut Dials,
+        endpoint: (&str, &Endpoint),
     ) -> Option<Batch> {
         loop {
             let check_at = dials.next_slot().or(dials.unreachable.then(Instant::now));
@@ -373,7 +407,7 @@ impl Transport {
                 () = async { tokio::time::sleep_until(check_at.unwrap()).await }, if check_at.is_some() => {
                     dials.last = Some(Instant::now());
                     let reachable = tokio::select! {
-                        r = self.check() => r,
+                        r = self.check(endpoint) => r,
                         () = stop.cancelled() => return None,
                     };
                     dials.found(reachable, outcomes);
@@ -386,11 +420,11 @@ impl Transport {
     /// but NOT_SERVING counts (a listener without the health service answers UNIMPLEMENTED,
     /// one that wants another token UNAUTHENTICATED: both are up); a failed dial, no answer
     /// within `connect_timeout`, or UNAVAILABLE does not.
-    async fn check(&self) -> bool {
+    async fn check(&self, (uri, endpoint): (&str, &Endpoint)) -> bool {
         use tonic_health::pb::health_check_response::ServingStatus;
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
         let answer = tokio::time::timeout(self.cfg.connect_timeout, async {
-            let channel = self.dial().await.ok()?;
+            let channel = Self::dial(endpoint).await.ok()?;
             let mut client = HealthClient::with_interceptor(channel, Bearer(self.token.clone()));
             Some(
                 client
@@ -406,14 +440,15 @@ impl Transport {
             Ok(Some(Err(status))) => !is_unanswered(status.code()),
             Ok(None) | Err(_) => false,
         };
-        tracing::debug!(endpoint = %self.cfg.endpoint, reachable, "central listener checked");
+        tracing::debug!(endpoint = %uri, reachable, "central listener checked");
         reachable
     }
 
-    /// One stream, until it fails, the input closes, or `stop`.
+    /// One stream on `channel` (to the endpoint `uri`), until it fails, the input closes, or
+    /// `stop`.
     async fn session(
         &self,
-        channel: Channel,
+        (channel, uri): (Channel, &str),
         input: &mut mpsc::Receiver<Batch>,
         first: Option<Batch>,
         outcomes: &mpsc::UnboundedSender<Outcome>,
@@ -465,7 +500,7 @@ impl Transport {
         };
         // The listener answered: a breaker still open since it went away may half-open now.
         let _ = outcomes.send(Outcome::Reachability { reachable: true });
-        tracing::info!(endpoint = %self.cfg.endpoint, "streaming to the central listener");
+        tracing::info!(endpoint = %uri, "streaming to the central listener");
         let _ = outcomes.send(Outcome::Connected);
         let mut w = Window {
             t: self,
@@ -790,6 +825,122 @@ mod tests {
             });
             Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
         }
+    }
+
+    /// A listener replica that acks every batch OK (`ok`), or breaks every stream at its
+    /// first batch without an ack (a replica dying mid-stream).
+    struct Replica {
+        ok: bool,
+    }
+
+    #[tonic::async_trait]
+    impl apm_proto::collector_server::Collector for Replica {
+        type StreamStream = std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = Result<apm_proto::Ack, tonic::Status>> + Send>,
+        >;
+        async fn stream(
+            &self,
+            request: tonic::Request<tonic::Streaming<apm_proto::Batch>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            let ok = self.ok;
+            tokio::spawn(async move {
+                while let Ok(Some(b)) = inbound.message().await {
+                    let reply = if ok {
+                        Ok(apm_proto::Ack {
+                            seq: b.seq,
+                            status: AckStatus::Ok as i32,
+                            message: String::new(),
+                        })
+                    } else {
+                        Err(tonic::Status::unavailable("replica going down"))
+                    };
+                    if tx.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    /// Serves a [`Replica`] on a free loopback port; its `http://` URI.
+    async fn replica(ok: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(apm_proto::collector_server::CollectorServer::new(Replica {
+                    ok,
+                }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    /// With `central.endpoints`, a refused connect and a stream broken before its ack both move
+    /// the transport to the next endpoint: the batch handed back (as the router resends it) is
+    /// acked by the live replica, not sent to the dead ones again and again.
+    #[tokio::test]
+    async fn a_failed_connect_or_broken_stream_moves_to_the_next_endpoint() {
+        // Bound and closed again: connections there are refused.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            format!("http://{}", l.local_addr().expect("addr"))
+        };
+        let breaking = replica(false).await;
+        let live = replica(true).await;
+        let cfg = CentralConfig {
+            endpoints: vec![dead, breaking, live],
+            compression: Compression::None,
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(20),
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a1".into(),
+            "h".into(),
+            Telemetry::new(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        in_tx.send(batch(7)).await.expect("send");
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let acked = loop {
+            let o = tokio::time::timeout_at(deadline, out_rx.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    seen.truncate(6);
+                    panic!("no ack within 10 s; first outcomes: {seen:?}")
+                })
+                .expect("outcome");
+            match o {
+                Outcome::Returned { batch, reason } => {
+                    seen.push(format!("returned: {reason}"));
+                    in_tx.send(batch).await.expect("resend");
+                }
+                Outcome::Acked { seq, .. } => break seq,
+                Outcome::ConnectFailed { error } => seen.push(format!("connect failed: {error}")),
+                Outcome::Connected => seen.push("connected".into()),
+                Outcome::Reachability { reachable } => seen.push(format!("reachable: {reachable}")),
+                Outcome::Rejected { message, .. } => panic!("rejected: {message}"),
+            }
+        };
+        assert_eq!(acked, 7);
+        // One refused connect, one broken stream, then the live replica: nothing more.
+        let returned = seen.iter().filter(|s| s.starts_with("returned")).count();
+        assert_eq!(returned, 2, "{seen:?}");
+        stop.cancel();
+        run.await.expect("transport ends");
     }
 
     fn batch(seq: u64) -> Batch {

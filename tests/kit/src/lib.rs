@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+pub mod nats;
+
 pub use apm_control::{Client, Status};
 
 /// Whether this is a CI run (`CI` set to anything but empty, `0` or `false`). In CI a test
