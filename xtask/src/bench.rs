@@ -29,8 +29,8 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
-    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php, catchup, soak); default all
-    /// but soak (an hour long).
+    /// Run only these sections (e2e, spool, ebpf, ebpf-write, php, catchup, compare, soak);
+    /// default all but soak (an hour long).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Length of the soak section in minutes (the listener is down for a sixth of it).
@@ -331,6 +331,14 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if want("catchup") {
         eprintln!("bench: added latency and catch-up after a listener outage ...");
         sections.push(("catchup", crate::bench_catchup::run(root, &host)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
+    if want("compare") {
+        eprintln!("bench: the agent beside a bare recvmmsg sink and syslog-ng ...");
+        sections.push((
+            "compare",
+            crate::bench_compare::run(root, args.rounds, &host)?,
+        ));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("php") {
