@@ -31,7 +31,8 @@ pub struct BenchArgs {
     /// Print only; do not rewrite docs/BENCHMARKS.md.
     #[arg(long)]
     no_write: bool,
-    /// Run only these sections (e2e, spool, ebpf, ebpf-write, jetstream, php, catchup, soak);
+    /// Run only these sections (e2e, spool, ebpf, ebpf-write, jetstream, php, catchup, compare,
+    /// soak);
     /// default all but soak (an hour long).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -338,6 +339,14 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
     if want("jetstream") {
         eprintln!("bench: listener stores: file vs JetStream R1/R3, listener replicas ...");
         sections.push(("jetstream", crate::bench_nats::run(root)?));
+        println!("{}", sections.last().map_or("", |s| s.1.as_str()));
+    }
+    if want("compare") {
+        eprintln!("bench: the agent beside a bare recvmmsg sink and syslog-ng ...");
+        sections.push((
+            "compare",
+            crate::bench_compare::run(root, args.rounds, &host)?,
+        ));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
     if want("php") {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_catchup;
+mod bench_compare;
 mod bench_ebpf;
 mod bench_nats;
 mod bench_php;
