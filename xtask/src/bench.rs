@@ -32,8 +32,7 @@ pub struct BenchArgs {
     #[arg(long)]
     no_write: bool,
     /// Run only these sections (e2e, spool, ebpf, ebpf-write, jetstream, php, catchup, compare,
-    /// soak);
-    /// default all but soak (an hour long).
+    /// soak); default all but soak (an hour long).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Length of the soak section in minutes (the listener is down for a sixth of it).

@@ -217,10 +217,15 @@ async fn start_monitor(
         telemetry: deps.telemetry.clone(),
         php: deps.php.clone(),
     };
-    crate::monitor::start(params, stop)
+    let m = crate::monitor::start(params, stop)
         .await
         .map(Arc::new)
-        .map_err(StartError::from_monitor)
+        .map_err(StartError::from_monitor);
+    // Loading parses the kernel's BTF (several MiB, freed once the programs are loaded): glibc
+    // keeps that heap unless told, and it was most of the RSS eBPF added (docs/agent.md,
+    // "Where the memory goes").
+    crate::daemon::memguard::trim();
+    m
 }
 
 fn router(
