@@ -1168,6 +1168,11 @@ fn status_accounts_for_every_profile_delivered_dropped_in_memory_or_spooled() {
         r.ok_ids(prefix)
     };
     let first = send("a", 1500);
+    // A dead listener is dialled once per `central.probe_interval`, so the breaker opens after a
+    // few seconds of failures; then what waits in memory goes to the spool.
+    agent.wait_for(Duration::from_secs(30), "breaker open", |s| {
+        s["breaker"] == "open"
+    });
     let down = quiet(&agent);
     assert_books(&down, "listener down");
     assert!(
