@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::live::{
-    control_status, count_lines, spawn, start_listener, wait_ready, write_agent_config,
-};
+use crate::live::{control_status, count_lines, start_listener, write_agent_config};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -176,15 +174,7 @@ fn e2e(root: &Path, n: u64, size: usize) -> Result<E2e> {
         "off",
     )?;
     let log = dir.join("agent.log");
-    let mut agent = spawn(
-        Command::new(bin.join("apm-agent"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("run")
-            .stderr(std::fs::File::create(&log)?),
-        "apm-agent",
-    )?;
-    wait_ready(&dir.join("run"), &mut agent, &log)?;
+    let mut agent = crate::live::start_agent(&bin, &dir, &cfg)?;
     let pid = agent.pid();
     let cpu0 = cpu_seconds(pid);
     let t = Instant::now();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::live::{spawn, wait_ready, write_agent_config};
+use crate::live::{spawn, write_agent_config};
 
 const SIZE: usize = 1024;
 const LATENCY_RATES: [u64; 3] = [1000, 5000, 10_000];
@@ -260,15 +260,7 @@ pub fn run(root: &Path, host: &str) -> Result<String> {
     let metrics = crate::live::free_port();
     let cfg = write_agent_config(&dir, &format!("http://{listen}"), metrics, "off")?;
     let alog = dir.join("agent.log");
-    let mut agent = spawn(
-        Command::new(bin.join("apm-agent"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("run")
-            .stderr(std::fs::File::create(&alog)?),
-        "apm-agent",
-    )?;
-    wait_ready(&dir.join("run"), &mut agent, &alog)?;
+    let agent = crate::live::start_agent(&bin, &dir, &cfg)?;
     let sender = Paced::start(dir.join("run/listener.sock"));
     let mut follow = Follower {
         path: out.clone(),

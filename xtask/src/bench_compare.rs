@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::live::{spawn, start_listener, wait_ready, write_agent_config};
+use crate::live::{spawn, start_listener, write_agent_config};
 
 /// Seconds flat out per saturation window.
 const SAT: Duration = Duration::from_secs(8);
@@ -423,16 +423,8 @@ impl Agent {
             crate::live::free_port(),
             ebpf,
         )?;
-        let log = dir.join("agent.log");
-        let mut agent = spawn(
-            Command::new(bin.join("apm-agent"))
-                .arg("--config")
-                .arg(&cfg)
-                .arg("run")
-                .stderr(std::fs::File::create(&log)?),
-            "apm-agent",
-        )?;
-        wait_ready(&dir.join("run"), &mut agent, &log)?;
+        let _log = dir.join("agent.log");
+        let agent = crate::live::start_agent(&bin, &dir, &cfg)?;
         Ok(Self {
             dir,
             proc: agent,

@@ -12,14 +12,13 @@
 use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::live::{control_status, spawn, start_listener_at, wait_ready, write_agent_config};
+use crate::live::{control_status, start_listener_at, write_agent_config};
 
 /// One sample of the run.
 #[derive(Debug, Clone, Default)]
@@ -121,16 +120,8 @@ pub fn run(root: &Path, minutes: u64, rate: u64, host: &str) -> Result<String> {
         crate::live::free_port(),
         "off",
     )?;
-    let log = dir.join("agent.log");
-    let mut agent = spawn(
-        Command::new(bin.join("apm-agent"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("run")
-            .stderr(std::fs::File::create(&log)?),
-        "apm-agent",
-    )?;
-    wait_ready(&dir.join("run"), &mut agent, &log)?;
+    let _log = dir.join("agent.log");
+    let mut agent = crate::live::start_agent(&bin, &dir, &cfg)?;
     let pid = agent.pid();
     let total = Duration::from_secs(minutes * 60);
     // The outage: a sixth of the run, centred (25 to 35 min of an hour).

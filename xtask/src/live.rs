@@ -130,6 +130,22 @@ metrics_listen = "127.0.0.1:{metrics_port}"
     Ok(path)
 }
 
+/// Starts `bin/apm-agent` with `cfg`, its stderr in `dir/agent.log`, and waits until it answers
+/// on `dir/run` (every benchmark and `cargo xtask run` start it this way).
+pub fn start_agent(bin: &Path, dir: &Path, cfg: &Path) -> Result<Proc> {
+    let log = dir.join("agent.log");
+    let mut agent = spawn(
+        Command::new(bin.join("apm-agent"))
+            .arg("--config")
+            .arg(cfg)
+            .arg("run")
+            .stderr(std::fs::File::create(&log)?),
+        "apm-agent",
+    )?;
+    wait_ready(&dir.join("run"), &mut agent, &log)?;
+    Ok(agent)
+}
+
 /// The agent's status, typed (`None` while it does not answer).
 pub fn control_status(runtime_dir: &Path) -> Option<Status> {
     apm_testkit::status(runtime_dir)
@@ -251,15 +267,7 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
     let ebpf = if args.no_ebpf { "off" } else { "auto" };
     let cfg = write_agent_config(&dir, &format!("http://{addr}"), metrics_port, ebpf)?;
     let agent_log = dir.join("agent.log");
-    let mut agent = spawn(
-        Command::new(bin.join("apm-agent"))
-            .arg("--config")
-            .arg(&cfg)
-            .arg("run")
-            .stderr(std::fs::File::create(&agent_log)?),
-        "apm-agent",
-    )?;
-    wait_ready(&dir.join("run"), &mut agent, &agent_log)?;
+    let mut agent = start_agent(&bin, &dir, &cfg)?;
 
     // SAFETY: the handler only stores to an atomic.
     unsafe {
