@@ -12,11 +12,38 @@ const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_PTR: u32 = 2;
 
-/// Offset in bytes of `task_struct.comm`, when the running kernel's BTF has it as a 16-byte
-/// array at an 8-aligned offset (what the programs' two 8-byte loads need).
-pub fn task_comm_offset() -> Option<u32> {
-    let data = std::fs::read(Path::new(VMLINUX)).ok()?;
-    member_offset(&data, "task_struct", "comm", 16).filter(|o| o.is_multiple_of(8) && *o != 0)
+/// What the programs read of `task_struct` on the running kernel; `None` where its BTF lacks
+/// the field or has it where the programs cannot read it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct.comm`: a 16-byte array at an 8-aligned offset (two 8-byte loads).
+    pub comm: Option<u32>,
+    /// `task_struct.self_exec_id` (u32 before 5.7, u64 since: the programs read its low half).
+    pub exec_id: Option<u32>,
+    /// `(task_struct.signal, signal_struct.live)`, for the exit program's `current->signal->live`.
+    pub signal_live: Option<(u32, u32)>,
+}
+
+/// Reads `/sys/kernel/btf/vmlinux` once (5 MiB and more) and finds every offset in it. Read
+/// once, not once per field: each read is a heap buffer of the file's size that glibc keeps
+/// after the first (its mmap threshold grows to it), and the agent's start-up peak is its
+/// memory high-water mark (docs/agent.md, "Where the memory goes").
+pub fn task_offsets() -> TaskOffsets {
+    std::fs::read(Path::new(VMLINUX)).map_or_else(|_| TaskOffsets::default(), |d| offsets_in(&d))
+}
+
+fn offsets_in(d: &[u8]) -> TaskOffsets {
+    let Some(btf) = Btf::parse(d) else {
+        return TaskOffsets::default();
+    };
+    TaskOffsets {
+        comm: array_member(&btf, "task_struct", "comm", 16)
+            .filter(|o| o.is_multiple_of(8) && *o != 0),
+        exec_id: btf
+            .member("task_struct", "self_exec_id")
+            .and_then(|(_, bits)| (bits.is_multiple_of(32) && bits != 0).then_some(bits / 8)),
+        signal_live: signal_live_offsets(&btf),
+    }
 }
 
 fn u16_at(d: &[u8], at: usize) -> Option<u16> {
@@ -102,22 +129,12 @@ impl<'a> Btf<'a> {
     }
 }
 
-/// Offset of `task_struct.self_exec_id` (u32 before 5.7, u64 since: the programs read its low
-/// half), 4-aligned and non-zero.
-pub fn task_exec_id_offset() -> Option<u32> {
-    let data = std::fs::read(Path::new(VMLINUX)).ok()?;
-    let btf = Btf::parse(&data)?;
-    let (_, bits) = btf.member("task_struct", "self_exec_id")?;
-    (bits.is_multiple_of(32) && bits != 0).then_some(bits / 8)
-}
-
 /// Byte offset of member `member` of struct `st`, which must be an array of `len` elements.
-fn member_offset(d: &[u8], st: &str, member: &str, len: u32) -> Option<u32> {
-    let btf = Btf::parse(d)?;
+fn array_member(btf: &Btf<'_>, st: &str, member: &str, len: u32) -> Option<u32> {
     let (ty, bits) = btf.member(st, member)?;
     let at = *btf.starts.get(ty as usize)?;
     // ARRAY: { elem type, index type, nelems } after the header.
-    if btf.kind(ty)? != KIND_ARRAY || u32_at(d, at + 20)? != len || !bits.is_multiple_of(8) {
+    if btf.kind(ty)? != KIND_ARRAY || u32_at(btf.d, at + 20)? != len || !bits.is_multiple_of(8) {
         return None;
     }
     Some(bits / 8)
@@ -125,8 +142,7 @@ fn member_offset(d: &[u8], st: &str, member: &str, len: u32) -> Option<u32> {
 
 /// Offsets of `task_struct.signal` (a pointer) and of `signal_struct.live` (an `atomic_t`),
 /// 4-aligned and non-zero, for the exit program's `current->signal->live` read.
-fn signal_live_offsets(d: &[u8]) -> Option<(u32, u32)> {
-    let btf = Btf::parse(d)?;
+fn signal_live_offsets(btf: &Btf<'_>) -> Option<(u32, u32)> {
     let (sig_ty, sig_bits) = btf.member("task_struct", "signal")?;
     if btf.kind(sig_ty)? != KIND_PTR || !sig_bits.is_multiple_of(64) || sig_bits == 0 {
         return None;
@@ -138,13 +154,6 @@ fn signal_live_offsets(d: &[u8]) -> Option<(u32, u32)> {
     Some((sig_bits / 8, live_bits / 8))
 }
 
-/// `(task_struct.signal, signal_struct.live)` byte offsets on the running kernel, when its BTF
-/// has them.
-pub fn signal_live() -> Option<(u32, u32)> {
-    let data = std::fs::read(Path::new(VMLINUX)).ok()?;
-    signal_live_offsets(&data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,26 +163,27 @@ mod tests {
         let Ok(data) = std::fs::read(VMLINUX) else {
             return;
         };
-        let off = member_offset(&data, "task_struct", "comm", 16)
+        let btf = Btf::parse(&data).expect("vmlinux BTF parses");
+        let off = array_member(&btf, "task_struct", "comm", 16)
             .expect("task_struct.comm, a 16-byte array, in vmlinux BTF");
         assert!(off > 0, "{off}");
+        let found = task_offsets();
         // Used only where the programs' 8-byte loads can read it.
-        assert_eq!(
-            task_comm_offset(),
-            Some(off).filter(|o| o.is_multiple_of(8))
-        );
-        let (signal, live) = signal_live_offsets(&data).expect("task_struct.signal->live");
+        assert_eq!(found.comm, Some(off).filter(|o| o.is_multiple_of(8)));
+        let (signal, live) = found.signal_live.expect("task_struct.signal->live");
         assert!(signal > 0 && live < 4096, "{signal} {live}");
+        let exec = found.exec_id.expect("task_struct.self_exec_id");
+        assert!(exec > 0 && exec.is_multiple_of(4), "{exec}");
     }
 
     #[test]
     fn rejects_garbage() {
-        assert_eq!(member_offset(b"", "task_struct", "comm", 16), None);
-        assert_eq!(member_offset(&[0u8; 64], "task_struct", "comm", 16), None);
+        assert_eq!(offsets_in(b""), TaskOffsets::default());
+        assert_eq!(offsets_in(&[0u8; 64]), TaskOffsets::default());
         let mut d = vec![0u8; 64];
         d[..2].copy_from_slice(&BTF_MAGIC.to_le_bytes());
         d[4..8].copy_from_slice(&24u32.to_le_bytes());
         d[12..16].copy_from_slice(&1000u32.to_le_bytes()); // types past the end
-        assert_eq!(member_offset(&d, "task_struct", "comm", 16), None);
+        assert_eq!(offsets_in(&d), TaskOffsets::default());
     }
 }

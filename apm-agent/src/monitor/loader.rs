@@ -225,15 +225,16 @@ pub fn load(
     ensure_tracefs()?;
     // Every field the programs read, where they read it, before anything loads.
     let layout = super::tracefs::check_layouts().map_err(MonitorError::Layout)?;
+    let offsets = super::btf::task_offsets();
     // 0 (no BTF for it): the programs call `bpf_get_current_comm` instead.
-    let comm_offset = super::btf::task_comm_offset().unwrap_or(0);
-    let signal = super::btf::signal_live();
+    let comm_offset = offsets.comm.unwrap_or(0);
+    let signal = offsets.signal_live;
     let facts = KernelFacts {
         comm_offset,
         exec_id_offset: if comm_offset == 0 {
             0
         } else {
-            super::btf::task_exec_id_offset().unwrap_or(0)
+            offsets.exec_id.unwrap_or(0)
         },
         exit_mode: match (layout.has_group_dead, signal) {
             (true, _) => ExitMode::GroupDead,
