@@ -297,7 +297,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_memory_mb: 256,
-            memory_budget_mb: 16,
+            memory_budget_mb: 8, // max_in_flight (8) batches of batch.max_bytes (1 MiB): docs/agent.md, "Where the memory goes"
             shutdown_timeout: Duration::from_secs(10), // below systemd's 90 s stop timeout
         }
     }

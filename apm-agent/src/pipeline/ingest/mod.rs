@@ -252,7 +252,7 @@ struct DgramParams {
 
 /// Receives until stopped; returns the socket on a handover.
 async fn run_dgram(
-    sock: tokio::net::UnixDatagram,
+    mut sock: tokio::net::UnixDatagram,
     p: DgramParams,
     out: ProfileSink,
     stop: StopSignal,
@@ -264,6 +264,7 @@ async fn run_dgram(
     // Reading was shut down (a final stop): an empty queue then reads as end of input.
     let mut shut = false;
     let mut beat = tokio::time::interval(crate::pipeline::liveness::BEAT);
+    let mut pace = Pace::new(p.queue_len);
     loop {
         if !draining {
             tokio::select! {
@@ -298,6 +299,7 @@ async fn run_dgram(
         };
         match res {
             Ok(o) => {
+                pace.read(&o);
                 let eof = o.eof;
                 let handed = match forward(&p, &out, o).await {
                     Ok(n) => n,
@@ -320,12 +322,115 @@ async fn run_dgram(
                     tracing::info!("datagram queue drained");
                     return None;
                 }
+                // Below saturation: let the next datagrams gather rather than wake for each
+                // (write-ahead groups gather in `commit` instead).
+                if pace.read_out(tokio::time::Instant::now()) && !group.on {
+                    match gather(sock).await {
+                        Some(s) => sock = s,
+                        None => return None,
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::error!(error = %e, "datagram receive failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+    }
+}
+
+/// How long datagrams gather in the kernel queue after ingest has read it out, below
+/// saturation (`overflow` mode). PHP sends one datagram per request, so at a few thousand
+/// requests per second a socket in the runtime's epoll set wakes the agent for nearly every
+/// one: a context switch, an `epoll_wait` and two `recvmmsg` per profile, most of the agent's
+/// CPU at a steady rate (the performance issue's `strace -c`: 50k `epoll_wait` in 10 s at
+/// 5000/s). Gathering for 5 ms reads ~25 per wake at that rate. It adds at most this long in the
+/// kernel queue, and nothing near saturation ([`Pace`]).
+pub const GATHER: Duration = Duration::from_millis(5);
+
+/// A Unix datagram is charged to its sender's send buffer (`wmem_default`, 208 KiB) until
+/// ingest reads it, so a sender whose datagrams wait in the queue gets EAGAIN once it has that
+/// much there. No gathering while any one sender has sent this much since the queue was last
+/// read out: a quarter of that buffer, so gathering never brings a sender near it (two
+/// benchmark senders of 16 KiB profiles flat out have ~190 KiB each in the queue at every wake;
+/// gathering for them would cap both at ~4000/s). PHP workers send one profile per request.
+pub const GATHER_MAX_SENDER_BYTES: usize = 52 * 1024;
+
+/// After a wake that says "busy", no gathering for this long: at saturation a wake right after
+/// one that emptied the queue finds little, and gathering then would stall the senders for
+/// `GATHER` again and again; this way at most once a second.
+pub const GATHER_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Decides when ingest may gather, from what it read since the queue was last found empty.
+struct Pace {
+    /// A quarter of the kernel queue: gathering never fills more of it (4x bursts fit).
+    max_datagrams: usize,
+    datagrams: usize,
+    /// Payload bytes per sender pid (the unknown pid counts as one sender).
+    senders: std::collections::HashMap<u32, usize>,
+    /// Some sender has sent [`GATHER_MAX_SENDER_BYTES`] since the last read-out.
+    heavy: bool,
+    calm_from: Option<tokio::time::Instant>,
+}
+
+impl Pace {
+    fn new(queue_len: u32) -> Self {
+        Self {
+            max_datagrams: (queue_len as usize / 4).max(1),
+            datagrams: 0,
+            senders: std::collections::HashMap::new(),
+            heavy: false,
+            calm_from: None,
+        }
+    }
+
+    fn read(&mut self, o: &dgram::RecvOutcome) {
+        self.datagrams += o.datagrams;
+        if self.heavy || self.datagrams >= self.max_datagrams {
+            return; // busy already
+        }
+        for p in &o.profiles {
+            let b = self.senders.entry(p.pid).or_default();
+            *b += p.payload.len();
+            self.heavy |= *b >= GATHER_MAX_SENDER_BYTES;
+        }
+    }
+
+    /// The queue was read out: whether to gather now. Starts the next count.
+    fn read_out(&mut self, now: tokio::time::Instant) -> bool {
+        let busy = self.heavy || self.datagrams >= self.max_datagrams;
+        self.datagrams = 0;
+        self.heavy = false;
+        self.senders.clear();
+        if busy {
+            self.calm_from = Some(now + GATHER_BACKOFF);
+            return false;
+        }
+        self.calm_from.is_none_or(|t| now >= t)
+    }
+}
+
+/// Sleeps [`GATHER`] with the socket out of the runtime's epoll set, and puts it back. Only a
+/// socket out of the set lets datagrams arrive without waking anyone: the runtime's epoll is
+/// edge-triggered, so each arrival ends its `epoll_wait`, whether a task waits for the socket or
+/// not (measured with `xtask/scripts/cpu-at-rate.sh`: at 5000/s a sleep with the socket left in
+/// saved a fifth of the CPU, taken out more than half). `None`: the runtime refused the socket (it is closed; ingest stops and
+/// the liveness check reports it).
+async fn gather(sock: tokio::net::UnixDatagram) -> Option<tokio::net::UnixDatagram> {
+    let std_sock = match sock.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take the datagram socket out of the event loop: stopping datagram receive");
+            return None;
+        }
+    };
+    tokio::time::sleep(GATHER).await;
+    match tokio::net::UnixDatagram::from_std(std_sock) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot put the datagram socket back into the event loop: stopping datagram receive");
+            None
         }
     }
 }
@@ -635,6 +740,62 @@ mod tests {
     use std::os::fd::IntoRawFd;
 
     use super::*;
+    use crate::pipeline::model::Profile;
+
+    fn read_of(senders: &[(u32, usize)]) -> dgram::RecvOutcome {
+        dgram::RecvOutcome {
+            profiles: senders
+                .iter()
+                .map(|&(pid, len)| Profile {
+                    payload: bytes::Bytes::from(vec![b' '; len]),
+                    received_ns: 0,
+                    pid,
+                    uid: 0,
+                    rss_bytes: 0,
+                })
+                .collect(),
+            datagrams: senders.len(),
+            ..Default::default()
+        }
+    }
+
+    /// Gathering is for steady traffic below saturation: a few small datagrams per read-out
+    /// from many senders. It must stop for a second once a read-out says that a quarter of the
+    /// kernel queue arrived, or that one sender has a quarter of its send buffer waiting.
+    #[test]
+    fn gathering_stops_for_a_second_when_the_queue_or_a_sender_is_busy() {
+        let t0 = tokio::time::Instant::now();
+        let mut pace = Pace::new(2048);
+        // 25 profiles of 1 KiB from 25 workers: gather.
+        pace.read(&read_of(&(0..25).map(|w| (w, 1024)).collect::<Vec<_>>()));
+        assert!(pace.read_out(t0));
+        // 512 datagrams (a quarter of 2048) in one read-out: busy.
+        pace.read(&read_of(&(0..512).map(|w| (w, 100)).collect::<Vec<_>>()));
+        assert!(!pace.read_out(t0));
+        // A quiet read-out right after: still no gathering, until the backoff has passed.
+        pace.read(&read_of(&[(1, 1024)]));
+        assert!(!pace.read_out(t0 + GATHER_BACKOFF - Duration::from_millis(1)));
+        pace.read(&read_of(&[(1, 1024)]));
+        assert!(pace.read_out(t0 + GATHER_BACKOFF));
+        // One sender with 4 x 16 KiB waiting (64 KiB >= 52 KiB), the others light: busy.
+        pace.read(&read_of(&[
+            (7, 16384),
+            (8, 1024),
+            (7, 16384),
+            (7, 16384),
+            (7, 16384),
+        ]));
+        let t1 = t0 + GATHER_BACKOFF * 2;
+        assert!(!pace.read_out(t1));
+        // The same bytes spread over four senders are not.
+        pace.read(&read_of(&[(1, 16384), (2, 16384), (3, 16384), (4, 16384)]));
+        assert!(
+            !pace.read_out(t1 + Duration::from_millis(10)),
+            "still backing off"
+        );
+        pace.read(&read_of(&[(1, 16384), (2, 16384), (3, 16384), (4, 16384)]));
+        assert!(pace.read_out(t1 + GATHER_BACKOFF));
+    }
 
     /// Issue (security) 10: an inherited descriptor (systemd's fd store, `APM_INHERIT_FDS`,
     /// `LISTEN_FDS`) was adopted whatever it was. Each of these must be refused with an error
