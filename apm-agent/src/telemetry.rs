@@ -277,6 +277,8 @@ pub struct Telemetry {
     pub ack_latency: Histogram,
     /// Seconds from receiving a profile to the OK ack of its batch (replayed ones included).
     pub delivery_latency: Histogram,
+    /// Smoothed `ack_latency`, µs (0 before the first ack): [`Telemetry::ack_round_trip`].
+    pub ack_rtt_us: std::sync::atomic::AtomicU64,
     /// Profiles per acknowledged batch.
     pub batch_profiles: Histogram,
     /// Payload bytes per acknowledged batch.
@@ -325,6 +327,7 @@ impl Default for Telemetry {
             ack_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 1 ms .. ~18 s in steps of 25 %: fine enough to tell a p99 from `batch.max_age`.
             delivery_latency: Histogram::new(exponential_buckets(0.001, 1.25, 45)),
+            ack_rtt_us: std::sync::atomic::AtomicU64::new(0),
             // 1 .. 4096 profiles (`batch.max_items` defaults to 1000).
             batch_profiles: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             // 1 KiB .. 256 MiB.
@@ -395,8 +398,20 @@ impl Telemetry {
     /// An OK ack: how long the batch waited for it, and its size.
     pub fn acked(&self, latency: std::time::Duration, profiles: usize, bytes: usize) {
         self.ack_latency.observe(latency.as_secs_f64());
+        // Smoothed like TCP's SRTT (1/8 of each new sample); only the batcher reads it.
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let old = self.ack_rtt_us.load(std::sync::atomic::Ordering::Relaxed);
+        let new = if old == 0 { us } else { old - old / 8 + us / 8 };
+        self.ack_rtt_us
+            .store(new.max(1), std::sync::atomic::Ordering::Relaxed);
         self.batch_profiles.observe(profiles as f64);
         self.batch_bytes.observe(bytes as f64);
+    }
+
+    /// The smoothed send → OK-ack time of a batch (zero before the first ack): the batcher
+    /// seals this much before `batch.max_age` (pipeline/batch.rs).
+    pub fn ack_round_trip(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.ack_rtt_us.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// An OK ack at wall-clock `now_ns` for profiles received at `received_ns` (0: unknown).
@@ -982,6 +997,18 @@ pub fn self_rss_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn ack_round_trip_is_smoothed_from_the_first_ack() {
+        let t = Telemetry::new();
+        assert_eq!(t.ack_round_trip(), Duration::ZERO);
+        t.acked(Duration::from_millis(16), 10, 100);
+        assert_eq!(t.ack_round_trip(), Duration::from_millis(16));
+        // 7/8 of 16 ms + 1/8 of 80 ms.
+        t.acked(Duration::from_millis(80), 10, 100);
+        assert_eq!(t.ack_round_trip(), Duration::from_millis(24));
+    }
 
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {
