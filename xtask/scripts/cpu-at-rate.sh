@@ -11,40 +11,18 @@ set -u
 RATE=${1:-5000}; N=${2:-100000}; TRACE=${3:-}
 HERE=$(cd "$(dirname "$0")" && pwd); BIN=${4:-$(cd "$HERE/../.." && pwd)/target/release}
 OUT=/tmp/apm-cpu-at-rate; mkdir -p $OUT
-D=$(mktemp -d /tmp/apm-cpu.XXXX); mkdir -p $D/run /dev/shm/apm-cpu$$
-$BIN/apm-listener --listen 127.0.0.1:0 --out /dev/shm/apm-cpu$$/p.jsonl > $D/l.out 2>$D/l.log & L=$!
-for i in $(seq 50); do grep -q "listening on" $D/l.out && break; sleep 0.1; done
-ADDR=$(grep -o "listening on [^ ]*" $D/l.out | awk '{print $3}')
-cat > $D/agent.toml <<T
-[ingest]
-socket = "$D/run/l.sock"
-stream_socket = "$D/run/ls.sock"
-[central]
-endpoint = "http://$ADDR"
-[spool]
-dir = "$D/spool"
-max_bytes = 268435456
-[ebpf]
-enabled = "on"
-[control]
-runtime_dir = "$D/run"
-state_dir = "$D/state"
-pid_file = "$D/run/agent.pid"
-metrics_listen = "127.0.0.1:0"
-T
-$BIN/apm-agent --config $D/agent.toml run 2>$D/agent.log & A=$!
-for i in $(seq 100); do [ -S $D/run/l.sock ] && break; sleep 0.1; done
+. "$HERE/pair.sh"
+start_pair "$BIN"
 sleep 4
-cpu() { awk '{print $14+$15}' /proc/$A/stat; }
+cpu() { awk '{print $14+$15}' /proc/$AP/stat; }
 c0=$(cpu)
-$BIN/apm-test-sender --socket $D/run/l.sock --count $N --prefix c --size 1024 --nonblocking --comm php-fpm --rate $RATE > $D/s.json & S=$!
+$BIN/apm-test-sender --socket $SOCK --count $N --prefix c --size 1024 --nonblocking --comm php-fpm --rate $RATE > $D/s.json & S=$!
 case "$TRACE" in
-  perf) sleep 3; perf record -F 999 -g -p $A -o $OUT/perf.data -- sleep 10 >/dev/null 2>&1 ;;
-  strace) sleep 3; timeout 10 strace -c -f -p $A -o $OUT/strace-c.txt ;;
+  perf) sleep 3; perf record -F 999 -g -p $AP -o $OUT/perf.data -- sleep 10 >/dev/null 2>&1 ;;
+  strace) sleep 3; timeout 10 strace -c -f -p $AP -o $OUT/strace-c.txt ;;
 esac
 wait $S; sleep 1.5
 c1=$(cpu)
 TCK=$(getconf CLK_TCK)
-echo "rate $RATE/s, $N profiles of 1 KiB: agent CPU $(echo "scale=2; ($c1-$c0)/$TCK" | bc) s = $(echo "scale=3; ($c1-$c0)/$TCK*100000/$N" | bc) s per 100k; sender $(cat $D/s.json); listener stored $(wc -l < /dev/shm/apm-cpu$$/p.jsonl)"
-kill $A; sleep 1.5; kill $L; wait 2>/dev/null
-rm -rf $D /dev/shm/apm-cpu$$
+echo "rate $RATE/s, $N profiles of 1 KiB: agent CPU $(echo "scale=2; ($c1-$c0)/$TCK" | bc) s = $(echo "scale=3; ($c1-$c0)/$TCK*100000/$N" | bc) s per 100k; sender $(cat $D/s.json); listener stored $(wc -l < $STORED)"
+stop_pair

@@ -1,0 +1,41 @@
+# Sourced by the measurement scripts (cpu-at-rate.sh, flat-out-rss.sh): one apm-listener writing
+# to /dev/shm and one agent at its defaults (eBPF on) sending to it, in a fresh directory.
+#   start_pair BIN_DIR [EXTRA_TOML]   sets D (the directory), SOCK (the agent's datagram socket),
+#                                     STORED (the listener's file), LP and AP (the two pids).
+#                                     HEAPTRACK="heaptrack -o FILE" runs the agent under it.
+#   stop_pair                         stops both and removes what they wrote.
+start_pair() {
+  local bin=$1 extra=${2:-}
+  D=$(mktemp -d /tmp/apm-pair.XXXX); mkdir -p $D/run /dev/shm/$(basename $D)
+  SOCK=$D/run/l.sock; STORED=/dev/shm/$(basename $D)/p.jsonl
+  $bin/apm-listener --listen 127.0.0.1:0 --out $STORED > $D/l.out 2>$D/l.log & LP=$!
+  for _ in $(seq 50); do grep -q "listening on" $D/l.out && break; sleep 0.1; done
+  local addr; addr=$(grep -o "listening on [^ ]*" $D/l.out | awk '{print $3}')
+  cat > $D/agent.toml <<T
+[ingest]
+socket = "$SOCK"
+stream_socket = "$D/run/ls.sock"
+[central]
+endpoint = "http://$addr"
+[spool]
+dir = "$D/spool"
+max_bytes = 268435456
+[ebpf]
+enabled = "on"
+[control]
+runtime_dir = "$D/run"
+state_dir = "$D/state"
+pid_file = "$D/run/agent.pid"
+metrics_listen = "127.0.0.1:0"
+$extra
+T
+  ${HEAPTRACK:-} $bin/apm-agent --config $D/agent.toml run 2>$D/agent.log &
+  for _ in $(seq 100); do [ -S $SOCK ] && break; sleep 0.1; done
+  # Under heaptrack the agent is a child of its wrapper: find it by its config.
+  AP=$(pgrep -f "apm-agent --config $D/agent.toml" | tail -1)
+}
+
+stop_pair() {
+  kill $AP; sleep 2; kill $LP; wait 2>/dev/null
+  rm -rf $D /dev/shm/$(basename $D)
+}
