@@ -7,36 +7,14 @@
 # the replay. A live heap that comes back while RSS does not is memory the allocator keeps.
 set -u
 OUT=${1:-/tmp/apm-outage-heap}; HERE=$(cd "$(dirname "$0")" && pwd); B=$(cd "$HERE/../.." && pwd)/target/release
-D=$(mktemp -d); mkdir -p $D/run; PORT=$((20000 + RANDOM % 20000))
-$B/apm-listener --listen 127.0.0.1:$PORT --out /dev/shm/outage-heap$$.jsonl > $D/l.out 2>$D/l.log & LP=$!
-sleep 1
-cat > $D/agent.toml <<T
-[ingest]
-socket = "$D/run/listener.sock"
-stream_socket = "$D/run/listener-stream.sock"
-[central]
-endpoint = "http://127.0.0.1:$PORT"
-[spool]
-dir = "$D/spool"
-max_bytes = 268435456
-[ebpf]
-enabled = "off"
-[control]
-runtime_dir = "$D/run"
-state_dir = "$D/state"
-pid_file = "$D/run/agent.pid"
-metrics_listen = ""
-T
+. "$HERE/pair.sh"
 rm -f $OUT.zst $OUT.massif
-heaptrack -o $OUT $B/apm-agent --config $D/agent.toml run 2>$D/a.log >/dev/null &
+PAIR_EBPF=off HEAPTRACK="heaptrack -o $OUT" start_pair "$B" > /dev/null
 sleep 3
-$B/apm-test-sender --socket $D/run/listener.sock --count 400000 --rate 2000 --nonblocking --size 1024 --prefix o > $D/s.out & SP=$!
-sleep 40; kill $LP; wait $LP 2>/dev/null; sleep 40
-$B/apm-listener --listen 127.0.0.1:$PORT --out /dev/shm/outage-heap$$.jsonl > $D/l2.out 2>$D/l2.log & LP=$!
-sleep 80
-AP=$(pgrep -f "apm-agent --config $D/agent.toml" | tail -1)
+$B/apm-test-sender --socket $SOCK --count 400000 --rate 2000 --nonblocking --size 1024 --prefix o > $D/s.out & SP=$!
+sleep 40; stop_listener; sleep 40; start_listener; sleep 80
 echo "agent VmRSS at the end: $(grep VmRSS /proc/$AP/status | awk '{print $2, $3}') (heaptrack's own memory included)"
-kill $SP; sleep 1; kill $AP; sleep 3; kill $LP; wait 2>/dev/null; rm -rf $D /dev/shm/outage-heap$$.jsonl
+kill $SP; stop_pair; sleep 2
 heaptrack_print -f $OUT.zst --print-massif $OUT.massif >/dev/null 2>&1
 echo "live heap (MiB; includes the receive slots' 16 MiB of address space), outage from ~43 s to ~83 s:"
 awk -F= '/^time=/ {t=$2} /^mem_heap_B=/ {if (t >= next_t) {printf "%6.1f s %6.2f\n", t, $2/1048576; next_t = t + 4}}' $OUT.massif
