@@ -1,10 +1,11 @@
 //! The batcher: profiles in, sealed batches out. A batch is sealed when it holds
 //! `batch.max_items` profiles, or `batch.max_bytes` payload bytes, or when its first profile is
 //! `batch.max_age` old less the listener's recent ack round trip (the timer starts with the
-//! first item, so an idle agent does not tick). Sealing early by the round trip makes
-//! `batch.max_age` what an operator reads it as, the longest a profile waits for its ack from a
-//! healthy listener, rather than the longest before it is sent (the performance issue, item 5:
-//! p99 receive → ack at 1000/s was 511 ms against a 500 ms `max_age`). At most half of
+//! first item, so an idle agent does not tick). Sealing early by the round trip brings
+//! `batch.max_age` close to what an operator reads it as, the longest a profile waits for its
+//! ack from a healthy listener, rather than the longest before it is sent (the performance
+//! issue, item 5). The time from sealing to sending is not in the round trip, so at low rates
+//! p99 receive → ack stays a few ms over `max_age` (docs/BENCHMARKS.md, "Added latency"). At most half of
 //! `max_age` is taken off, so a slow listener cannot shrink batches to nothing.
 //! Sealing assigns the batch its persistent sequence number.
 
