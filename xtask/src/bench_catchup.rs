@@ -233,22 +233,22 @@ impl Follower {
     }
 }
 
-/// The number in `"id":"b-<n>"` of one stored line.
-fn id_of(line: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"id\":\"b-";
-    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+/// The decimal number right after `key` in one stored line.
+fn number_after(line: &[u8], key: &[u8]) -> Option<u64> {
+    let at = line.windows(key.len()).position(|w| w == key)? + key.len();
     let digits: &[u8] = &line[at..];
     let end = digits.iter().position(|b| !b.is_ascii_digit())?;
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
+/// The number in `"id":"b-<n>"` of one stored line.
+fn id_of(line: &[u8]) -> Option<u64> {
+    number_after(line, b"\"id\":\"b-")
+}
+
 /// The `"received_ns":N` of a listener line (the agent's receive time, wall clock).
 fn received_ns_of(line: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"received_ns\":";
-    let at = line.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let digits: &[u8] = &line[at..];
-    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
-    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+    number_after(line, b"\"received_ns\":")
 }
 
 /// How often the listener's file is read while latency is measured from it.
@@ -490,5 +490,15 @@ mod tests {
         let line = br#"{"agent_id":"a","seq":1,"received_ns":2,"pid":3,"profile":{"id":"b-42","uri":"/bench"}}"#;
         assert_eq!(id_of(line), Some(42));
         assert_eq!(id_of(br#"{"agent_id":"b-1"}"#), None);
+        assert_eq!(received_ns_of(line), Some(2));
+        assert_eq!(received_ns_of(br#"{"received_ns":"x"}"#), None);
+    }
+
+    #[test]
+    fn exact_quantiles_pick_the_nearest_rank() {
+        let ages: Vec<u64> = (1..=100).map(|ms| ms * 1_000_000).collect();
+        assert_eq!(exact(&ages, 0.5), Some(0.051));
+        assert_eq!(exact(&ages, 0.99), Some(0.099));
+        assert_eq!(exact(&[], 0.99), None);
     }
 }
