@@ -44,7 +44,7 @@ impl Guard {
             // Heap a burst needed (a replayed outage, a saturated minute) goes back to glibc,
             // which keeps it: the hour-long soak (`cargo xtask bench --only soak`) ended with
             // RSS 10 MiB above its start after the outage had been caught up. Handing free pages
-            // back every 30 s costs a walk of two arenas.
+            // back every 30 s costs a walk of the one arena.
             if checks.is_multiple_of(TRIM_EVERY) {
                 trim();
             }
@@ -146,14 +146,21 @@ pub fn lifted_ceiling(ceiling: f64, under: u32) -> Option<f64> {
     (ceiling < 1.0 && under >= RAISE_AFTER).then(|| (ceiling + RAISE_STEP).min(1.0))
 }
 
-/// Caps glibc's malloc arenas at two. By default glibc gives each thread that allocates under
-/// contention an arena of its own (up to 8 per core); payload buffers freed by another thread
-/// than the one that allocated them can then sit in arenas that are rarely reused, and RSS grow
-/// past what is live. Call before any thread starts.
+/// Puts every thread on glibc's one main malloc arena. By default glibc gives a thread that
+/// allocates under contention an arena of its own (up to 8 per core). The pipeline's worker role
+/// moves between OS threads (spool I/O runs under `block_in_place`), so each arena ends up with
+/// its own high-water mark of payload buffers and of the 3.5 MiB zstd context tonic creates per
+/// compressed message. `malloc_trim` returns free pages inside every arena but shrinks the top
+/// of the main arena only: a second arena's top kept megabytes after a replayed outage (the
+/// soak's RSS step). On one arena the guard's trim reaches all free memory, and the worker's
+/// buffers are reused wherever they were freed. Measured with `xtask/scripts/flat-out-rss.sh
+/// 16384` (peak RSS 55 -> 35 MiB, same rate) and `xtask/scripts/outage-rss.sh`
+/// (docs/BENCHMARKS.md, "Soak"); contention is low, the pipeline runs on one worker thread.
+/// Call before any thread starts.
 pub fn tune_allocator() {
     // SAFETY: mallopt only sets a glibc tunable; no allocation is live in another thread yet.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
