@@ -158,6 +158,7 @@ pub fn spool_recovery(data: &[u8], dir: &Path) {
                         seq,
                         epoch: 1,
                         profiles,
+                        sealed_at: None,
                     },
                 ));
                 valid.insert(seq);

@@ -277,8 +277,11 @@ pub struct Telemetry {
     pub ack_latency: Histogram,
     /// Seconds from receiving a profile to the OK ack of its batch (replayed ones included).
     pub delivery_latency: Histogram,
-    /// Smoothed `ack_latency`, µs (0 before the first ack): [`Telemetry::ack_round_trip`].
-    pub ack_rtt_us: std::sync::atomic::AtomicU64,
+    /// Smoothed seal -> OK-ack time of batches sent once, µs (0 before the first):
+    /// [`Telemetry::seal_lead`].
+    pub seal_ack_srtt_us: std::sync::atomic::AtomicU64,
+    /// Its smoothed mean deviation, µs.
+    pub seal_ack_rttvar_us: std::sync::atomic::AtomicU64,
     /// Profiles per acknowledged batch.
     pub batch_profiles: Histogram,
     /// Payload bytes per acknowledged batch.
@@ -327,7 +330,8 @@ impl Default for Telemetry {
             ack_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 1 ms .. ~18 s in steps of 25 %: fine enough to tell a p99 from `batch.max_age`.
             delivery_latency: Histogram::new(exponential_buckets(0.001, 1.25, 45)),
-            ack_rtt_us: std::sync::atomic::AtomicU64::new(0),
+            seal_ack_srtt_us: std::sync::atomic::AtomicU64::new(0),
+            seal_ack_rttvar_us: std::sync::atomic::AtomicU64::new(0),
             // 1 .. 4096 profiles (`batch.max_items` defaults to 1000).
             batch_profiles: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             // 1 KiB .. 256 MiB.
@@ -398,20 +402,41 @@ impl Telemetry {
     /// An OK ack: how long the batch waited for it, and its size.
     pub fn acked(&self, latency: std::time::Duration, profiles: usize, bytes: usize) {
         self.ack_latency.observe(latency.as_secs_f64());
-        // Smoothed like TCP's SRTT (1/8 of each new sample); only the batcher reads it.
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let old = self.ack_rtt_us.load(std::sync::atomic::Ordering::Relaxed);
-        let new = if old == 0 { us } else { old - old / 8 + us / 8 };
-        self.ack_rtt_us
-            .store(new.max(1), std::sync::atomic::Ordering::Relaxed);
         self.batch_profiles.observe(profiles as f64);
         self.batch_bytes.observe(bytes as f64);
     }
 
-    /// The smoothed send → OK-ack time of a batch (zero before the first ack): the batcher
-    /// seals this much before `batch.max_age` (pipeline/batch.rs).
-    pub fn ack_round_trip(&self) -> std::time::Duration {
-        std::time::Duration::from_micros(self.ack_rtt_us.load(std::sync::atomic::Ordering::Relaxed))
+    /// An OK ack of a batch sent once, `latency` after the batcher sealed it. Smoothed as TCP
+    /// smooths its round trip (RFC 6298: SRTT gains 1/8 of each sample, RTTVAR 1/4 of its
+    /// distance from SRTT); only the transport writes, only the batcher reads.
+    pub fn sealed_to_acked(&self, latency: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX / 8);
+        let (srtt, var) = (
+            self.seal_ack_srtt_us.load(Relaxed),
+            self.seal_ack_rttvar_us.load(Relaxed),
+        );
+        let (srtt, var) = if srtt == 0 {
+            (r, r / 2)
+        } else {
+            (
+                srtt - srtt / 8 + r / 8,
+                var - var / 4 + srtt.abs_diff(r) / 4,
+            )
+        };
+        self.seal_ack_srtt_us.store(srtt.max(1), Relaxed);
+        self.seal_ack_rttvar_us.store(var, Relaxed);
+    }
+
+    /// How long before `batch.max_age` the batcher seals (zero before the first ack): the
+    /// smoothed seal -> ack time plus four deviations, as TCP sets its retransmission timeout,
+    /// so that the slow acks, not only the typical one, come within `max_age`
+    /// (pipeline/batch.rs caps it at half of `max_age`).
+    pub fn seal_lead(&self) -> std::time::Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        let us = (self.seal_ack_srtt_us.load(Relaxed))
+            .saturating_add(self.seal_ack_rttvar_us.load(Relaxed).saturating_mul(4));
+        std::time::Duration::from_micros(us)
     }
 
     /// An OK ack at wall-clock `now_ns` for profiles received at `received_ns` (0: unknown).
@@ -1000,14 +1025,18 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn ack_round_trip_is_smoothed_from_the_first_ack() {
+    fn seal_lead_is_the_smoothed_seal_to_ack_time_plus_four_deviations() {
         let t = Telemetry::new();
-        assert_eq!(t.ack_round_trip(), Duration::ZERO);
-        t.acked(Duration::from_millis(16), 10, 100);
-        assert_eq!(t.ack_round_trip(), Duration::from_millis(16));
-        // 7/8 of 16 ms + 1/8 of 80 ms.
-        t.acked(Duration::from_millis(80), 10, 100);
-        assert_eq!(t.ack_round_trip(), Duration::from_millis(24));
+        assert_eq!(t.seal_lead(), Duration::ZERO);
+        // First sample: SRTT 16 ms, RTTVAR 8 ms.
+        t.sealed_to_acked(Duration::from_millis(16));
+        assert_eq!(t.seal_lead(), Duration::from_millis(16 + 4 * 8));
+        // SRTT 7/8 of 16 + 1/8 of 80 = 24 ms; RTTVAR 3/4 of 8 + 1/4 of |16 - 80| = 22 ms.
+        t.sealed_to_acked(Duration::from_millis(80));
+        assert_eq!(t.seal_lead(), Duration::from_millis(24 + 4 * 22));
+        // The send -> ack histogram alone does not move it.
+        t.acked(Duration::from_secs(3), 10, 100);
+        assert_eq!(t.seal_lead(), Duration::from_millis(24 + 4 * 22));
     }
 
     #[test]

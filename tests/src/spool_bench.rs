@@ -47,6 +47,7 @@ pub fn bench_write_replay(
         let batch = Batch {
             seq: records,
             epoch: 1,
+            sealed_at: None,
             profiles: vec![Profile {
                 payload: payload.clone(),
                 received_ns: records,

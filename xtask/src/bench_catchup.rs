@@ -442,18 +442,16 @@ fn section(latency: &[Latency], c: &CatchUp, host: &str) -> String {
          | {:.2} s | {:.2} s | {} | {:.0} profiles/s |\n\n\
          Aim: delivery resumes within 2 s of the return: **{}**.\n\n\
          Reading the figures: below ~2000/s (`batch.max_items` 1000 per `batch.max_age` 500 ms) \
-         batches are sealed by age, the listener's smoothed ack round trip before `max_age` \
-         (docs/agent.md, \"Batching\"), so the first profile of each waits just under 500 ms \
+         batches are sealed by age, a lead before `max_age` (the smoothed seal → ack time plus \
+         four deviations; docs/agent.md, \"Batching\"), so the first profile of each waits just \
+         under 500 ms \
          for its ack; above it they are sealed by count and the wait shrinks with the rate. \
          Near 500 ms the histogram cannot tell: its bucket holding 500 ms spans 414 to 517 ms \
          and the quantile is interpolated inside it, so a p99 just under 500 ms can read as up \
          to 517; hence the exact column. That column is an upper bound: this bench (built \
          unoptimised) reads the file on the same two cores as the agent, the listener and the \
          sender, and a late read adds to every age it takes; at the higher rates it runs late \
-         (the histogram's p99 is then the better figure). The batcher seals the smoothed \
-         send → ack time before `max_age`; the time from sealing to sending (seq, router, \
-         encoding) is not in it, which is what the exact p99 shows above 500 ms at low rates. \
-         The backlog is replayed at \
+         (the histogram's p99 is then the better figure). The backlog is replayed at \
          `spool.replay_batches_per_s` (default 20 batches/s, ~20k profiles/s at 1000 per batch) \
          beside the live traffic, not at whatever the listener could take: raising that key \
          shortens the replay.\n",

@@ -1,12 +1,13 @@
 //! The batcher: profiles in, sealed batches out. A batch is sealed when it holds
 //! `batch.max_items` profiles, or `batch.max_bytes` payload bytes, or when its first profile is
-//! `batch.max_age` old less the listener's recent ack round trip (the timer starts with the
-//! first item, so an idle agent does not tick). Sealing early by the round trip brings
-//! `batch.max_age` close to what an operator reads it as, the longest a profile waits for its
-//! ack from a healthy listener, rather than the longest before it is sent (the performance
-//! issue, item 5). The time from sealing to sending is not in the round trip, so at low rates
-//! p99 receive → ack stays a few ms over `max_age` (docs/BENCHMARKS.md, "Added latency"). At most half of
-//! `max_age` is taken off, so a slow listener cannot shrink batches to nothing.
+//! `batch.max_age` old less a lead: the recent seal -> ack time of batches, smoothed, plus four
+//! of its deviations (`Telemetry::seal_lead`; the timer starts with the first item, so an idle
+//! agent does not tick). Sealing early brings `batch.max_age` close to what an operator reads it
+//! as, the longest a profile waits for its ack from a healthy listener, rather than the longest
+//! before it is sent (the performance issue, item 5). The lead covers the whole way from seal to
+//! ack, the batch channel, the router and the window included, not only send -> ack (test:
+//! `transport::tests::the_batchers_lead_covers_seal_to_send_not_only_send_to_ack`). At most half
+//! of `max_age` is taken off, so a slow listener cannot shrink batches to nothing.
 //! Sealing assigns the batch its persistent sequence number.
 
 use std::sync::Arc;
@@ -30,7 +31,7 @@ pub struct Batcher {
     items: Vec<Profile>,
     bytes: usize,
     deadline: Option<Instant>,
-    /// How much earlier than `max_age` a batch is sealed (the ack round trip, capped).
+    /// How much earlier than `max_age` a batch is sealed (the seal -> ack lead, capped).
     lead: Duration,
 }
 
@@ -45,8 +46,8 @@ impl Batcher {
         }
     }
 
-    /// The listener's recent ack round trip: the next batch is sealed that much before
-    /// `max_age`, but never before half of it.
+    /// The recent seal -> ack lead: the next batch is sealed that much before `max_age`, but
+    /// never before half of it.
     pub fn set_lead(&mut self, round_trip: Duration) {
         self.lead = round_trip.min(self.cfg.max_age / 2);
     }
@@ -129,7 +130,7 @@ pub async fn run(
         };
         let Some(chunk) = chunk else { break };
         let now = Instant::now();
-        b.set_lead(st.telemetry.ack_round_trip());
+        b.set_lead(st.telemetry.seal_lead());
         // The chunk's share of the ingest queue budget is released once it is consumed.
         for p in chunk.profiles {
             if let Some(items) = b.push(p, now) {
@@ -166,6 +167,7 @@ impl BatchStage {
             seq,
             epoch: self.seqs.epoch(),
             profiles,
+            sealed_at: Some(Instant::now()),
         };
         if let Err(e) = out.send(batch).await {
             // Only after the router ended (its own failure is reported by the daemon).
@@ -255,11 +257,11 @@ mod tests {
         assert_eq!(b.push(prof(100), now).unwrap().len(), 1);
     }
 
-    /// Item 5 of the performance issue: a batch sealed by age is sealed the listener's ack
-    /// round trip before `max_age`, so its first profile is acked within `max_age`; never
+    /// Item 5 of the performance issue: a batch sealed by age is sealed the seal -> ack lead
+    /// before `max_age`, so its first profile is acked within `max_age`; never
     /// earlier than half of it.
     #[test]
-    fn seals_early_by_the_ack_round_trip_but_never_before_half_the_age() {
+    fn seals_early_by_the_lead_but_never_before_half_the_age() {
         let t = Instant::now();
         let mut b = Batcher::new(cfg(100, 1 << 20, 500));
         assert!(b.push(prof(10), t).is_none());

@@ -20,11 +20,22 @@ pub struct Profile {
 /// A batch of profiles with its per-agent sequence number and the epoch of that sequence
 /// (both assigned when the batch is sealed, kept through spool and replay so the listener can
 /// deduplicate by `(agent_id, epoch, seq)`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Batch {
     pub seq: u64,
     pub epoch: u64,
     pub profiles: Vec<Profile>,
+    /// When the batcher sealed it, until the transport first sends it: the seal -> ack time of
+    /// batches that went straight through sets the batcher's lead (pipeline/batch.rs). `None`
+    /// for a batch handed back, spooled or replayed. Bookkeeping: not on the wire, not in the
+    /// spool, not compared.
+    pub sealed_at: Option<tokio::time::Instant>,
+}
+
+impl PartialEq for Batch {
+    fn eq(&self, o: &Self) -> bool {
+        (self.seq, self.epoch, &self.profiles) == (o.seq, o.epoch, &o.profiles)
+    }
 }
 
 impl Batch {
@@ -70,6 +81,7 @@ impl Batch {
         Self {
             seq: b.seq,
             epoch: b.epoch,
+            sealed_at: None,
             profiles: b
                 .profiles
                 .into_iter()
@@ -104,6 +116,7 @@ mod tests {
         let b = Batch {
             seq: 42,
             epoch: 7,
+            sealed_at: None,
             profiles: vec![Profile {
                 payload: Bytes::from_static(br#"{"a":1}"#),
                 received_ns: 7,

@@ -522,7 +522,7 @@ impl Transport {
                     unreachable: false,
                 };
             }
-            let ack_deadline = w.inflight.front().map(|(_, t)| *t + self.cfg.ack_timeout);
+            let ack_deadline = w.inflight.front().map(|s| s.at + self.cfg.ack_timeout);
             let failed = SessionEnd {
                 clean: false,
                 input_open,
@@ -639,20 +639,34 @@ impl Dials {
     }
 }
 
-/// The batches of one stream that await their ack, oldest first, with their send time.
+/// A batch awaiting its ack: when it was sent, and when it was sealed if this is its first send.
+struct Sent {
+    batch: Batch,
+    at: Instant,
+    sealed_at: Option<Instant>,
+}
+
+/// The batches of one stream that await their ack, oldest first.
 struct Window<'a> {
     t: &'a Transport,
     tx: mpsc::Sender<apm_proto::Batch>,
     outcomes: &'a mpsc::UnboundedSender<Outcome>,
-    inflight: VecDeque<(Batch, Instant)>,
+    inflight: VecDeque<Sent>,
 }
 
 impl Window<'_> {
     /// Sends one batch; `false` (and the window handed back) when the stream has closed.
-    async fn send(&mut self, batch: Batch) -> bool {
+    async fn send(&mut self, mut batch: Batch) -> bool {
         let t = self.t;
         let wire = batch.to_proto(&t.agent_id, &t.hostname, Some((t.host_stats)()));
-        self.inflight.push_back((batch, Instant::now()));
+        // Taken: if this send fails, the batch comes back without it and its ack, whenever it
+        // comes, says nothing about how long a batch sealed now waits.
+        let sealed_at = batch.sealed_at.take();
+        self.inflight.push_back(Sent {
+            batch,
+            at: Instant::now(),
+            sealed_at,
+        });
         t.telemetry
             .in_flight_batches
             .set(self.inflight.len() as i64);
@@ -665,14 +679,18 @@ impl Window<'_> {
 
     /// Settles the batch an ack names: stored, rejected for good, or back to the router.
     fn settle(&mut self, ack: apm_proto::Ack, backoff: &mut Backoff) {
-        let Some(pos) = self.inflight.iter().position(|(b, _)| b.seq == ack.seq) else {
+        let Some(pos) = self.inflight.iter().position(|s| s.batch.seq == ack.seq) else {
             tracing::debug!(
                 seq = ack.seq,
                 "ack for a batch not in flight (already settled)"
             );
             return;
         };
-        let (batch, sent) = self.inflight.remove(pos).expect("position is valid");
+        let Sent {
+            batch,
+            at: sent,
+            sealed_at,
+        } = self.inflight.remove(pos).expect("position is valid");
         let t = &self.t.telemetry;
         t.in_flight_batches.set(self.inflight.len() as i64);
         // The listener's text goes to logs, status and the spool's reasons: escaped once here.
@@ -681,6 +699,9 @@ impl Window<'_> {
             AckStatus::Ok => {
                 backoff.reset();
                 t.acked(sent.elapsed(), batch.len(), batch.payload_bytes());
+                if let Some(sealed) = sealed_at {
+                    t.sealed_to_acked(sealed.elapsed());
+                }
                 let now_ns = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -710,7 +731,7 @@ impl Window<'_> {
 
     /// The stream is gone: every batch in flight goes back to the router.
     fn fail_all(&mut self, reason: &str) {
-        for (batch, _) in self.inflight.drain(..) {
+        for Sent { batch, .. } in self.inflight.drain(..) {
             self.t.telemetry.send_failures.inc();
             let _ = self.outcomes.send(Outcome::Returned {
                 batch,
@@ -943,10 +964,76 @@ mod tests {
         run.await.expect("transport ends");
     }
 
+    /// The performance issue, item 5: the batcher seals `batch.max_age` less a lead meant to
+    /// cover the whole seal -> ack time of a batch, including its wait between sealing and
+    /// sending (the batch channel, the router, a full window), not only send -> ack. Here a
+    /// batch the batch stage sealed waits 300 ms before the transport takes it, and the listener
+    /// acks it at once: the lead the batcher reads afterwards is at least those 300 ms.
+    #[tokio::test]
+    async fn the_batchers_lead_covers_seal_to_send_not_only_send_to_ack() {
+        let live = replica(true).await;
+        let telemetry = Telemetry::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ptx, prx) = crate::pipeline::ingest::profile_queue(1 << 20);
+        let (btx, mut brx) = mpsc::channel(4);
+        let stage = crate::pipeline::batch::BatchStage {
+            cfg: crate::config::BatchConfig {
+                max_items: 1,
+                ..Default::default()
+            },
+            seqs: crate::state::SeqAllocator::open(dir.path()).expect("seqs"),
+            live: Arc::default(),
+            telemetry: telemetry.clone(),
+            deadline: CancellationToken::new(),
+        };
+        tokio::spawn(crate::pipeline::batch::run(stage, prx, btx));
+        let profile = batch(0).profiles.remove(0);
+        ptx.send(vec![profile], &crate::pipeline::durable::Gate::default())
+            .await
+            .expect("queue");
+        let sealed = brx.recv().await.expect("sealed batch");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let cfg = CentralConfig {
+            endpoint: live,
+            compression: Compression::None,
+            ..CentralConfig::default()
+        };
+        let t = Transport::new(
+            cfg,
+            "a1".into(),
+            "h".into(),
+            telemetry.clone(),
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        in_tx.send(sealed).await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, out_rx.recv()).await {
+                Ok(Some(Outcome::Acked { .. })) => break,
+                Ok(Some(_)) => {}
+                other => panic!("no ack within 10 s: {other:?}"),
+            }
+        }
+        let lead = telemetry.seal_lead();
+        assert!(
+            lead >= Duration::from_millis(300),
+            "lead {lead:?} does not cover the 300 ms between seal and send"
+        );
+        stop.cancel();
+        run.await.expect("transport ends");
+    }
+
     fn batch(seq: u64) -> Batch {
         Batch {
             seq,
             epoch: 0,
+            sealed_at: None,
             profiles: vec![crate::pipeline::model::Profile {
                 payload: bytes::Bytes::from_static(b"{}"),
                 received_ns: 1,

@@ -21,6 +21,7 @@ fn batch_of(seq: u64, payload_len: usize) -> Batch {
     Batch {
         seq,
         epoch: 1,
+        sealed_at: None,
         profiles: vec![Profile {
             payload: Bytes::from(vec![b'a'; payload_len]),
             received_ns: seq,

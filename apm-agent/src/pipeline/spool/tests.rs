@@ -22,6 +22,7 @@ fn batch(seq: u64, profiles: usize, payload_len: usize) -> Batch {
     Batch {
         seq,
         epoch: 1,
+        sealed_at: None,
         profiles: (0..profiles)
             .map(|i| {
                 let head = format!("{{\"seq\":{seq},\"i\":{i},\"x\":\"");
