@@ -921,18 +921,7 @@ mod tests {
             backoff_max: Duration::from_millis(20),
             ..CentralConfig::default()
         };
-        let t = Transport::new(
-            cfg,
-            "a1".into(),
-            "h".into(),
-            Telemetry::new(),
-            Arc::new(HostStats::default),
-        )
-        .expect("transport");
-        let (in_tx, in_rx) = mpsc::channel(4);
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-        let stop = CancellationToken::new();
-        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        let (in_tx, mut out_rx, stop, run) = spawn_transport(cfg, Telemetry::new());
         in_tx.send(batch(7)).await.expect("send");
         let mut seen = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -999,18 +988,7 @@ mod tests {
             compression: Compression::None,
             ..CentralConfig::default()
         };
-        let t = Transport::new(
-            cfg,
-            "a1".into(),
-            "h".into(),
-            telemetry.clone(),
-            Arc::new(HostStats::default),
-        )
-        .expect("transport");
-        let (in_tx, in_rx) = mpsc::channel(4);
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-        let stop = CancellationToken::new();
-        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        let (in_tx, mut out_rx, stop, run) = spawn_transport(cfg, telemetry.clone());
         in_tx.send(sealed).await.expect("send");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1027,6 +1005,31 @@ mod tests {
         );
         stop.cancel();
         run.await.expect("transport ends");
+    }
+
+    /// A transport to `cfg` on its own task: its input, its outcomes, its stop and its task.
+    fn spawn_transport(
+        cfg: CentralConfig,
+        telemetry: Arc<Telemetry>,
+    ) -> (
+        mpsc::Sender<Batch>,
+        mpsc::UnboundedReceiver<Outcome>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let t = Transport::new(
+            cfg,
+            "a1".into(),
+            "h".into(),
+            telemetry,
+            Arc::new(HostStats::default),
+        )
+        .expect("transport");
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        (in_tx, out_rx, stop, run)
     }
 
     fn batch(seq: u64) -> Batch {
@@ -1072,18 +1075,7 @@ mod tests {
             backoff_max: Duration::from_millis(20),
             ..CentralConfig::default()
         };
-        let t = Transport::new(
-            cfg,
-            "a1".into(),
-            "h".into(),
-            Telemetry::new(),
-            Arc::new(HostStats::default),
-        )
-        .expect("transport");
-        let (in_tx, in_rx) = mpsc::channel(4);
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-        let stop = CancellationToken::new();
-        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        let (in_tx, mut out_rx, stop, run) = spawn_transport(cfg, Telemetry::new());
         let mut texts = Vec::new();
         for seq in 1..=3 {
             in_tx.send(batch(seq)).await.expect("send");
@@ -1165,18 +1157,7 @@ mod tests {
             probe_interval: interval,
             ..CentralConfig::default()
         };
-        let t = Transport::new(
-            cfg,
-            "a1".into(),
-            "h".into(),
-            Telemetry::new(),
-            Arc::new(HostStats::default),
-        )
-        .expect("transport");
-        let (in_tx, in_rx) = mpsc::channel(4);
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
-        let stop = CancellationToken::new();
-        let run = tokio::spawn(t.run(in_rx, out_tx, stop.clone()));
+        let (in_tx, mut out_rx, stop, run) = spawn_transport(cfg, Telemetry::new());
         let start = std::time::Instant::now();
         let span = Duration::from_secs(2);
         // Phase 1 (a closed breaker's worst case): every returned batch is handed back at once.
