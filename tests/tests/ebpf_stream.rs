@@ -23,6 +23,20 @@ const WAIT: Duration = Duration::from_secs(10);
 const BIG: usize = 512 * 1024;
 static FRAME: [u8; BIG] = [b'x'; BIG];
 
+/// The tests of this file run one at a time. Each monitor watches PHP-named processes host-wide,
+/// so tests run in parallel saw each other's processes: one test's forked `php-fpm8.2` child was
+/// among another's PHP exits (with no drop of its own), and an abandoned-frame count came out 2
+/// for 3 (3 failures in 35 runs of `cargo test -p apm-tests --test ebpf_stream` before this lock,
+/// and one in CI).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it must not fail the others too.
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What a child saw itself (written to the result pipe as raw integers).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -241,6 +255,7 @@ fn worker(v: &serde_json::Value, pid: i32) -> Option<&serde_json::Value> {
 /// gone. Counted as a drop (host and worker), shown by reason, and it lowers the sample rate.
 #[test]
 fn ebpf_stream_connect_eagain_is_a_drop_per_worker_and_host() {
+    let _serial = serial();
     let Some(m) = TestMonitor::start(
         "ebpf_stream_connect_eagain_is_a_drop_per_worker_and_host",
         |_| {},
@@ -307,6 +322,7 @@ fn ebpf_stream_connect_eagain_is_a_drop_per_worker_and_host() {
 /// in time) is backpressure, not a drop; a small frame neither.
 #[test]
 fn ebpf_stream_frame_abandoned_after_the_wait_is_a_drop() {
+    let _serial = serial();
     let Some(m) = TestMonitor::start(
         "ebpf_stream_frame_abandoned_after_the_wait_is_a_drop",
         |c| c.adaptive_sampling = false,
@@ -400,6 +416,7 @@ fn ebpf_stream_frame_abandoned_after_the_wait_is_a_drop() {
 /// Ground truth: what reached the stream socket (connections queued, bytes of each frame).
 #[test]
 fn ebpf_stream_drops_of_the_real_listener_php_are_counted() {
+    let _serial = serial();
     let Some(m) = TestMonitor::start(
         "ebpf_stream_drops_of_the_real_listener_php_are_counted",
         // The rate must stay 1.0: every request is profiled and sends.
