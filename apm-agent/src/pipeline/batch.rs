@@ -48,8 +48,8 @@ impl Batcher {
 
     /// The recent seal -> ack lead: the next batch is sealed that much before `max_age`, but
     /// never before half of it.
-    pub fn set_lead(&mut self, round_trip: Duration) {
-        self.lead = round_trip.min(self.cfg.max_age / 2);
+    pub fn set_lead(&mut self, lead: Duration) {
+        self.lead = lead.min(self.cfg.max_age / 2);
     }
 
     /// Adds one profile; returns the profiles of a batch that became full, if any.
