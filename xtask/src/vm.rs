@@ -745,10 +745,28 @@ fn run_guest(
         accel.describe(),
         out.display()
     ));
-    let mut c = vng(vng_bin, k, accel, &out, "3G");
-    c.arg(&script);
     let t = Instant::now();
-    run_with_timeout(c, &out.join("console.log"), GUEST_TIMEOUT)?;
+    // A guest that dies before its first test starts has run nothing (CI once saw a 6.12 guest
+    // stop after 11 s with an empty console while the host logged a VM fork): no result is lost
+    // by booting it once more, and a test that did start is never re-run.
+    for attempt in 1..=2 {
+        let mut c = vng(vng_bin, k, accel, &out, "3G");
+        c.arg(&script);
+        run_with_timeout(c, &out.join("console.log"), GUEST_TIMEOUT)?;
+        let started = bins
+            .iter()
+            .any(|(name, _)| out.join(format!("{name}.log")).exists());
+        if attempt == 2 || started || out.join("done").is_file() {
+            break;
+        }
+        say(format!(
+            "{}: guest stopped after {:.0} s before any test started (console: {} bytes); booting it once more",
+            k.version,
+            t.elapsed().as_secs_f64(),
+            std::fs::metadata(out.join("console.log")).map_or(0, |m| m.len())
+        ));
+        let _ = std::fs::rename(out.join("console.log"), out.join("console-1.log"));
+    }
     let done = out.join("done").is_file();
     say(format!(
         "{}: guest {} after {:.0} s",
