@@ -572,3 +572,192 @@ async fn write_ahead_failure_over_budget_drops_the_oldest_memory_batch_under_dro
         "the newest kept, the oldest dropped"
     );
 }
+
+/// Issue 11.4, found under load by the faults test: random interleavings of batches the
+/// write-ahead takes or refuses, acks, returns, breaker periods and spill requests. After every
+/// step the payload in memory stays within `limits.memory_budget_mb` plus the one batch being
+/// taken in; after the stop, every profile fed is delivered, counted as dropped, or on disk.
+mod interleavings {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A batch from the batcher; big ones are larger than the spool, of many sizes: their
+        /// write-ahead fails.
+        Feed(Size),
+        /// The transport takes what the router put on the wire (up to its window).
+        Take,
+        /// The transport acks / returns the n-th batch it holds.
+        Ack(usize),
+        Return(usize),
+        Advance(u16),
+        Spill,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Size {
+        Small,
+        Big(u8),
+    }
+
+    impl Size {
+        fn bytes(self) -> usize {
+            match self {
+                Size::Small => SMALL,
+                Size::Big(n) => BIG + usize::from(n) * 100,
+            }
+        }
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => Just(Op::Feed(Size::Small)),
+            2 => any::<u8>().prop_map(|n| Op::Feed(Size::Big(n))),
+            3 => Just(Op::Take),
+            2 => (0usize..8).prop_map(Op::Ack),
+            1 => (0usize..8).prop_map(Op::Return),
+            1 => (0u16..12_000).prop_map(Op::Advance),
+            1 => Just(Op::Spill),
+        ]
+    }
+
+    const SMALL: usize = 1000;
+    /// Larger than `max_bytes`: never written ahead.
+    /// The smallest big batch; `Big(n)` is `n` hundred bytes larger.
+    const BIG: usize = 17 * 1024;
+    const BUDGET: usize = 20 * 1024;
+    /// The transport's window (`central.max_in_flight` in the daemon).
+    const WINDOW: usize = 4;
+
+    fn run(ops: Vec<Op>, mode: SpoolMode, on_full: SpoolFull) -> Result<(), TestCaseError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (_d, dir) = tmp();
+            let mut s = Setup::new(&dir, mode);
+            s.spool.max_bytes = 16 * 1024;
+            s.spool.on_full = on_full;
+            s.spool.high_water_pct = 100;
+            s.budget = BUDGET;
+            let mut h = start(&dir, s);
+            let mut held: Vec<Batch> = Vec::new();
+            let (mut seq, mut fed, mut biggest) = (0u64, 0u64, 0usize);
+            for op in ops {
+                match op {
+                    Op::Feed(size) => {
+                        seq += 1;
+                        if h.input.try_send(batch_of(seq, size.bytes())).is_ok() {
+                            fed += 1;
+                            biggest = biggest.max(size.bytes());
+                        }
+                        settle().await;
+                    }
+                    Op::Take => {
+                        settle().await;
+                        while held.len() < WINDOW {
+                            match h.wire.try_recv() {
+                                Ok(b) => held.push(b),
+                                Err(_) => break,
+                            }
+                            settle().await;
+                        }
+                    }
+                    Op::Ack(i) if !held.is_empty() => {
+                        let b = held.remove(i % held.len());
+                        h.ack(&b).await;
+                    }
+                    Op::Return(i) if !held.is_empty() => {
+                        let b = held.remove(i % held.len());
+                        h.give_back(b).await;
+                    }
+                    Op::Ack(_) | Op::Return(_) => {}
+                    Op::Advance(ms) => {
+                        tokio::time::advance(Duration::from_millis(u64::from(ms))).await;
+                        settle().await;
+                    }
+                    Op::Spill => {
+                        h.spill.store(true, Ordering::Relaxed);
+                        tokio::time::advance(crate::pipeline::liveness::BEAT).await;
+                        settle().await;
+                    }
+                }
+                let mem = h.t.memory_payload_bytes.get() as usize;
+                prop_assert!(
+                    mem < BUDGET + biggest,
+                    "{mem} payload bytes in memory, budget {BUDGET} (+ one batch of {biggest})"
+                );
+            }
+            // The transport ends: what it holds, and what still waits on the wire for it, comes
+            // back (transport.rs returns both when it stops), then the router stops.
+            for b in held {
+                h.give_back(b).await;
+            }
+            loop {
+                let left = h.sent().await;
+                if left.is_empty() {
+                    break;
+                }
+                for b in left {
+                    h.give_back(b).await;
+                }
+            }
+            let delivered = h.t.delivered.get();
+            let dropped = h.t.dropped_total();
+            let (lost, on_disk) = h.stop().await;
+
+            prop_assert_eq!(
+                fed,
+                delivered + dropped + lost.len() as u64 + on_disk.len() as u64,
+                "fed = delivered {} + dropped {} + lost at stop {} + on disk {}",
+                delivered,
+                dropped,
+                lost.len(),
+                on_disk.len()
+            );
+            Ok(())
+        })
+    }
+
+    /// The case proptest shrank the first failure to: a window filled by batches the write-ahead
+    /// refused, then the spool's one record replayed on top (38816 bytes held, budget 20480).
+    #[test]
+    fn a_replay_does_not_pile_on_a_full_window() {
+        use Op::{Feed, Take};
+        use Size::{Big, Small};
+        let ops = vec![
+            Feed(Small),
+            Feed(Small),
+            Feed(Big(0)),
+            Feed(Small),
+            Feed(Big(0)),
+            Feed(Small),
+            Take,
+        ];
+        run(ops, SpoolMode::Always, SpoolFull::DropOldest).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn memory_stays_within_budget_and_every_profile_is_accounted_for_drop_oldest(
+            ops in proptest::collection::vec(op(), 1..120),
+            always in any::<bool>(),
+        ) {
+            run(ops, if always { SpoolMode::Always } else { SpoolMode::Overflow }, SpoolFull::DropOldest)?;
+        }
+
+        #[test]
+        fn memory_stays_within_budget_and_every_profile_is_accounted_for_drop_newest(
+            ops in proptest::collection::vec(op(), 1..120),
+            always in any::<bool>(),
+        ) {
+            run(ops, if always { SpoolMode::Always } else { SpoolMode::Overflow }, SpoolFull::DropNewest)?;
+        }
+    }
+}
