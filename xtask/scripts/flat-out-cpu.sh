@@ -1,0 +1,41 @@
+#!/bin/bash
+# Where the two cores go when two senders run flat out, as root after `cargo xtask build`:
+#   xtask/scripts/flat-out-cpu.sh [SIZE] [ATTEMPTS] [BIN_DIR]
+# The set-up of flat-out-rss.sh (the agent at its defaults, eBPF on, to apm-listener writing to
+# /dev/shm; two `apm-test-sender --nonblocking --comm php-fpm`). Prints the CPU seconds each
+# process used per second of sending (utime + stime of all its threads, /proc/PID/stat), the
+# agent's per profile stored, and the profiles stored per second. PERF=1 also samples the whole
+# machine with `perf record -a` over the sending and prints the listener's top symbols.
+set -u
+SIZE=${1:-16384}; N=${2:-4000000}
+HERE=$(cd "$(dirname "$0")" && pwd); BIN=${3:-$(cd "$HERE/../.." && pwd)/target/release}
+. "$HERE/pair.sh"
+TCK=$(getconf CLK_TCK)
+cpu() { awk -v t=$TCK '{ sub(/.*\) /, ""); split($0, f, " "); printf "%.3f", (f[12] + f[13]) / t }' /proc/$1/stat; }
+start_pair "$BIN" ""
+sleep 4
+[ -n "${PERF:-}" ] && { perf record -a -g -o $D/perf.data 2>/dev/null & PP=$!; sleep 1; }
+A0=$(cpu $AP); L0=$(cpu $LP); S0=$(wc -l < $STORED)
+T0=$(date +%s.%N); SP=""
+for s in 1 2; do
+  $BIN/apm-test-sender --socket $SOCK --count $N --prefix s$s --size $SIZE --nonblocking --comm php-fpm > $D/s$s.json & SP="$SP $!"
+done
+sleep 1; SC0=0; for p in $SP; do SC0=$(echo "$SC0 + $(cpu $p)" | bc); done
+sleep 4
+SC1=0; for p in $SP; do SC1=$(echo "$SC1 + $(cpu $p)" | bc); done
+wait $SP; T1=$(date +%s.%N)
+A1=$(cpu $AP); L1=$(cpu $LP); sleep 3; S1=$(wc -l < $STORED)
+[ -n "${PERF:-}" ] && { kill -INT $PP; wait $PP 2>/dev/null; }
+SECS=$(echo "$T1 - $T0" | bc)
+STORED_N=$((S1 - S0))
+echo "size $SIZE: $STORED_N stored in $SECS s of sending: $(echo "$STORED_N / $SECS" | bc)/s"
+echo "CPU s per s of sending: agent $(echo "scale=3; ($A1 - $A0) / $SECS" | bc)," \
+  "listener $(echo "scale=3; ($L1 - $L0) / $SECS" | bc)," \
+  "senders $(echo "scale=3; ($SC1 - $SC0) / 4" | bc) (over 4 s of their run)"
+echo "agent CPU per profile stored: $(echo "scale=2; ($A1 - $A0) * 1000000 / $STORED_N" | bc) µs"
+if [ -n "${PERF:-}" ]; then
+  echo "listener's top symbols (share of all samples on the machine):"
+  perf report -i $D/perf.data --no-children --pid $LP --sort comm,sym --stdio -g none 2>/dev/null \
+    | grep -v '^#' | grep -v '^$' | head -8
+fi
+stop_pair
