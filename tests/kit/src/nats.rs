@@ -117,7 +117,7 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// Starts the nodes (stores under `dir/nats-K`, logs in `dir/nats-K.log`) and waits until
     /// each accepts connections. `max_payload` is raised to 8 MiB: a listener message is one
-    /// agent batch as JSON lines (the agent's `batch.max_bytes` is 1 MiB of payloads).
+    /// agent batch as JSON lines (the agent's `batch.max_bytes` is 512 KiB of payloads by default, and may be set higher).
     pub fn start(server: &Path, dir: &Path, n: usize) -> Self {
         let client: Vec<u16> = (0..n).map(|_| free_port().expect("port")).collect();
         let route: Vec<u16> = (0..n).map(|_| free_port().expect("port")).collect();

@@ -14,8 +14,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::pipeline::durable::Gate;
 use crate::pipeline::model::Profile;
 
-/// Payload bytes that may wait between ingest and the batcher. Two batches' worth
-/// (`batch.max_bytes`, 1 MiB): the batcher keeps up with ingest, so more only fills up when the
+/// Payload bytes that may wait between ingest and the batcher. Four batches' worth
+/// (`batch.max_bytes`, 512 KiB; two when it was 1 MiB): the batcher keeps up with ingest, so
+/// more only fills up when the
 /// router pushes back, and then it is memory held for nothing before the kernel queue takes
 /// over. 8 MiB before 2026-11-30: docs/agent.md, "Where the memory goes", has the measurement.
 pub const INGEST_QUEUE_BYTES: usize = 2 << 20;
