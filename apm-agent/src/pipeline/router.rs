@@ -396,6 +396,22 @@ impl Router {
             self.held += b.payload_bytes();
             self.pending.push_back((b, None));
         }
+        // What the transport never handed back (it ended without returning it: a panic). The
+        // spool still holds its own records for the next start; a batch only memory held is
+        // gone, and counted.
+        let gone: usize = self
+            .inflight
+            .drain()
+            .filter(|(_, f)| f.id.is_none())
+            .map(|(_, f)| f.profiles)
+            .sum();
+        ProfilesDropped {
+            reason: DropReason::Shutdown,
+            profiles: gone as u64,
+            what: "in flight when the transport ended without handing it back: dropped",
+            seq: None,
+        }
+        .emit(&self.t);
         let mut left: Vec<Waiting> = self.retry.drain(..).chain(self.pending.drain(..)).collect();
         left.sort_by_key(|(b, _)| b.seq);
         let mut lost = Vec::new();

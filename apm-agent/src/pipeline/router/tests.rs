@@ -761,3 +761,20 @@ mod interleavings {
         }
     }
 }
+
+/// A transport that ends without handing back what it holds (a panic): the router counts the
+/// memory-only batch it never got back as dropped at the stop (`shutdown`) instead of forgetting
+/// it; a batch the spool holds stays on disk for the next start.
+#[tokio::test(start_paused = true)]
+async fn a_batch_the_transport_never_returned_is_counted_at_the_stop() {
+    let (_d, dir) = tmp();
+    let mut h = start(&dir, Setup::new(&dir, SpoolMode::Overflow));
+    h.feed(batch(1)).await;
+    let out = h.sent().await;
+    assert_eq!(seqs(&out), [1]);
+    drop(out); // the transport dies holding it
+    let t = h.t.clone();
+    let (lost, on_disk) = h.stop().await;
+    assert!(lost.is_empty() && on_disk.is_empty());
+    assert_eq!(t.dropped_of(DropReason::Shutdown), 1);
+}
