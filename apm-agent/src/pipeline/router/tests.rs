@@ -777,4 +777,15 @@ async fn a_batch_the_transport_never_returned_is_counted_at_the_stop() {
     let (lost, on_disk) = h.stop().await;
     assert!(lost.is_empty() && on_disk.is_empty());
     assert_eq!(t.dropped_of(DropReason::Shutdown), 1);
+
+    // Written ahead: the spool still has it.
+    let (_d, dir) = tmp();
+    let mut h = start(&dir, Setup::new(&dir, SpoolMode::Always));
+    h.feed(batch(1)).await;
+    assert_eq!(seqs(&h.sent().await), [1]);
+    let t = h.t.clone();
+    let (lost, on_disk) = h.stop().await;
+    assert!(lost.is_empty());
+    assert_eq!(on_disk, [1]);
+    assert_eq!(t.dropped_total(), 0);
 }
