@@ -114,7 +114,7 @@ impl Default for BatchConfig {
         Self {
             max_items: 1000, // a batch per ~1000 requests keeps per-batch cost small
             // Half a MiB: every buffer sized by a batch (the open one, the one waiting for the
-            // router, the one being encoded) is half as large, for ~2 MiB less peak RSS at
+            // router, the one being encoded) is half as large, for ~1.5 MiB less peak RSS at
             // 16 KiB flat out at the same rate (docs/agent.md, "Where the memory goes").
             max_bytes: 512 * 1024,
             max_age: Duration::from_millis(500), // a quiet host still delivers within a second

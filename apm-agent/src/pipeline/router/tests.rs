@@ -741,6 +741,26 @@ mod interleavings {
         run(ops, SpoolMode::Always, SpoolFull::DropOldest).unwrap();
     }
 
+    /// The second failure, shrunk: under `drop_oldest` a refused batch past the budget took the
+    /// place of the oldest memory batch whatever their sizes, so memory climbed by each swap
+    /// (63416 bytes held, budget 20480).
+    #[test]
+    fn a_refused_batch_does_not_swap_a_smaller_old_one_out_for_itself() {
+        use Op::{Ack, Feed, Return, Take};
+        use Size::{Big, Small};
+        let ops = vec![
+            Feed(Small),
+            Feed(Small),
+            Take,
+            Return(0),
+            Ack(0),
+            Feed(Big(0)),
+            Feed(Big(113)),
+            Feed(Big(173)),
+        ];
+        run(ops, SpoolMode::Always, SpoolFull::DropOldest).unwrap();
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
