@@ -10,7 +10,13 @@
 //! - `bare`: one thread in this process doing `recvmmsg(2)` into 64 slots and counting ids: the
 //!   limit of the socket and the sender on this machine.
 //! - the agent, eBPF off and on (`[ebpf] enabled = "on"`: a startup error when it cannot load),
-//!   to `apm-listener` writing to tmpfs; delivered = unique ids in the listener's file.
+//!   to `apm-bench-sink`, a gRPC `Collector` that counts unique ids and acks each batch once
+//!   counted: the same work as the other two sinks' counters, so the rows compare forwarders
+//!   (the aims are read on the eBPF-on row). Each window sends ids from its own base, so the
+//!   sink's one set of ids counts windows apart.
+//! - the agent, eBPF on, to `apm-listener` validating and storing every profile to tmpfs:
+//!   delivered = unique ids in the listener's file. The product end to end, for transparency:
+//!   on 2 cores the listener competes with the agent and the senders for the same CPU.
 //! - syslog-ng from Debian's `syslog-ng-core`: a `unix-dgram` source to a `network` TCP
 //!   destination with a reliable disk buffer, to a TCP sink in this process counting unique ids
 //!   (the configuration is [`SYSLOG_NG_CONF`], printed in the section).
@@ -163,8 +169,15 @@ fn sockaddr(path: &Path) -> Result<(libc::sockaddr_un, libc::socklen_t)> {
 }
 
 /// Sends `size`-byte profiles for `dur`: `threads` threads flat out when `rate` is 0, else one
-/// thread at `rate`/s. Ids are 0.. across the threads (thread `t` sends `t`, `t + threads`, ...).
-fn send(path: &Path, size: usize, rate: u64, threads: u64, dur: Duration) -> Result<Sent> {
+/// thread at `rate`/s. Ids are `base..` across the threads (thread `t` sends `base + t`,
+/// `base + t + threads`, ...).
+fn send(
+    path: &Path,
+    size: usize,
+    rate: u64,
+    (threads, base): (u64, u64),
+    dur: Duration,
+) -> Result<Sent> {
     let (addr, alen) = sockaddr(path)?;
     let threads = if rate > 0 { 1 } else { threads };
     let handles: Vec<_> = (0..threads)
@@ -189,7 +202,7 @@ fn send(path: &Path, size: usize, rate: u64, threads: u64, dur: Duration) -> Res
                                 std::thread::sleep(d);
                             }
                         }
-                        set_id(&mut buf, i * threads + t);
+                        set_id(&mut buf, base + i * threads + t);
                         match sendto(fd, &buf, &addr, alen) {
                             0 => sent.ok += 1,
                             libc::EAGAIN => sent.eagain += 1,
@@ -259,6 +272,10 @@ trait Sink {
     fn finish(&mut self) -> Result<u64>;
     fn cpu(&self) -> f64;
     fn peak_rss_mib(&self) -> Option<f64>;
+    /// The first id of the next window (ids are `base..` in it).
+    fn id_base(&mut self) -> u64 {
+        0
+    }
     fn socket(&self) -> PathBuf;
     fn stop(&mut self);
 }
@@ -389,88 +406,177 @@ impl Sink for Bare {
     }
 }
 
-// ---- the agent to apm-listener ----
+// ---- the agent, to the counting gRPC sink or to apm-listener ----
+
+/// Where the agent under measurement delivers.
+enum Out {
+    /// `apm-bench-sink`: counts unique ids and acks, as the other sinks count (the aims' row).
+    Counter {
+        proc: apm_testkit::Proc,
+        file: PathBuf,
+        /// Unique ids counted when the current window started.
+        before: u64,
+        /// Windows so far: window `n` sends ids from `n << 32`, so the sink's one set of ids
+        /// counts each window apart.
+        windows: u64,
+    },
+    /// `apm-listener` validating and storing every profile to tmpfs (its own row).
+    Listener {
+        proc: apm_testkit::Proc,
+        file: PathBuf,
+        offset: u64,
+        _dir: RemoveOnDrop,
+    },
+}
 
 struct Agent {
     dir: PathBuf,
     proc: apm_testkit::Proc,
-    listener: apm_testkit::Proc,
-    out: PathBuf,
-    offset: u64,
-    _out_dir: RemoveOnDrop,
+    out: Out,
+}
+
+/// Starts `apm-bench-sink` writing its counts to `dir/count`; the sink and its address.
+fn start_counter(bin: &Path, dir: &Path) -> Result<(Out, String)> {
+    let stdout = dir.join("sink.out");
+    let mut proc = spawn(
+        Command::new(bin.join("apm-bench-sink"))
+            .arg(dir.join("count"))
+            .stdout(std::fs::File::create(&stdout)?)
+            .stderr(std::fs::File::create(dir.join("sink.err"))?),
+        "apm-bench-sink",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&stdout).unwrap_or_default();
+        if let Some(addr) = text.strip_prefix("listening on ") {
+            let addr = addr.trim().to_string();
+            let out = Out::Counter {
+                proc,
+                file: dir.join("count"),
+                before: 0,
+                windows: 0,
+            };
+            return Ok((out, addr));
+        }
+        if Instant::now() > deadline || proc.child.try_wait()?.is_some() {
+            bail!(
+                "apm-bench-sink did not report its address: {}",
+                std::fs::read_to_string(dir.join("sink.err")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The sink's count of unique ids (0 until its first write).
+fn counted(file: &Path) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Agent {
-    fn start(root: &Path, ebpf: &str) -> Result<Self> {
+    fn start(root: &Path, ebpf: &str, to_listener: bool) -> Result<Self> {
         let bin = crate::target_dir(root).join("release");
         let dir = root.join(".run/bench-compare/agent");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("run"))?;
-        // tmpfs for the listener's file, as in `e2e`: the agent is measured, not the disk.
-        let shm = Path::new("/dev/shm");
-        let out_dir = if shm.is_dir() {
-            shm.join(format!("apm-bench-compare-{}", std::process::id()))
+        let (out, addr) = if to_listener {
+            // tmpfs for the listener's file, as in `e2e`: the agent is measured, not the disk.
+            let shm = Path::new("/dev/shm");
+            let out_dir = if shm.is_dir() {
+                shm.join(format!("apm-bench-compare-{}", std::process::id()))
+            } else {
+                dir.join("out")
+            };
+            std::fs::create_dir_all(&out_dir)?;
+            let file = out_dir.join("profiles.jsonl");
+            let (proc, addr) =
+                start_listener(&bin.join("apm-listener"), &file, &dir.join("listener.log"))?;
+            let out = Out::Listener {
+                proc,
+                file,
+                offset: 0,
+                _dir: RemoveOnDrop(out_dir),
+            };
+            (out, addr)
         } else {
-            dir.join("out")
+            start_counter(&bin, &dir)?
         };
-        std::fs::create_dir_all(&out_dir)?;
-        let out = out_dir.join("profiles.jsonl");
-        let (listener, addr) =
-            start_listener(&bin.join("apm-listener"), &out, &dir.join("listener.log"))?;
         let cfg = write_agent_config(
             &dir,
             &format!("http://{addr}"),
             crate::live::free_port(),
             ebpf,
         )?;
-        let _log = dir.join("agent.log");
         let agent = crate::live::start_agent(&bin, &dir, &cfg)?;
         Ok(Self {
             dir,
             proc: agent,
-            listener,
             out,
-            offset: 0,
-            _out_dir: RemoveOnDrop(out_dir),
         })
     }
 }
 
+/// The ids the listener stored in `file` past `offset` (which moves past them), then the part
+/// read is discarded: at 16 KiB a window is gigabytes of tmpfs.
+fn stored_ids(file: &Path, offset: &mut u64) -> Result<u64> {
+    let mut f = std::fs::File::open(file)?;
+    f.seek(SeekFrom::Start(*offset))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut ids = Ids::default();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = r.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        *offset += n as u64;
+        if let Some(id) = id_of(&line) {
+            ids.insert(id);
+        }
+    }
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(file) {
+        // SAFETY: FALLOC_FL_PUNCH_HOLE on our own open file; failure only keeps the pages.
+        unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                i64::try_from(*offset).unwrap_or(0),
+            );
+        }
+    }
+    Ok(ids.count)
+}
+
 impl Sink for Agent {
     fn progress(&mut self) -> u64 {
-        std::fs::metadata(&self.out).map_or(0, |m| m.len())
+        match &self.out {
+            Out::Counter { file, .. } => counted(file),
+            Out::Listener { file, .. } => std::fs::metadata(file).map_or(0, |m| m.len()),
+        }
+    }
+    fn id_base(&mut self) -> u64 {
+        match &mut self.out {
+            Out::Counter { windows, .. } => {
+                *windows += 1;
+                *windows << 32
+            }
+            Out::Listener { .. } => 0,
+        }
     }
     fn finish(&mut self) -> Result<u64> {
-        // Ground truth: the ids the listener stored since the last window.
-        let mut f = std::fs::File::open(&self.out)?;
-        f.seek(SeekFrom::Start(self.offset))?;
-        let mut r = BufReader::with_capacity(1 << 20, f);
-        let mut ids = Ids::default();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let n = r.read_until(b'\n', &mut line)?;
-            if n == 0 || line.last() != Some(&b'\n') {
-                break;
+        // Ground truth: the unique ids that reached the end since the last window.
+        match &mut self.out {
+            Out::Counter { file, before, .. } => {
+                let now = counted(file);
+                Ok(now - std::mem::replace(before, now))
             }
-            self.offset += n as u64;
-            if let Some(id) = id_of(&line) {
-                ids.insert(id);
-            }
+            Out::Listener { file, offset, .. } => stored_ids(file, offset),
         }
-        // Discard what was read: at 16 KiB a window is gigabytes of tmpfs.
-        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&self.out) {
-            // SAFETY: FALLOC_FL_PUNCH_HOLE on our own open file; failure only keeps the pages.
-            unsafe {
-                libc::fallocate(
-                    f.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    0,
-                    i64::try_from(self.offset).unwrap_or(0),
-                );
-            }
-        }
-        Ok(ids.count)
     }
     fn cpu(&self) -> f64 {
         cpu_of(&format!("/proc/{}/stat", self.proc.pid()))
@@ -483,7 +589,11 @@ impl Sink for Agent {
     }
     fn stop(&mut self) {
         let _ = self.proc.terminate(Duration::from_secs(30));
-        let _ = self.listener.terminate(Duration::from_secs(10));
+        match &mut self.out {
+            Out::Counter { proc, .. } | Out::Listener { proc, .. } => {
+                let _ = proc.terminate(Duration::from_secs(10));
+            }
+        }
     }
 }
 
@@ -642,13 +752,18 @@ enum Kind {
     Bare,
     AgentOff,
     AgentOn,
+    AgentListener,
     SyslogNg,
 }
 
-const KINDS: [(Kind, &str); 4] = [
+const KINDS: [(Kind, &str); 5] = [
     (Kind::Bare, "bare `recvmmsg` sink (the limit)"),
     (Kind::AgentOff, "agent, eBPF off"),
     (Kind::AgentOn, "**agent, eBPF on**"),
+    (
+        Kind::AgentListener,
+        "agent, eBPF on, to `apm-listener` storing to tmpfs",
+    ),
     (Kind::SyslogNg, "syslog-ng 3.38, reliable disk buffer"),
 ];
 
@@ -673,8 +788,9 @@ fn start_sink(root: &Path, kind: Kind, syslog: Option<&Path>) -> Result<Box<dyn 
             std::fs::create_dir_all(&d)?;
             Box::new(Bare::start(&d)?)
         }
-        Kind::AgentOff => Box::new(Agent::start(root, "off")?),
-        Kind::AgentOn => Box::new(Agent::start(root, "on")?),
+        Kind::AgentOff => Box::new(Agent::start(root, "off", false)?),
+        Kind::AgentOn => Box::new(Agent::start(root, "on", false)?),
+        Kind::AgentListener => Box::new(Agent::start(root, "on", true)?),
         Kind::SyslogNg => Box::new(SyslogNg::start(root, syslog.context("syslog-ng binary")?)?),
     })
 }
@@ -683,12 +799,13 @@ fn start_sink(root: &Path, kind: Kind, syslog: Option<&Path>) -> Result<Box<dyn 
 /// first send to the last delivery, sent).
 fn window(sink: &mut dyn Sink, size: usize, rate: u64) -> Result<(u64, f64, Sent)> {
     let path = sink.socket();
+    let base = sink.id_base();
     let t0 = Instant::now();
     let sent = send(
         &path,
         size,
         rate,
-        SAT_THREADS,
+        (SAT_THREADS, base),
         if rate > 0 { PACED } else { SAT },
     )?;
     let last = settle(sink, t0);
@@ -794,10 +911,16 @@ pub fn run(root: &Path, rounds: usize, host: &str) -> Result<String> {
     };
     let load_before = load();
     let started = Instant::now();
-    // `APM_BENCH_COMPARE_SINKS=bare,agent-off,agent-on,syslog-ng` runs some only (to check a
+    // `APM_BENCH_COMPARE_SINKS=bare,agent-off,agent-on,agent-listener,syslog-ng` runs some only (to check a
     // setup; the table then has dashes).
     let only = std::env::var("APM_BENCH_COMPARE_SINKS").unwrap_or_default();
-    let names = ["bare", "agent-off", "agent-on", "syslog-ng"];
+    let names = [
+        "bare",
+        "agent-off",
+        "agent-on",
+        "agent-listener",
+        "syslog-ng",
+    ];
     let mut all: Vec<(Kind, Vec<Figures>)> = KINDS
         .iter()
         .zip(names)
@@ -890,9 +1013,10 @@ pub fn run(root: &Path, rounds: usize, host: &str) -> Result<String> {
          Sender (the same for every sink): non-blocking `sendto(2)` of 1 KiB or 16 KiB JSON profiles \
          with unique ids, a datagram dropped on EAGAIN as PHP does; flat out = {SAT_THREADS} threads \
          for {} s, fixed rates = one paced thread for {} s. Every sink's socket has a queue of \
-         {QLEN} datagrams. Delivered = unique ids that reached the end (the bare sink's own count, \
-         the ids in `apm-listener`'s file, the ids on syslog-ng's TCP destination), per second from \
-         the first send to the last delivery. CPU = utime + stime of the sink's process (of the \
+         {QLEN} datagrams. Delivered = unique ids that reached the end (the bare sink's own count; \
+         for the agent, the ids counted by `apm-bench-sink`, a gRPC sink that counts and acks, or \
+         the ids in `apm-listener`'s file for the row that says so; the ids on syslog-ng's TCP \
+         destination), per second from the first send to the last delivery. CPU = utime + stime of the sink's process (of the \
          bare sink's thread) over the window, per 100k delivered. Peak RSS = `VmHWM` of a fresh \
          process after its flat-out window (the bare sink runs inside xtask: no figure).\n\n\
          {t}\n\
