@@ -5,7 +5,11 @@
 # /dev/shm; two `apm-test-sender --nonblocking --comm php-fpm`). Prints the CPU seconds each
 # process used per second of sending (utime + stime of all its threads, /proc/PID/stat), the
 # agent's per profile stored, and the profiles stored per second. PERF=1 also samples the whole
-# machine with `perf record -a` over the sending and prints the listener's top symbols.
+# machine with `perf record -a` over the sending and prints the listener's top symbols and the
+# agent's samples by what it does (receive syscall, compression, validation). SYSCALLS=1
+# counts the agent's epoll_wait and recvmmsg calls per profile (`perf stat`, 3 s of sending).
+# PAIR_SINK=count: apm-bench-sink instead of apm-listener (as in the compare bench's agent rows);
+# PAIR_EBPF=off: the agent without its eBPF monitor.
 set -u
 SIZE=${1:-16384}; N=${2:-4000000}
 HERE=$(cd "$(dirname "$0")" && pwd); BIN=${3:-$(cd "$HERE/../.." && pwd)/target/release}
@@ -15,16 +19,23 @@ cpu() { awk -v t=$TCK '{ sub(/.*\) /, ""); split($0, f, " "); printf "%.3f", (f[
 start_pair "$BIN" ""
 sleep 4
 [ -n "${PERF:-}" ] && { perf record -a -g -o $D/perf.data 2>/dev/null & PP=$!; sleep 1; }
-A0=$(cpu $AP); L0=$(cpu $LP); S0=$(wc -l < $STORED)
+A0=$(cpu $AP); L0=$(cpu $LP); S0=$(stored)
 T0=$(date +%s.%N); SP=""
 for s in 1 2; do
   $BIN/apm-test-sender --socket $SOCK --count $N --prefix s$s --size $SIZE --nonblocking --comm php-fpm > $D/s$s.json & SP="$SP $!"
 done
 sleep 1; SC0=0; for p in $SP; do SC0=$(echo "$SC0 + $(cpu $p)" | bc); done
-sleep 4
+if [ -n "${SYSCALLS:-}" ]; then
+  N0=$(stored)
+  perf stat -x, -e syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvmmsg -p $AP -o $D/stat.txt -- sleep 3
+  N1=$(stored); sleep 1
+  awk -F, -v n=$((N1 - N0)) '/sys_enter/ { sub("syscalls:sys_enter_", "", $3); printf "agent %s calls per profile: %.4f\n", $3, $1 / n }' $D/stat.txt
+else
+  sleep 4
+fi
 SC1=0; for p in $SP; do SC1=$(echo "$SC1 + $(cpu $p)" | bc); done
 wait $SP; T1=$(date +%s.%N)
-A1=$(cpu $AP); L1=$(cpu $LP); sleep 3; S1=$(wc -l < $STORED)
+A1=$(cpu $AP); L1=$(cpu $LP); sleep 3; S1=$(stored)
 [ -n "${PERF:-}" ] && { kill -INT $PP; wait $PP 2>/dev/null; }
 SECS=$(echo "$T1 - $T0" | bc)
 STORED_N=$((S1 - S0))
@@ -37,5 +48,13 @@ if [ -n "${PERF:-}" ]; then
   echo "listener's top symbols (share of all samples on the machine):"
   perf report -i $D/perf.data --no-children --pid $LP --sort comm,sym --stdio -g none 2>/dev/null \
     | grep -v '^#' | grep -v '^$' | head -8
+  # The agent's CPU by what it does (share of the agent's own samples, callees included).
+  R="perf report -i $D/perf.data --pid $AP --percentage relative --sort sym --stdio -g none"
+  $R --children 2>/dev/null > $D/agent-children.txt
+  $R --no-children 2>/dev/null > $D/agent-self.txt
+  share() { awk -v p="$2" '$0 ~ p { sub("%", "", $1); s += $1 } END { printf "%.1f %%", s }' $1; }
+  echo "agent's samples: the kernel's receive (recvmmsg and below) $(share $D/agent-children.txt ' __recvmmsg$')," \
+    "zstd compression $(share $D/agent-children.txt 'ZSTD_compressStream$')," \
+    "JSON and UTF-8 validation $(share $D/agent-self.txt 'serde_json|simdutf8')"
 fi
 stop_pair

@@ -3,13 +3,29 @@
 #   start_pair BIN_DIR [EXTRA_TOML]   sets D (the directory), SOCK (the agent's datagram socket),
 #                                     STORED (the listener's file), ADDR, LP and AP (the two pids).
 #                                     HEAPTRACK="heaptrack -o FILE" runs the agent under it;
-#                                     PAIR_EBPF=off turns its eBPF monitor off (default on).
+#                                     PAIR_EBPF=off turns its eBPF monitor off (default on);
+#                                     PAIR_SINK=count puts apm-bench-sink (counts and acks, stores
+#                                     nothing; an outage restarts it elsewhere) in the listener's
+#                                     place: read the count with `stored`, not $STORED.
 #   stop_listener / start_listener    a listener outage: stop it, start it again on ADDR.
 #   stop_pair                         stops both and removes what they wrote.
 start_listener() {
-  $PAIR_BIN/apm-listener --listen ${ADDR:-127.0.0.1:0} --out $STORED >> $D/l.out 2>>$D/l.log & LP=$!
+  if [ "${PAIR_SINK:-}" = count ]; then
+    $PAIR_BIN/apm-bench-sink $D/count >> $D/l.out 2>>$D/l.log & LP=$!
+  else
+    $PAIR_BIN/apm-listener --listen ${ADDR:-127.0.0.1:0} --out $STORED >> $D/l.out 2>>$D/l.log & LP=$!
+  fi
   for _ in $(seq 50); do grep -q "listening on" $D/l.out && break; sleep 0.1; done
   ADDR=$(grep -o "listening on [^ ]*" $D/l.out | tail -1 | awk '{print $3}')
+}
+
+# Profiles stored so far: lines in the listener's file, or what apm-bench-sink counted.
+stored() {
+  if [ "${PAIR_SINK:-}" = count ]; then
+    awk '{ print $1 + $2 }' $D/count 2>/dev/null || echo 0
+  else
+    wc -l < $STORED
+  fi
 }
 
 stop_listener() { kill $LP; wait $LP 2>/dev/null; : > $D/l.out; }
