@@ -301,6 +301,7 @@ async fn run_dgram(
             Ok(o) => {
                 pace.read(&o);
                 let eof = o.eof;
+                let thin = !draining && !group.on && o.datagrams <= THIN_READ;
                 let handed = match forward(&p, &out, o).await {
                     Ok(n) => n,
                     Err(queue::Closed) => {
@@ -314,6 +315,11 @@ async fn run_dgram(
                     return None;
                 }
                 group.add(handed).await;
+                if thin && pace.saturated(tokio::time::Instant::now()) {
+                    // Blocks the runtime's thread on purpose: a timer of the runtime cannot
+                    // wait less than a millisecond, and the senders need the core now.
+                    std::thread::sleep(THIN_WAIT);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // The queue is read out: the group ends here.
@@ -362,6 +368,19 @@ pub const GATHER_MAX_SENDER_BYTES: usize = 52 * 1024;
 /// `GATHER` again and again; this way at most once a second.
 pub const GATHER_BACKOFF: Duration = Duration::from_secs(1);
 
+/// A read of at most this many datagrams is thin: see [`THIN_WAIT`].
+pub const THIN_READ: usize = 2;
+
+/// How long ingest leaves the core to the senders after a thin read while saturated (busy
+/// within the last [`GATHER_BACKOFF`]). Two senders flat out with the agent on 2 cores: ingest,
+/// caught up, read one or two datagrams per `recvmmsg` and paid the call, the hand-off to the
+/// batcher and the wake-ups for each (0.5-0.6 calls per profile with eBPF on). Waiting 50 us
+/// lets some 30 gather: 0.03 calls per profile, 1.8-2.0 instead of 2.6-2.9 us of agent CPU per
+/// profile, and as many or more delivered (docs/BENCHMARKS.md, compare section;
+/// `PAIR_SINK=count SYSCALLS=1 xtask/scripts/flat-out-cpu.sh 1024 4000000`; at 16 KiB no change
+/// beyond the noise). Only while saturated: below it, nothing waits.
+pub const THIN_WAIT: Duration = Duration::from_micros(50);
+
 /// Decides when ingest may gather, from what it read since the queue was last found empty.
 struct Pace {
     /// A quarter of the kernel queue: gathering never fills more of it (4x bursts fit).
@@ -395,6 +414,12 @@ impl Pace {
             *b += p.payload.len();
             self.heavy |= *b >= GATHER_MAX_SENDER_BYTES;
         }
+    }
+
+    /// Saturation was seen within the last [`GATHER_BACKOFF`] (the window in which ingest does
+    /// not gather): thin reads then wait [`THIN_WAIT`].
+    fn saturated(&self, now: tokio::time::Instant) -> bool {
+        self.calm_from.is_some_and(|t| now < t)
     }
 
     /// The queue was read out: whether to gather now. Starts the next count.
@@ -766,17 +791,23 @@ mod tests {
     fn gathering_stops_for_a_second_when_the_queue_or_a_sender_is_busy() {
         let t0 = tokio::time::Instant::now();
         let mut pace = Pace::new(2048);
+        // Thin reads wait only once saturation has been seen (and for a second after it).
+        assert!(!pace.saturated(t0));
         // 25 profiles of 1 KiB from 25 workers: gather.
         pace.read(&read_of(&(0..25).map(|w| (w, 1024)).collect::<Vec<_>>()));
         assert!(pace.read_out(t0));
+        assert!(!pace.saturated(t0));
         // 512 datagrams (a quarter of 2048) in one read-out: busy.
         pace.read(&read_of(&(0..512).map(|w| (w, 100)).collect::<Vec<_>>()));
         assert!(!pace.read_out(t0));
+        assert!(pace.saturated(t0));
         // A quiet read-out right after: still no gathering, until the backoff has passed.
         pace.read(&read_of(&[(1, 1024)]));
         assert!(!pace.read_out(t0 + GATHER_BACKOFF - Duration::from_millis(1)));
+        assert!(pace.saturated(t0 + GATHER_BACKOFF - Duration::from_millis(1)));
         pace.read(&read_of(&[(1, 1024)]));
         assert!(pace.read_out(t0 + GATHER_BACKOFF));
+        assert!(!pace.saturated(t0 + GATHER_BACKOFF));
         // One sender with 4 x 16 KiB waiting (64 KiB >= 52 KiB), the others light: busy.
         pace.read(&read_of(&[
             (7, 16384),
