@@ -315,7 +315,7 @@ async fn run_dgram(
                     return None;
                 }
                 group.add(handed).await;
-                if thin && pace.saturated(tokio::time::Instant::now()) {
+                if thin && pace.chasing() {
                     // Blocks the runtime's thread on purpose: a timer of the runtime cannot
                     // wait less than a millisecond, and the senders need the core now.
                     std::thread::sleep(THIN_WAIT);
@@ -371,14 +371,20 @@ pub const GATHER_BACKOFF: Duration = Duration::from_secs(1);
 /// A read of at most this many datagrams is thin: see [`THIN_WAIT`].
 pub const THIN_READ: usize = 2;
 
-/// How long ingest leaves the core to the senders after a thin read while saturated (busy
-/// within the last [`GATHER_BACKOFF`]). Two senders flat out with the agent on 2 cores: ingest,
-/// caught up, read one or two datagrams per `recvmmsg` and paid the call, the hand-off to the
-/// batcher and the wake-ups for each (0.5-0.6 calls per profile with eBPF on). Waiting 50 us
-/// lets some 30 gather: 0.03 calls per profile, 1.8-2.0 instead of 2.6-2.9 us of agent CPU per
-/// profile, and as many or more delivered (docs/BENCHMARKS.md, compare section;
-/// `PAIR_SINK=count SYSCALLS=1 xtask/scripts/flat-out-cpu.sh 1024 4000000`; at 16 KiB no change
-/// beyond the noise). Only while saturated: below it, nothing waits.
+/// Datagrams read since the queue was last found empty from which a thin read means ingest is
+/// chasing a dense stream: see [`THIN_WAIT`].
+pub const THIN_STREAK: usize = 16;
+
+/// How long ingest leaves the core to the senders after a thin read while chasing a stream
+/// ([`THIN_STREAK`] datagrams and more without finding the queue empty). Two senders flat out
+/// with the agent on 2 cores: ingest, caught up, read one or two datagrams per `recvmmsg` and
+/// paid the call, the hand-off to the batcher and the wake-ups for each (0.5-0.6 calls per
+/// profile with eBPF on). Waiting 50 us lets some 30 gather: 0.03 calls per profile, 1.8-2.0
+/// instead of 2.6-2.9 us of agent CPU per profile, and as many or more delivered
+/// (docs/BENCHMARKS.md, compare section; `PAIR_SINK=count SYSCALLS=1
+/// xtask/scripts/flat-out-cpu.sh 1024 4000000`; at 16 KiB no change beyond the noise). At a
+/// steady rate the queue is found empty every read or two (a wake per datagram in the second
+/// after a busy read-out, 25 or so per gathered read otherwise), so nothing waits there.
 pub const THIN_WAIT: Duration = Duration::from_micros(50);
 
 /// Decides when ingest may gather, from what it read since the queue was last found empty.
@@ -416,10 +422,10 @@ impl Pace {
         }
     }
 
-    /// Saturation was seen within the last [`GATHER_BACKOFF`] (the window in which ingest does
-    /// not gather): thin reads then wait [`THIN_WAIT`].
-    fn saturated(&self, now: tokio::time::Instant) -> bool {
-        self.calm_from.is_some_and(|t| now < t)
+    /// Ingest has read [`THIN_STREAK`] datagrams or more without finding the queue empty: a
+    /// thin read then waits [`THIN_WAIT`].
+    fn chasing(&self) -> bool {
+        self.datagrams >= THIN_STREAK
     }
 
     /// The queue was read out: whether to gather now. Starts the next count.
@@ -791,23 +797,17 @@ mod tests {
     fn gathering_stops_for_a_second_when_the_queue_or_a_sender_is_busy() {
         let t0 = tokio::time::Instant::now();
         let mut pace = Pace::new(2048);
-        // Thin reads wait only once saturation has been seen (and for a second after it).
-        assert!(!pace.saturated(t0));
         // 25 profiles of 1 KiB from 25 workers: gather.
         pace.read(&read_of(&(0..25).map(|w| (w, 1024)).collect::<Vec<_>>()));
         assert!(pace.read_out(t0));
-        assert!(!pace.saturated(t0));
         // 512 datagrams (a quarter of 2048) in one read-out: busy.
         pace.read(&read_of(&(0..512).map(|w| (w, 100)).collect::<Vec<_>>()));
         assert!(!pace.read_out(t0));
-        assert!(pace.saturated(t0));
         // A quiet read-out right after: still no gathering, until the backoff has passed.
         pace.read(&read_of(&[(1, 1024)]));
         assert!(!pace.read_out(t0 + GATHER_BACKOFF - Duration::from_millis(1)));
-        assert!(pace.saturated(t0 + GATHER_BACKOFF - Duration::from_millis(1)));
         pace.read(&read_of(&[(1, 1024)]));
         assert!(pace.read_out(t0 + GATHER_BACKOFF));
-        assert!(!pace.saturated(t0 + GATHER_BACKOFF));
         // One sender with 4 x 16 KiB waiting (64 KiB >= 52 KiB), the others light: busy.
         pace.read(&read_of(&[
             (7, 16384),
@@ -826,6 +826,30 @@ mod tests {
         );
         pace.read(&read_of(&[(1, 16384), (2, 16384), (3, 16384), (4, 16384)]));
         assert!(pace.read_out(t1 + GATHER_BACKOFF));
+    }
+
+    /// Thin reads wait only while ingest chases a stream: 16 datagrams or more since the queue
+    /// was last found empty. A wake per datagram (the second after a busy read-out, at a steady
+    /// rate) never waits.
+    #[test]
+    fn a_thin_read_waits_only_while_chasing_a_stream() {
+        let t0 = tokio::time::Instant::now();
+        let mut pace = Pace::new(2048);
+        for _ in 0..100 {
+            pace.read(&read_of(&[(1, 1024)]));
+            assert!(!pace.chasing(), "one datagram per read-out");
+            pace.read_out(t0);
+        }
+        for i in 1..=20usize {
+            pace.read(&read_of(&[(1, 1024)]));
+            assert_eq!(
+                pace.chasing(),
+                i >= THIN_STREAK,
+                "after {i} without a read-out"
+            );
+        }
+        pace.read_out(t0);
+        assert!(!pace.chasing(), "a read-out ends the streak");
     }
 
     /// Issue (security) 10: an inherited descriptor (systemd's fd store, `APM_INHERIT_FDS`,
