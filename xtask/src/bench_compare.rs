@@ -448,7 +448,10 @@ fn start_counter(bin: &Path, dir: &Path) -> Result<(Out, String)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = std::fs::read_to_string(&stdout).unwrap_or_default();
-        if let Some(addr) = text.strip_prefix("listening on ") {
+        // The whole line: its address could be read half written.
+        if let Some(addr) = text.strip_prefix("listening on ")
+            && addr.ends_with('\n')
+        {
             let addr = addr.trim().to_string();
             let out = Out::Counter {
                 proc,

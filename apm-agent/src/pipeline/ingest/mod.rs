@@ -379,7 +379,7 @@ pub const THIN_STREAK: usize = 16;
 /// ([`THIN_STREAK`] datagrams and more without finding the queue empty). Two senders flat out
 /// with the agent on 2 cores: ingest, caught up, read one or two datagrams per `recvmmsg` and
 /// paid the call, the hand-off to the batcher and the wake-ups for each (0.5-0.6 calls per
-/// profile with eBPF on). Waiting 50 us lets some 30 gather: 0.03 calls per profile, 1.8-2.0
+/// profile with eBPF on). Waiting 50 us lets some 30 gather: 0.04 calls per profile, 1.9-2.1
 /// instead of 2.6-2.9 us of agent CPU per profile, and as many or more delivered
 /// (docs/BENCHMARKS.md, compare section; `PAIR_SINK=count SYSCALLS=1
 /// xtask/scripts/flat-out-cpu.sh 1024 4000000`; at 16 KiB no change beyond the noise). At a
