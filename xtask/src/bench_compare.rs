@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use apm_testkit::bench_id::{DIGITS as ID_DIGITS, HEAD};
 
 use crate::live::{spawn, start_listener, write_agent_config};
 
@@ -50,10 +51,6 @@ const SAT_THREADS: u64 = 2;
 const QLEN: u32 = 2048;
 /// The count at a sink is settled when it has not moved for this long.
 const SETTLE: Duration = Duration::from_millis(1500);
-/// Ids are written with a fixed width right after this prefix, at the start of every datagram.
-const HEAD: &[u8] = br#"{"id":"b-"#;
-const ID_DIGITS: usize = 20;
-
 /// The syslog-ng configuration (`{sock}`, `{port}`, `{dir}` filled in). `flags(no-parse)`: a
 /// profile is the whole datagram, not a syslog line; `log-msg-size(65536)` so 16 KiB profiles
 /// are neither cut nor dropped (the default is 64 KiB in 3.38, set anyway); the template adds
@@ -100,10 +97,7 @@ fn id_of(line: &[u8]) -> Option<u64> {
         let head = &line[..line.len().min(512)];
         head.windows(HEAD.len()).position(|w| w == HEAD)? + HEAD.len()
     };
-    let digits = line.get(at..at + ID_DIGITS)?;
-    digits.iter().try_fold(0u64, |acc, d| {
-        d.is_ascii_digit().then(|| acc * 10 + u64::from(d - b'0'))
-    })
+    apm_testkit::bench_id::parse(line.get(at..)?)
 }
 
 /// A set of ids (dense from 0 in each window): a bitset.

@@ -9,6 +9,24 @@ use std::time::{Duration, Instant};
 
 pub mod nats;
 
+/// The id every profile of `cargo xtask bench --only compare` starts with, shared by its sender
+/// and its sinks (`xtask/src/bench_compare.rs`, `apm-bench-sink`): [`bench_id::HEAD`], then the id
+/// in [`bench_id::DIGITS`] decimal digits.
+pub mod bench_id {
+    pub const HEAD: &[u8] = br#"{"id":"b-"#;
+    pub const DIGITS: usize = 20;
+
+    /// The id in the first [`DIGITS`] bytes of `b` (what follows [`HEAD`]); `None` when they are
+    /// not all digits or the id does not fit in a `u64`.
+    pub fn parse(b: &[u8]) -> Option<u64> {
+        b.get(..DIGITS)?.iter().try_fold(0u64, |acc, d| {
+            d.is_ascii_digit()
+                .then(|| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+                .flatten()
+        })
+    }
+}
+
 pub use apm_control::{Client, Status};
 
 /// Whether this is a CI run (`CI` set to anything but empty, `0` or `false`). In CI a test

@@ -22,24 +22,18 @@ use std::time::Duration;
 
 use apm_proto::collector_server::{Collector, CollectorServer};
 use apm_proto::{Ack, AckStatus, Batch};
+use apm_testkit::bench_id;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 
-const HEAD: &[u8] = br#"{"id":"b-"#;
-const ID_DIGITS: usize = 20;
 /// Ids per bitset chunk (a chunk is 8 KiB).
 const CHUNK: u64 = 1 << 16;
 
 /// The bench id at the start of `payload`, if it has one.
 fn id_of(payload: &[u8]) -> Option<u64> {
-    let digits = payload.strip_prefix(HEAD)?.get(..ID_DIGITS)?;
-    digits.iter().try_fold(0u64, |acc, d| {
-        d.is_ascii_digit()
-            .then(|| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
-            .flatten()
-    })
+    bench_id::parse(payload.strip_prefix(bench_id::HEAD)?)
 }
 
 /// Unique ids, in chunks allocated on first use (bench windows use far-apart id ranges).
