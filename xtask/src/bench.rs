@@ -30,7 +30,7 @@ pub struct BenchArgs {
     #[arg(long)]
     no_write: bool,
     /// Run only these sections (e2e, spool, ebpf, ebpf-write, jetstream, php, catchup, compare,
-    /// soak); default all but soak (an hour long).
+    /// soak, soak-ebpf); default all but the soaks (an hour long each).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Length of the soak section in minutes (the listener is down for a sixth of it).
@@ -343,15 +343,18 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         sections.push(("php", crate::bench_php::run(root)?));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }
-    // An hour: only when asked for by name.
-    if args.only.iter().any(|o| o == "soak") {
+    // An hour each: only when asked for by name.
+    for kind in [&crate::bench_soak::SOAK, &crate::bench_soak::SOAK_EBPF] {
+        if !args.only.iter().any(|o| o == kind.section) {
+            continue;
+        }
         eprintln!(
-            "bench: soak, {} min at {}/s with a listener outage in the middle ...",
-            args.soak_minutes, args.soak_rate
+            "bench: {}, {} min at {}/s with a listener outage in the middle ...",
+            kind.section, args.soak_minutes, args.soak_rate
         );
         sections.push((
-            "soak",
-            crate::bench_soak::run(root, args.soak_minutes, args.soak_rate, &host)?,
+            kind.section,
+            crate::bench_soak::run(root, kind, args.soak_minutes, args.soak_rate, &host)?,
         ));
         println!("{}", sections.last().map_or("", |s| s.1.as_str()));
     }

@@ -1,13 +1,15 @@
-//! `cargo xtask bench --only soak`: the agent over a long run (an hour by default) at a fixed
-//! rate, with the central listener down for a sixth of it in the middle (ten minutes of an
-//! hour). Every 10 s it samples the agent's RSS, CPU, spool and counters into
-//! `docs/soak.csv` and draws them into `docs/soak.png`; the summary compares the first and the
-//! last ten minutes (delivery rate and RSS), which should be equal: nothing grows with time or
-//! with an outage that has been caught up.
+//! `cargo xtask bench --only soak` (eBPF off) and `--only soak-ebpf` (eBPF on): the agent over a
+//! long run (an hour by default) at a fixed rate, with the central listener down for a sixth of
+//! it in the middle (ten minutes of an hour). Every 10 s it samples the agent's RSS, CPU, spool
+//! and counters into `docs/soak.csv` (`docs/soak-ebpf.csv`) and draws them into `docs/soak.png`
+//! (`docs/soak-ebpf.png`); the summary compares the first and the last ten minutes (delivery
+//! rate and RSS), which should be equal: nothing grows with time or with an outage that has
+//! been caught up. With eBPF on it also holds the kernel's count of the sends against the
+//! sender's own, which must be equal after an hour of them.
 //!
-//! The sender is PHP-like: non-blocking `sendto`, 1 KiB JSON, and a send that finds the queue
-//! full (EAGAIN) is counted and dropped, as PHP drops it. eBPF is off (the agent's RSS with it
-//! on is measured by the `e2e` and `ebpf` sections).
+//! The sender is PHP-like: a thread named `php-soak` (a PHP comm to the monitor), non-blocking
+//! `sendto`, 1 KiB JSON, and a send that finds the queue full (EAGAIN) is counted and dropped, as
+//! PHP drops it.
 
 use std::fmt::Write as _;
 use std::os::unix::net::UnixDatagram;
@@ -73,7 +75,9 @@ fn sender(
     sent: Arc<AtomicU64>,
     eagain: Arc<AtomicU64>,
 ) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+    // Named so the eBPF monitor takes it for PHP (`ebpf.php_comms` are prefixes: "php").
+    let b = std::thread::Builder::new().name("php-soak".into());
+    b.spawn(move || {
         let Ok(s) = UnixDatagram::unbound() else {
             return;
         };
@@ -98,12 +102,35 @@ fn sender(
             i += 1;
         }
     })
+    .expect("spawning the soak sender")
 }
 
-/// Runs the soak and returns the BENCHMARKS.md section; writes docs/soak.csv and docs/soak.png.
-pub fn run(root: &Path, minutes: u64, rate: u64, host: &str) -> Result<String> {
+/// Where a soak writes: its section of BENCHMARKS.md, its CSV and its chart.
+pub struct SoakKind {
+    pub section: &'static str,
+    pub ebpf: bool,
+    csv: &'static str,
+    png: &'static str,
+}
+
+pub const SOAK: SoakKind = SoakKind {
+    section: "soak",
+    ebpf: false,
+    csv: "docs/soak.csv",
+    png: "docs/soak.png",
+};
+
+pub const SOAK_EBPF: SoakKind = SoakKind {
+    section: "soak-ebpf",
+    ebpf: true,
+    csv: "docs/soak-ebpf.csv",
+    png: "docs/soak-ebpf.png",
+};
+
+/// Runs the soak and returns the BENCHMARKS.md section; writes the kind's CSV and chart.
+pub fn run(root: &Path, kind: &SoakKind, minutes: u64, rate: u64, host: &str) -> Result<String> {
     let bin = crate::target_dir(root).join("release");
-    let dir = root.join(".run/soak");
+    let dir = root.join(".run").join(kind.section);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("run"))?;
     let out = dir.join("profiles.jsonl");
@@ -118,11 +145,17 @@ pub fn run(root: &Path, minutes: u64, rate: u64, host: &str) -> Result<String> {
         &dir,
         &format!("http://{addr}"),
         crate::live::free_port(),
-        "off",
+        if kind.ebpf { "on" } else { "off" },
     )?;
     let _log = dir.join("agent.log");
     let mut agent = crate::live::start_agent(&bin, &dir, &cfg)?;
     let pid = agent.pid();
+    if kind.ebpf && !control_status(&dir.join("run")).is_some_and(|s| s.ebpf_enabled()) {
+        anyhow::bail!(
+            "the agent started without its eBPF monitor: see {}",
+            dir.join("agent.log").display()
+        );
+    }
     let total = Duration::from_secs(minutes * 60);
     // The outage: a sixth of the run, centred (25 to 35 min of an hour).
     let outage = (total * 5 / 12, total * 7 / 12);
@@ -181,7 +214,7 @@ pub fn run(root: &Path, minutes: u64, rate: u64, host: &str) -> Result<String> {
                 );
             }
             samples.push(s);
-            std::fs::write(root.join("docs/soak.csv"), &csv)?;
+            std::fs::write(root.join(kind.csv), &csv)?;
             next += Duration::from_secs(10);
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -203,13 +236,13 @@ pub fn run(root: &Path, minutes: u64, rate: u64, host: &str) -> Result<String> {
         let _ = l.terminate(Duration::from_secs(10));
     }
     let stored = crate::live::count_lines(&out);
-    let png = root.join("docs/soak.png");
+    let png = root.join(kind.png);
     if let Err(e) = draw(&samples, outage, &png) {
         eprintln!("soak: no chart drawn: {e:#}");
     }
     let sends = (sent.load(Ordering::Relaxed), eagain.load(Ordering::Relaxed));
     Ok(summary(
-        &samples, sends, minutes, rate, outage, &last, stored, host,
+        &samples, sends, kind, minutes, rate, outage, &last, stored, host,
     ))
 }
 
@@ -240,6 +273,7 @@ fn rate(samples: &[Sample], from: f64, to: f64) -> f64 {
 fn summary(
     samples: &[Sample],
     (sent_total, eagain_total): (u64, u64),
+    kind: &SoakKind,
     minutes: u64,
     rate_per_s: u64,
     outage: (Duration, Duration),
@@ -289,13 +323,17 @@ fn summary(
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "Measured by `cargo xtask bench --only soak` ({minutes} min at {rate_per_s} profiles/s of \
-         1 KiB, non-blocking PHP-like sends, eBPF off, `spool.max_bytes` 256 MiB (`cargo xtask \
+        "Measured by `cargo xtask bench --only {}` ({minutes} min at {rate_per_s} profiles/s of \
+         1 KiB, non-blocking PHP-like sends, eBPF {}, `spool.max_bytes` 256 MiB (`cargo xtask \
          run`'s config), so a long outage fills the spool and `drop_oldest` counts what it \
          drops; the listener down from {:.1} to {:.1} min; \
-         samples every 10 s in `docs/soak.csv`, chart `docs/soak.png`; {host}).\n",
+         samples every 10 s in `{}`, chart `{}`; {host}).\n",
+        kind.section,
+        if kind.ebpf { "on" } else { "off" },
         outage.0.as_secs_f64() / 60.0,
-        outage.1.as_secs_f64() / 60.0
+        outage.1.as_secs_f64() / 60.0,
+        kind.csv,
+        kind.png,
     );
     let _ = writeln!(
         t,
@@ -321,6 +359,31 @@ fn summary(
         last.delivered,
         last.dropped_total()
     );
+    if kind.ebpf {
+        let (k_ok, k_eagain) = (
+            last.ebpf_u64("/sends_ok"),
+            last.ebpf_u64("/sends_failed/eagain"),
+        );
+        let refused: u64 = last
+            .ebpf
+            .pointer("/map_health/insert_failed")
+            .and_then(|v| v.as_object())
+            .map_or(0, |m| {
+                m.values().filter_map(serde_json::Value::as_u64).sum()
+            });
+        let _ = writeln!(
+            t,
+            "eBPF books: the kernel counted {k_ok} sends to the agent's socket that succeeded \
+             and {k_eagain} that failed with EAGAIN, against the sender's own {sent_total} and \
+             {eagain_total}: **{}**; map inserts refused (`map_health.insert_failed`): \
+             {refused}.\n",
+            if (k_ok, k_eagain) == (sent_total, eagain_total) {
+                "equal"
+            } else {
+                "NOT equal"
+            }
+        );
+    }
     let same_rss = rss_b <= rss_a * 1.1 + 2.0;
     let same_rate = rate_b >= rate_a * 0.95;
     let _ = writeln!(

@@ -327,7 +327,7 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
         last = (Instant::now(), recv);
         if first {
             println!(
-                "{:>5} {:>8} {:>10} {:>10} {:>7} {:>7} | {:>10} {:>8} {:>7} {:>9} | {:>7} {:>6}",
+                "{:>5} {:>8} {:>10} {:>10} {:>7} {:>7} | {:>10} {:>8} {:>7} {:>9} | {:>7} {:>6} {:>9}",
                 "t(s)",
                 "prof/s",
                 "received",
@@ -339,13 +339,14 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
                 "workers",
                 "wrk RSS",
                 "breaker",
-                "spool"
+                "spool",
+                "agent RSS"
             );
             first = false;
         }
         let ebpf_on = s.ebpf_enabled();
         println!(
-            "{:>5} {:>8.0} {:>10} {:>10} {:>7} {:>7} | {:>10} {:>8} {:>7} {:>8}M | {:>7} {:>6}",
+            "{:>5} {:>8.0} {:>10} {:>10} {:>7} {:>7} | {:>10} {:>8} {:>7} {:>8}M | {:>7} {:>6} {:>8}M",
             started.elapsed().as_secs(),
             rate,
             recv,
@@ -370,6 +371,9 @@ pub fn run(root: &Path, args: RunArgs) -> Result<()> {
             s.ebpf_u64("/php_workers_rss_bytes") / (1024 * 1024),
             s.breaker,
             s.spooled_batches,
+            // The agent's own resident memory; "wrk RSS" is the PHP workers' (their sum, as the
+            // eBPF monitor sees it), not the agent's.
+            s.rss_bytes / (1024 * 1024),
         );
         status = s;
     }
