@@ -6,7 +6,9 @@
 #                                     PAIR_EBPF=off turns its eBPF monitor off (default on);
 #                                     PAIR_SINK=count puts apm-bench-sink (counts and acks, stores
 #                                     nothing; an outage restarts it elsewhere) in the listener's
-#                                     place: read the count with `stored`, not $STORED.
+#                                     place: read the count with `stored`, not $STORED;
+#                                     PAIR_COMPRESSION=none|gzip sets central.compression
+#                                     (default zstd, the agent's default).
 #   stop_listener / start_listener    a listener outage: stop it, start it again on ADDR.
 #   stop_pair                         stops both and removes what they wrote.
 start_listener() {
@@ -42,6 +44,7 @@ socket = "$SOCK"
 stream_socket = "$D/run/ls.sock"
 [central]
 endpoint = "http://$ADDR"
+compression = "${PAIR_COMPRESSION:-zstd}"
 [spool]
 dir = "$D/spool"
 max_bytes = 268435456
