@@ -219,7 +219,10 @@ fn run_foreground(cfg: Config, config_path: Option<PathBuf>) -> i32 {
         }
     };
     crate::daemon::memguard::tune_allocator();
+    // Before the runtime's threads exist, so they inherit it; logged once logging is up.
+    let nice = crate::daemon::nice::apply(cfg.ingest.nice);
     init_logging(&cfg);
+    nice.log();
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {

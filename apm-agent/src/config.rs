@@ -76,6 +76,10 @@ pub struct IngestConfig {
     /// Bytes all incomplete stream frames together may hold; a frame larger than 8 KiB
     /// reserves its declared length here before it is read.
     pub stream_buffer_bytes: usize,
+    /// Scheduling niceness the agent's threads run at (-20 to 19), set at start. Below PHP-FPM's
+    /// 0 so that ingest, woken by a datagram, gets a core before the kernel queue fills and PHP's
+    /// sends fail: the trade auditd makes with its `priority_boost` (docs/agent.md, "Priority").
+    pub nice: i32,
 }
 
 impl Default for IngestConfig {
@@ -93,6 +97,7 @@ impl Default for IngestConfig {
             stream_idle_timeout: Duration::from_mins(1), // PHP closes after each profile
             stream_frame_timeout: Duration::from_secs(10), // PHP writes a frame in one go
             stream_buffer_bytes: 32 * 1024 * 1024, // 32 max-size frames in flight at once
+            nice: -4,        // auditd's default boost; the systemd unit's Nice= says the same
         }
     }
 }
@@ -554,6 +559,9 @@ impl IngestConfig {
         }
         if !(1..=1024).contains(&self.recv_batch) {
             return Err(bad("ingest.recv_batch", "must be between 1 and 1024"));
+        }
+        if !(-20..=19).contains(&self.nice) {
+            return Err(bad("ingest.nice", "must be between -20 and 19"));
         }
         if self.max_stream_connections == 0 {
             return Err(bad("ingest.max_stream_connections", "must be at least 1"));
@@ -1059,6 +1067,24 @@ mod tests {
         assert!(err.contains("central.probe_interval"), "{err}");
         let c = Config::from_toml("[central]\nprobe_interval = \"250ms\"\n").unwrap();
         assert_eq!(c.central.probe_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn nice_parses_and_a_bad_one_names_the_key() {
+        assert_eq!(Config::default().ingest.nice, -4);
+        assert_eq!(
+            Config::from_toml("[ingest]\nnice = 0\n")
+                .unwrap()
+                .ingest
+                .nice,
+            0
+        );
+        for bad in ["-21", "20"] {
+            let err = Config::from_toml(&format!("[ingest]\nnice = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ingest.nice"), "{err}");
+        }
     }
 
     #[test]

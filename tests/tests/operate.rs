@@ -773,3 +773,99 @@ fn a_final_stop_resets_the_php_control_files() {
         "1.0000\n"
     );
 }
+
+/// Sends `n` profiles and waits until the listener stored them: by then the pipeline has run and
+/// its runtime has started whatever threads it starts.
+fn flow(agent: &Agent, listener: &Listener, n: usize) {
+    let sock = UnixDatagram::unbound().unwrap();
+    for i in 0..n {
+        sock.send_to(format!("{{\"id\":\"n-{i}\"}}").as_bytes(), agent.socket())
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listener.stored().len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} stored",
+            listener.stored().len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ingest.nice`: every thread of the agent runs at the configured niceness, read from
+/// `/proc/PID/task/*/stat`: -4 by default (below PHP-FPM's 0), and a configured 3 (above the
+/// test's, so the setting goes both ways). Threads the runtime starts after the pipeline ran
+/// inherit it too.
+#[test]
+fn every_thread_of_the_agent_runs_at_ingest_nice() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!in_ci(), "needs root (CAP_SYS_NICE)");
+        println!("SKIP (not root, not CI): going below niceness 0 needs CAP_SYS_NICE");
+        return;
+    }
+    for (extra, want) in [("", -4), ("[ingest]\nnice = 3\n", 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = Listener::start(dir.path(), &[]);
+        let mut agent = Agent::start(dir.path(), &listener.endpoint(), "off", extra);
+        flow(&agent, &listener, 200);
+        // The spool's fsync tick hands the worker role to another thread every 200 ms.
+        std::thread::sleep(Duration::from_millis(600));
+        let nices = apm_tests::common::thread_nices(agent.proc.pid());
+        assert!(nices.len() >= 2, "{nices:?}");
+        assert!(
+            nices.iter().all(|&(_, n)| n == want),
+            "config {extra:?}: threads (tid, nice) {nices:?}, want {want}"
+        );
+        assert_eq!(
+            agent.proc.stop(Duration::from_secs(30)),
+            apm_testkit::Exit::Code(0)
+        );
+    }
+}
+
+/// Without CAP_SYS_NICE (dropped from the bounding set before exec, so root lacks it) the agent
+/// cannot go below the niceness it inherited (2 here): it starts all the same, every thread runs
+/// at 2, profiles flow, and a warning names the key and what it needs.
+#[test]
+fn without_cap_sys_nice_the_agent_runs_at_its_inherited_niceness_and_warns() {
+    /// linux/capability.h (not in the libc crate).
+    const CAP_SYS_NICE: libc::c_ulong = 23;
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!in_ci(), "needs root (to drop a capability it has)");
+        println!("SKIP (not root, not CI): needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::start(dir.path(), &[]);
+    let cfg = Agent::write_config(dir.path(), &listener.endpoint(), "off", "");
+    let mut agent = Agent::start_customised(dir.path(), &cfg, |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: async-signal-safe syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setpriority(libc::PRIO_PROCESS, 0, 2) != 0
+                    || libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_NICE, 0, 0, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    flow(&agent, &listener, 200);
+    let nices = apm_tests::common::thread_nices(agent.proc.pid());
+    assert!(
+        nices.iter().all(|&(_, n)| n == 2),
+        "threads (tid, nice) {nices:?}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("ingest.nice") && log.contains("CAP_SYS_NICE") && log.contains("WARN"),
+        "no warning naming ingest.nice:\n{log}"
+    );
+    assert_eq!(
+        agent.proc.stop(Duration::from_secs(30)),
+        apm_testkit::Exit::Code(0)
+    );
+}

@@ -144,8 +144,40 @@ fn cap_mask(caps: &[String]) -> u64 {
         .fold(0, |m, bit| m | (1u64 << bit))
 }
 
-/// The agent as systemd would run it (root, bounding set `caps`, no new privileges), on a
-/// config under `dir` that requires eBPF and gives the sockets to group `nogroup`.
+/// The unit's `Nice=`.
+fn unit_nice() -> i32 {
+    match unit_values("Nice").as_slice() {
+        [n] => n.parse().expect("Nice= is a number"),
+        other => panic!("the unit has no single Nice= line: {other:?}"),
+    }
+}
+
+/// The agent's `ingest.nice` in the shipped config (every key at its default, as
+/// `apm-agent`'s own test of deploy/agent.toml checks).
+fn shipped_ingest_nice() -> i32 {
+    let text = std::fs::read_to_string(root().join("deploy/agent.toml")).expect("agent.toml");
+    let mut in_ingest = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_ingest = line == "[ingest]";
+        } else if in_ingest && let Some(v) = line.strip_prefix("nice =") {
+            return v.trim().parse().expect("ingest.nice is a number");
+        }
+    }
+    panic!("deploy/agent.toml sets no ingest.nice");
+}
+
+/// The unit's `Nice=` is the agent's own `ingest.nice`, so under systemd the agent finds its
+/// niceness set and makes no `setpriority(2)`, which the unit's filter refuses (the strace test
+/// below runs the agent at the unit's niceness and sees no such call).
+#[test]
+fn the_units_nice_is_the_agents_ingest_nice() {
+    assert_eq!(unit_nice(), shipped_ingest_nice());
+}
+
+/// The agent as systemd would run it (root, the unit's `Nice=`, bounding set `caps`, no new
+/// privileges), on a config under `dir` that requires eBPF and gives the sockets to group
+/// `nogroup`.
 fn agent_with_caps(dir: &Path, caps: &[String]) -> Proc {
     let config = Agent::write_config(
         dir,
@@ -155,8 +187,8 @@ fn agent_with_caps(dir: &Path, caps: &[String]) -> Proc {
     );
     std::fs::create_dir_all(dir.join("run")).unwrap();
     let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.arg("--no-new-privs")
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", &unit_nice().to_string(), "setpriv", "--no-new-privs"])
         .arg(format!("--bounding-set={}", setpriv_caps(caps)))
         .args(["--inh-caps=-all", "--ambient-caps=-all", "--"])
         .arg(bin("apm-agent"))
@@ -225,6 +257,13 @@ fn the_agent_loads_ebpf_with_exactly_the_units_capabilities() {
         eff,
         cap_mask(&caps),
         "CapEff {eff:#x} is not the unit's set {caps:?}"
+    );
+    // And every thread runs at the unit's niceness (which is ingest.nice: nothing to change).
+    let nices = apm_tests::common::thread_nices(agent.pid());
+    assert!(
+        nices.iter().all(|&(_, n)| n == unit_nice()),
+        "threads (tid, nice) {nices:?}, the unit's Nice={}",
+        unit_nice()
     );
 
     // A PHP-like sender of another user (nobody, group nogroup: the socket's group), so the
@@ -362,8 +401,9 @@ fn every_syscall_the_agent_makes_is_in_the_units_filter() {
     let config = Agent::write_config(dir, "http://127.0.0.1:1", "on", "");
     std::fs::create_dir_all(dir.join("run")).unwrap();
     let trace = dir.join("strace.out");
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o"])
+    // At the unit's Nice=, as systemd starts it.
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", &unit_nice().to_string(), "strace", "-f", "-qq", "-o"])
         .arg(&trace)
         .arg(bin("apm-agent"))
         .arg("--config")

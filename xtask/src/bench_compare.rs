@@ -474,7 +474,8 @@ fn counted(file: &Path) -> u64 {
 }
 
 impl Agent {
-    fn start(root: &Path, ebpf: &str, to_listener: bool) -> Result<Self> {
+    /// `nice`: an `ingest.nice` other than the default.
+    fn start(root: &Path, ebpf: &str, to_listener: bool, nice: Option<i32>) -> Result<Self> {
         let bin = crate::target_dir(root).join("release");
         let dir = root.join(".run/bench-compare/agent");
         let _ = std::fs::remove_dir_all(&dir);
@@ -507,6 +508,13 @@ impl Agent {
             crate::live::free_port(),
             ebpf,
         )?;
+        if let Some(n) = nice {
+            let text = std::fs::read_to_string(&cfg)?;
+            std::fs::write(
+                &cfg,
+                text.replacen("[ingest]\n", &format!("[ingest]\nnice = {n}\n"), 1),
+            )?;
+        }
         let agent = crate::live::start_agent(&bin, &dir, &cfg)?;
         Ok(Self {
             dir,
@@ -749,14 +757,19 @@ enum Kind {
     Bare,
     AgentOff,
     AgentOn,
+    AgentNice0,
     AgentListener,
     SyslogNg,
 }
 
-const KINDS: [(Kind, &str); 5] = [
+const KINDS: [(Kind, &str); 6] = [
     (Kind::Bare, "bare `recvmmsg` sink (the limit)"),
     (Kind::AgentOff, "agent, eBPF off"),
     (Kind::AgentOn, "**agent, eBPF on**"),
+    (
+        Kind::AgentNice0,
+        "agent, eBPF on, `ingest.nice = 0` (level with the senders)",
+    ),
     (
         Kind::AgentListener,
         "agent, eBPF on, to `apm-listener` storing to tmpfs",
@@ -785,9 +798,10 @@ fn start_sink(root: &Path, kind: Kind, syslog: Option<&Path>) -> Result<Box<dyn 
             std::fs::create_dir_all(&d)?;
             Box::new(Bare::start(&d)?)
         }
-        Kind::AgentOff => Box::new(Agent::start(root, "off", false)?),
-        Kind::AgentOn => Box::new(Agent::start(root, "on", false)?),
-        Kind::AgentListener => Box::new(Agent::start(root, "on", true)?),
+        Kind::AgentOff => Box::new(Agent::start(root, "off", false, None)?),
+        Kind::AgentOn => Box::new(Agent::start(root, "on", false, None)?),
+        Kind::AgentNice0 => Box::new(Agent::start(root, "on", false, Some(0))?),
+        Kind::AgentListener => Box::new(Agent::start(root, "on", true, None)?),
         Kind::SyslogNg => Box::new(SyslogNg::start(root, syslog.context("syslog-ng binary")?)?),
     })
 }
@@ -908,13 +922,14 @@ pub fn run(root: &Path, rounds: usize, host: &str) -> Result<String> {
     };
     let load_before = load();
     let started = Instant::now();
-    // `APM_BENCH_COMPARE_SINKS=bare,agent-off,agent-on,agent-listener,syslog-ng` runs some only (to check a
-    // setup; the table then has dashes).
+    // `APM_BENCH_COMPARE_SINKS=bare,agent-off,agent-on,agent-nice0,agent-listener,syslog-ng`
+    // runs some only (to check a setup; the table then has dashes).
     let only = std::env::var("APM_BENCH_COMPARE_SINKS").unwrap_or_default();
     let names = [
         "bare",
         "agent-off",
         "agent-on",
+        "agent-nice0",
         "agent-listener",
         "syslog-ng",
     ];

@@ -7,6 +7,7 @@ pub mod assemble;
 mod error;
 pub mod handover;
 pub mod memguard;
+pub mod nice;
 pub mod pidfile;
 pub mod signals;
 
