@@ -510,12 +510,28 @@ impl Agent {
         )?;
         if let Some(n) = nice {
             let text = std::fs::read_to_string(&cfg)?;
+            anyhow::ensure!(
+                text.contains("[ingest]\n"),
+                "no [ingest] in {}",
+                cfg.display()
+            );
             std::fs::write(
                 &cfg,
                 text.replacen("[ingest]\n", &format!("[ingest]\nnice = {n}\n"), 1),
             )?;
         }
         let agent = crate::live::start_agent(&bin, &dir, &cfg)?;
+        if let Some(n) = nice {
+            // The row's label says this niceness: check the kernel's view of the main thread.
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid()))?;
+            let got: Option<i32> = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(19 - 3)?.parse().ok());
+            anyhow::ensure!(
+                got == Some(n),
+                "the agent runs at niceness {got:?}, not {n}"
+            );
+        }
         Ok(Self {
             dir,
             proc: agent,
