@@ -441,18 +441,19 @@ fn section(latency: &[Latency], c: &CatchUp, host: &str) -> String {
          | first profile stored | whole backlog stored | backlog (profiles) | backlog rate while live traffic goes on |\n|---|---|---|---|\n\
          | {:.2} s | {:.2} s | {} | {:.0} profiles/s |\n\n\
          Aim: delivery resumes within 2 s of the return: **{}**.\n\n\
-         Reading the figures: below ~2000/s (`batch.max_items` 1000 per `batch.max_age` 500 ms) \
-         batches are sealed by age, a lead before `max_age` (the smoothed seal → ack time plus \
+         Reading the figures: below ~1000/s (`batch.max_bytes`, 512 KiB, holds 512 profiles of \
+         1 KiB, per `batch.max_age`, 500 ms) batches are sealed by age, a lead before `max_age` (the smoothed seal → ack time plus \
          four deviations; docs/agent.md, \"Batching\"), so the first profile of each waits just \
          under 500 ms \
-         for its ack; above it they are sealed by count and the wait shrinks with the rate. \
+         for its ack; above it they are sealed by size and the wait shrinks with the rate. \
          Near 500 ms the histogram cannot tell: its bucket holding 500 ms spans 414 to 517 ms \
          and the quantile is interpolated inside it, so a p99 just under 500 ms can read as up \
          to 517; hence the exact column. That column is an upper bound: this bench (built \
          unoptimised) reads the file on the same two cores as the agent, the listener and the \
          sender, and a late read adds to every age it takes; at the higher rates it runs late \
          (the histogram's p99 is then the better figure). The backlog is replayed at \
-         `spool.replay_batches_per_s` (default 20 batches/s, ~20k profiles/s at 1000 per batch) \
+         `spool.replay_batches_per_s` (default 20 batches/s: ~10k profiles/s in batches of 512 \
+         profiles of 1 KiB) \
          beside the live traffic, not at whatever the listener could take: raising that key \
          shortens the replay.\n",
         OUTAGE.as_secs(),
