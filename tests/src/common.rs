@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub use apm_testkit::{Exit, Proc, bin, bin_dir, in_ci};
+pub use apm_testkit::{Exit, Proc, bin, bin_dir, in_ci, thread_nices};
 
 /// `apm-listener` on a free loopback port, storing to `out`.
 pub struct Listener {
@@ -291,28 +291,4 @@ pub fn sender_report(child: std::process::Child) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("sender report JSON")
-}
-
-/// The scheduling niceness of every thread of process `pid`, by thread id, from
-/// `/proc/PID/task/TID/stat` (field 19); what the kernel schedules with, not what the agent says.
-pub fn thread_nices(pid: u32) -> Vec<(u32, i32)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
-        let path = e.expect("task entry").path();
-        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
-            continue; // the thread ended meanwhile
-        };
-        let tid = path
-            .file_name()
-            .and_then(|n| n.to_str()?.parse().ok())
-            .expect("tid");
-        // After the comm's closing parenthesis the fields start at 3 (state); nice is 19.
-        let nice = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(19 - 3)?.parse().ok())
-            .expect("nice field");
-        out.push((tid, nice));
-    }
-    out.sort_unstable();
-    out
 }

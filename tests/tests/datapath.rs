@@ -208,3 +208,65 @@ fn status_json_and_check_config_from_the_cli() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("queue_len"));
 }
+
+/// Agents starting at the same moment (as two tests of one test binary do) each get the datagram
+/// queue length they ask for. Each raises `net.unix.max_dgram_qlen` around its `socket(2)` and
+/// then puts the old value back; unless that is serialised between processes, one agent's
+/// restore can land between another's raise and its `socket(2)`, which then gets the system's
+/// queue (10 here). That hung `pressure::memory_guard_sheds_then_restarts_in_place_without_loss`
+/// in a fresh-clone run on 2026-12-01: its 256 blocking sends waited on a 10-datagram queue.
+/// Checked from outside: with each agent stopped, datagrams from fresh sockets (so no sender's
+/// own buffer limits them) go in until EAGAIN.
+#[test]
+fn agents_starting_together_each_get_their_queue_length() {
+    use nix::sys::signal::Signal;
+    const AGENTS: usize = 8;
+    const QLEN: usize = 256;
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!apm_tests::common::in_ci(), "needs root (the sysctl)");
+        println!("SKIP (not root, not CI): only root may raise net.unix.max_dgram_qlen");
+        return;
+    }
+    for round in 0..3 {
+        let dirs: Vec<tempfile::TempDir> =
+            (0..AGENTS).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut agents: Vec<Agent> = std::thread::scope(|s| {
+            let started: Vec<_> = dirs
+                .iter()
+                .map(|d| {
+                    s.spawn(move || {
+                        Agent::start(
+                            d.path(),
+                            "http://127.0.0.1:1",
+                            "off",
+                            &format!("[ingest]\nqueue_len = {QLEN}\n"),
+                        )
+                    })
+                })
+                .collect();
+            started.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, a) in agents.iter_mut().enumerate() {
+            a.proc.signal(Signal::SIGSTOP);
+            let mut taken = 0;
+            while taken <= QLEN {
+                let s = UnixDatagram::unbound().unwrap();
+                s.set_nonblocking(true).unwrap();
+                match s.send_to(format!("{{\"q\":{taken}}}").as_bytes(), a.socket()) {
+                    Ok(_) => taken += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("send: {e}"),
+                }
+            }
+            a.proc.signal(Signal::SIGCONT);
+            assert!(
+                taken >= QLEN,
+                "round {round}, agent {i}: its socket took {taken} datagrams, not {QLEN}:\n{}",
+                a.log()
+            );
+        }
+        for mut a in agents {
+            a.proc.stop(Duration::from_secs(30));
+        }
+    }
+}

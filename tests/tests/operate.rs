@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use apm_tests::common::{Agent, Listener, bin, in_ci, status_at};
+use apm_tests::common::{Agent, Listener, bin, in_ci, status_at, thread_nices};
 
 fn cli(config: &Path, args: &[&str]) -> std::process::Output {
     Command::new(bin("apm-agent"))
@@ -811,7 +811,7 @@ fn every_thread_of_the_agent_runs_at_ingest_nice() {
         flow(&agent, &listener, 200);
         // The spool's fsync tick hands the worker role to another thread every 200 ms.
         std::thread::sleep(Duration::from_millis(600));
-        let nices = apm_tests::common::thread_nices(agent.proc.pid());
+        let nices = thread_nices(agent.proc.pid());
         assert!(nices.len() >= 2, "{nices:?}");
         assert!(
             nices.iter().all(|&(_, n)| n == want),
@@ -854,7 +854,7 @@ fn without_cap_sys_nice_the_agent_runs_at_its_inherited_niceness_and_warns() {
         }
     });
     flow(&agent, &listener, 200);
-    let nices = apm_tests::common::thread_nices(agent.proc.pid());
+    let nices = thread_nices(agent.proc.pid());
     assert!(
         nices.iter().all(|&(_, n)| n == 2),
         "threads (tid, nice) {nices:?}"

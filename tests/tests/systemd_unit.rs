@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use apm_tests::common::{Agent, Proc, bin, in_ci, sender_report, status_at, u};
+use apm_tests::common::{Agent, Proc, bin, in_ci, sender_report, status_at, thread_nices, u};
 
 /// The exposure `systemd-analyze security --offline=true` gives the unit; docs/operating.md
 /// states the same figure (checked below). Lower it freely; raising it needs a reason there.
@@ -259,7 +259,7 @@ fn the_agent_loads_ebpf_with_exactly_the_units_capabilities() {
         "CapEff {eff:#x} is not the unit's set {caps:?}"
     );
     // And every thread runs at the unit's niceness (which is ingest.nice: nothing to change).
-    let nices = apm_tests::common::thread_nices(agent.pid());
+    let nices = thread_nices(agent.pid());
     assert!(
         nices.iter().all(|&(_, n)| n == unit_nice()),
         "threads (tid, nice) {nices:?}, the unit's Nice={}",

@@ -522,14 +522,11 @@ impl Agent {
         }
         let agent = crate::live::start_agent(&bin, &dir, &cfg)?;
         if let Some(n) = nice {
-            // The row's label says this niceness: check the kernel's view of the main thread.
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid()))?;
-            let got: Option<i32> = stat
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.split_whitespace().nth(19 - 3)?.parse().ok());
+            // The row's label says this niceness: check the kernel's view of every thread.
+            let nices = apm_testkit::thread_nices(agent.pid());
             anyhow::ensure!(
-                got == Some(n),
-                "the agent runs at niceness {got:?}, not {n}"
+                nices.iter().all(|&(_, got)| got == n),
+                "the agent's threads (tid, nice) {nices:?} are not all at {n}"
             );
         }
         Ok(Self {

@@ -258,6 +258,30 @@ pub fn status(runtime_dir: &Path) -> Option<Status> {
     Client::in_runtime_dir(runtime_dir).status().ok()
 }
 
+/// The scheduling niceness of every thread of process `pid`, by thread id, from
+/// `/proc/PID/task/TID/stat` (field 19); what the kernel schedules with, not what the agent says.
+pub fn thread_nices(pid: u32) -> Vec<(u32, i32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let path = e.expect("task entry").path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let tid = path
+            .file_name()
+            .and_then(|n| n.to_str()?.parse().ok())
+            .expect("tid");
+        // After the comm's closing parenthesis the fields start at 3 (state); nice is 19.
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(19 - 3)?.parse().ok())
+            .expect("nice field");
+        out.push((tid, nice));
+    }
+    out.sort_unstable();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,16 @@ const QLEN_SYSCTL: &str = "/proc/sys/net/unix/max_dgram_qlen";
 /// Serialises sysctl raise/restore within this process (tests bind several sockets at once).
 static QLEN_LOCK: Mutex<()> = Mutex::new(());
 
+/// Serialises sysctl raise/restore between processes: an exclusive `flock(2)` on the sysctl's
+/// own file, which every agent can open read-only. Without it, one agent's restore could land
+/// between another's raise and its `socket(2)`, which then got the system's queue length (10):
+/// `tests/tests/datapath.rs::agents_starting_together_each_get_their_queue_length`. `None` where
+/// the file cannot be opened or locked: the raise then goes on unserialised, as before.
+fn lock_qlen_sysctl() -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let f = std::fs::File::open(QLEN_SYSCTL).ok()?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok()
+}
+
 /// Removes `path` if it is a socket nobody listens on. A live socket means another agent owns it.
 pub fn remove_stale(path: &Path, dgram: bool) -> Result<(), IngestError> {
     let meta = match std::fs::symlink_metadata(path) {
@@ -121,6 +131,7 @@ pub fn bind_dgram(
         let _g = QLEN_LOCK
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _between_processes = lock_qlen_sysctl();
         let old = read_qlen().ok();
         let raised = match old {
             Some(o) if o != want => match write_qlen(want) {
