@@ -269,7 +269,8 @@ pub struct SpoolConfig {
     /// Spool fill (percent of max_bytes) above which PHP's kill switch is raised while the
     /// breaker is open.
     pub high_water_pct: u8,
-    /// Spooled batches replayed per second at most once the breaker closes.
+    /// Spooled batches replayed per second at most once the breaker closes; 0: no fixed rate,
+    /// the listener's acks pace the replay (`central.max_in_flight` batches out at a time).
     pub replay_batches_per_s: u32,
 }
 
@@ -284,7 +285,7 @@ impl Default for SpoolConfig {
             fsync: FsyncPolicy::Interval,
             fsync_interval: Duration::from_millis(200),
             high_water_pct: 90,
-            replay_batches_per_s: 20, // ~10k profiles/s of 1 KiB (512 KiB batches) on top of live traffic
+            replay_batches_per_s: 0, // at the listener's pace: its acks open the window
         }
     }
 }
@@ -801,9 +802,6 @@ impl SpoolConfig {
         }
         if !(1..=100).contains(&self.high_water_pct) {
             return Err(bad("spool.high_water_pct", "must be between 1 and 100"));
-        }
-        if self.replay_batches_per_s == 0 {
-            return Err(bad("spool.replay_batches_per_s", "must be at least 1"));
         }
         Ok(())
     }

@@ -62,7 +62,7 @@ fn listener_down_30s_under_load_everything_arrives_once_memory_flat() {
         "off",
         &format!(
             "{FAST}[batch]\nmax_age = \"200ms\"\n\
-             [spool]\nmax_bytes = 268435456\nreplay_batches_per_s = 100\n"
+             [spool]\nmax_bytes = 268435456\n"
         ),
     );
     // 2 KB profiles: the outage carries ~60 MB, far more than any RSS growth we tolerate.
@@ -314,7 +314,7 @@ fn sigkill_100_times_in_write_ahead_mode_delivers_every_profile_reported_durable
     let cfg = format!(
         "{FAST}[batch]\nmax_age = \"20ms\"\nmax_items = 50\n\
          [ingest]\nqueue_len = {QUEUE_LEN}\nrecv_batch = {RECV_BATCH}\n\
-         [spool]\nmode = \"always\"\nfsync = \"always\"\nsegment_bytes = 65536\nreplay_batches_per_s = 200\n"
+         [spool]\nmode = \"always\"\nfsync = \"always\"\nsegment_bytes = 65536\n"
     );
     let mut rng = Rng::new();
     let mut agent = Agent::start(dir.path(), &listener.endpoint(), "off", &cfg);

@@ -185,6 +185,11 @@ struct Follower {
     lines: u64,
     /// When set, each new line's age when this poll found it: now − its `received_ns`, ns.
     ages: Option<Vec<u64>>,
+    /// Ids below `mark` not stored yet, and the file offset just past the line that stored the
+    /// last of them (see [`Follower::mark`]).
+    mark: u64,
+    missing: u64,
+    complete_at: Option<u64>,
 }
 
 impl Follower {
@@ -206,11 +211,17 @@ impl Follower {
             return 0;
         };
         let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        // File offset of the first byte of `complete`.
+        let mut at = self.offset - (self.partial.len() + complete.len()) as u64;
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut new = 0;
-        for line in complete.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        for line in complete.split(|&b| b == b'\n') {
+            at += line.len() as u64 + 1;
+            if line.is_empty() {
+                continue;
+            }
             new += 1;
             if let (Some(ages), Some(r)) = (self.ages.as_mut(), received_ns_of(line)) {
                 ages.push(now_ns.saturating_sub(r));
@@ -220,6 +231,12 @@ impl Follower {
                 if i >= self.stored.len() {
                     self.stored.resize(i + 1, false);
                 }
+                if !self.stored[i] && id < self.mark {
+                    self.missing -= 1;
+                    if self.missing == 0 {
+                        self.complete_at = Some(at);
+                    }
+                }
                 self.stored[i] = true;
             }
         }
@@ -227,9 +244,102 @@ impl Follower {
         new
     }
 
-    fn all_below(&self, n: u64) -> bool {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        self.stored.len() >= n && self.stored[..n].iter().all(|&s| s)
+    /// From now on, notes the file offset at which every id below `n` is stored
+    /// (`complete_at`).
+    fn mark(&mut self, n: u64) {
+        let stored = self
+            .stored
+            .iter()
+            .take(usize::try_from(n).unwrap_or(usize::MAX))
+            .filter(|&&s| s)
+            .count();
+        self.mark = n;
+        self.missing = n - stored as u64;
+        self.complete_at = (self.missing == 0).then_some(self.offset);
+    }
+}
+
+/// Samples, from its own thread so that the bench's parsing of the file does not delay them:
+/// the listener file's size every 2 ms, and every 10 ms the agent's in-flight batches and
+/// held payload and the CPU seconds of the listener and the agent.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Samples>,
+}
+
+#[derive(Default)]
+struct Samples {
+    /// (since the start, file size) at each change.
+    sizes: Vec<(Duration, u64)>,
+    /// (since the start, in-flight batches, held MiB).
+    gauges: Vec<(Duration, f64, f64)>,
+    /// (since the start, listener CPU s, agent CPU s).
+    cpu: Vec<(Duration, f64, f64)>,
+}
+
+impl Sampler {
+    fn start(file: PathBuf, metrics: u16, listener: u32, agent: u32) -> (Self, Instant) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let t0 = Instant::now();
+        let handle = std::thread::spawn(move || {
+            let mut out = Samples::default();
+            let mut last: Option<Instant> = None;
+            while !s.load(Ordering::Relaxed) {
+                let len = std::fs::metadata(&file).map_or(0, |m| m.len());
+                if out.sizes.last().is_none_or(|&(_, l)| l != len) {
+                    out.sizes.push((t0.elapsed(), len));
+                }
+                if last.is_none_or(|l| l.elapsed() >= Duration::from_millis(10)) {
+                    last = Some(Instant::now());
+                    out.cpu.push((
+                        t0.elapsed(),
+                        crate::bench::cpu_seconds(listener),
+                        crate::bench::cpu_seconds(agent),
+                    ));
+                    if let Ok(text) = scrape(metrics) {
+                        out.gauges.push((
+                            t0.elapsed(),
+                            metric(&text, "apm_in_flight_batches").unwrap_or(f64::NAN),
+                            metric(&text, "apm_memory_payload_bytes")
+                                .map_or(f64::NAN, |b| b / (1024.0 * 1024.0)),
+                        ));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            out
+        });
+        (Self { stop, handle }, t0)
+    }
+
+    fn finish(self) -> Samples {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+impl Samples {
+    /// When the file first reached `len` bytes.
+    fn reached(&self, len: u64) -> Option<Duration> {
+        self.sizes.iter().find(|&&(_, l)| l >= len).map(|&(t, _)| t)
+    }
+
+    /// CPU cores of (listener, agent) between `a` and `b`, from the samples nearest them.
+    fn cores(&self, a: Duration, b: Duration) -> (f64, f64) {
+        let near = |t: Duration| {
+            self.cpu
+                .iter()
+                .min_by_key(|&&(s, _, _)| s.abs_diff(t))
+                .copied()
+        };
+        match (near(a), near(b)) {
+            (Some(x), Some(y)) if y.0 > x.0 => {
+                let dt = y.0.saturating_sub(x.0).as_secs_f64();
+                ((y.1 - x.1) / dt, (y.2 - x.2) / dt)
+            }
+            _ => (f64::NAN, f64::NAN),
+        }
     }
 }
 
@@ -283,6 +393,28 @@ struct CatchUp {
     first: Duration,
     end: Duration,
     breaker_during: String,
+    /// Sampled from the agent's /metrics between the first stored profile and the end of the
+    /// backlog: batches awaiting the listener's ack, and payload MiB held in memory.
+    in_flight: Vec<f64>,
+    held_mib: Vec<f64>,
+    /// CPU (cores) of the listener and of the agent over the same interval.
+    listener_cores: f64,
+    agent_cores: f64,
+}
+
+/// The value of the unlabelled metric `name` in a /metrics text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
+}
+
+/// Median and minimum of `v` (unsorted).
+fn median_min(v: &[f64]) -> Option<(f64, f64)> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    Some((*v.get(v.len() / 2)?, *v.first()?))
 }
 
 pub fn run(root: &Path, host: &str) -> Result<String> {
@@ -306,6 +438,9 @@ pub fn run(root: &Path, host: &str) -> Result<String> {
         stored: Vec::new(),
         lines: 0,
         ages: None,
+        mark: 0,
+        missing: 0,
+        complete_at: None,
     };
 
     let mut latency = Vec::new();
@@ -358,19 +493,14 @@ pub fn run(root: &Path, host: &str) -> Result<String> {
     }
     follow.poll();
     let stored_at_return = follow.lines;
+    let size_at_return = follow.offset;
     let lst = listener(&bin.join("apm-listener"), &listen, &out, &llog)?;
-    let back = Instant::now();
+    let (sampler, back) = Sampler::start(out.clone(), metrics, lst.pid(), agent.pid());
     let sent_at_return = sender.sent();
-    let mut first = None;
+    follow.mark(sent_at_return);
     let deadline = back + Duration::from_mins(5);
-    let end = loop {
+    while follow.complete_at.is_none() {
         follow.poll();
-        if first.is_none() && follow.lines > stored_at_return {
-            first = Some(back.elapsed());
-        }
-        if follow.all_below(sent_at_return) {
-            break back.elapsed();
-        }
         if Instant::now() > deadline {
             bail!(
                 "the backlog was not stored within 5 min of the listener's return; see {}",
@@ -378,16 +508,48 @@ pub fn run(root: &Path, host: &str) -> Result<String> {
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    let samples = sampler.finish();
+    // Times from the sampler: when the file grew past its size at the return, and when it
+    // reached the line that stored the last id of the backlog.
+    let first = samples.reached(size_at_return + 1);
+    let end = follow.complete_at.and_then(|at| samples.reached(at));
+    let (Some(first), Some(end)) = (first, end) else {
+        bail!("the file's growth was not sampled; see {}", alog.display());
     };
+    let during = |t: Duration| t >= first && t <= end;
+
+    let (listener_cores, agent_cores) = samples.cores(first, end);
     let c = CatchUp {
         backlog: sent_at_return.saturating_sub(stored_at_return),
-        first: first.unwrap_or(end),
+        first,
         end,
         breaker_during,
+        in_flight: samples
+            .gauges
+            .iter()
+            .filter(|g| during(g.0))
+            .map(|g| g.1)
+            .collect(),
+        held_mib: samples
+            .gauges
+            .iter()
+            .filter(|g| during(g.0))
+            .map(|g| g.2)
+            .collect(),
+        listener_cores,
+        agent_cores,
     };
     eprintln!(
-        "bench:   first stored {:?} after the return, backlog of {} stored {:?} after it",
-        c.first, c.backlog, c.end
+        "bench:   first stored {:?} after the return, backlog of {} stored {:?} after it; \
+         in flight {:?}, held {:?} MiB, listener {:.2} cores, agent {:.2} cores",
+        c.first,
+        c.backlog,
+        c.end,
+        median_min(&c.in_flight),
+        median_min(&c.held_mib),
+        c.listener_cores,
+        c.agent_cores
     );
     drop(sender);
     let mut agent = agent;
@@ -433,14 +595,20 @@ fn section(latency: &[Latency], c: &CatchUp, host: &str) -> String {
             }
         ));
     }
-    let replay = c.backlog as f64 / c.end.as_secs_f64().max(0.001);
+    // Over the replay itself: from the first stored profile to the last of the backlog.
+    let replay = c.backlog as f64 / c.end.saturating_sub(c.first).as_secs_f64().max(0.001);
     s.push_str(&format!(
         "\n**Catch-up** at {OUTAGE_RATE}/s, listener SIGKILLed for {} s and started again on \
          the same address (breaker `{}` at the end of the outage). Times from the listener's \
-         return (its \"listening on\" line), read from its file:\n\n\
-         | first profile stored | whole backlog stored | backlog (profiles) | backlog rate while live traffic goes on |\n|---|---|---|---|\n\
-         | {:.2} s | {:.2} s | {} | {:.0} profiles/s |\n\n\
-         Aim: delivery resumes within 2 s of the return: **{}**.\n\n\
+         return (its \"listening on\" line), read from its file; then, from the first stored \
+         profile to the end of the backlog, the agent's `apm_in_flight_batches` and \
+         `apm_memory_payload_bytes` every 10 ms, and the CPU of each process (clock ticks of 10 ms: rough over a short replay):\n\n\
+         | first profile stored | whole backlog stored | backlog (profiles) | backlog rate, first stored → backlog stored, live traffic going on | samples | batches awaiting ack, median | samples with none awaiting | payload held, median (max) | listener CPU | agent CPU |\n|---|---|---|---|---|---|---|---|---|---|\n\
+         | {:.2} s | {:.2} s | {} | {:.0} profiles/s | {} | {} | {} | {} | {:.2} cores | {:.2} cores |\n\n\
+         Aim: delivery resumes within 2 s of the return: **{}**. Replay at the listener's pace \
+         (no fixed rate at the defaults, `spool.replay_batches_per_s = 0`; judged as: in the \
+         median sample at least 2 batches awaited the listener's ack, one being stored and the \
+         next already there, so the listener did not wait for the agent): **{}**.\n\n\
          Reading the figures: below ~1000/s (`batch.max_bytes`, 512 KiB, holds 512 profiles of \
          1 KiB, per `batch.max_age`, 500 ms) batches are sealed by age, a lead before `max_age` (the smoothed seal → ack time plus \
          four deviations; docs/agent.md, \"Batching\"), so the first profile of each waits just \
@@ -451,21 +619,39 @@ fn section(latency: &[Latency], c: &CatchUp, host: &str) -> String {
          to 517; hence the exact column. That column is an upper bound: this bench (built \
          unoptimised) reads the file on the same two cores as the agent, the listener and the \
          sender, and a late read adds to every age it takes; at the higher rates it runs late \
-         (the histogram's p99 is then the better figure). The backlog is replayed at \
-         `spool.replay_batches_per_s` (default 20 batches/s: ~10k profiles/s in batches of 512 \
-         profiles of 1 KiB) \
-         beside the live traffic, not at whatever the listener could take: raising that key \
-         shortens the replay.\n",
+         (the histogram's p99 is then the better figure). The backlog goes out as the \
+         listener acknowledges it: the next spooled batch leaves as an ack frees room, up to \
+         `central.max_in_flight` (16) batches, and, while live traffic flows, up to half of \
+         `limits.memory_budget_mb` (4 of 8 MiB) so the other half is there for live batches \
+         (docs/agent.md, \"Router, breaker and spool\"). The batches of the outage are sealed by size (512 \
+         profiles of 1 KiB at 5000/s), so that half holds about 8 of them.\n",
         OUTAGE.as_secs(),
         c.breaker_during,
         c.first.as_secs_f64(),
         c.end.as_secs_f64(),
         c.backlog,
         replay,
+        c.in_flight.len(),
+        median_min(&c.in_flight).map_or_else(|| "–".into(), |(m, _)| format!("{m:.0}")),
+        c.in_flight.iter().filter(|&&n| n < 1.0).count(),
+        c.held_mib.iter().copied().reduce(f64::max).map_or_else(
+            || "–".into(),
+            |max| format!(
+                "{:.1} MiB ({max:.1} MiB)",
+                median_min(&c.held_mib).map_or(0.0, |(m, _)| m)
+            )
+        ),
+        c.listener_cores,
+        c.agent_cores,
         if c.first <= Duration::from_secs(2) {
             "MET"
         } else {
             "NOT MET"
+        },
+        match median_min(&c.in_flight) {
+            Some((median, _)) if median >= 2.0 => "MET",
+            Some(_) => "NOT MET",
+            None => "not measured (the backlog was stored before the first sample)",
         }
     ));
     s

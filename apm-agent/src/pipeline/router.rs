@@ -20,9 +20,13 @@
 //! than accepted and later dropped from a full spool (`drop_oldest`) after a detour through the
 //! disk that only postpones the loss.
 //!
-//! Replay is rate-limited (`spool.replay_batches_per_s`) and alternates with live batches, so
-//! fresh profiles are not starved behind a long backlog; while the router pushes back, replay is
-//! the only traffic to a listener that is up, and runs unthrottled. While the breaker is open
+//! Replay goes at the listener's pace: the next spooled batch leaves as an ack frees room in the
+//! transport's window (`central.max_in_flight`), with no fixed rate unless
+//! `spool.replay_batches_per_s` sets one. It alternates with live batches, so fresh profiles are
+//! not starved behind a long backlog, and while live batches flow it holds at most half of the
+//! memory budget, so a listener slower than the disk is not handed a window full of old
+//! profiles while the router pushes back on PHP to make room. While the router pushes back,
+//! replay is the only traffic to a listener that is up, and takes the whole budget and any rate. While the breaker is open
 //! and the spool is past `spool.high_water_pct`, PHP's kill switch is raised; it is lowered once
 //! the breaker is closed and the spool is back under half that mark.
 
@@ -262,6 +266,7 @@ impl Router {
             // Pushing back: look again when the acks would count as stalled.
             (self.pushing_back && !self.inflight.is_empty()).then(|| self.last_ack + ACK_STALL),
             (self.spool.pending() > 0 && self.replay_tokens < 1.0).then(|| {
+                // Only with a fixed rate: without one, tokens never run out (`refill`).
                 now + Duration::from_secs_f64(
                     (1.0 - self.replay_tokens) / f64::from(self.cfg.replay_batches_per_s),
                 )
@@ -680,6 +685,11 @@ impl Router {
     }
 
     fn refill(&mut self, now: Instant) {
+        if self.cfg.replay_batches_per_s == 0 {
+            // No fixed rate: the transport's window and the acks pace the replay.
+            self.replay_tokens = 1.0;
+            return;
+        }
         let rate = f64::from(self.cfg.replay_batches_per_s);
         let dt = now
             .saturating_duration_since(self.last_refill)
@@ -711,11 +721,18 @@ impl Router {
 
     /// A replayed batch is read into memory until its ack: only while memory is under
     /// `limits.memory_budget_mb`, like a new batch (`router/tests.rs` `interleavings` found
-    /// replays piling on top of a full window).
+    /// replays piling on top of a full window). While the router takes live batches, only under
+    /// half of it: a listener slower than the disk would otherwise see its whole window filled
+    /// by the backlog, and the router would push back on PHP to make room for old profiles.
     fn may_replay(&self) -> bool {
+        let room = if self.input_open && !self.pushing_back {
+            self.budget / 2
+        } else {
+            self.budget
+        };
         (self.replay_tokens >= 1.0 || self.pushing_back)
             && self.spool.pending() > 0
-            && self.held < self.budget
+            && self.held < room
     }
 
     fn has_work(&self) -> bool {
@@ -743,7 +760,9 @@ impl Router {
             let spool = &mut self.spool;
             match blocking(|| spool.take_next()) {
                 Ok(Some(sb)) => {
-                    self.replay_tokens = (self.replay_tokens - 1.0).max(0.0);
+                    if self.cfg.replay_batches_per_s > 0 {
+                        self.replay_tokens = (self.replay_tokens - 1.0).max(0.0);
+                    }
                     let bytes = sb.batch.payload_bytes();
                     let profiles = sb.batch.len();
                     self.held += bytes;

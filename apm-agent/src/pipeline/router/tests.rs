@@ -56,7 +56,8 @@ impl Setup {
                 fsync: FsyncPolicy::Never,
                 fsync_interval: Duration::from_millis(200),
                 high_water_pct: 90,
-                replay_batches_per_s: 1000,
+                // The default: at the listener's pace (the tests that need a cap set one).
+                replay_batches_per_s: SpoolConfig::default().replay_batches_per_s,
             },
             budget: 1 << 20,
             breaker: BreakerConfig {
@@ -466,6 +467,125 @@ async fn replay_is_rate_limited_to_replay_batches_per_s() {
     tokio::time::advance(Duration::from_secs(1)).await;
     replayed += h.deliver_all().await;
     assert_eq!(replayed, 4, "2 per second");
+}
+
+/// Plays a listener that answers each window of batches `latency` after taking it, behind a
+/// transport that takes batches while fewer than `window` await their ack (transport.rs), until
+/// `seqs` are delivered or `max_rounds` round trips have passed; returns the round trips and the
+/// order the batches reached the wire in.
+async fn replay_rounds(
+    h: &mut Harness,
+    window: usize,
+    latency: Duration,
+    backlog: usize,
+    max_rounds: usize,
+) -> (usize, Vec<u64>) {
+    let mut order = Vec::new();
+    let mut rounds = 0;
+    while order.len() < backlog && rounds < max_rounds {
+        let mut out = Vec::new();
+        while out.len() < window {
+            settle().await;
+            match h.wire.try_recv() {
+                Ok(b) => out.push(b),
+                Err(_) => break,
+            }
+        }
+        tokio::time::advance(latency).await;
+        for b in &out {
+            order.push(b.seq);
+            h.ack(b).await;
+        }
+        rounds += 1;
+    }
+    (rounds, order)
+}
+
+/// Issue 12, item 4: at the defaults the backlog goes at the listener's pace. A listener that
+/// answers a window of 16 batches every 5 ms is handed a full window every round trip, so 400
+/// spooled batches take exactly 25 round trips (125 ms), oldest first. A fixed replay rate
+/// leaves it idle: 20 batches a second would take 20 s.
+#[tokio::test(start_paused = true)]
+async fn replay_at_the_defaults_fills_every_window_the_listener_opens() {
+    const WINDOW: usize = 16;
+    const BACKLOG: usize = 400;
+    let (_d, dir) = tmp();
+    let s = Setup::new(&dir, SpoolMode::Overflow);
+    prefill(&s.spool, 1..=BACKLOG as u64);
+    let mut h = start(&dir, s);
+    let started = Instant::now();
+    let expected = BACKLOG.div_ceil(WINDOW);
+    let (rounds, order) = replay_rounds(
+        &mut h,
+        WINDOW,
+        Duration::from_millis(5),
+        BACKLOG,
+        4 * expected,
+    )
+    .await;
+    assert_eq!(
+        order.len(),
+        BACKLOG,
+        "{} of {BACKLOG} replayed in {rounds} round trips ({:?})",
+        order.len(),
+        started.elapsed()
+    );
+    assert_eq!(rounds, expected, "a full window every round trip");
+    assert!(order.iter().copied().eq(1..=BACKLOG as u64), "oldest first");
+    let (lost, on_disk) = h.stop().await;
+    assert!(
+        lost.is_empty() && on_disk.is_empty(),
+        "{lost:?} {on_disk:?}"
+    );
+}
+
+/// Without a fixed rate, the replay alone would fill the memory window of a listener slower
+/// than the disk and push back on PHP: live profiles refused at the door (EAGAIN) to make room
+/// for old ones. While live batches flow, replay takes memory only while it is under half the
+/// budget, so the other half is there for them.
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_leaves_half_the_memory_window_to_live_batches() {
+    const BUDGET_BATCHES: u64 = 16;
+    let (_d, dir) = tmp();
+    let mut s = Setup::new(&dir, SpoolMode::Overflow);
+    s.spool.replay_batches_per_s = 0;
+    s.budget = BUDGET_BATCHES as usize * PAYLOAD;
+    prefill(&s.spool, 1..=100);
+    let mut h = start(&dir, s);
+    // A listener that takes everything and has not answered yet.
+    let mut out = h.sent().await;
+    loop {
+        let more = h.sent().await;
+        if more.is_empty() {
+            break;
+        }
+        out.extend(more);
+    }
+    assert_eq!(
+        seqs(&out),
+        (1..=BUDGET_BATCHES / 2).collect::<Vec<_>>(),
+        "the replay holds half the window"
+    );
+    for seq in 1001..=1000 + BUDGET_BATCHES / 2 {
+        // (The last one fills the window: that is a full window, push-back from then on.)
+        assert_eq!(
+            h.t.backpressure_episodes.get(),
+            0,
+            "no push-back on PHP before batch {seq}"
+        );
+        h.feed(batch(seq)).await;
+        out.extend(h.sent().await);
+    }
+    assert_eq!(
+        seqs(&out[BUDGET_BATCHES as usize / 2..]),
+        (1001..=1000 + BUDGET_BATCHES / 2).collect::<Vec<_>>(),
+        "live batches sent from memory beside the replay"
+    );
+    assert_eq!(
+        h.spooled(),
+        100,
+        "the backlog (out, not acked), nothing new on disk"
+    );
 }
 
 #[tokio::test(start_paused = true)]
