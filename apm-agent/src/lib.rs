@@ -16,6 +16,8 @@ pub mod escape;
 pub mod events;
 pub mod fsutil;
 pub mod fuzzing;
+#[cfg(test)]
+mod logcapture;
 pub mod monitor;
 pub mod phpctl;
 pub mod pipeline;

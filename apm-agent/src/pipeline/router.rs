@@ -352,9 +352,16 @@ impl Router {
         }
     }
 
+    /// Every 30 s, what waits, while the listener is away: the breaker is not closed, or
+    /// nothing was acknowledged in that time. A batch waiting its turn behind one on the wire
+    /// to a listener that acks is not news (`router::tests::the_waiting_report_...`).
     fn report_waiting(&mut self) {
+        const EVERY: Duration = Duration::from_secs(30);
         let waiting = self.retry.len() + self.pending.len();
-        if self.last_report.elapsed() > Duration::from_secs(30)
+        let listener_away =
+            self.breaker.state() != BreakerState::Closed || self.last_ack.elapsed() >= EVERY;
+        if self.last_report.elapsed() > EVERY
+            && listener_away
             && waiting as u64 + self.spool.pending() > 0
         {
             self.last_report = Instant::now();

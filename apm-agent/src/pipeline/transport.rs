@@ -795,20 +795,6 @@ mod tests {
         assert!(b.next_delay() <= Duration::from_millis(100));
     }
 
-    /// Captures the formatted log lines of the current thread.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A central listener that answers with text meant to forge agent log lines: RETRY and
     /// REJECTED messages with newlines, then a stream error with one.
     struct Forger;
@@ -1051,13 +1037,7 @@ mod tests {
     /// logs) escaped: no raw CR, LF or ESC, so a listener cannot forge agent log lines.
     #[tokio::test]
     async fn listener_messages_are_escaped_before_they_reach_logs() {
-        let capture = Capture::default();
-        let writer = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (capture, _guard) = crate::logcapture::LogCapture::start();
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -1116,7 +1096,7 @@ mod tests {
             "{texts:?}"
         );
         assert!(texts[2].contains("gone\\nFORGED status line"), "{texts:?}");
-        let log = String::from_utf8(capture.0.lock().expect("lock").clone()).expect("utf8");
+        let log = capture.text();
         for line in log.lines() {
             assert!(
                 !line.starts_with("FORGED"),

@@ -588,6 +588,46 @@ async fn a_catch_up_leaves_half_the_memory_window_to_live_batches() {
     );
 }
 
+const WAITING_REPORT: &str = "batches waiting for the central listener";
+
+/// A listener that acks everything, with a batch now and then waiting its turn behind the one
+/// on the wire (the soak of 2026-11-30 logged the report 119 times in an hour, listener up):
+/// nothing is stuck, so nothing is reported.
+#[tokio::test(start_paused = true)]
+async fn the_waiting_report_stays_quiet_while_the_listener_acks() {
+    let (capture, _guard) = crate::logcapture::LogCapture::start();
+    let (_d, dir) = tmp();
+    let mut h = start(&dir, Setup::new(&dir, SpoolMode::Overflow));
+    for second in 0..100u64 {
+        h.feed(batch(2 * second + 1)).await;
+        h.feed(batch(2 * second + 2)).await;
+        // One on the wire, one waiting, while a second passes.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(h.deliver_all().await, 2);
+    }
+    assert_eq!(h.t.delivered_batches.get(), 200);
+    let log = capture.text();
+    assert!(!log.contains(WAITING_REPORT), "{log}");
+}
+
+/// The report is for an operator whose listener is away: while the breaker is open it says
+/// every 30 s what waits.
+#[tokio::test(start_paused = true)]
+async fn the_waiting_report_is_logged_while_the_breaker_is_open() {
+    let (capture, _guard) = crate::logcapture::LogCapture::start();
+    let (_d, dir) = tmp();
+    let mut h = start(&dir, Setup::new(&dir, SpoolMode::Overflow));
+    h.feed(batch(1)).await;
+    let out = h.sent().await;
+    h.give_back(out.into_iter().next().unwrap()).await;
+    assert_eq!(h.t.breaker_state.get(), BreakerState::Open.gauge());
+    tokio::time::advance(Duration::from_secs(31)).await;
+    settle().await;
+    let log = capture.text();
+    assert!(log.contains(WAITING_REPORT), "{log}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn write_ahead_failure_raises_the_kill_switch_and_drops_over_budget_as_on_full_says() {
     let (_d, dir) = tmp();
