@@ -11,7 +11,8 @@
 # SCHED=1 prints, for each of the agent's threads, the seconds per second of sending it ran and
 # waited runnable for a core (/proc/PID/task/TID/schedstat), and its voluntary switches.
 # PAIR_SINK=count: apm-bench-sink instead of apm-listener (as in the compare bench's agent rows);
-# PAIR_EBPF=off: the agent without its eBPF monitor; PAIR_COMPRESSION=none: batches uncompressed.
+# PAIR_EBPF=off: the agent without its eBPF monitor; PAIR_COMPRESSION=none: batches uncompressed;
+# PAIR_EXTRA: TOML appended to the agent's config (e.g. $'[batch]\nmax_bytes = 1048576').
 set -u
 SIZE=${1:-16384}; N=${2:-4000000}
 HERE=$(cd "$(dirname "$0")" && pwd); BIN=${3:-$(cd "$HERE/../.." && pwd)/target/release}
@@ -23,7 +24,7 @@ cpu() { awk -v t=$TCK '{ sub(/.*\) /, ""); split($0, f, " "); printf "%.3f", (f[
 sched() { for t in /proc/$AP/task/*; do
   echo "${t##*/} $(tr ' ' _ < $t/comm) $(cut -d' ' -f1,2 $t/schedstat) $(awk '/^voluntary_ctxt/ { print $2 }' $t/status)"
 done 2>/dev/null | sort; }
-start_pair "$BIN" ""
+start_pair "$BIN" "${PAIR_EXTRA:-}"
 sleep 4
 [ -n "${PERF:-}" ] && { perf record -a -g -o $D/perf.data 2>/dev/null & PP=$!; sleep 1; }
 A0=$(cpu $AP); L0=$(cpu $LP); S0=$(stored); sched > $D/sched0
