@@ -215,7 +215,9 @@ fn e2e(root: &Path, n: u64, size: usize) -> Result<E2e> {
     let _ = listener.terminate(Duration::from_secs(10));
     let stored = count_lines(&out);
     let rate = match (t10, t90) {
-        (Some((a, da)), Some((b, db))) if b > a => (db - da) as f64 / b.saturating_sub(a).as_secs_f64(),
+        (Some((a, da)), Some((b, db))) if b > a => {
+            (db - da) as f64 / b.saturating_sub(a).as_secs_f64()
+        }
         _ => n as f64 / el.as_secs_f64(),
     };
     Ok(E2e {

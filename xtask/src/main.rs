@@ -111,8 +111,11 @@ fn main() -> Result<()> {
                 eprintln!("xtask: VM tier skipped (--no-vm)");
                 Ok(())
             } else {
+                // The guests run the release binaries: built here too, so a host run that
+                // stopped early (a lint) does not fail the VM tier for want of them.
                 setup::ebpf()
                     .and_then(|()| build_ebpf(&root))
+                    .and_then(|obj| build_release(&root, &obj).map(|()| obj))
                     .and_then(|obj| vm::run(&root, &obj, &vm))
             };
             match (host, vm) {
