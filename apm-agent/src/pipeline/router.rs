@@ -26,9 +26,10 @@
 //! not starved behind a long backlog, and while live batches flow it holds at most half of the
 //! memory budget, so a listener slower than the disk is not handed a window full of old
 //! profiles while the router pushes back on PHP to make room. While the router pushes back,
-//! replay is the only traffic to a listener that is up, and takes the whole budget and any rate. While the breaker is open
-//! and the spool is past `spool.high_water_pct`, PHP's kill switch is raised; it is lowered once
-//! the breaker is closed and the spool is back under half that mark.
+//! replay is the only traffic to a listener that is up, and takes the whole budget and any rate.
+//!
+//! While the breaker is open and the spool is past `spool.high_water_pct`, PHP's kill switch is
+//! raised; it is lowered once the breaker is closed and the spool is back under half that mark.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
