@@ -410,11 +410,11 @@ fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
-/// Median and minimum of `v` (unsorted).
-fn median_min(v: &[f64]) -> Option<(f64, f64)> {
+/// Median of `v` (unsorted).
+fn median(v: &[f64]) -> Option<f64> {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    Some((*v.get(v.len() / 2)?, *v.first()?))
+    v.get(v.len() / 2).copied()
 }
 
 pub fn run(root: &Path, host: &str) -> Result<String> {
@@ -517,26 +517,20 @@ pub fn run(root: &Path, host: &str) -> Result<String> {
     let (Some(first), Some(end)) = (first, end) else {
         bail!("the file's growth was not sampled; see {}", alog.display());
     };
-    let during = |t: Duration| t >= first && t <= end;
-
+    let (in_flight, held_mib) = samples
+        .gauges
+        .iter()
+        .filter(|g| g.0 >= first && g.0 <= end)
+        .map(|g| (g.1, g.2))
+        .unzip();
     let (listener_cores, agent_cores) = samples.cores(first, end);
     let c = CatchUp {
         backlog: sent_at_return.saturating_sub(stored_at_return),
         first,
         end,
         breaker_during,
-        in_flight: samples
-            .gauges
-            .iter()
-            .filter(|g| during(g.0))
-            .map(|g| g.1)
-            .collect(),
-        held_mib: samples
-            .gauges
-            .iter()
-            .filter(|g| during(g.0))
-            .map(|g| g.2)
-            .collect(),
+        in_flight,
+        held_mib,
         listener_cores,
         agent_cores,
     };
@@ -546,8 +540,8 @@ pub fn run(root: &Path, host: &str) -> Result<String> {
         c.first,
         c.backlog,
         c.end,
-        median_min(&c.in_flight),
-        median_min(&c.held_mib),
+        median(&c.in_flight),
+        median(&c.held_mib),
         c.listener_cores,
         c.agent_cores
     );
@@ -632,13 +626,13 @@ fn section(latency: &[Latency], c: &CatchUp, host: &str) -> String {
         c.backlog,
         replay,
         c.in_flight.len(),
-        median_min(&c.in_flight).map_or_else(|| "–".into(), |(m, _)| format!("{m:.0}")),
+        median(&c.in_flight).map_or_else(|| "–".into(), |m| format!("{m:.0}")),
         c.in_flight.iter().filter(|&&n| n < 1.0).count(),
         c.held_mib.iter().copied().reduce(f64::max).map_or_else(
             || "–".into(),
             |max| format!(
                 "{:.1} MiB ({max:.1} MiB)",
-                median_min(&c.held_mib).map_or(0.0, |(m, _)| m)
+                median(&c.held_mib).unwrap_or(0.0)
             )
         ),
         c.listener_cores,
@@ -648,8 +642,8 @@ fn section(latency: &[Latency], c: &CatchUp, host: &str) -> String {
         } else {
             "NOT MET"
         },
-        match median_min(&c.in_flight) {
-            Some((median, _)) if median >= 2.0 => "MET",
+        match median(&c.in_flight) {
+            Some(m) if m >= 2.0 => "MET",
             Some(_) => "NOT MET",
             None => "not measured (the backlog was stored before the first sample)",
         }
